@@ -1,0 +1,13 @@
+//! The bottom layer of tiermq, shared by both tiers: the MQTT codec, topic names and filters,
+//! the subscription trie, the application message, configuration and the narrow session
+//! interface through which a frontend reaches partitions (in-process or over gRPC).
+
+pub mod codec;
+pub mod message;
+pub mod session_api;
+pub mod topic;
+pub mod trie;
+pub mod types;
+
+pub use message::{Message, MessageProperties};
+pub use types::{ProtocolVersion, QoS, ReasonCode};

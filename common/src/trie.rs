@@ -1,0 +1,1 @@
+//! Subscription trie (being written).
