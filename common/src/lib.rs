@@ -4,6 +4,7 @@
 
 pub mod codec;
 pub mod message;
+pub mod retained_index;
 pub mod session_api;
 pub mod topic;
 pub mod trie;
