@@ -1,0 +1,726 @@
+//! The in-process runtime of `tiermq standalone`: each partition is one tokio task that owns
+//! its state machine and its storage, and [`LocalBroker`] routes session operations to them.
+//!
+//! A partition task runs a loop in the spirit of raft-rs's Ready loop, kept in one place:
+//! 1. take every request waiting in the channel (a batch),
+//! 2. stamp the commands with the time and append them to the log as one record,
+//! 3. flush once if any command needs durability (group commit: many PUBACKs per fsync),
+//! 4. apply in order, dispatch the effects (deliveries, wills, route changes), answer,
+//! 5. now and then, checkpoint the changed state and drop the covered log.
+//!
+//! QoS0 publishes travel in the same batches but are not logged: they read the subscriptions
+//! in order with the logged commands, so a subscriber whose SUBACK went out sees every QoS0
+//! message published after it.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, RwLock, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tiermq_common::hashing::partition_of;
+use tiermq_common::session_api::{
+    AckKind, ConnectRequest, Connected, DisconnectRequest, Published, ServiceError,
+    ServiceResult, SessionEvent, SessionRef, SessionService, SubscribeRequest,
+};
+use tiermq_common::trie::TopicTrie;
+use tiermq_common::{Message, QoS, ReasonCode};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+use crate::partition::command::{AckCmd, Command, Effect, Entry, Reply, RetainedForSubscription};
+use crate::partition::session::SessionLimits;
+use crate::partition::Partition;
+use crate::storage::{PartitionStore, StorageError};
+
+/// Settings of the in-process broker.
+#[derive(Debug, Clone)]
+pub struct LocalConfig {
+    pub partitions: u32,
+    pub limits: SessionLimits,
+    /// Checkpoint after this many applied entries...
+    pub checkpoint_entries: u64,
+    /// ...or after this much time with changes.
+    pub checkpoint_interval: Duration,
+    /// How often time advances in the state machines (wills, session expiry).
+    pub tick_interval: Duration,
+}
+
+impl Default for LocalConfig {
+    fn default() -> Self {
+        LocalConfig {
+            partitions: 1,
+            limits: SessionLimits::default(),
+            checkpoint_entries: 20_000,
+            checkpoint_interval: Duration::from_secs(30),
+            tick_interval: Duration::from_millis(500),
+        }
+    }
+}
+
+type EventSender = mpsc::UnboundedSender<SessionEvent>;
+
+enum Request {
+    Command {
+        command: Command,
+        reply: Option<oneshot::Sender<Reply>>,
+        /// For `Connect`: where the new connection wants its events.
+        events: Option<EventSender>,
+    },
+    Qos0 {
+        message: Arc<Message>,
+        publisher: Arc<str>,
+    },
+    Retained {
+        filter: String,
+        reply: oneshot::Sender<Vec<Arc<Message>>>,
+    },
+    Shutdown {
+        done: oneshot::Sender<()>,
+    },
+}
+
+/// Counters a partition task keeps for operators and benchmarks.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub flushes: std::sync::atomic::AtomicU64,
+    pub entries: std::sync::atomic::AtomicU64,
+}
+
+struct Inner {
+    partitions: Vec<mpsc::UnboundedSender<Request>>,
+    /// Route table: filter → partitions with at least one subscription on it.
+    routes: RwLock<TopicTrie<u32, ()>>,
+    stats: Stats,
+}
+
+/// The standalone broker's partitions behind [`SessionService`].
+#[derive(Clone)]
+pub struct LocalBroker {
+    inner: Arc<Inner>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl LocalBroker {
+    /// Opens (or creates) the data folder, recovers every partition and starts their tasks.
+    pub fn open(dir: &Path, config: LocalConfig) -> Result<LocalBroker, StorageError> {
+        let db = sled::Config::new()
+            .path(dir)
+            .flush_every_ms(None)
+            .mode(sled::Mode::HighThroughput)
+            .open()?;
+        let mut recovered = Vec::new();
+        let mut routes = TopicTrie::new();
+        for p in 0..config.partitions {
+            let store = PartitionStore::open(&db, p)?;
+            let r = store.recover(config.limits)?;
+            let mut partition = r.partition;
+            let replayed = r.tail.len();
+            for (index, entry) in r.tail {
+                // Effects of replayed entries were carried out before the crash (or are
+                // superseded: connections are gone); only the state matters here.
+                let _ = partition.apply(index, entry);
+            }
+            for filter in partition.filters() {
+                routes.insert(&filter, p, ());
+            }
+            info!(
+                partition = p,
+                sessions = partition.session_count(),
+                retained = partition.retained_count(),
+                replayed,
+                "partition recovered"
+            );
+            recovered.push((partition, store));
+        }
+        let mut senders = Vec::new();
+        let mut receivers = Vec::new();
+        for _ in 0..config.partitions {
+            let (tx, rx) = mpsc::unbounded_channel();
+            senders.push(tx);
+            receivers.push(rx);
+        }
+        let inner = Arc::new(Inner {
+            partitions: senders,
+            routes: RwLock::new(routes),
+            stats: Stats::default(),
+        });
+        for (p, ((partition, store), rx)) in recovered.into_iter().zip(receivers).enumerate() {
+            let task = PartitionTask {
+                id: p as u32,
+                partition,
+                store,
+                rx,
+                broker: Arc::downgrade(&inner),
+                connections: HashMap::new(),
+                config: config.clone(),
+                last_now: 0,
+                since_checkpoint: 0,
+                last_checkpoint: Instant::now(),
+            };
+            tokio::spawn(task.run());
+        }
+        Ok(LocalBroker { inner })
+    }
+
+    pub fn partition_count(&self) -> u32 {
+        self.inner.partitions.len() as u32
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.inner.stats
+    }
+
+    /// Flushes and checkpoints every partition, then stops their tasks.
+    pub async fn shutdown(&self) {
+        for tx in &self.inner.partitions {
+            let (done, wait) = oneshot::channel();
+            if tx.send(Request::Shutdown { done }).is_ok() {
+                let _ = wait.await;
+            }
+        }
+    }
+
+    fn partition_of(&self, key: &str) -> u32 {
+        partition_of(key, self.partition_count())
+    }
+
+    async fn call(&self, partition: u32, command: Command) -> ServiceResult<Reply> {
+        let (tx, rx) = oneshot::channel();
+        self.inner.partitions[partition as usize]
+            .send(Request::Command {
+                command,
+                reply: Some(tx),
+                events: None,
+            })
+            .map_err(|_| ServiceError::ShuttingDown)?;
+        rx.await.map_err(|_| ServiceError::ShuttingDown)
+    }
+
+    fn cast(&self, partition: u32, command: Command) {
+        let _ = self.inner.partitions[partition as usize].send(Request::Command {
+            command,
+            reply: None,
+            events: None,
+        });
+    }
+
+    /// Partitions that hold a subscription matching `topic`.
+    fn route(&self, topic: &str) -> Vec<u32> {
+        let mut out = Vec::new();
+        let routes = self.inner.routes.read().unwrap_or_else(|e| e.into_inner());
+        routes.for_each_match(topic, |_, p, _| {
+            if !out.contains(p) {
+                out.push(*p);
+            }
+        });
+        out
+    }
+
+    /// The publish path shared by clients and wills.
+    async fn publish_message(
+        &self,
+        message: Message,
+        publisher: Option<Arc<str>>,
+        inbound: Option<(&SessionRef, u16)>,
+    ) -> ServiceResult<Published> {
+        let message = Arc::new(message);
+        let retained_home = message.retain.then(|| self.partition_of(&message.topic));
+        let mut targets = self.route(&message.topic);
+        if let Some(home) = retained_home {
+            if !targets.contains(&home) {
+                targets.push(home);
+            }
+        }
+        if message.qos == QoS::AtMostOnce && retained_home.is_none() {
+            // QoS0 is neither logged nor acknowledged: hand it to each partition in order.
+            let publisher = publisher.unwrap_or_else(|| Arc::from(""));
+            for p in &targets {
+                let _ = self.inner.partitions[*p as usize].send(Request::Qos0 {
+                    message: message.clone(),
+                    publisher: publisher.clone(),
+                });
+            }
+            return Ok(Published {
+                matched: !targets.is_empty(),
+                duplicate: false,
+            });
+        }
+        if let Some((session, packet_id)) = inbound {
+            // Exactly-once for inbound QoS2: the publisher's partition remembers the packet id
+            // until PUBREL. With one partition the mark and the delivery are one log batch;
+            // with several, delivery happens first (a crash between gives a duplicate, never a
+            // loss).
+            let home = self.partition_of(&session.client_id);
+            let reply = self
+                .call(
+                    home,
+                    Command::Qos2Received {
+                        client_id: session.client_id.clone(),
+                        epoch: session.epoch,
+                        packet_id,
+                    },
+                )
+                .await?;
+            match reply {
+                Reply::Qos2Received { duplicate: true } => {
+                    return Ok(Published {
+                        matched: true,
+                        duplicate: true,
+                    })
+                }
+                Reply::Qos2Received { duplicate: false } => {}
+                other => return Err(reply_error(other)),
+            }
+        }
+        let mut waits = Vec::with_capacity(targets.len());
+        for p in &targets {
+            let (tx, rx) = oneshot::channel();
+            self.inner.partitions[*p as usize]
+                .send(Request::Command {
+                    command: Command::Publish {
+                        message: message.clone(),
+                        publisher: publisher.clone(),
+                        store_retained: Some(*p) == retained_home,
+                    },
+                    reply: Some(tx),
+                    events: None,
+                })
+                .map_err(|_| ServiceError::ShuttingDown)?;
+            waits.push(rx);
+        }
+        let mut matched = false;
+        for rx in waits {
+            match rx.await.map_err(|_| ServiceError::ShuttingDown)? {
+                Reply::Published { matched: m } => matched |= m,
+                other => return Err(reply_error(other)),
+            }
+        }
+        Ok(Published {
+            matched,
+            duplicate: false,
+        })
+    }
+}
+
+fn reply_error(reply: Reply) -> ServiceError {
+    match reply {
+        Reply::Fenced => ServiceError::SessionTakenOver,
+        Reply::NoSession => ServiceError::NoSession,
+        other => ServiceError::Unavailable(format!("unexpected reply {other:?}")),
+    }
+}
+
+impl SessionService for LocalBroker {
+    async fn connect(&self, req: ConnectRequest) -> ServiceResult<Connected> {
+        let p = self.partition_of(&req.client_id);
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let (tx, rx) = oneshot::channel();
+        let client_id = req.client_id.clone();
+        self.inner.partitions[p as usize]
+            .send(Request::Command {
+                command: Command::Connect {
+                    client_id: req.client_id,
+                    protocol: req.protocol,
+                    clean_start: req.clean_start,
+                    session_expiry_secs: req.session_expiry_secs,
+                    receive_maximum: req.receive_maximum,
+                    will: req.will,
+                    frontend_id: req.frontend_id,
+                },
+                reply: Some(tx),
+                events: Some(events_tx),
+            })
+            .map_err(|_| ServiceError::ShuttingDown)?;
+        match rx.await.map_err(|_| ServiceError::ShuttingDown)? {
+            Reply::Connected {
+                epoch,
+                session_present,
+            } => Ok(Connected {
+                session: SessionRef { client_id, epoch },
+                session_present,
+                events,
+            }),
+            other => Err(reply_error(other)),
+        }
+    }
+
+    async fn subscribe(
+        &self,
+        session: &SessionRef,
+        subs: Vec<SubscribeRequest>,
+    ) -> ServiceResult<Vec<ReasonCode>> {
+        let home = self.partition_of(&session.client_id);
+        let reply = self
+            .call(
+                home,
+                Command::Subscribe {
+                    client_id: session.client_id.clone(),
+                    epoch: session.epoch,
+                    subscriptions: subs,
+                },
+            )
+            .await?;
+        let Reply::Subscribed {
+            reason_codes,
+            want_retained,
+        } = reply
+        else {
+            return Err(reply_error(reply));
+        };
+        if self.partition_count() > 1 && !want_retained.is_empty() {
+            // Retained messages live in their topic's partition: gather the matching ones
+            // from the other partitions and queue them in the session.
+            let mut retained = Vec::new();
+            for (filter, options, subscription_id) in want_retained {
+                let mut messages = Vec::new();
+                for p in 0..self.partition_count() {
+                    if p == home {
+                        continue;
+                    }
+                    let (tx, rx) = oneshot::channel();
+                    let _ = self.inner.partitions[p as usize].send(Request::Retained {
+                        filter: filter.clone(),
+                        reply: tx,
+                    });
+                    messages.extend(rx.await.unwrap_or_default());
+                }
+                if !messages.is_empty() {
+                    retained.push(RetainedForSubscription {
+                        filter,
+                        options,
+                        subscription_id,
+                        messages,
+                    });
+                }
+            }
+            if !retained.is_empty() {
+                self.call(
+                    home,
+                    Command::DeliverRetained {
+                        client_id: session.client_id.clone(),
+                        epoch: session.epoch,
+                        retained,
+                    },
+                )
+                .await?;
+            }
+        }
+        Ok(reason_codes)
+    }
+
+    async fn unsubscribe(
+        &self,
+        session: &SessionRef,
+        filters: Vec<String>,
+    ) -> ServiceResult<Vec<ReasonCode>> {
+        let home = self.partition_of(&session.client_id);
+        match self
+            .call(
+                home,
+                Command::Unsubscribe {
+                    client_id: session.client_id.clone(),
+                    epoch: session.epoch,
+                    filters,
+                },
+            )
+            .await?
+        {
+            Reply::Unsubscribed(codes) => Ok(codes),
+            other => Err(reply_error(other)),
+        }
+    }
+
+    async fn publish(
+        &self,
+        session: &SessionRef,
+        message: Message,
+        inbound_packet_id: Option<u16>,
+    ) -> ServiceResult<Published> {
+        let inbound = inbound_packet_id.map(|pid| (session, pid));
+        self.publish_message(message, Some(session.client_id.clone()), inbound)
+            .await
+    }
+
+    async fn release(&self, session: &SessionRef, packet_id: u16) -> ServiceResult<bool> {
+        let home = self.partition_of(&session.client_id);
+        match self
+            .call(
+                home,
+                Command::Qos2Release {
+                    client_id: session.client_id.clone(),
+                    epoch: session.epoch,
+                    packet_id,
+                },
+            )
+            .await?
+        {
+            Reply::Released { found } => Ok(found),
+            other => Err(reply_error(other)),
+        }
+    }
+
+    async fn ack(&self, session: &SessionRef, kind: AckKind, packet_id: u16) -> ServiceResult<()> {
+        let home = self.partition_of(&session.client_id);
+        self.cast(
+            home,
+            Command::Ack {
+                client_id: session.client_id.clone(),
+                epoch: session.epoch,
+                kind: AckCmd::from(kind),
+                packet_id,
+            },
+        );
+        Ok(())
+    }
+
+    async fn disconnect(&self, session: &SessionRef, req: DisconnectRequest) -> ServiceResult<()> {
+        let home = self.partition_of(&session.client_id);
+        match self
+            .call(
+                home,
+                Command::Disconnect {
+                    client_id: session.client_id.clone(),
+                    epoch: session.epoch,
+                    normal: req.normal,
+                    with_will: req.with_will,
+                    session_expiry_secs: req.session_expiry_secs,
+                },
+            )
+            .await?
+        {
+            Reply::Done | Reply::Fenced | Reply::NoSession => Ok(()),
+            other => Err(reply_error(other)),
+        }
+    }
+}
+
+/// One partition's task: the batch / log / flush / apply loop.
+struct PartitionTask {
+    id: u32,
+    partition: Partition,
+    store: PartitionStore,
+    rx: mpsc::UnboundedReceiver<Request>,
+    broker: Weak<Inner>,
+    /// Live connections of this partition's sessions: client id → (epoch, event sender).
+    connections: HashMap<Arc<str>, (u64, EventSender)>,
+    config: LocalConfig,
+    last_now: u64,
+    since_checkpoint: u64,
+    last_checkpoint: Instant,
+}
+
+const MAX_BATCH: usize = 4096;
+
+impl PartitionTask {
+    fn now(&mut self) -> u64 {
+        // Time in the log never runs backwards, whatever the wall clock does.
+        self.last_now = self.last_now.max(now_ms());
+        self.last_now
+    }
+
+    async fn run(mut self) {
+        // Connections that were attached when the broker stopped are gone: their sessions
+        // are disconnected (wills fire, persistent sessions start to expire).
+        let mut batch = vec![Request::Command {
+            command: Command::FrontendLost { frontend_id: 0 },
+            reply: None,
+            events: None,
+        }];
+        let mut tick = tokio::time::interval(self.config.tick_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            if batch.is_empty() {
+                tokio::select! {
+                    req = self.rx.recv() => match req {
+                        Some(r) => batch.push(r),
+                        None => break,
+                    },
+                    _ = tick.tick() => batch.push(Request::Command {
+                        command: Command::Tick,
+                        reply: None,
+                        events: None,
+                    }),
+                }
+            }
+            while batch.len() < MAX_BATCH {
+                match self.rx.try_recv() {
+                    Ok(r) => batch.push(r),
+                    Err(_) => break,
+                }
+            }
+            let shutdown = self.process(std::mem::take(&mut batch)).await;
+            if let Some(done) = shutdown {
+                if let Err(e) = self.store.checkpoint(&mut self.partition) {
+                    warn!(partition = self.id, error = %e, "final checkpoint failed");
+                }
+                let _ = done.send(());
+                return;
+            }
+            if self.since_checkpoint >= self.config.checkpoint_entries
+                || (self.since_checkpoint > 0
+                    && self.last_checkpoint.elapsed() >= self.config.checkpoint_interval)
+            {
+                if let Err(e) = self.store.checkpoint(&mut self.partition) {
+                    warn!(partition = self.id, error = %e, "checkpoint failed");
+                }
+                self.since_checkpoint = 0;
+                self.last_checkpoint = Instant::now();
+            }
+        }
+    }
+
+    /// Logs, flushes and applies one batch. Returns the shutdown waiter if asked to stop.
+    async fn process(&mut self, batch: Vec<Request>) -> Option<oneshot::Sender<()>> {
+        let now = self.now();
+        let first_index = self.partition.applied_index() + 1;
+        let mut entries = Vec::new();
+        let mut durable = false;
+        for req in &batch {
+            if let Request::Command { command, .. } = req {
+                durable |= command.needs_durability();
+                entries.push(Entry {
+                    now_ms: now,
+                    command: command.clone(),
+                });
+            }
+        }
+        if !entries.is_empty() {
+            let result = match self.store.append(first_index, &entries) {
+                Ok(()) if durable => self.store.flush().await,
+                other => other,
+            };
+            if let Err(e) = result {
+                // Nothing in this batch is acknowledged: the proposers see the service fail.
+                warn!(partition = self.id, error = %e, "log append failed");
+                return None;
+            }
+            if let Some(b) = self.broker.upgrade() {
+                b.stats
+                    .entries
+                    .fetch_add(entries.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                if durable {
+                    b.stats
+                        .flushes
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        }
+        let mut entries = entries.into_iter();
+        let mut index = first_index;
+        let mut shutdown = None;
+        for req in batch {
+            match req {
+                Request::Command {
+                    command,
+                    reply,
+                    events,
+                } => {
+                    let entry = entries.next().expect("one entry per command");
+                    let (r, effects) = self.partition.apply(index, entry);
+                    index += 1;
+                    self.since_checkpoint += 1;
+                    let new_conn = match (&r, events) {
+                        (Reply::Connected { epoch, .. }, Some(tx)) => Some((*epoch, tx)),
+                        _ => None,
+                    };
+                    self.dispatch(effects, new_conn.as_ref());
+                    self.track_connection(&command, new_conn);
+                    if let Some(reply) = reply {
+                        let _ = reply.send(r);
+                    }
+                }
+                Request::Qos0 { message, publisher } => {
+                    let publisher = (!publisher.is_empty()).then_some(&*publisher);
+                    let (_, effects) = self.partition.deliver_qos0(&message, publisher, now);
+                    self.dispatch(effects, None);
+                }
+                Request::Retained { filter, reply } => {
+                    let _ = reply.send(self.partition.retained_matching(&filter, now));
+                }
+                Request::Shutdown { done } => shutdown = Some(done),
+            }
+        }
+        shutdown
+    }
+
+    fn dispatch(&mut self, effects: Vec<Effect>, new_conn: Option<&(u64, EventSender)>) {
+        for effect in effects {
+            match effect {
+                Effect::Send {
+                    client_id,
+                    epoch,
+                    event,
+                } => {
+                    let tx = match new_conn {
+                        Some((e, tx)) if *e == epoch => Some(tx),
+                        _ => match self.connections.get(&client_id) {
+                            Some((e, tx)) if *e == epoch => Some(tx),
+                            _ => None,
+                        },
+                    };
+                    if let Some(tx) = tx {
+                        let _ = tx.send(event);
+                    }
+                }
+                Effect::PublishWill { message } => {
+                    let Some(inner) = self.broker.upgrade() else {
+                        continue;
+                    };
+                    debug!(topic = %message.topic, "publishing will");
+                    let broker = LocalBroker { inner };
+                    tokio::spawn(async move {
+                        if let Err(e) = broker.publish_message(message, None, None).await {
+                            warn!(error = %e, "will publish failed");
+                        }
+                    });
+                }
+                Effect::RouteAdded { filter } => {
+                    if let Some(inner) = self.broker.upgrade() {
+                        let mut routes = inner.routes.write().unwrap_or_else(|e| e.into_inner());
+                        routes.insert(&filter, self.id, ());
+                    }
+                }
+                Effect::RouteRemoved { filter } => {
+                    if let Some(inner) = self.broker.upgrade() {
+                        let mut routes = inner.routes.write().unwrap_or_else(|e| e.into_inner());
+                        routes.remove(&filter, &self.id);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Keeps the map of live connections in step with the state machine: a new connection
+    /// replaces the old one's sender (dropping it ends the old stream), a disconnect removes it.
+    fn track_connection(&mut self, command: &Command, new_conn: Option<(u64, EventSender)>) {
+        match command {
+            Command::Connect { client_id, .. } => {
+                if let Some(conn) = new_conn {
+                    self.connections.insert(client_id.clone(), conn);
+                }
+            }
+            Command::Disconnect {
+                client_id, epoch, ..
+            } => {
+                if self.connections.get(client_id).is_some_and(|(e, _)| e == epoch) {
+                    self.connections.remove(client_id);
+                }
+            }
+            Command::FrontendLost { .. } => {
+                let partition = &self.partition;
+                self.connections
+                    .retain(|client_id, (epoch, _)| match partition.session(client_id) {
+                        Some(s) => s.epoch() == Some(*epoch),
+                        None => false,
+                    });
+            }
+            _ => {}
+        }
+    }
+}

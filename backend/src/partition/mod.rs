@@ -1,0 +1,768 @@
+//! The partition state machine: MQTT session semantics as a pure function of commands.
+//!
+//! `apply(index, entry)` mutates the state and returns a reply plus effects. It reads no clock,
+//! does no I/O and draws no random numbers: the time is in the entry, the connection epoch is
+//! the log index. Every replica that applies the same log therefore holds the same sessions,
+//! subscriptions, queues and retained messages — which is what lets one implementation serve
+//! the standalone broker (a single replica with a local log) and the Raft-replicated cluster.
+
+pub mod command;
+pub mod session;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tiermq_common::retained_index::TopicTree;
+use tiermq_common::session_api::{SessionEvent, SubscribeRequest, SubscriptionOptions, Will};
+use tiermq_common::topic;
+use tiermq_common::trie::TopicTrie;
+use tiermq_common::{Message, ProtocolVersion, QoS, ReasonCode};
+
+use command::{Command, Effect, Entry, Reply, RetainedForSubscription};
+use session::{Attachment, QueuedMessage, Session, SessionLimits, StoredSubscription};
+
+pub use session::SessionLimits as Limits;
+
+/// What changed since the last checkpoint, so a checkpoint writes only that.
+#[derive(Debug, Default)]
+pub struct Dirty {
+    pub sessions: HashSet<Arc<str>>,
+    pub retained: HashSet<String>,
+}
+
+/// The state of one partition.
+pub struct Partition {
+    limits: SessionLimits,
+    sessions: HashMap<Arc<str>, Session>,
+    /// Non-shared subscriptions of this partition's sessions: filter -> client id -> options.
+    subscriptions: TopicTrie<Arc<str>, StoredSubscription>,
+    retained: TopicTree<Arc<Message>>,
+    /// Sessions with a pending delayed will, by due time.
+    will_timers: BTreeSet<(u64, Arc<str>)>,
+    /// Offline sessions by expiry time.
+    expiry_timers: BTreeSet<(u64, Arc<str>)>,
+    applied_index: u64,
+    dirty: Dirty,
+}
+
+/// A whole partition's durable state, as a checkpoint or snapshot stores it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PartitionImage {
+    pub applied_index: u64,
+    pub sessions: Vec<Session>,
+    pub retained: Vec<Arc<Message>>,
+}
+
+impl Partition {
+    pub fn new(limits: SessionLimits) -> Self {
+        Partition {
+            limits,
+            sessions: HashMap::new(),
+            subscriptions: TopicTrie::new(),
+            retained: TopicTree::new(),
+            will_timers: BTreeSet::new(),
+            expiry_timers: BTreeSet::new(),
+            applied_index: 0,
+            dirty: Dirty::default(),
+        }
+    }
+
+    /// Rebuilds a partition from stored sessions and retained messages.
+    pub fn restore(limits: SessionLimits, image: PartitionImage) -> Self {
+        let mut p = Partition::new(limits);
+        p.applied_index = image.applied_index;
+        for m in image.retained {
+            p.retained.insert(&m.topic.clone(), m);
+        }
+        for s in image.sessions {
+            p.install_session(s);
+        }
+        p
+    }
+
+    fn install_session(&mut self, s: Session) {
+        for (filter, sub) in &s.subscriptions {
+            self.subscriptions.insert(filter, s.client_id.clone(), *sub);
+        }
+        if let Some(at) = s.will_at_ms {
+            self.will_timers.insert((at, s.client_id.clone()));
+        }
+        if let Some(at) = s.expires_at_ms {
+            self.expiry_timers.insert((at, s.client_id.clone()));
+        }
+        self.sessions.insert(s.client_id.clone(), s);
+    }
+
+    /// The whole state, for a snapshot.
+    pub fn image(&self) -> PartitionImage {
+        PartitionImage {
+            applied_index: self.applied_index,
+            sessions: self.sessions.values().cloned().collect(),
+            retained: self.retained.iter().map(|(_, m)| m.clone()).collect(),
+        }
+    }
+
+    pub fn applied_index(&self) -> u64 {
+        self.applied_index
+    }
+
+    pub fn session(&self, client_id: &str) -> Option<&Session> {
+        self.sessions.get(client_id)
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    pub fn retained_count(&self) -> usize {
+        self.retained.len()
+    }
+
+    pub fn subscription_count(&self) -> usize {
+        self.subscriptions.len()
+    }
+
+    /// Distinct filters with at least one subscription (to seed a route table).
+    pub fn filters(&self) -> Vec<String> {
+        let mut set = BTreeSet::new();
+        for (filter, _, _) in self.subscriptions.iter() {
+            set.insert(filter.to_string());
+        }
+        set.into_iter().collect()
+    }
+
+    pub fn take_dirty(&mut self) -> Dirty {
+        std::mem::take(&mut self.dirty)
+    }
+
+    pub fn retained_message(&self, topic: &str) -> Option<&Arc<Message>> {
+        self.retained.get(topic)
+    }
+
+    /// Retained messages matching `filter` (read-only; used to answer a subscribe made on
+    /// another partition).
+    pub fn retained_matching(&self, filter: &str, now_ms: u64) -> Vec<Arc<Message>> {
+        let mut out = Vec::new();
+        self.retained.for_each_matching(filter, |_, m| {
+            if !m.is_expired(now_ms) {
+                out.push(m.clone());
+            }
+        });
+        out
+    }
+
+    /// Delivers a QoS0 message to online subscribers without logging it: nothing about the
+    /// state changes (unless QoS0 is queued for offline sessions, which then goes through
+    /// [`Command::Publish`]).
+    pub fn deliver_qos0(
+        &self,
+        message: &Arc<Message>,
+        publisher: Option<&str>,
+        now_ms: u64,
+    ) -> (bool, Vec<Effect>) {
+        let mut effects = Vec::new();
+        let targets = self.match_subscribers(message, publisher);
+        let matched = !targets.is_empty();
+        for (client_id, t) in targets {
+            let Some(s) = self.sessions.get(&client_id) else {
+                continue;
+            };
+            let Some(epoch) = s.epoch() else { continue };
+            effects.push(Effect::Send {
+                client_id: client_id.clone(),
+                epoch,
+                event: SessionEvent::Deliver(tiermq_common::session_api::Delivery {
+                    packet_id: None,
+                    qos: QoS::AtMostOnce,
+                    retain: t.retain,
+                    dup: false,
+                    subscription_ids: t.subscription_ids,
+                    expiry_secs: message.remaining_expiry_secs(now_ms),
+                    message: message.clone(),
+                }),
+            });
+        }
+        (matched, effects)
+    }
+
+    /// Applies one log entry. `index` must grow by one per call.
+    pub fn apply(&mut self, index: u64, entry: Entry) -> (Reply, Vec<Effect>) {
+        debug_assert!(index > self.applied_index, "log index must grow");
+        self.applied_index = index;
+        let now = entry.now_ms;
+        let mut effects = Vec::new();
+        let reply = match entry.command {
+            Command::Connect {
+                client_id,
+                protocol,
+                clean_start,
+                session_expiry_secs,
+                receive_maximum,
+                will,
+                frontend_id,
+            } => self.connect(
+                index,
+                now,
+                ConnectArgs {
+                    client_id,
+                    protocol,
+                    clean_start,
+                    session_expiry_secs,
+                    receive_maximum,
+                    will,
+                    frontend_id,
+                },
+                &mut effects,
+            ),
+            Command::Disconnect {
+                client_id,
+                epoch,
+                normal,
+                with_will,
+                session_expiry_secs,
+            } => self.disconnect(
+                &client_id,
+                epoch,
+                now,
+                normal,
+                with_will,
+                session_expiry_secs,
+                &mut effects,
+            ),
+            Command::Subscribe {
+                client_id,
+                epoch,
+                subscriptions,
+            } => self.subscribe(&client_id, epoch, subscriptions, now, &mut effects),
+            Command::Unsubscribe {
+                client_id,
+                epoch,
+                filters,
+            } => self.unsubscribe(&client_id, epoch, filters, &mut effects),
+            Command::Publish {
+                message,
+                publisher,
+                store_retained,
+            } => self.publish(message, publisher.as_deref(), store_retained, now, &mut effects),
+            Command::Qos2Received {
+                client_id,
+                epoch,
+                packet_id,
+            } => match self.attached_mut(&client_id, epoch) {
+                Ok(s) => {
+                    let duplicate = !s.inbound_qos2.insert(packet_id);
+                    self.dirty.sessions.insert(client_id);
+                    Reply::Qos2Received { duplicate }
+                }
+                Err(r) => r,
+            },
+            Command::Qos2Release {
+                client_id,
+                epoch,
+                packet_id,
+            } => match self.attached_mut(&client_id, epoch) {
+                Ok(s) => {
+                    let found = s.inbound_qos2.remove(&packet_id);
+                    self.dirty.sessions.insert(client_id);
+                    Reply::Released { found }
+                }
+                Err(r) => r,
+            },
+            Command::Ack {
+                client_id,
+                epoch,
+                kind,
+                packet_id,
+            } => match self.attached_mut(&client_id, epoch) {
+                Ok(s) => {
+                    if s.ack(kind, packet_id) {
+                        s.pump(now, &mut effects);
+                        self.dirty.sessions.insert(client_id);
+                    }
+                    Reply::Done
+                }
+                Err(r) => r,
+            },
+            Command::DeliverRetained {
+                client_id,
+                epoch,
+                retained,
+            } => {
+                let limits = self.limits;
+                match self.attached_mut(&client_id, epoch) {
+                Ok(s) => {
+                    for r in retained {
+                        enqueue_retained(s, &r, now, &limits, &mut effects);
+                    }
+                    self.dirty.sessions.insert(client_id);
+                    Reply::Done
+                }
+                Err(r) => r,
+            }
+            }
+            Command::Tick => {
+                self.tick(now, &mut effects);
+                Reply::Done
+            }
+            Command::FrontendLost { frontend_id } => {
+                let lost: Vec<(Arc<str>, u64)> = self
+                    .sessions
+                    .values()
+                    .filter_map(|s| match s.attachment {
+                        Some(a) if a.frontend_id == frontend_id => {
+                            Some((s.client_id.clone(), a.epoch))
+                        }
+                        _ => None,
+                    })
+                    .collect();
+                for (client_id, epoch) in lost {
+                    self.disconnect(&client_id, epoch, now, false, false, None, &mut effects);
+                }
+                Reply::Done
+            }
+        };
+        (reply, effects)
+    }
+
+    fn attached_mut(&mut self, client_id: &str, epoch: u64) -> Result<&mut Session, Reply> {
+        match self.sessions.get_mut(client_id) {
+            None => Err(Reply::NoSession),
+            Some(s) if s.epoch() == Some(epoch) => Ok(s),
+            Some(_) => Err(Reply::Fenced),
+        }
+    }
+
+    fn connect(
+        &mut self,
+        epoch: u64,
+        now: u64,
+        args: ConnectArgs,
+        effects: &mut Vec<Effect>,
+    ) -> Reply {
+        let client_id = args.client_id;
+        let mut session_present = false;
+        if let Some(old) = self.sessions.get_mut(&client_id) {
+            // Takeover of a live connection: close it (§3.1.4-3, v5 reason 0x8E). Its will is
+            // published unless the session continues and the will has a delay (§3.1.3.2.2).
+            if let Some(att) = old.attachment.take() {
+                effects.push(Effect::Send {
+                    client_id: client_id.clone(),
+                    epoch: att.epoch,
+                    event: SessionEvent::Disconnect {
+                        reason: ReasonCode::SESSION_TAKEN_OVER,
+                    },
+                });
+                if let Some(will) = old.will.take() {
+                    if args.clean_start || will.delay_secs == 0 {
+                        effects.push(Effect::PublishWill {
+                            message: will_message(&will, now),
+                        });
+                    }
+                }
+            }
+            // A reconnect cancels a pending delayed will (§3.1.3.2.2) — unless the session
+            // ends here (clean start), in which case the will fires now.
+            if let Some(at) = old.will_at_ms.take() {
+                self.will_timers.remove(&(at, client_id.clone()));
+                let will = old.will.take();
+                if args.clean_start {
+                    if let Some(will) = will {
+                        effects.push(Effect::PublishWill {
+                            message: will_message(&will, now),
+                        });
+                    }
+                }
+            }
+            if let Some(at) = old.expires_at_ms.take() {
+                self.expiry_timers.remove(&(at, client_id.clone()));
+            }
+            if args.clean_start {
+                self.remove_session(&client_id, effects);
+            } else {
+                session_present = true;
+            }
+        }
+        let session = self
+            .sessions
+            .entry(client_id.clone())
+            .or_insert_with(|| Session::new(client_id.clone(), args.protocol));
+        session.protocol = args.protocol;
+        session.attachment = Some(Attachment {
+            epoch,
+            frontend_id: args.frontend_id,
+        });
+        session.expiry_secs = args.session_expiry_secs;
+        session.receive_maximum = args.receive_maximum.max(1);
+        session.will = args.will;
+        session.resend_inflight(now, effects);
+        session.pump(now, effects);
+        self.dirty.sessions.insert(client_id);
+        Reply::Connected {
+            epoch,
+            session_present,
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn disconnect(
+        &mut self,
+        client_id: &Arc<str>,
+        epoch: u64,
+        now: u64,
+        normal: bool,
+        with_will: bool,
+        expiry_override: Option<u32>,
+        effects: &mut Vec<Effect>,
+    ) -> Reply {
+        let session = match self.attached_mut(client_id, epoch) {
+            Ok(s) => s,
+            Err(r) => return r,
+        };
+        session.attachment = None;
+        if let Some(e) = expiry_override {
+            session.expiry_secs = e;
+        }
+        if normal && !with_will {
+            session.will = None;
+        }
+        let expiry = session.expiry_secs;
+        let mut fire_now = None;
+        if let Some(will) = &session.will {
+            if will.delay_secs == 0 || expiry == 0 {
+                fire_now = session.will.take();
+            } else {
+                let delay = will.delay_secs.min(expiry);
+                let at = now + u64::from(delay) * 1000;
+                session.will_at_ms = Some(at);
+                self.will_timers.insert((at, client_id.clone()));
+            }
+        }
+        if let Some(will) = fire_now {
+            effects.push(Effect::PublishWill {
+                message: will_message(&will, now),
+            });
+        }
+        self.dirty.sessions.insert(client_id.clone());
+        if expiry == 0 {
+            self.remove_session(client_id, effects);
+        } else if expiry != u32::MAX {
+            let at = now + u64::from(expiry) * 1000;
+            if let Some(s) = self.sessions.get_mut(client_id) {
+                s.expires_at_ms = Some(at);
+            }
+            self.expiry_timers.insert((at, client_id.clone()));
+        }
+        Reply::Done
+    }
+
+    fn remove_session(&mut self, client_id: &Arc<str>, effects: &mut Vec<Effect>) {
+        let Some(s) = self.sessions.remove(client_id) else {
+            return;
+        };
+        for filter in s.subscriptions.keys() {
+            self.subscriptions.remove(filter, client_id);
+            if !self.subscriptions.contains_filter(filter) {
+                effects.push(Effect::RouteRemoved {
+                    filter: filter.clone(),
+                });
+            }
+        }
+        if let Some(at) = s.will_at_ms {
+            self.will_timers.remove(&(at, client_id.clone()));
+        }
+        if let Some(at) = s.expires_at_ms {
+            self.expiry_timers.remove(&(at, client_id.clone()));
+        }
+        self.dirty.sessions.insert(client_id.clone());
+    }
+
+    fn subscribe(
+        &mut self,
+        client_id: &Arc<str>,
+        epoch: u64,
+        requests: Vec<SubscribeRequest>,
+        now: u64,
+        effects: &mut Vec<Effect>,
+    ) -> Reply {
+        let limits = self.limits;
+        let session = match self.sessions.get_mut(client_id) {
+            None => return Reply::NoSession,
+            Some(s) if s.epoch() != Some(epoch) => return Reply::Fenced,
+            Some(s) => s,
+        };
+        let mut reason_codes = Vec::with_capacity(requests.len());
+        let mut want_retained = Vec::new();
+        for req in requests {
+            let filter = match topic::parse_subscription(&req.filter) {
+                Err(e) => {
+                    reason_codes.push(e.reason_code());
+                    continue;
+                }
+                Ok((Some(_group), _)) => {
+                    reason_codes.push(ReasonCode::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED);
+                    continue;
+                }
+                Ok((None, f)) => f.to_string(),
+            };
+            let is_new = !session.subscriptions.contains_key(&filter);
+            if is_new
+                && limits.max_subscriptions > 0
+                && session.subscriptions.len() >= limits.max_subscriptions
+            {
+                reason_codes.push(ReasonCode::QUOTA_EXCEEDED);
+                continue;
+            }
+            let stored = StoredSubscription {
+                options: req.options,
+                subscription_id: req.subscription_id,
+            };
+            session.subscriptions.insert(filter.clone(), stored);
+            let had_route = self.subscriptions.contains_filter(&filter);
+            self.subscriptions.insert(&filter, client_id.clone(), stored);
+            if !had_route {
+                effects.push(Effect::RouteAdded {
+                    filter: filter.clone(),
+                });
+            }
+            reason_codes.push(ReasonCode(req.options.qos.as_u8()));
+            let send_retained = match req.options.retain_handling {
+                0 => true,
+                1 => is_new,
+                _ => false,
+            };
+            if send_retained {
+                let messages: Vec<Arc<Message>> = {
+                    let mut v = Vec::new();
+                    self.retained.for_each_matching(&filter, |_, m| {
+                        if !m.is_expired(now) {
+                            v.push(m.clone());
+                        }
+                    });
+                    v
+                };
+                enqueue_retained(
+                    session,
+                    &RetainedForSubscription {
+                        filter: filter.clone(),
+                        options: req.options,
+                        subscription_id: req.subscription_id,
+                        messages,
+                    },
+                    now,
+                    &limits,
+                    effects,
+                );
+                want_retained.push((filter, req.options, req.subscription_id));
+            }
+        }
+        self.dirty.sessions.insert(client_id.clone());
+        Reply::Subscribed {
+            reason_codes,
+            want_retained,
+        }
+    }
+
+    fn unsubscribe(
+        &mut self,
+        client_id: &Arc<str>,
+        epoch: u64,
+        filters: Vec<String>,
+        effects: &mut Vec<Effect>,
+    ) -> Reply {
+        let session = match self.sessions.get_mut(client_id) {
+            None => return Reply::NoSession,
+            Some(s) if s.epoch() != Some(epoch) => return Reply::Fenced,
+            Some(s) => s,
+        };
+        let mut codes = Vec::with_capacity(filters.len());
+        for f in filters {
+            let filter = match topic::parse_subscription(&f) {
+                Ok((None, f)) => f.to_string(),
+                Ok((Some(_), _)) => {
+                    codes.push(ReasonCode::NO_SUBSCRIPTION_EXISTED);
+                    continue;
+                }
+                Err(e) => {
+                    codes.push(e.reason_code());
+                    continue;
+                }
+            };
+            if session.subscriptions.remove(&filter).is_some() {
+                self.subscriptions.remove(&filter, client_id);
+                if !self.subscriptions.contains_filter(&filter) {
+                    effects.push(Effect::RouteRemoved {
+                        filter: filter.clone(),
+                    });
+                }
+                codes.push(ReasonCode::SUCCESS);
+            } else {
+                codes.push(ReasonCode::NO_SUBSCRIPTION_EXISTED);
+            }
+        }
+        self.dirty.sessions.insert(client_id.clone());
+        Reply::Unsubscribed(codes)
+    }
+
+    /// Finds, per session, what a message means for it: the highest granted QoS among its
+    /// matching subscriptions, all their subscription identifiers, and the retain flag.
+    fn match_subscribers(
+        &self,
+        message: &Message,
+        publisher: Option<&str>,
+    ) -> BTreeMap<Arc<str>, Target> {
+        let mut targets: BTreeMap<Arc<str>, Target> = BTreeMap::new();
+        self.subscriptions
+            .for_each_match(&message.topic, |_filter, client_id, sub| {
+                if sub.options.no_local && publisher == Some(&**client_id) {
+                    return;
+                }
+                let qos = message.qos.min(sub.options.qos);
+                let retain = message.retain && sub.options.retain_as_published;
+                let t = targets.entry(client_id.clone()).or_insert(Target {
+                    qos,
+                    retain,
+                    subscription_ids: Vec::new(),
+                });
+                t.qos = t.qos.max(qos);
+                t.retain |= retain;
+                if let Some(id) = sub.subscription_id {
+                    t.subscription_ids.push(id);
+                }
+            });
+        targets
+    }
+
+    fn publish(
+        &mut self,
+        message: Arc<Message>,
+        publisher: Option<&str>,
+        store_retained: bool,
+        now: u64,
+        effects: &mut Vec<Effect>,
+    ) -> Reply {
+        if store_retained && message.retain {
+            let topic = message.topic.clone();
+            if message.payload.is_empty() {
+                self.retained.remove(&topic);
+            } else {
+                self.retained.insert(&topic, message.clone());
+            }
+            self.dirty.retained.insert(topic);
+        }
+        let targets = self.match_subscribers(&message, publisher);
+        let matched = !targets.is_empty();
+        for (client_id, t) in targets {
+            let Some(s) = self.sessions.get_mut(&client_id) else {
+                continue;
+            };
+            s.enqueue(
+                QueuedMessage {
+                    message: message.clone(),
+                    qos: t.qos,
+                    retain: t.retain,
+                    subscription_ids: t.subscription_ids,
+                },
+                now,
+                &self.limits,
+                effects,
+            );
+            if t.qos != QoS::AtMostOnce || self.limits.queue_qos0_offline {
+                self.dirty.sessions.insert(client_id);
+            }
+        }
+        Reply::Published { matched }
+    }
+
+    fn tick(&mut self, now: u64, effects: &mut Vec<Effect>) {
+        while let Some((at, client_id)) = self.will_timers.first().cloned() {
+            if at > now {
+                break;
+            }
+            self.will_timers.pop_first();
+            if let Some(s) = self.sessions.get_mut(&client_id) {
+                s.will_at_ms = None;
+                if let Some(will) = s.will.take() {
+                    effects.push(Effect::PublishWill {
+                        message: will_message(&will, now),
+                    });
+                }
+                self.dirty.sessions.insert(client_id);
+            }
+        }
+        while let Some((at, client_id)) = self.expiry_timers.first().cloned() {
+            if at > now {
+                break;
+            }
+            self.expiry_timers.pop_first();
+            // Session end fires a will still pending (§3.1.3.2.2: delay or session end,
+            // whichever comes first).
+            if let Some(s) = self.sessions.get_mut(&client_id) {
+                if s.is_online() {
+                    continue;
+                }
+                if let Some(will) = s.will.take() {
+                    effects.push(Effect::PublishWill {
+                        message: will_message(&will, now),
+                    });
+                }
+            }
+            self.remove_session(&client_id, effects);
+        }
+    }
+}
+
+struct ConnectArgs {
+    client_id: Arc<str>,
+    protocol: ProtocolVersion,
+    clean_start: bool,
+    session_expiry_secs: u32,
+    receive_maximum: u16,
+    will: Option<Will>,
+    frontend_id: u64,
+}
+
+struct Target {
+    qos: QoS,
+    retain: bool,
+    subscription_ids: Vec<u32>,
+}
+
+fn enqueue_retained(
+    session: &mut Session,
+    r: &RetainedForSubscription,
+    now: u64,
+    limits: &SessionLimits,
+    effects: &mut Vec<Effect>,
+) {
+    for m in &r.messages {
+        session.enqueue(
+            QueuedMessage {
+                message: m.clone(),
+                qos: m.qos.min(r.options.qos),
+                // Retained messages sent because of a subscribe keep RETAIN=1 (§3.3.1.3).
+                retain: true,
+                subscription_ids: r.subscription_id.into_iter().collect(),
+            },
+            now,
+            limits,
+            effects,
+        );
+    }
+}
+
+/// The message a will publishes, with its expiry stamped at firing time.
+fn will_message(will: &Will, now: u64) -> Message {
+    let mut m = will.message.clone();
+    m.stamp_expiry(now);
+    m
+}
+
+#[allow(dead_code)]
+fn _assert_send() {
+    fn is_send<T: Send>() {}
+    is_send::<Partition>();
+    let _ = SubscriptionOptions::default;
+}

@@ -1,0 +1,276 @@
+//! One MQTT session as its partition keeps it: who holds the connection, subscriptions, the
+//! will, and the outbound QoS1/QoS2 queue with its in-flight window.
+//!
+//! Packet ids of outbound messages are assigned here, not by the frontend, because they are
+//! part of the session (§4.4: after a reconnect, unacknowledged PUBLISH and PUBREL packets are
+//! re-sent with their original packet identifiers) and must survive a failover.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tiermq_common::session_api::{Delivery, SessionEvent, SubscriptionOptions, Will};
+use tiermq_common::{Message, ProtocolVersion, QoS};
+
+use super::command::Effect;
+
+/// The connection currently attached to a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    pub epoch: u64,
+    pub frontend_id: u64,
+}
+
+/// A subscription as stored with its session (the filter is the key of the map holding it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredSubscription {
+    pub options: SubscriptionOptions,
+    pub subscription_id: Option<u32>,
+}
+
+/// A message waiting for, or in, the in-flight window.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueuedMessage {
+    pub message: Arc<Message>,
+    pub qos: QoS,
+    pub retain: bool,
+    pub subscription_ids: Vec<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum InflightState {
+    /// PUBLISH sent, waiting for PUBACK (QoS1) or PUBREC (QoS2).
+    Published,
+    /// QoS2: PUBREC received, PUBREL sent, waiting for PUBCOMP.
+    Released,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inflight {
+    pub packet_id: u16,
+    pub state: InflightState,
+    pub item: QueuedMessage,
+}
+
+/// Limits the session engine enforces; part of the deterministic configuration of a partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionLimits {
+    /// Messages queued per session beyond the in-flight window; the oldest is dropped beyond it.
+    pub max_queued_messages: usize,
+    /// Queue QoS0 messages for offline persistent sessions (off by default, as the seed).
+    pub queue_qos0_offline: bool,
+    /// Subscriptions per client; 0 means unlimited.
+    pub max_subscriptions: usize,
+}
+
+impl Default for SessionLimits {
+    fn default() -> Self {
+        SessionLimits {
+            max_queued_messages: 100_000,
+            queue_qos0_offline: false,
+            max_subscriptions: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Session {
+    pub client_id: Arc<str>,
+    pub protocol: ProtocolVersion,
+    pub attachment: Option<Attachment>,
+    /// Session Expiry Interval in seconds; `u32::MAX` never expires.
+    pub expiry_secs: u32,
+    /// When the session expires, set while it has no connection.
+    pub expires_at_ms: Option<u64>,
+    pub will: Option<Will>,
+    /// When a delayed will fires, set while it is pending.
+    pub will_at_ms: Option<u64>,
+    pub subscriptions: BTreeMap<String, StoredSubscription>,
+    pub receive_maximum: u16,
+    pub next_packet_id: u16,
+    pub inflight: VecDeque<Inflight>,
+    pub queue: VecDeque<QueuedMessage>,
+    /// Inbound QoS2 packet ids received and not yet released by PUBREL.
+    pub inbound_qos2: BTreeSet<u16>,
+    /// Messages dropped because the queue was full (reported in metrics).
+    pub dropped: u64,
+}
+
+impl Session {
+    pub fn new(client_id: Arc<str>, protocol: ProtocolVersion) -> Self {
+        Session {
+            client_id,
+            protocol,
+            attachment: None,
+            expiry_secs: 0,
+            expires_at_ms: None,
+            will: None,
+            will_at_ms: None,
+            subscriptions: BTreeMap::new(),
+            receive_maximum: u16::MAX,
+            next_packet_id: 1,
+            inflight: VecDeque::new(),
+            queue: VecDeque::new(),
+            inbound_qos2: BTreeSet::new(),
+            dropped: 0,
+        }
+    }
+
+    pub fn is_online(&self) -> bool {
+        self.attachment.is_some()
+    }
+
+    pub fn epoch(&self) -> Option<u64> {
+        self.attachment.map(|a| a.epoch)
+    }
+
+    /// Adds a matched message for this session and sends what the window allows.
+    pub fn enqueue(
+        &mut self,
+        item: QueuedMessage,
+        now_ms: u64,
+        limits: &SessionLimits,
+        effects: &mut Vec<Effect>,
+    ) {
+        if item.qos == QoS::AtMostOnce {
+            if let Some(epoch) = self.epoch() {
+                // QoS0 to an online session goes straight out; it is never queued in order
+                // with QoS1/2 because it carries no packet id and no ack.
+                effects.push(self.delivery(epoch, None, false, &item, now_ms));
+                return;
+            }
+            if !limits.queue_qos0_offline || self.expiry_secs == 0 {
+                return;
+            }
+        }
+        if self.queue.len() >= limits.max_queued_messages {
+            self.queue.pop_front();
+            self.dropped += 1;
+        }
+        self.queue.push_back(item);
+        self.pump(now_ms, effects);
+    }
+
+    /// Moves queued messages into the in-flight window while the client's Receive Maximum
+    /// allows and a connection is attached.
+    pub fn pump(&mut self, now_ms: u64, effects: &mut Vec<Effect>) {
+        let Some(epoch) = self.epoch() else { return };
+        while self.inflight.len() < usize::from(self.receive_maximum.max(1)) {
+            let Some(item) = self.queue.pop_front() else {
+                break;
+            };
+            if item.message.is_expired(now_ms) {
+                continue;
+            }
+            if item.qos == QoS::AtMostOnce {
+                effects.push(self.delivery(epoch, None, false, &item, now_ms));
+                continue;
+            }
+            let Some(packet_id) = self.allocate_packet_id() else {
+                self.queue.push_front(item);
+                break;
+            };
+            effects.push(self.delivery(epoch, Some(packet_id), false, &item, now_ms));
+            self.inflight.push_back(Inflight {
+                packet_id,
+                state: InflightState::Published,
+                item,
+            });
+        }
+    }
+
+    /// Re-sends the in-flight window after a reconnect: PUBLISH with DUP for messages not yet
+    /// acknowledged, PUBREL for QoS2 messages already PUBREC'd, in their original order.
+    pub fn resend_inflight(&mut self, now_ms: u64, effects: &mut Vec<Effect>) {
+        let Some(epoch) = self.epoch() else { return };
+        let client_id = self.client_id.clone();
+        let mut expired = Vec::new();
+        for inflight in &self.inflight {
+            match inflight.state {
+                InflightState::Published => {
+                    if inflight.item.message.is_expired(now_ms) {
+                        expired.push(inflight.packet_id);
+                        continue;
+                    }
+                    effects.push(self.delivery(
+                        epoch,
+                        Some(inflight.packet_id),
+                        true,
+                        &inflight.item,
+                        now_ms,
+                    ));
+                }
+                InflightState::Released => effects.push(Effect::Send {
+                    client_id: client_id.clone(),
+                    epoch,
+                    event: SessionEvent::Release {
+                        packet_id: inflight.packet_id,
+                    },
+                }),
+            }
+        }
+        self.inflight.retain(|i| !expired.contains(&i.packet_id));
+    }
+
+    /// Handles PUBACK/PUBREC/PUBCOMP. Returns false when the packet id is not in flight in the
+    /// expected state (a late or duplicate ack, which is harmless).
+    pub fn ack(&mut self, kind: super::command::AckCmd, packet_id: u16) -> bool {
+        use super::command::AckCmd;
+        let Some(pos) = self.inflight.iter().position(|i| i.packet_id == packet_id) else {
+            return false;
+        };
+        let entry = &mut self.inflight[pos];
+        match (kind, entry.item.qos, entry.state) {
+            (AckCmd::PubAck, QoS::AtLeastOnce, InflightState::Published) => {
+                self.inflight.remove(pos);
+                true
+            }
+            (AckCmd::PubRec, QoS::ExactlyOnce, InflightState::Published) => {
+                entry.state = InflightState::Released;
+                true
+            }
+            (AckCmd::PubComp, QoS::ExactlyOnce, InflightState::Released) => {
+                self.inflight.remove(pos);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The next packet id not in flight, wrapping from 65535 to 1 (0 is not a packet id).
+    pub fn allocate_packet_id(&mut self) -> Option<u16> {
+        if self.inflight.len() >= usize::from(u16::MAX) {
+            return None;
+        }
+        loop {
+            let id = self.next_packet_id;
+            self.next_packet_id = if id == u16::MAX { 1 } else { id + 1 };
+            if !self.inflight.iter().any(|i| i.packet_id == id) {
+                return Some(id);
+            }
+        }
+    }
+
+    fn delivery(
+        &self,
+        epoch: u64,
+        packet_id: Option<u16>,
+        dup: bool,
+        item: &QueuedMessage,
+        now_ms: u64,
+    ) -> Effect {
+        Effect::Send {
+            client_id: self.client_id.clone(),
+            epoch,
+            event: SessionEvent::Deliver(Delivery {
+                packet_id,
+                qos: item.qos,
+                retain: item.retain,
+                dup,
+                subscription_ids: item.subscription_ids.clone(),
+                expiry_secs: item.message.remaining_expiry_secs(now_ms),
+                message: item.message.clone(),
+            }),
+        }
+    }
+}

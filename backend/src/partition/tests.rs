@@ -1,0 +1,1 @@
+//! Unit tests of the partition state machine (added below).
