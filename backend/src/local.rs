@@ -13,6 +13,7 @@
 //! message published after it.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::path::Path;
 use std::sync::{Arc, RwLock, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -191,15 +192,7 @@ impl LocalBroker {
     }
 
     async fn call(&self, partition: u32, command: Command) -> ServiceResult<Reply> {
-        let (tx, rx) = oneshot::channel();
-        self.inner.partitions[partition as usize]
-            .send(Request::Command {
-                command,
-                reply: Some(tx),
-                events: None,
-            })
-            .map_err(|_| ServiceError::ShuttingDown)?;
-        rx.await.map_err(|_| ServiceError::ShuttingDown)
+        self.submit(partition, command).await
     }
 
     fn cast(&self, partition: u32, command: Command) {
@@ -222,13 +215,37 @@ impl LocalBroker {
         out
     }
 
-    /// The publish path shared by clients and wills.
-    async fn publish_message(
+    /// Sends `command` to `partition` now and returns the wait for its reply.
+    fn submit(
+        &self,
+        partition: u32,
+        command: Command,
+    ) -> impl Future<Output = ServiceResult<Reply>> + Send + 'static {
+        let (tx, rx) = oneshot::channel();
+        let sent = self.inner.partitions[partition as usize]
+            .send(Request::Command {
+                command,
+                reply: Some(tx),
+                events: None,
+            })
+            .is_ok();
+        async move {
+            if !sent {
+                return Err(ServiceError::ShuttingDown);
+            }
+            rx.await.map_err(|_| ServiceError::ShuttingDown)
+        }
+    }
+
+    /// The publish path shared by clients and wills. Everything is sent to the partitions
+    /// before this returns (see [`SessionService::publish`] on ordering); the future only
+    /// waits for the replies.
+    fn submit_publish(
         &self,
         message: Message,
         publisher: Option<Arc<str>>,
         inbound: Option<(&SessionRef, u16)>,
-    ) -> ServiceResult<Published> {
+    ) -> impl Future<Output = ServiceResult<Published>> + Send + 'static {
         let message = Arc::new(message);
         let retained_home = message.retain.then(|| self.partition_of(&message.topic));
         let mut targets = self.route(&message.topic);
@@ -237,7 +254,20 @@ impl LocalBroker {
                 targets.push(home);
             }
         }
-        if message.qos == QoS::AtMostOnce && retained_home.is_none() {
+        enum Plan {
+            Done(Published),
+            Wait(Vec<oneshot::Receiver<Reply>>),
+            /// Inbound QoS2 with several partitions: ask the publisher's partition first.
+            Qos2First {
+                mark: Box<dyn Future<Output = ServiceResult<Reply>> + Send>,
+                broker: LocalBroker,
+                message: Arc<Message>,
+                publisher: Option<Arc<str>>,
+                targets: Vec<u32>,
+                retained_home: Option<u32>,
+            },
+        }
+        let plan = if message.qos == QoS::AtMostOnce && retained_home.is_none() {
             // QoS0 is neither logged nor acknowledged: hand it to each partition in order.
             let publisher = publisher.unwrap_or_else(|| Arc::from(""));
             for p in &targets {
@@ -246,65 +276,94 @@ impl LocalBroker {
                     publisher: publisher.clone(),
                 });
             }
-            return Ok(Published {
+            Plan::Done(Published {
                 matched: !targets.is_empty(),
                 duplicate: false,
-            });
-        }
-        if let Some((session, packet_id)) = inbound {
+            })
+        } else if let Some((session, packet_id)) = inbound {
             // Exactly-once for inbound QoS2: the publisher's partition remembers the packet id
-            // until PUBREL. With one partition the mark and the delivery are one log batch;
-            // with several, delivery happens first (a crash between gives a duplicate, never a
-            // loss).
+            // until PUBREL, and skips a re-sent PUBLISH. The mark goes first; the delivery is
+            // sent once the mark says "not a duplicate".
             let home = self.partition_of(&session.client_id);
-            let reply = self
-                .call(
-                    home,
-                    Command::Qos2Received {
-                        client_id: session.client_id.clone(),
-                        epoch: session.epoch,
-                        packet_id,
-                    },
-                )
-                .await?;
-            match reply {
-                Reply::Qos2Received { duplicate: true } => {
-                    return Ok(Published {
-                        matched: true,
-                        duplicate: true,
-                    })
-                }
-                Reply::Qos2Received { duplicate: false } => {}
-                other => return Err(reply_error(other)),
+            let mark = self.submit(
+                home,
+                Command::Qos2Received {
+                    client_id: session.client_id.clone(),
+                    epoch: session.epoch,
+                    packet_id,
+                },
+            );
+            Plan::Qos2First {
+                mark: Box::new(mark),
+                broker: self.clone(),
+                message,
+                publisher,
+                targets,
+                retained_home,
             }
+        } else {
+            Plan::Wait(self.send_publish(&message, &publisher, &targets, retained_home))
+        };
+        async move {
+            let waits = match plan {
+                Plan::Done(p) => return Ok(p),
+                Plan::Wait(w) => w,
+                Plan::Qos2First {
+                    mark,
+                    broker,
+                    message,
+                    publisher,
+                    targets,
+                    retained_home,
+                } => match Box::into_pin(mark).await? {
+                    Reply::Qos2Received { duplicate: true } => {
+                        return Ok(Published {
+                            matched: true,
+                            duplicate: true,
+                        })
+                    }
+                    Reply::Qos2Received { duplicate: false } => {
+                        broker.send_publish(&message, &publisher, &targets, retained_home)
+                    }
+                    other => return Err(reply_error(other)),
+                },
+            };
+            let mut matched = false;
+            for rx in waits {
+                match rx.await.map_err(|_| ServiceError::ShuttingDown)? {
+                    Reply::Published { matched: m } => matched |= m,
+                    other => return Err(reply_error(other)),
+                }
+            }
+            Ok(Published {
+                matched,
+                duplicate: false,
+            })
         }
+    }
+
+    fn send_publish(
+        &self,
+        message: &Arc<Message>,
+        publisher: &Option<Arc<str>>,
+        targets: &[u32],
+        retained_home: Option<u32>,
+    ) -> Vec<oneshot::Receiver<Reply>> {
         let mut waits = Vec::with_capacity(targets.len());
-        for p in &targets {
+        for p in targets {
             let (tx, rx) = oneshot::channel();
-            self.inner.partitions[*p as usize]
-                .send(Request::Command {
-                    command: Command::Publish {
-                        message: message.clone(),
-                        publisher: publisher.clone(),
-                        store_retained: Some(*p) == retained_home,
-                    },
-                    reply: Some(tx),
-                    events: None,
-                })
-                .map_err(|_| ServiceError::ShuttingDown)?;
+            let _ = self.inner.partitions[*p as usize].send(Request::Command {
+                command: Command::Publish {
+                    message: message.clone(),
+                    publisher: publisher.clone(),
+                    store_retained: Some(*p) == retained_home,
+                },
+                reply: Some(tx),
+                events: None,
+            });
             waits.push(rx);
         }
-        let mut matched = false;
-        for rx in waits {
-            match rx.await.map_err(|_| ServiceError::ShuttingDown)? {
-                Reply::Published { matched: m } => matched |= m,
-                other => return Err(reply_error(other)),
-            }
-        }
-        Ok(Published {
-            matched,
-            duplicate: false,
-        })
+        waits
     }
 }
 
@@ -436,36 +495,44 @@ impl SessionService for LocalBroker {
         }
     }
 
-    async fn publish(
+    fn publish(
         &self,
         session: &SessionRef,
         message: Message,
         inbound_packet_id: Option<u16>,
-    ) -> ServiceResult<Published> {
+    ) -> impl Future<Output = ServiceResult<Published>> + Send + 'static {
         let inbound = inbound_packet_id.map(|pid| (session, pid));
-        self.publish_message(message, Some(session.client_id.clone()), inbound)
-            .await
+        self.submit_publish(message, Some(session.client_id.clone()), inbound)
     }
 
-    async fn release(&self, session: &SessionRef, packet_id: u16) -> ServiceResult<bool> {
+    fn release(
+        &self,
+        session: &SessionRef,
+        packet_id: u16,
+    ) -> impl Future<Output = ServiceResult<bool>> + Send + 'static {
         let home = self.partition_of(&session.client_id);
-        match self
-            .call(
-                home,
-                Command::Qos2Release {
-                    client_id: session.client_id.clone(),
-                    epoch: session.epoch,
-                    packet_id,
-                },
-            )
-            .await?
-        {
-            Reply::Released { found } => Ok(found),
-            other => Err(reply_error(other)),
+        let wait = self.submit(
+            home,
+            Command::Qos2Release {
+                client_id: session.client_id.clone(),
+                epoch: session.epoch,
+                packet_id,
+            },
+        );
+        async move {
+            match wait.await? {
+                Reply::Released { found } => Ok(found),
+                other => Err(reply_error(other)),
+            }
         }
     }
 
-    async fn ack(&self, session: &SessionRef, kind: AckKind, packet_id: u16) -> ServiceResult<()> {
+    fn ack(
+        &self,
+        session: &SessionRef,
+        kind: AckKind,
+        packet_id: u16,
+    ) -> impl Future<Output = ServiceResult<()>> + Send + 'static {
         let home = self.partition_of(&session.client_id);
         self.cast(
             home,
@@ -476,7 +543,7 @@ impl SessionService for LocalBroker {
                 packet_id,
             },
         );
-        Ok(())
+        std::future::ready(Ok(()))
     }
 
     async fn disconnect(&self, session: &SessionRef, req: DisconnectRequest) -> ServiceResult<()> {
@@ -674,8 +741,9 @@ impl PartitionTask {
                     };
                     debug!(topic = %message.topic, "publishing will");
                     let broker = LocalBroker { inner };
+                    let publish = broker.submit_publish(message, None, None);
                     tokio::spawn(async move {
-                        if let Err(e) = broker.publish_message(message, None, None).await {
+                        if let Err(e) = publish.await {
                             warn!(error = %e, "will publish failed");
                         }
                     });

@@ -196,27 +196,34 @@ pub trait SessionService: Send + Sync + 'static {
 
     /// Publishes `message`. For an inbound QoS2 message pass its packet id: the session
     /// remembers it until [`SessionService::release`], so a re-sent PUBLISH is not forwarded twice.
+    ///
+    /// The request is *submitted when `publish` is called*, not when the future is first polled,
+    /// and the future owns what it needs (`'static`): a connection keeps many publishes in
+    /// flight (pipelining, one PUBACK per fsync batch) and they still reach the partitions in
+    /// the order the client sent them.
     fn publish(
         &self,
         session: &SessionRef,
         message: Message,
         inbound_packet_id: Option<u16>,
-    ) -> impl Future<Output = ServiceResult<Published>> + Send;
+    ) -> impl Future<Output = ServiceResult<Published>> + Send + 'static;
 
     /// PUBREL from the client for an inbound QoS2 packet id. Returns whether it was known.
+    /// Submitted at call time, like [`SessionService::publish`].
     fn release(
         &self,
         session: &SessionRef,
         packet_id: u16,
-    ) -> impl Future<Output = ServiceResult<bool>> + Send;
+    ) -> impl Future<Output = ServiceResult<bool>> + Send + 'static;
 
-    /// PUBACK / PUBREC / PUBCOMP from the client for a delivery.
+    /// PUBACK / PUBREC / PUBCOMP from the client for a delivery. Submitted at call time;
+    /// the future may be dropped (acks need no durability: a lost one means a redelivery).
     fn ack(
         &self,
         session: &SessionRef,
         kind: AckKind,
         packet_id: u16,
-    ) -> impl Future<Output = ServiceResult<()>> + Send;
+    ) -> impl Future<Output = ServiceResult<()>> + Send + 'static;
 
     fn disconnect(
         &self,

@@ -1,1 +1,17 @@
-//! tiermq frontend
+//! The frontend tier: it terminates MQTT and keeps only per-connection state.
+//!
+//! - [`config`]: what a frontend announces and enforces (packet size, receive maximum, ...).
+//! - [`listener`]: accepts sockets and runs one [`handler`] task per connection.
+//! - [`handler`]: the MQTT protocol for one connection, from CONNECT to close.
+//! - [`convert`]: PUBLISH packets to application messages and back.
+//!
+//! Everything durable is reached through [`tiermq_common::session_api::SessionService`], so the
+//! same handler serves the standalone broker and a cluster frontend.
+
+pub mod config;
+pub mod convert;
+pub mod handler;
+pub mod listener;
+
+pub use config::FrontendConfig;
+pub use listener::serve;

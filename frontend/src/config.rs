@@ -1,0 +1,50 @@
+//! Per-frontend protocol settings: what CONNACK announces and what the handler enforces.
+
+use std::time::Duration;
+
+use tiermq_common::QoS;
+
+#[derive(Debug, Clone)]
+pub struct FrontendConfig {
+    /// This frontend's node id; sessions record which frontend holds their connection.
+    pub frontend_id: u64,
+    /// Largest packet accepted from a client (CONNACK Maximum Packet Size).
+    pub max_packet_size: u32,
+    /// How many QoS1/QoS2 publishes a client may have unacknowledged towards us.
+    pub receive_maximum: u16,
+    /// In-flight window towards MQTT 3.1.1 clients, which cannot announce one.
+    pub v311_inflight: u16,
+    /// Cap on the client's keep alive in seconds (Server Keep Alive); 0 = accept any.
+    pub max_keep_alive: u16,
+    /// A socket that does not send CONNECT within this time is closed.
+    pub connect_timeout: Duration,
+    /// Topic aliases a client may use towards us (0 disables inbound aliases).
+    pub topic_alias_maximum: u16,
+    pub max_client_id_len: usize,
+    pub retain_available: bool,
+    pub maximum_qos: QoS,
+    /// Response Information sent when a client asks for it (prefix; the client id is
+    /// appended). None: not offered.
+    pub response_information: Option<String>,
+    /// Bytes waiting to be written to a client beyond which QoS0 deliveries are dropped.
+    pub max_write_buffer: usize,
+}
+
+impl Default for FrontendConfig {
+    fn default() -> Self {
+        FrontendConfig {
+            frontend_id: 0,
+            max_packet_size: 1024 * 1024,
+            receive_maximum: 1024,
+            v311_inflight: 100,
+            max_keep_alive: 0,
+            connect_timeout: Duration::from_secs(10),
+            topic_alias_maximum: 64,
+            max_client_id_len: 256,
+            retain_available: true,
+            maximum_qos: QoS::ExactlyOnce,
+            response_information: None,
+            max_write_buffer: 4 * 1024 * 1024,
+        }
+    }
+}

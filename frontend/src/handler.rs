@@ -1,0 +1,720 @@
+//! The MQTT protocol for one connection, from CONNECT to close.
+//!
+//! The handler owns the socket and the state that dies with the connection: the negotiated
+//! protocol version, inbound topic aliases, keep alive, and the publishes waiting for the
+//! partitions to make them durable. Session state lives behind [`SessionService`].
+//!
+//! One task per connection runs [`Handler::run`], a `select!` over four sources: packets from
+//! the client, events from the session (deliveries, takeover), acknowledgements of our own
+//! publishes becoming durable (in the order the client sent them, §4.6), and timers (keep
+//! alive, shutdown). Writes are fed into the codec's buffer and flushed once per wake-up, so a
+//! burst of deliveries costs one syscall.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::stream::FuturesOrdered;
+use futures::{Future, SinkExt, StreamExt};
+use tiermq_common::codec::{
+    ConnAck, ConnAckProperties, Connect, DecodeError, Disconnect, MqttCodec, Packet, PubAck,
+    EncodeError, PubComp, PubRec, PubRel, Publish, SubAck, Subscribe, UnsubAck, Unsubscribe,
+};
+use tiermq_common::session_api::{
+    AckKind, ConnectRequest, DisconnectRequest, Published, ServiceError, ServiceResult,
+    SessionEvent, SessionRef, SessionService, SubscribeRequest,
+};
+use tiermq_common::{topic, ProtocolVersion, QoS, ReasonCode};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+use tokio::time::{sleep_until, Instant};
+use tokio_util::codec::{Encoder, Framed};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, trace};
+
+use crate::config::FrontendConfig;
+use crate::convert::{message_from_publish, publish_from_delivery, will_from_connect};
+
+type PendingAck = Pin<Box<dyn Future<Output = Outgoing> + Send>>;
+
+/// An acknowledgement owed to the client once the partitions answered.
+enum Outgoing {
+    PubAck(u16, ServiceResult<Published>),
+    PubRec(u16, ServiceResult<Published>),
+    PubComp(u16, ServiceResult<bool>),
+}
+
+/// Why the connection ends, which decides what the session is told.
+enum Close {
+    /// The client sent DISCONNECT.
+    Client(DisconnectRequest),
+    /// Network error, keep alive expired or a protocol violation: the will fires.
+    Abnormal,
+    /// The session moved to a newer connection, or the partitions went away: say nothing.
+    Fenced,
+    /// The server is shutting down.
+    Shutdown,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Serves one client connection until it closes.
+pub async fn serve_connection<S, IO>(
+    io: IO,
+    peer: SocketAddr,
+    service: Arc<S>,
+    config: Arc<FrontendConfig>,
+    shutdown: CancellationToken,
+) where
+    S: SessionService,
+    IO: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let mut framed = Framed::new(io, MqttCodec::new(config.max_packet_size));
+    let first = tokio::select! {
+        r = tokio::time::timeout(config.connect_timeout, framed.next()) => r,
+        _ = shutdown.cancelled() => return,
+    };
+    let connect = match first {
+        Ok(Some(Ok(Packet::Connect(c)))) => c,
+        Ok(Some(Err(DecodeError::UnsupportedProtocolVersion(level)))) => {
+            debug!(%peer, level, "unsupported protocol version");
+            // The reply uses the 3.1.1 layout, which every version can read (§3.1.2.2).
+            framed.codec_mut().version = Some(ProtocolVersion::V311);
+            let _ = framed
+                .send(&Packet::ConnAck(ConnAck {
+                    session_present: false,
+                    reason_code: ReasonCode::UNSUPPORTED_PROTOCOL_VERSION,
+                    properties: ConnAckProperties::default(),
+                }))
+                .await;
+            return;
+        }
+        Ok(Some(Err(e))) => {
+            debug!(%peer, error = %e, "bad first packet");
+            return;
+        }
+        Ok(Some(Ok(other))) => {
+            debug!(%peer, packet = other.name(), "first packet is not CONNECT");
+            return;
+        }
+        Ok(None) => return,
+        Err(_) => {
+            debug!(%peer, "no CONNECT before the timeout");
+            return;
+        }
+    };
+    let Some(mut handler) = Handler::accept(framed, peer, connect, service, config).await else {
+        return;
+    };
+    let close = handler.run(&shutdown).await;
+    handler.finish(close).await;
+}
+
+/// A connected client.
+pub struct Handler<S: SessionService, IO> {
+    framed: Framed<IO, MqttCodec>,
+    peer: SocketAddr,
+    version: ProtocolVersion,
+    service: Arc<S>,
+    config: Arc<FrontendConfig>,
+    session: SessionRef,
+    events: mpsc::UnboundedReceiver<SessionEvent>,
+    /// Keep alive as enforced (1.5 × the negotiated value), if any.
+    keep_alive: Option<Duration>,
+    last_packet: Instant,
+    /// Session Expiry Interval from CONNECT (DISCONNECT may not raise it from 0, §3.14.2.2.2).
+    connect_expiry: u32,
+    inbound_aliases: HashMap<u16, String>,
+    /// The client's Maximum Packet Size: larger deliveries are dropped (§3.1.2.11.4).
+    client_max_packet: u32,
+    pending: FuturesOrdered<PendingAck>,
+}
+
+impl<S, IO> Handler<S, IO>
+where
+    S: SessionService,
+    IO: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    /// Validates CONNECT, opens the session and answers CONNACK.
+    async fn accept(
+        mut framed: Framed<IO, MqttCodec>,
+        peer: SocketAddr,
+        connect: Connect,
+        service: Arc<S>,
+        config: Arc<FrontendConfig>,
+    ) -> Option<Self> {
+        let version = connect.protocol;
+        let v5 = version.is_v5();
+        let props = &connect.properties;
+        let mut assigned = None;
+        let client_id = if connect.client_id.is_empty() {
+            if !v5 && !connect.clean_start {
+                // 3.1.1: a zero-length id needs Clean Session = 1 (§3.1.3-8).
+                refuse(&mut framed, ReasonCode::CLIENT_IDENTIFIER_NOT_VALID).await;
+                return None;
+            }
+            let id = format!("tiermq-{:016x}", rand::random::<u64>());
+            assigned = Some(id.clone());
+            id
+        } else {
+            connect.client_id.clone()
+        };
+        if client_id.len() > config.max_client_id_len {
+            refuse(&mut framed, ReasonCode::CLIENT_IDENTIFIER_NOT_VALID).await;
+            return None;
+        }
+        if props.authentication_method.is_some() {
+            // No enhanced authentication method is configured (§4.12: 0x8C).
+            refuse(&mut framed, ReasonCode::BAD_AUTHENTICATION_METHOD).await;
+            return None;
+        }
+        if let Some(will) = &connect.will {
+            let code = if topic::validate_topic_name(&will.topic).is_err() {
+                Some(ReasonCode::TOPIC_NAME_INVALID)
+            } else if will.qos > config.maximum_qos {
+                Some(ReasonCode::QOS_NOT_SUPPORTED)
+            } else if will.retain && !config.retain_available {
+                Some(ReasonCode::RETAIN_NOT_SUPPORTED)
+            } else if will.properties.payload_format_indicator == Some(1)
+                && std::str::from_utf8(&will.payload).is_err()
+            {
+                Some(ReasonCode::PAYLOAD_FORMAT_INVALID)
+            } else {
+                None
+            };
+            if let Some(code) = code {
+                refuse(&mut framed, code).await;
+                return None;
+            }
+        }
+        let session_expiry_secs = if v5 {
+            props.session_expiry_interval.unwrap_or(0)
+        } else if connect.clean_start {
+            0
+        } else {
+            u32::MAX
+        };
+        let receive_maximum = if v5 {
+            props.receive_maximum.unwrap_or(u16::MAX)
+        } else {
+            config.v311_inflight
+        };
+        let client_max_packet = props.maximum_packet_size.unwrap_or(u32::MAX);
+        let mut keep_alive = connect.keep_alive;
+        let mut server_keep_alive = None;
+        if config.max_keep_alive > 0 && (keep_alive == 0 || keep_alive > config.max_keep_alive) {
+            keep_alive = config.max_keep_alive;
+            server_keep_alive = Some(keep_alive);
+        }
+        let request_response = props.request_response_information == Some(true);
+        let client_id: Arc<str> = Arc::from(client_id);
+        let req = ConnectRequest {
+            client_id: client_id.clone(),
+            protocol: version,
+            clean_start: connect.clean_start,
+            session_expiry_secs,
+            receive_maximum,
+            will: connect.will.map(will_from_connect),
+            frontend_id: config.frontend_id,
+        };
+        let connected = match service.connect(req).await {
+            Ok(c) => c,
+            Err(e) => {
+                debug!(%peer, error = %e, "connect refused by the partitions");
+                let code = match e {
+                    ServiceError::QuotaExceeded(_) => ReasonCode::QUOTA_EXCEEDED,
+                    _ => ReasonCode::SERVER_UNAVAILABLE,
+                };
+                refuse(&mut framed, code).await;
+                return None;
+            }
+        };
+        let properties = if v5 {
+            ConnAckProperties {
+                receive_maximum: Some(config.receive_maximum),
+                maximum_packet_size: Some(config.max_packet_size),
+                topic_alias_maximum: (config.topic_alias_maximum > 0)
+                    .then_some(config.topic_alias_maximum),
+                maximum_qos: (config.maximum_qos < QoS::ExactlyOnce).then_some(config.maximum_qos),
+                retain_available: Some(config.retain_available),
+                wildcard_subscription_available: Some(true),
+                subscription_identifiers_available: Some(true),
+                shared_subscription_available: Some(false),
+                assigned_client_identifier: assigned,
+                server_keep_alive,
+                response_information: match (&config.response_information, request_response) {
+                    (Some(prefix), true) => Some(format!("{prefix}{client_id}")),
+                    _ => None,
+                },
+                ..ConnAckProperties::default()
+            }
+        } else {
+            ConnAckProperties::default()
+        };
+        let connack = Packet::ConnAck(ConnAck {
+            session_present: connected.session_present,
+            reason_code: ReasonCode::SUCCESS,
+            properties,
+        });
+        if framed.send(&connack).await.is_err() {
+            let _ = service
+                .disconnect(&connected.session, DisconnectRequest::ABNORMAL)
+                .await;
+            return None;
+        }
+        debug!(%peer, client_id = %client_id, ?version, session_present = connected.session_present, "connected");
+        Some(Handler {
+            framed,
+            peer,
+            version,
+            service,
+            config,
+            session: connected.session,
+            events: connected.events,
+            keep_alive: (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
+            last_packet: Instant::now(),
+            connect_expiry: session_expiry_secs,
+            inbound_aliases: HashMap::new(),
+            client_max_packet,
+            pending: FuturesOrdered::new(),
+        })
+    }
+
+    /// The connection's main loop. Returns how it ended.
+    async fn run(&mut self, shutdown: &CancellationToken) -> Close {
+        let far = Duration::from_secs(86_400 * 365);
+        let keep_alive_timer = sleep_until(self.last_packet + self.keep_alive.unwrap_or(far));
+        tokio::pin!(keep_alive_timer);
+        loop {
+            let step = tokio::select! {
+                packet = self.framed.next() => match packet {
+                    Some(Ok(p)) => {
+                        self.last_packet = Instant::now();
+                        self.on_packet(p).await
+                    }
+                    Some(Err(e)) => {
+                        debug!(peer = %self.peer, error = %e, "closing on decode error");
+                        if !matches!(e, DecodeError::Io(_)) {
+                            self.send_disconnect(e.reason_code()).await;
+                        }
+                        Err(Close::Abnormal)
+                    }
+                    None => Err(Close::Abnormal),
+                },
+                event = self.events.recv() => match event {
+                    Some(e) => self.on_event(e),
+                    None => Err(Close::Fenced),
+                },
+                Some(done) = self.pending.next(), if !self.pending.is_empty() => {
+                    self.on_durable(done)
+                }
+                _ = &mut keep_alive_timer => {
+                    let deadline = self.last_packet + self.keep_alive.unwrap_or(far);
+                    if deadline > Instant::now() {
+                        keep_alive_timer.as_mut().reset(deadline);
+                        Ok(())
+                    } else {
+                        debug!(peer = %self.peer, "keep alive expired");
+                        self.send_disconnect(ReasonCode::KEEP_ALIVE_TIMEOUT).await;
+                        Err(Close::Abnormal)
+                    }
+                }
+                _ = shutdown.cancelled() => {
+                    self.send_disconnect(ReasonCode::SERVER_SHUTTING_DOWN).await;
+                    Err(Close::Shutdown)
+                }
+            };
+            if let Err(close) = step {
+                let _ = self.flush().await;
+                return close;
+            }
+            // Batch whatever else is ready before paying for a flush.
+            for _ in 0..256 {
+                match self.events.try_recv() {
+                    Ok(e) => {
+                        if let Err(close) = self.on_event(e) {
+                            let _ = self.flush().await;
+                            return close;
+                        }
+                    }
+                    Err(_) => break,
+                }
+            }
+            if self.flush().await.is_err() {
+                return Close::Abnormal;
+            }
+        }
+    }
+
+    /// Tells the partitions how the connection ended.
+    async fn finish(&mut self, close: Close) {
+        let req = match close {
+            Close::Client(req) => req,
+            Close::Abnormal | Close::Shutdown => DisconnectRequest::ABNORMAL,
+            Close::Fenced => return,
+        };
+        // Publishes already submitted stay durable; their acks are simply not sent.
+        if let Err(e) = self.service.disconnect(&self.session, req).await {
+            debug!(peer = %self.peer, error = %e, "disconnect not recorded");
+        }
+        debug!(peer = %self.peer, client_id = %self.session.client_id, "closed");
+    }
+
+    /// Writes the buffered packets to the socket.
+    async fn flush(&mut self) -> Result<(), EncodeError> {
+        SinkExt::<&Packet>::flush(&mut self.framed).await
+    }
+
+    /// Encodes a packet into the write buffer; the main loop flushes once per wake-up.
+    fn feed(&mut self, packet: Packet) -> Result<(), Close> {
+        // The codec is `Copy`; a copy encodes into the buffer the framed transport owns.
+        let mut codec = *self.framed.codec();
+        match codec.encode(&packet, self.framed.write_buffer_mut()) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                debug!(peer = %self.peer, error = %e, packet = packet.name(), "cannot encode");
+                Err(Close::Abnormal)
+            }
+        }
+    }
+
+    async fn send_disconnect(&mut self, reason: ReasonCode) {
+        if self.version.is_v5() {
+            let _ = self
+                .framed
+                .send(&Packet::Disconnect(Disconnect::with_reason(reason)))
+                .await;
+        }
+    }
+
+    async fn protocol_error(&mut self, reason: ReasonCode, why: &str) -> Result<(), Close> {
+        debug!(peer = %self.peer, %reason, why, "protocol violation");
+        self.send_disconnect(reason).await;
+        Err(Close::Abnormal)
+    }
+
+    async fn on_packet(&mut self, packet: Packet) -> Result<(), Close> {
+        trace!(peer = %self.peer, packet = packet.name(), "received");
+        match packet {
+            Packet::Publish(p) => self.on_publish(p).await,
+            Packet::PubAck(a) => {
+                self.ack(AckKind::PubAck, a.packet_id).await;
+                Ok(())
+            }
+            Packet::PubRec(a) => {
+                self.ack(AckKind::PubRec, a.packet_id).await;
+                if a.reason_code.is_error() {
+                    // The receiver refused the message: the exchange ends here (§4.3.3).
+                    self.ack(AckKind::PubComp, a.packet_id).await;
+                    return Ok(());
+                }
+                self.feed(Packet::PubRel(PubRel::new(a.packet_id)))
+            }
+            Packet::PubComp(a) => {
+                self.ack(AckKind::PubComp, a.packet_id).await;
+                Ok(())
+            }
+            Packet::PubRel(r) => {
+                let wait = self.service.release(&self.session, r.packet_id);
+                let pid = r.packet_id;
+                self.pending
+                    .push_back(Box::pin(async move { Outgoing::PubComp(pid, wait.await) }));
+                Ok(())
+            }
+            Packet::Subscribe(s) => self.on_subscribe(s).await,
+            Packet::Unsubscribe(u) => self.on_unsubscribe(u).await,
+            Packet::PingReq => self.feed(Packet::PingResp),
+            Packet::Disconnect(d) => {
+                let expiry = d.properties.session_expiry_interval;
+                if self.connect_expiry == 0 && expiry.is_some_and(|e| e > 0) {
+                    return self
+                        .protocol_error(ReasonCode::PROTOCOL_ERROR, "session expiry raised from 0")
+                        .await;
+                }
+                let rc = d.reason_code;
+                Err(Close::Client(DisconnectRequest {
+                    normal: rc == ReasonCode::NORMAL_DISCONNECTION,
+                    with_will: rc == ReasonCode::DISCONNECT_WITH_WILL || rc.is_error(),
+                    session_expiry_secs: expiry,
+                }))
+            }
+            Packet::Connect(_) => {
+                self.protocol_error(ReasonCode::PROTOCOL_ERROR, "second CONNECT")
+                    .await
+            }
+            Packet::Auth(_) => {
+                // No enhanced authentication was negotiated at CONNECT (§4.12).
+                self.protocol_error(ReasonCode::PROTOCOL_ERROR, "AUTH without a method")
+                    .await
+            }
+            Packet::ConnAck(_)
+            | Packet::SubAck(_)
+            | Packet::UnsubAck(_)
+            | Packet::PingResp => {
+                self.protocol_error(ReasonCode::PROTOCOL_ERROR, "server-to-client packet")
+                    .await
+            }
+        }
+    }
+
+    async fn ack(&mut self, kind: AckKind, packet_id: u16) {
+        // Acks need no durability (a lost one means a redelivery): submit and move on.
+        drop(self.service.ack(&self.session, kind, packet_id));
+    }
+
+    async fn on_publish(&mut self, mut p: Publish) -> Result<(), Close> {
+        if p.qos > QoS::AtMostOnce && self.pending.len() >= usize::from(self.config.receive_maximum)
+        {
+            return self
+                .protocol_error(ReasonCode::RECEIVE_MAXIMUM_EXCEEDED, "receive maximum")
+                .await;
+        }
+        // Resolve the topic alias (§3.3.2.3.4).
+        let topic = match p.properties.topic_alias.take() {
+            Some(alias) if alias == 0 || alias > self.config.topic_alias_maximum => {
+                return self
+                    .protocol_error(ReasonCode::TOPIC_ALIAS_INVALID, "topic alias out of range")
+                    .await
+            }
+            Some(alias) if p.topic.is_empty() => match self.inbound_aliases.get(&alias) {
+                Some(t) => t.clone(),
+                None => {
+                    return self
+                        .protocol_error(ReasonCode::PROTOCOL_ERROR, "unknown topic alias")
+                        .await
+                }
+            },
+            Some(alias) => {
+                self.inbound_aliases.insert(alias, p.topic.clone());
+                std::mem::take(&mut p.topic)
+            }
+            None => std::mem::take(&mut p.topic),
+        };
+        if let Err(e) = topic::validate_topic_name(&topic) {
+            return self
+                .protocol_error(ReasonCode::TOPIC_NAME_INVALID, &e.to_string())
+                .await;
+        }
+        if p.qos > self.config.maximum_qos {
+            return self
+                .protocol_error(ReasonCode::QOS_NOT_SUPPORTED, "QoS above maximum")
+                .await;
+        }
+        if p.retain && !self.config.retain_available {
+            return self
+                .protocol_error(ReasonCode::RETAIN_NOT_SUPPORTED, "retain not available")
+                .await;
+        }
+        if p.properties.payload_format_indicator == Some(1) && std::str::from_utf8(&p.payload).is_err()
+        {
+            // §3.3.2.3.2: the receiver may answer 0x99 in its ack (or DISCONNECT); QoS0 is
+            // dropped.
+            return match (p.qos, p.packet_id) {
+                (QoS::AtLeastOnce, Some(pid)) => self.feed(Packet::PubAck(PubAck {
+                    reason_code: ReasonCode::PAYLOAD_FORMAT_INVALID,
+                    ..PubAck::new(pid)
+                })),
+                (QoS::ExactlyOnce, Some(pid)) => self.feed(Packet::PubRec(PubRec {
+                    reason_code: ReasonCode::PAYLOAD_FORMAT_INVALID,
+                    ..PubRec::new(pid)
+                })),
+                _ => Ok(()),
+            };
+        }
+        let qos = p.qos;
+        let packet_id = p.packet_id;
+        let message = message_from_publish(p, topic, now_ms());
+        match (qos, packet_id) {
+            (QoS::AtMostOnce, _) => {
+                // Submitted now; nothing to answer.
+                drop(self.service.publish(&self.session, message, None));
+            }
+            (QoS::AtLeastOnce, Some(pid)) => {
+                let wait = self.service.publish(&self.session, message, None);
+                self.pending
+                    .push_back(Box::pin(async move { Outgoing::PubAck(pid, wait.await) }));
+            }
+            (QoS::ExactlyOnce, Some(pid)) => {
+                let wait = self.service.publish(&self.session, message, Some(pid));
+                self.pending
+                    .push_back(Box::pin(async move { Outgoing::PubRec(pid, wait.await) }));
+            }
+            _ => {
+                return self
+                    .protocol_error(ReasonCode::MALFORMED_PACKET, "QoS>0 without packet id")
+                    .await
+            }
+        }
+        Ok(())
+    }
+
+    /// A publish (or release) became durable: acknowledge it to the client.
+    fn on_durable(&mut self, done: Outgoing) -> Result<(), Close> {
+        let publish_code = |r: &ServiceResult<Published>| match r {
+            Ok(p) if !p.matched => Ok(ReasonCode::NO_MATCHING_SUBSCRIBERS),
+            Ok(_) => Ok(ReasonCode::SUCCESS),
+            Err(ServiceError::QuotaExceeded(_)) => Ok(ReasonCode::QUOTA_EXCEEDED),
+            // Not durable: never acknowledge. The client re-sends after reconnecting.
+            Err(_) => Err(Close::Fenced),
+        };
+        let v5 = self.version.is_v5();
+        match done {
+            Outgoing::PubAck(pid, r) => {
+                let code = publish_code(&r)?;
+                if !v5 && code.is_error() {
+                    return Err(Close::Abnormal);
+                }
+                self.feed(Packet::PubAck(PubAck {
+                    reason_code: code,
+                    ..PubAck::new(pid)
+                }))
+            }
+            Outgoing::PubRec(pid, r) => {
+                let code = publish_code(&r)?;
+                if !v5 && code.is_error() {
+                    return Err(Close::Abnormal);
+                }
+                self.feed(Packet::PubRec(PubRec {
+                    reason_code: code,
+                    ..PubRec::new(pid)
+                }))
+            }
+            Outgoing::PubComp(pid, r) => {
+                let code = match r {
+                    Ok(true) => ReasonCode::SUCCESS,
+                    Ok(false) => ReasonCode::PACKET_IDENTIFIER_NOT_FOUND,
+                    Err(_) => return Err(Close::Fenced),
+                };
+                self.feed(Packet::PubComp(PubComp {
+                    reason_code: code,
+                    ..PubComp::new(pid)
+                }))
+            }
+        }
+    }
+
+    async fn on_subscribe(&mut self, s: Subscribe) -> Result<(), Close> {
+        let subscription_id = s.properties.subscription_identifier;
+        if subscription_id == Some(0) {
+            return self
+                .protocol_error(ReasonCode::PROTOCOL_ERROR, "subscription identifier 0")
+                .await;
+        }
+        let requests = s
+            .filters
+            .into_iter()
+            .map(|(filter, mut options)| {
+                options.qos = options.qos.min(self.config.maximum_qos);
+                SubscribeRequest {
+                    filter,
+                    options,
+                    subscription_id,
+                }
+            })
+            .collect();
+        // Awaited inline: the SUBACK must be on the wire before any retained message the
+        // subscription triggers, and the subscription must be in place before later publishes.
+        let reason_codes = match self.service.subscribe(&self.session, requests).await {
+            Ok(codes) => codes,
+            Err(e) => return self.service_failed(e).await,
+        };
+        self.feed(Packet::SubAck(SubAck {
+            packet_id: s.packet_id,
+            reason_codes,
+            properties: Default::default(),
+        }))?;
+        self.flush().await.map_err(|_| Close::Abnormal)
+    }
+
+    async fn on_unsubscribe(&mut self, u: Unsubscribe) -> Result<(), Close> {
+        let reason_codes = match self.service.unsubscribe(&self.session, u.filters).await {
+            Ok(codes) => codes,
+            Err(e) => return self.service_failed(e).await,
+        };
+        self.feed(Packet::UnsubAck(UnsubAck {
+            packet_id: u.packet_id,
+            reason_codes,
+            properties: Default::default(),
+        }))
+    }
+
+    async fn service_failed(&mut self, e: ServiceError) -> Result<(), Close> {
+        debug!(peer = %self.peer, error = %e, "partition call failed");
+        match e {
+            ServiceError::SessionTakenOver => {
+                self.send_disconnect(ReasonCode::SESSION_TAKEN_OVER).await;
+                Err(Close::Fenced)
+            }
+            ServiceError::ShuttingDown => {
+                self.send_disconnect(ReasonCode::SERVER_SHUTTING_DOWN).await;
+                Err(Close::Fenced)
+            }
+            _ => {
+                self.send_disconnect(ReasonCode::UNSPECIFIED_ERROR).await;
+                Err(Close::Abnormal)
+            }
+        }
+    }
+
+    fn on_event(&mut self, event: SessionEvent) -> Result<(), Close> {
+        match event {
+            SessionEvent::Deliver(d) => {
+                if d.qos == QoS::AtMostOnce
+                    && self.framed.write_buffer().len() > self.config.max_write_buffer
+                {
+                    // A slow reader: QoS0 may be dropped rather than buffered without bound.
+                    trace!(peer = %self.peer, "QoS0 delivery dropped, write buffer full");
+                    return Ok(());
+                }
+                let publish = Packet::Publish(publish_from_delivery(&d, self.version));
+                let size = tiermq_common::codec::encoded_len(&publish, self.version);
+                if size as u64 > u64::from(self.client_max_packet) {
+                    // Too large for this client: dropped as if delivered (§3.1.2.11.4), and
+                    // acknowledged so the in-flight window moves on.
+                    debug!(peer = %self.peer, size, "delivery larger than the client's maximum packet size dropped");
+                    if let Some(pid) = d.packet_id {
+                        let kinds: &[AckKind] = if d.qos == QoS::ExactlyOnce {
+                            &[AckKind::PubRec, AckKind::PubComp]
+                        } else {
+                            &[AckKind::PubAck]
+                        };
+                        for kind in kinds {
+                            drop(self.service.ack(&self.session, *kind, pid));
+                        }
+                    }
+                    return Ok(());
+                }
+                self.feed(publish)
+            }
+            SessionEvent::Release { packet_id } => self.feed(Packet::PubRel(PubRel::new(packet_id))),
+            SessionEvent::Disconnect { reason } => {
+                debug!(peer = %self.peer, %reason, "disconnected by the server");
+                if self.version.is_v5() {
+                    self.feed(Packet::Disconnect(Disconnect::with_reason(reason)))?;
+                }
+                Err(Close::Fenced)
+            }
+        }
+    }
+}
+
+/// Answers a CONNECT with a refusal (§3.2.2.2) and lets the connection close.
+async fn refuse<IO>(framed: &mut Framed<IO, MqttCodec>, reason: ReasonCode)
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    let _ = framed
+        .send(&Packet::ConnAck(ConnAck {
+            session_present: false,
+            reason_code: reason,
+            properties: ConnAckProperties::default(),
+        }))
+        .await;
+}
