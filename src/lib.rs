@@ -1,1 +1,5 @@
-//! Wiring of the `tiermq` binary.
+//! The `tiermq` binary's wiring: it builds the tiers from settings and connects them.
+//! Tests use it to start brokers in-process.
+
+pub mod logging;
+pub mod standalone;

@@ -1,1 +1,146 @@
-fn main() {}
+//! `tiermq`: one binary, one subcommand per role.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use tiermq::standalone::Standalone;
+use tiermq_common::config::{Overrides, Settings};
+
+#[derive(Parser)]
+#[command(name = "tiermq", version, about = "A clustered MQTT 3.1.1 + 5.0 broker")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run frontend and partitions in one process, data in a local folder (the default setup).
+    Standalone(BrokerArgs),
+    /// Run a stateless frontend node of a cluster (not available yet).
+    Frontend(BrokerArgs),
+    /// Run a backend (partition) node of a cluster (not available yet).
+    Backend(BrokerArgs),
+}
+
+/// Settings come from defaults, then `--config FILE`, then `TIERMQ_*` variables, then flags.
+#[derive(Args, Debug)]
+struct BrokerArgs {
+    /// TOML configuration file.
+    #[arg(long, short = 'c', env = "TIERMQ_CONFIG")]
+    config: Option<PathBuf>,
+    /// MQTT listen address [default: 0.0.0.0:1883].
+    #[arg(long, env = "TIERMQ_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Data folder [default: ./data].
+    #[arg(long, env = "TIERMQ_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Number of partitions, fixed when the data folder is created [default: 1].
+    #[arg(long, env = "TIERMQ_PARTITIONS")]
+    partitions: Option<u32>,
+    /// Largest packet accepted from clients, bytes [default: 1048576].
+    #[arg(long, env = "TIERMQ_MAX_PACKET_SIZE")]
+    max_packet_size: Option<u32>,
+    /// QoS1/2 publishes a client may have unacknowledged [default: 1024].
+    #[arg(long, env = "TIERMQ_RECEIVE_MAXIMUM")]
+    receive_maximum: Option<u16>,
+    /// Cap on client keep alive, seconds; 0 accepts any [default: 0].
+    #[arg(long, env = "TIERMQ_MAX_KEEP_ALIVE")]
+    max_keep_alive: Option<u16>,
+    /// Messages queued per session; the oldest is dropped beyond it [default: 100000].
+    #[arg(long, env = "TIERMQ_MAX_QUEUED_MESSAGES")]
+    max_queued_messages: Option<usize>,
+    /// Subscriptions per client; 0 = unlimited [default: 0].
+    #[arg(long, env = "TIERMQ_MAX_SUBSCRIPTIONS")]
+    max_subscriptions: Option<usize>,
+    /// Queue QoS0 messages for offline persistent sessions [default: false].
+    #[arg(long, env = "TIERMQ_QUEUE_QOS0_OFFLINE")]
+    queue_qos0_offline: Option<bool>,
+    /// Log filter, e.g. `info` or `debug`; RUST_LOG wins when set [default: info].
+    #[arg(long, env = "TIERMQ_LOG")]
+    log_level: Option<String>,
+}
+
+impl BrokerArgs {
+    fn settings(&self) -> Result<Settings, tiermq_common::config::ConfigError> {
+        let overrides = Overrides {
+            listen: self.listen,
+            data_dir: self.data_dir.clone(),
+            partitions: self.partitions,
+            max_packet_size: self.max_packet_size,
+            receive_maximum: self.receive_maximum,
+            max_keep_alive: self.max_keep_alive,
+            max_queued_messages: self.max_queued_messages,
+            max_subscriptions: self.max_subscriptions,
+            queue_qos0_offline: self.queue_qos0_offline,
+            log_level: self.log_level.clone(),
+        };
+        Settings::load(self.config.as_deref(), &overrides)
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Standalone(args) => {
+            let settings = match args.settings() {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("tiermq: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            tiermq::logging::init(&settings.log.level);
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("tiermq: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            runtime.block_on(async {
+                let broker = match Standalone::start(&settings).await {
+                    Ok(b) => b,
+                    Err(e) => {
+                        eprintln!("tiermq: {e:#}");
+                        return ExitCode::FAILURE;
+                    }
+                };
+                wait_for_signal().await;
+                broker.shutdown().await;
+                ExitCode::SUCCESS
+            })
+        }
+        Command::Frontend(_) | Command::Backend(_) => {
+            eprintln!(
+                "tiermq: cluster mode (frontend/backend) is not implemented yet; use `tiermq standalone`"
+            );
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Waits for SIGINT (Ctrl-C) or SIGTERM.
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

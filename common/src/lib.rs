@@ -3,6 +3,7 @@
 //! interface through which a frontend reaches partitions (in-process or over gRPC).
 
 pub mod codec;
+pub mod config;
 pub mod hashing;
 pub mod message;
 pub mod retained_index;

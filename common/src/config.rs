@@ -1,0 +1,280 @@
+//! Configuration: defaults, a TOML file, environment variables and flags, in rising order of
+//! precedence (a flag wins). Every setting has a default that works, so `tiermq standalone`
+//! needs no file at all.
+//!
+//! This module holds the file format and the merge; the binary maps flags and `TIERMQ_*`
+//! environment variables (through clap) onto [`Overrides`].
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Everything configurable, as the TOML file spells it.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    pub mqtt: MqttSettings,
+    pub storage: StorageSettings,
+    pub session: SessionSettings,
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MqttSettings {
+    /// Address of the MQTT TCP listener.
+    pub listen: SocketAddr,
+    /// Largest packet accepted from a client, in bytes (announced in CONNACK).
+    pub max_packet_size: u32,
+    /// QoS1/QoS2 publishes a client may have unacknowledged towards the broker.
+    pub receive_maximum: u16,
+    /// In-flight window towards MQTT 3.1.1 clients.
+    pub v311_inflight: u16,
+    /// Cap on client keep alive in seconds; 0 accepts any value.
+    pub max_keep_alive: u16,
+    /// Seconds a new socket may take to send CONNECT.
+    pub connect_timeout_secs: u64,
+    /// Topic aliases a client may use towards the broker.
+    pub topic_alias_maximum: u16,
+    pub max_client_id_len: usize,
+    pub retain_available: bool,
+    /// Highest QoS accepted (0, 1 or 2).
+    pub maximum_qos: u8,
+    /// Response Information prefix offered to clients that request it; empty disables it.
+    pub response_information: String,
+    /// Bytes buffered for a slow client beyond which QoS0 deliveries to it are dropped.
+    pub max_write_buffer: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageSettings {
+    /// Folder of the standalone broker's data (created if missing).
+    pub data_dir: PathBuf,
+    /// Number of partitions. Fixed when the data folder is created.
+    pub partitions: u32,
+    /// Checkpoint after this many log entries.
+    pub checkpoint_entries: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SessionSettings {
+    /// Messages queued per session beyond the in-flight window (the oldest is dropped).
+    pub max_queued_messages: usize,
+    /// Queue QoS0 messages for offline persistent sessions.
+    pub queue_qos0_offline: bool,
+    /// Subscriptions per client; 0 = unlimited.
+    pub max_subscriptions: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSettings {
+    /// A tracing filter such as `info` or `tiermq=debug,info`; `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            mqtt: MqttSettings::default(),
+            storage: StorageSettings::default(),
+            session: SessionSettings::default(),
+            log: LogSettings::default(),
+        }
+    }
+}
+
+impl Default for MqttSettings {
+    fn default() -> Self {
+        MqttSettings {
+            listen: "0.0.0.0:1883".parse().expect("valid default address"),
+            max_packet_size: 1024 * 1024,
+            receive_maximum: 1024,
+            v311_inflight: 100,
+            max_keep_alive: 0,
+            connect_timeout_secs: 10,
+            topic_alias_maximum: 64,
+            max_client_id_len: 256,
+            retain_available: true,
+            maximum_qos: 2,
+            response_information: String::new(),
+            max_write_buffer: 4 * 1024 * 1024,
+        }
+    }
+}
+
+impl Default for StorageSettings {
+    fn default() -> Self {
+        StorageSettings {
+            data_dir: PathBuf::from("./data"),
+            partitions: 1,
+            checkpoint_entries: 20_000,
+        }
+    }
+}
+
+impl Default for SessionSettings {
+    fn default() -> Self {
+        SessionSettings {
+            max_queued_messages: 100_000,
+            queue_qos0_offline: false,
+            max_subscriptions: 0,
+        }
+    }
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        LogSettings {
+            level: "info".to_string(),
+        }
+    }
+}
+
+/// Values given by flag or environment variable; `None` keeps the file's (or default) value.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub listen: Option<SocketAddr>,
+    pub data_dir: Option<PathBuf>,
+    pub partitions: Option<u32>,
+    pub max_packet_size: Option<u32>,
+    pub receive_maximum: Option<u16>,
+    pub max_keep_alive: Option<u16>,
+    pub max_queued_messages: Option<usize>,
+    pub max_subscriptions: Option<usize>,
+    pub queue_qos0_offline: Option<bool>,
+    pub log_level: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid setting {name}: {message}")]
+    Invalid { name: &'static str, message: String },
+}
+
+impl Settings {
+    /// Defaults, then the file (if any), then the overrides; validated.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Settings, ConfigError> {
+        let mut s = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                Settings::from_toml(&text).map_err(|message| ConfigError::Parse {
+                    path: path.to_path_buf(),
+                    message,
+                })?
+            }
+            None => Settings::default(),
+        };
+        s.apply(overrides);
+        s.validate()?;
+        Ok(s)
+    }
+
+    pub fn from_toml(text: &str) -> Result<Settings, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    fn apply(&mut self, o: &Overrides) {
+        macro_rules! set {
+            ($field:expr, $value:expr) => {
+                if let Some(v) = $value.clone() {
+                    $field = v;
+                }
+            };
+        }
+        set!(self.mqtt.listen, o.listen);
+        set!(self.storage.data_dir, o.data_dir);
+        set!(self.storage.partitions, o.partitions);
+        set!(self.mqtt.max_packet_size, o.max_packet_size);
+        set!(self.mqtt.receive_maximum, o.receive_maximum);
+        set!(self.mqtt.max_keep_alive, o.max_keep_alive);
+        set!(self.session.max_queued_messages, o.max_queued_messages);
+        set!(self.session.max_subscriptions, o.max_subscriptions);
+        set!(self.session.queue_qos0_offline, o.queue_qos0_offline);
+        set!(self.log.level, o.log_level);
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |name, message: &str| {
+            Err(ConfigError::Invalid {
+                name,
+                message: message.to_string(),
+            })
+        };
+        if self.storage.partitions == 0 || self.storage.partitions > 4096 {
+            return invalid("storage.partitions", "must be between 1 and 4096");
+        }
+        if self.mqtt.max_packet_size < 64 {
+            return invalid("mqtt.max_packet_size", "must be at least 64 bytes");
+        }
+        if self.mqtt.receive_maximum == 0 {
+            return invalid("mqtt.receive_maximum", "must be at least 1");
+        }
+        if self.mqtt.v311_inflight == 0 {
+            return invalid("mqtt.v311_inflight", "must be at least 1");
+        }
+        if self.mqtt.maximum_qos > 2 {
+            return invalid("mqtt.maximum_qos", "must be 0, 1 or 2");
+        }
+        if self.session.max_queued_messages == 0 {
+            return invalid("session.max_queued_messages", "must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        Settings::default().validate().unwrap();
+        assert_eq!(Settings::from_toml("").unwrap(), Settings::default());
+    }
+
+    #[test]
+    fn file_then_overrides() {
+        let s = Settings::from_toml(
+            "[mqtt]\nlisten = \"127.0.0.1:2883\"\nmax_packet_size = 2048\n[storage]\npartitions = 4\n",
+        )
+        .unwrap();
+        assert_eq!(s.mqtt.listen.port(), 2883);
+        assert_eq!(s.storage.partitions, 4);
+        let mut s2 = s.clone();
+        s2.apply(&Overrides {
+            listen: Some("127.0.0.1:3883".parse().unwrap()),
+            ..Overrides::default()
+        });
+        assert_eq!(s2.mqtt.listen.port(), 3883);
+        assert_eq!(s2.mqtt.max_packet_size, 2048);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused() {
+        assert!(Settings::from_toml("[mqtt]\nlisen = \"x\"").is_err());
+        assert!(Settings::from_toml("[mqtt]\nreceive_maximum = -1").is_err());
+        let mut s = Settings::default();
+        s.storage.partitions = 0;
+        assert!(matches!(
+            s.validate(),
+            Err(ConfigError::Invalid {
+                name: "storage.partitions",
+                ..
+            })
+        ));
+    }
+}

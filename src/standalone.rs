@@ -1,0 +1,103 @@
+//! `tiermq standalone`: one frontend and the in-process partitions in one process, data in a
+//! local folder. The frontend talks to the partitions through the same `SessionService`
+//! interface a cluster frontend uses over gRPC.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tiermq_backend::local::{LocalBroker, LocalConfig};
+use tiermq_backend::partition::session::SessionLimits;
+use tiermq_common::config::Settings;
+use tiermq_common::QoS;
+use tiermq_frontend::FrontendConfig;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+/// A running standalone broker.
+pub struct Standalone {
+    local_addr: SocketAddr,
+    shutdown: CancellationToken,
+    listener: JoinHandle<()>,
+    broker: LocalBroker,
+}
+
+pub fn frontend_config(s: &Settings) -> FrontendConfig {
+    let m = &s.mqtt;
+    FrontendConfig {
+        frontend_id: 0,
+        max_packet_size: m.max_packet_size,
+        receive_maximum: m.receive_maximum,
+        v311_inflight: m.v311_inflight,
+        max_keep_alive: m.max_keep_alive,
+        connect_timeout: Duration::from_secs(m.connect_timeout_secs),
+        topic_alias_maximum: m.topic_alias_maximum,
+        max_client_id_len: m.max_client_id_len,
+        retain_available: m.retain_available,
+        maximum_qos: QoS::from_u8(m.maximum_qos).unwrap_or(QoS::ExactlyOnce),
+        response_information: (!m.response_information.is_empty())
+            .then(|| m.response_information.clone()),
+        max_write_buffer: m.max_write_buffer,
+    }
+}
+
+pub fn local_config(s: &Settings) -> LocalConfig {
+    LocalConfig {
+        partitions: s.storage.partitions,
+        limits: SessionLimits {
+            max_queued_messages: s.session.max_queued_messages,
+            queue_qos0_offline: s.session.queue_qos0_offline,
+            max_subscriptions: s.session.max_subscriptions,
+        },
+        checkpoint_entries: s.storage.checkpoint_entries,
+        ..LocalConfig::default()
+    }
+}
+
+impl Standalone {
+    /// Opens the data folder, recovers state and starts listening.
+    pub async fn start(settings: &Settings) -> anyhow::Result<Standalone> {
+        let dir = &settings.storage.data_dir;
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create data folder {}", dir.display()))?;
+        let broker = LocalBroker::open(dir, local_config(settings))
+            .with_context(|| format!("cannot open data folder {}", dir.display()))?;
+        let listener = TcpListener::bind(settings.mqtt.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", settings.mqtt.listen))?;
+        let local_addr = listener.local_addr()?;
+        let shutdown = CancellationToken::new();
+        let listener = tokio::spawn(tiermq_frontend::serve(
+            listener,
+            Arc::new(broker.clone()),
+            Arc::new(frontend_config(settings)),
+            shutdown.clone(),
+        ));
+        info!(mqtt = %local_addr, data = %dir.display(), "tiermq standalone running");
+        Ok(Standalone {
+            local_addr,
+            shutdown,
+            listener,
+            broker,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn broker(&self) -> &LocalBroker {
+        &self.broker
+    }
+
+    /// Graceful stop: close clients with DISCONNECT 0x8B, then checkpoint and flush.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        let _ = self.listener.await;
+        self.broker.shutdown().await;
+        info!("tiermq standalone stopped");
+    }
+}
