@@ -358,8 +358,8 @@ mod tests {
     #[test]
     fn integers_and_binary() {
         let mut b = BytesMut::new();
-        b.put_u16(0xBEEF);
-        b.put_u32(0xDEAD_BEEF);
+        Sink::put_u16(&mut b, 0xBEEF);
+        Sink::put_u32(&mut b, 0xDEAD_BEEF);
         b.put_binary(b"xyz");
         assert_eq!(
             b.len(),
