@@ -12,7 +12,6 @@
 
 use std::collections::HashMap;
 
-#[derive(Debug, Clone)]
 struct Node<V> {
     children: HashMap<Box<str>, Node<V>>,
     value: Option<V>,
@@ -28,6 +27,7 @@ impl<V> Default for Node<V> {
 }
 
 impl<V> Node<V> {
+    #[cfg(test)]
     fn is_empty(&self) -> bool {
         self.value.is_none() && self.children.is_empty()
     }
@@ -51,7 +51,9 @@ fn push_level(path: &mut String, depth: usize, level: &str) {
 }
 
 /// Topic name → value (the retained message of that topic).
-#[derive(Debug, Clone)]
+///
+/// Every operation is iterative (no recursion per level), so a topic with tens of thousands
+/// of levels cannot overflow the stack — including `Drop`, `Clone` and `Debug`.
 pub struct TopicTree<V> {
     root: Node<V>,
     len: usize,
@@ -89,22 +91,48 @@ impl<V> TopicTree<V> {
 
     /// Removes the value under `topic`; prunes nodes left empty.
     pub fn remove(&mut self, topic: &str) -> Option<V> {
-        let v = Self::remove_rec(&mut self.root, topic)?;
+        let (v, leaf_empty) = {
+            let node = self.find_mut(topic)?;
+            let v = node.value.take()?;
+            (v, node.children.is_empty())
+        };
         self.len -= 1;
+        if leaf_empty {
+            self.prune(topic);
+        }
         Some(v)
     }
 
-    fn remove_rec(node: &mut Node<V>, rest: &str) -> Option<V> {
-        let (level, rest) = split_level(rest);
-        let child = node.children.get_mut(level)?;
-        let v = match rest {
-            None => child.value.take()?,
-            Some(r) => Self::remove_rec(child, r)?,
-        };
-        if child.is_empty() {
-            node.children.remove(level);
+    fn find_mut(&mut self, topic: &str) -> Option<&mut Node<V>> {
+        let mut node = &mut self.root;
+        for level in topic.split('/') {
+            node = node.children.get_mut(level)?;
         }
-        Some(v)
+        Some(node)
+    }
+
+    /// The node for `topic` exists and is empty: cut the chain of nodes that only lead to it,
+    /// just below the deepest ancestor that holds something else (or the root).
+    fn prune(&mut self, topic: &str) {
+        let mut cut = 0;
+        let mut node = &self.root;
+        for (depth, level) in topic.split('/').enumerate() {
+            if depth == 0 || node.value.is_some() || node.children.len() > 1 {
+                cut = depth;
+            }
+            node = node.children.get(level).expect("path exists");
+        }
+        let mut levels = topic.split('/');
+        let mut node = &mut self.root;
+        for level in levels.by_ref().take(cut) {
+            node = node.children.get_mut(level).expect("path exists");
+        }
+        if let Some(chain) = node
+            .children
+            .remove(levels.next().expect("cut is above the leaf"))
+        {
+            teardown(chain);
+        }
     }
 
     pub fn get(&self, topic: &str) -> Option<&V> {
@@ -116,18 +144,51 @@ impl<V> TopicTree<V> {
     }
 
     pub fn get_mut(&mut self, topic: &str) -> Option<&mut V> {
-        let mut node = &mut self.root;
-        for level in topic.split('/') {
-            node = node.children.get_mut(level)?;
-        }
-        node.value.as_mut()
+        self.find_mut(topic)?.value.as_mut()
     }
 
     /// Calls `f(topic, value)` for every stored topic that `filter` matches (a valid topic
     /// filter without `$share/` prefix). Walks only the branches the filter can match.
     pub fn for_each_matching(&self, filter: &str, mut f: impl FnMut(&str, &V)) {
         let mut path = String::new();
-        match_rec(&self.root, filter, 0, &mut path, &mut f);
+        let mut stack: Vec<Item<'_, V>> = Vec::new();
+        expand(&self.root, 0, 0, filter, &path, &mut stack, &mut f);
+        while let Some(item) = stack.pop() {
+            // Everything processed since this item was pushed lies below its parent, so the
+            // parent's path is still the prefix of `path`.
+            path.truncate(item.parent_len);
+            push_level(&mut path, item.depth, item.name);
+            match item.rest {
+                Rest::Subtree => {
+                    if let Some(v) = &item.node.value {
+                        f(&path, v);
+                    }
+                    for (name, child) in &item.node.children {
+                        stack.push(Item {
+                            node: child,
+                            name,
+                            depth: item.depth + 1,
+                            parent_len: path.len(),
+                            rest: Rest::Subtree,
+                        });
+                    }
+                }
+                Rest::Filter(None) => {
+                    if let Some(v) = &item.node.value {
+                        f(&path, v);
+                    }
+                }
+                Rest::Filter(Some(r)) => expand(
+                    item.node,
+                    item.depth + 1,
+                    path.len(),
+                    r,
+                    &path,
+                    &mut stack,
+                    &mut f,
+                ),
+            }
+        }
     }
 
     /// Number of stored topics.
@@ -162,10 +223,33 @@ impl<V> TopicTree<V> {
     /// Keeps only the entries for which `keep(topic, value)` returns true (e.g. to drop
     /// expired retained messages); prunes nodes left empty.
     pub fn retain(&mut self, mut keep: impl FnMut(&str, &mut V) -> bool) {
+        let mut doomed = Vec::new();
         let mut path = String::new();
-        let mut removed = 0;
-        retain_rec(&mut self.root, 0, &mut path, &mut keep, &mut removed);
-        self.len -= removed;
+        // (node, its level, its depth, length of the parent's path)
+        let mut stack: Vec<(&mut Node<V>, &str, usize, usize)> = self
+            .root
+            .children
+            .iter_mut()
+            .map(|(name, child)| (child, &**name, 0, 0))
+            .collect();
+        while let Some((node, name, depth, parent_len)) = stack.pop() {
+            path.truncate(parent_len);
+            push_level(&mut path, depth, name);
+            if let Some(v) = &mut node.value {
+                if !keep(&path, v) {
+                    doomed.push(path.clone());
+                }
+            }
+            let len = path.len();
+            stack.extend(
+                node.children
+                    .iter_mut()
+                    .map(|(name, child)| (child, &**name, depth + 1, len)),
+            );
+        }
+        for topic in doomed {
+            self.remove(&topic);
+        }
     }
 
     /// Removes everything.
@@ -174,109 +258,109 @@ impl<V> TopicTree<V> {
     }
 }
 
-/// `node` stands for the topic levels already in `path` (`depth` of them); `filter` is what is
-/// left of the filter to match below it.
-fn match_rec<V>(
-    node: &Node<V>,
-    filter: &str,
+/// What is left to match below a pending node.
+enum Rest<'a> {
+    /// The rest of the filter after this node's level (`None`: the filter ends here).
+    Filter(Option<&'a str>),
+    /// Below a `#`: this node and everything under it match.
+    Subtree,
+}
+
+/// A node waiting to be visited by [`TopicTree::for_each_matching`].
+struct Item<'a, V> {
+    node: &'a Node<V>,
+    /// The node's level, its index and the length of its parent's path.
+    name: &'a str,
     depth: usize,
-    path: &mut String,
+    parent_len: usize,
+    rest: Rest<'a>,
+}
+
+/// Matches the next level of `filter` against the children of `node`, whose path (of
+/// `child_depth` levels) is `path[..path_len]`. Pushes the children to visit.
+fn expand<'a, V>(
+    node: &'a Node<V>,
+    child_depth: usize,
+    path_len: usize,
+    filter: &'a str,
+    path: &str,
+    stack: &mut Vec<Item<'a, V>>,
     f: &mut impl FnMut(&str, &V),
 ) {
     let (level, rest) = split_level(filter);
+    // §4.7.2: a wildcard first level does not match topics starting with `$`.
+    let visible = |name: &str| child_depth > 0 || !name.starts_with('$');
     match level {
         "#" => {
-            // `x/#` matches `x` itself; at the root there is no topic to match.
-            if depth > 0 {
+            // `x/#` matches `x` itself; the root is no topic.
+            if child_depth > 0 {
                 if let Some(v) = &node.value {
                     f(path, v);
                 }
             }
-            for (name, child) in &node.children {
-                if depth == 0 && name.starts_with('$') {
-                    continue;
-                }
-                let mark = path.len();
-                push_level(path, depth, name);
-                subtree(child, depth + 1, path, f);
-                path.truncate(mark);
+            for (name, child) in node.children.iter().filter(|(n, _)| visible(n)) {
+                stack.push(Item {
+                    node: child,
+                    name,
+                    depth: child_depth,
+                    parent_len: path_len,
+                    rest: Rest::Subtree,
+                });
             }
         }
         "+" => {
-            for (name, child) in &node.children {
-                if depth == 0 && name.starts_with('$') {
-                    continue;
-                }
-                let mark = path.len();
-                push_level(path, depth, name);
-                descend(child, rest, depth + 1, path, f);
-                path.truncate(mark);
+            for (name, child) in node.children.iter().filter(|(n, _)| visible(n)) {
+                stack.push(Item {
+                    node: child,
+                    name,
+                    depth: child_depth,
+                    parent_len: path_len,
+                    rest: Rest::Filter(rest),
+                });
             }
         }
         _ => {
-            if let Some(child) = node.children.get(level) {
-                let mark = path.len();
-                push_level(path, depth, level);
-                descend(child, rest, depth + 1, path, f);
-                path.truncate(mark);
+            if let Some((name, child)) = node.children.get_key_value(level) {
+                stack.push(Item {
+                    node: child,
+                    name,
+                    depth: child_depth,
+                    parent_len: path_len,
+                    rest: Rest::Filter(rest),
+                });
             }
         }
     }
 }
 
-#[inline]
-fn descend<V>(
-    child: &Node<V>,
-    rest: Option<&str>,
-    depth: usize,
-    path: &mut String,
-    f: &mut impl FnMut(&str, &V),
-) {
-    match rest {
-        None => {
-            if let Some(v) = &child.value {
-                f(path, v);
-            }
-        }
-        Some(r) => match_rec(child, r, depth, path, f),
+/// Drops a subtree iteratively: the derived drop would recurse once per level.
+fn teardown<V>(node: Node<V>) {
+    let mut stack = vec![node];
+    while let Some(mut node) = stack.pop() {
+        stack.extend(node.children.drain().map(|(_, c)| c));
     }
 }
 
-/// Every value at or below `node`.
-fn subtree<V>(node: &Node<V>, depth: usize, path: &mut String, f: &mut impl FnMut(&str, &V)) {
-    if let Some(v) = &node.value {
-        f(path, v);
-    }
-    for (name, child) in &node.children {
-        let mark = path.len();
-        push_level(path, depth, name);
-        subtree(child, depth + 1, path, f);
-        path.truncate(mark);
+impl<V> Drop for TopicTree<V> {
+    fn drop(&mut self) {
+        teardown(std::mem::take(&mut self.root));
     }
 }
 
-fn retain_rec<V>(
-    node: &mut Node<V>,
-    depth: usize,
-    path: &mut String,
-    keep: &mut impl FnMut(&str, &mut V) -> bool,
-    removed: &mut usize,
-) {
-    if depth > 0 {
-        if let Some(v) = &mut node.value {
-            if !keep(path, v) {
-                node.value = None;
-                *removed += 1;
-            }
+impl<V: Clone> Clone for TopicTree<V> {
+    fn clone(&self) -> Self {
+        let mut t = TopicTree::new();
+        for (topic, v) in self.iter() {
+            t.insert(&topic, v.clone());
         }
+        t
     }
-    node.children.retain(|name, child| {
-        let mark = path.len();
-        push_level(path, depth, name);
-        retain_rec(child, depth + 1, path, keep, removed);
-        path.truncate(mark);
-        !child.is_empty()
-    });
+}
+
+impl<V: std::fmt::Debug> std::fmt::Debug for TopicTree<V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map().entries(self.iter()).finish()
+    }
 }
 
 #[cfg(test)]
@@ -385,6 +469,45 @@ mod tests {
         }
         assert!(t.is_empty());
         assert!(t.root.is_empty(), "all nodes pruned");
+    }
+
+    /// Topics of ~65k levels must not recurse: run on a small stack.
+    #[test]
+    fn deep_topics_do_not_overflow_the_stack() {
+        std::thread::Builder::new()
+            .stack_size(128 * 1024)
+            .spawn(|| {
+                let deep = "/".repeat(crate::topic::MAX_TOPIC_LEN); // 65536 empty levels
+                let deep_a = "a/".repeat(30_000) + "a";
+                let mut t = TopicTree::new();
+                t.insert(&deep, 1);
+                t.insert(&deep_a, 2);
+                t.insert("a", 3);
+                assert_eq!(t.get(&deep), Some(&1));
+                let mut n = 0;
+                t.for_each_matching("#", |_, _| n += 1);
+                assert_eq!(n, 3);
+                let mut got = Vec::new();
+                t.for_each_matching(&deep, |topic, v| got.push((topic.len(), *v)));
+                assert_eq!(got, vec![(deep.len(), 1)]);
+                let plus_deep = "+/".repeat(30_000) + "+";
+                let mut got = Vec::new();
+                t.for_each_matching(&plus_deep, |topic, v| got.push((topic.to_string(), *v)));
+                assert_eq!(got, vec![(deep_a.clone(), 2)]);
+                let c = t.clone();
+                assert_eq!(c.len(), 3);
+                assert!(format!("{c:?}").len() > deep.len());
+                drop(c);
+                t.retain(|_, v| *v != 2);
+                assert_eq!(t.get(&deep_a), None);
+                assert_eq!(t.remove(&deep), Some(1));
+                assert_eq!(t.len(), 1);
+                t.insert(&deep_a, 2);
+                drop(t);
+            })
+            .unwrap()
+            .join()
+            .unwrap();
     }
 
     #[test]

@@ -19,13 +19,11 @@ use std::collections::{hash_map, HashMap};
 use std::hash::Hash;
 
 /// Subscribers of one filter, plus the filter string itself.
-#[derive(Debug, Clone)]
 struct Entry<K, V> {
     filter: Box<str>,
     subs: HashMap<K, V>,
 }
 
-#[derive(Debug, Clone)]
 struct Node<K, V> {
     children: HashMap<Box<str>, Node<K, V>>,
     plus: Option<Box<Node<K, V>>>,
@@ -84,25 +82,23 @@ impl<K, V> Node<K, V> {
         }
     }
 
-    /// Removes the child for `level` if it became empty.
-    fn prune_child(&mut self, level: &str) {
+    fn child_count(&self) -> usize {
+        self.children.len() + usize::from(self.plus.is_some()) + usize::from(self.hash.is_some())
+    }
+
+    fn remove_child(&mut self, level: &str) -> Option<Node<K, V>> {
         match level {
-            "+" => {
-                if self.plus.as_ref().is_some_and(|n| n.is_empty()) {
-                    self.plus = None;
-                }
-            }
-            "#" => {
-                if self.hash.as_ref().is_some_and(|n| n.is_empty()) {
-                    self.hash = None;
-                }
-            }
-            _ => {
-                if self.children.get(level).is_some_and(|n| n.is_empty()) {
-                    self.children.remove(level);
-                }
-            }
+            "+" => self.plus.take().map(|b| *b),
+            "#" => self.hash.take().map(|b| *b),
+            _ => self.children.remove(level),
         }
+    }
+
+    /// Moves all children onto `out` (for iterative teardown).
+    fn take_children(&mut self, out: &mut Vec<Node<K, V>>) {
+        out.extend(self.children.drain().map(|(_, c)| c));
+        out.extend(self.plus.take().map(|b| *b));
+        out.extend(self.hash.take().map(|b| *b));
     }
 }
 
@@ -117,7 +113,9 @@ fn split_level(s: &str) -> (&str, Option<&str>) {
 }
 
 /// Subscription trie: filter → (key → value). See the module docs.
-#[derive(Debug, Clone)]
+///
+/// Every operation is iterative (no recursion per level), so a filter or topic with tens of
+/// thousands of levels cannot overflow the stack — including `Drop`, `Clone` and `Debug`.
 pub struct TopicTrie<K, V> {
     root: Node<K, V>,
     len: usize,
@@ -177,36 +175,44 @@ impl<K: Eq + Hash + Clone, V> TopicTrie<K, V> {
 
     /// Removes `key`'s subscription on `filter`; prunes nodes left empty.
     pub fn remove(&mut self, filter: &str, key: &K) -> Option<V> {
-        let removed = Self::remove_rec(&mut self.root, Some(filter), key, &mut self.filters);
-        if removed.is_some() {
-            self.len -= 1;
+        let (v, filter_gone, leaf_empty) = {
+            let node = self.find_mut(filter)?;
+            let entry = node.entry.as_mut()?;
+            let v = entry.subs.remove(key)?;
+            let filter_gone = entry.subs.is_empty();
+            if filter_gone {
+                node.entry = None;
+            }
+            (v, filter_gone, node.is_empty())
+        };
+        self.len -= 1;
+        if filter_gone {
+            self.filters -= 1;
         }
-        removed
+        if leaf_empty {
+            self.prune(filter);
+        }
+        Some(v)
     }
 
-    fn remove_rec(
-        node: &mut Node<K, V>,
-        rest: Option<&str>,
-        key: &K,
-        filters: &mut usize,
-    ) -> Option<V> {
-        match rest {
-            None => {
-                let entry = node.entry.as_mut()?;
-                let v = entry.subs.remove(key)?;
-                if entry.subs.is_empty() {
-                    node.entry = None;
-                    *filters -= 1;
-                }
-                Some(v)
+    /// The node for `filter` exists and is empty: cut the chain of nodes that only lead to it,
+    /// just below the deepest ancestor that holds something else (or the root).
+    fn prune(&mut self, filter: &str) {
+        let mut cut = 0;
+        let mut node = &self.root;
+        for (depth, level) in filter.split('/').enumerate() {
+            if depth == 0 || node.entry.is_some() || node.child_count() > 1 {
+                cut = depth;
             }
-            Some(r) => {
-                let (level, rest) = split_level(r);
-                let child = node.child_mut(level)?;
-                let v = Self::remove_rec(child, rest, key, filters)?;
-                node.prune_child(level);
-                Some(v)
-            }
+            node = node.child(level).expect("path exists");
+        }
+        let mut levels = filter.split('/');
+        let mut node = &mut self.root;
+        for level in levels.by_ref().take(cut) {
+            node = node.child_mut(level).expect("path exists");
+        }
+        if let Some(chain) = node.remove_child(levels.next().expect("cut is above the leaf")) {
+            teardown(chain);
         }
     }
 
@@ -231,6 +237,9 @@ impl<K: Eq + Hash + Clone, V> TopicTrie<K, V> {
     /// Calls `f(filter, key, value)` for every subscription whose filter matches `topic`.
     /// Each (filter, key) is reported once; order is unspecified.
     pub fn for_each_match(&self, topic: &str, mut f: impl FnMut(&str, &K, &V)) {
+        // Each pending item: a node that consumed the topic levels before `rest`
+        // (`None` = the whole topic is consumed).
+        let mut stack: Vec<(&Node<K, V>, Option<&str>)> = Vec::new();
         let dollar = topic.starts_with('$');
         // Root: wildcards at the first level do not match `$` topics (§4.7.2).
         if !dollar {
@@ -240,31 +249,72 @@ impl<K: Eq + Hash + Clone, V> TopicTrie<K, V> {
         }
         let (level, rest) = split_level(topic);
         if let Some(c) = self.root.children.get(level) {
-            match_rec(c, rest, &mut f);
+            stack.push((c, rest));
         }
         if !dollar {
             if let Some(p) = &self.root.plus {
-                match_rec(p, rest, &mut f);
+                stack.push((p, rest));
+            }
+        }
+        while let Some((node, rest)) = stack.pop() {
+            // `x/#` matches `x` itself and everything below it.
+            if let Some(h) = &node.hash {
+                emit(h, &mut f);
+            }
+            match rest {
+                None => emit(node, &mut f),
+                Some(r) => {
+                    let (level, rest) = split_level(r);
+                    if let Some(c) = node.children.get(level) {
+                        stack.push((c, rest));
+                    }
+                    if let Some(p) = &node.plus {
+                        stack.push((p, rest));
+                    }
+                }
             }
         }
     }
 
     /// Whether at least one subscription matches `topic` (stops at the first).
     pub fn has_match(&self, topic: &str) -> bool {
+        let has_subs = |n: &Option<Box<Node<K, V>>>| n.as_ref().is_some_and(|h| h.entry.is_some());
+        let mut stack: Vec<(&Node<K, V>, Option<&str>)> = Vec::new();
         let dollar = topic.starts_with('$');
-        if !dollar && self.root.hash.as_ref().is_some_and(|h| h.entry.is_some()) {
+        if !dollar && has_subs(&self.root.hash) {
             return true;
         }
         let (level, rest) = split_level(topic);
-        if self
-            .root
-            .children
-            .get(level)
-            .is_some_and(|c| any_rec(c, rest))
-        {
-            return true;
+        if let Some(c) = self.root.children.get(level) {
+            stack.push((c, rest));
         }
-        !dollar && self.root.plus.as_ref().is_some_and(|p| any_rec(p, rest))
+        if !dollar {
+            if let Some(p) = &self.root.plus {
+                stack.push((p, rest));
+            }
+        }
+        while let Some((node, rest)) = stack.pop() {
+            if has_subs(&node.hash) {
+                return true;
+            }
+            match rest {
+                None => {
+                    if node.entry.is_some() {
+                        return true;
+                    }
+                }
+                Some(r) => {
+                    let (level, rest) = split_level(r);
+                    if let Some(c) = node.children.get(level) {
+                        stack.push((c, rest));
+                    }
+                    if let Some(p) = &node.plus {
+                        stack.push((p, rest));
+                    }
+                }
+            }
+        }
+        false
     }
 
     /// Number of (filter, key) subscriptions.
@@ -304,38 +354,37 @@ fn emit<K, V>(node: &Node<K, V>, f: &mut impl FnMut(&str, &K, &V)) {
     }
 }
 
-/// `node` has consumed the topic levels before `rest`; `rest == None` means the whole topic
-/// has been consumed.
-fn match_rec<K, V>(node: &Node<K, V>, rest: Option<&str>, f: &mut impl FnMut(&str, &K, &V)) {
-    // `x/#` matches `x` itself and everything below it.
-    if let Some(h) = &node.hash {
-        emit(h, f);
-    }
-    match rest {
-        None => emit(node, f),
-        Some(r) => {
-            let (level, rest) = split_level(r);
-            if let Some(c) = node.children.get(level) {
-                match_rec(c, rest, f);
-            }
-            if let Some(p) = &node.plus {
-                match_rec(p, rest, f);
-            }
-        }
+/// Drops a subtree iteratively: the derived drop would recurse once per level.
+fn teardown<K, V>(node: Node<K, V>) {
+    let mut stack = vec![node];
+    while let Some(mut node) = stack.pop() {
+        node.take_children(&mut stack);
     }
 }
 
-fn any_rec<K, V>(node: &Node<K, V>, rest: Option<&str>) -> bool {
-    if node.hash.as_ref().is_some_and(|h| h.entry.is_some()) {
-        return true;
+impl<K, V> Drop for TopicTrie<K, V> {
+    fn drop(&mut self) {
+        teardown(std::mem::take(&mut self.root));
     }
-    match rest {
-        None => node.entry.is_some(),
-        Some(r) => {
-            let (level, rest) = split_level(r);
-            node.children.get(level).is_some_and(|c| any_rec(c, rest))
-                || node.plus.as_ref().is_some_and(|p| any_rec(p, rest))
+}
+
+impl<K: Eq + Hash + Clone, V: Clone> Clone for TopicTrie<K, V> {
+    fn clone(&self) -> Self {
+        let mut t = TopicTrie::new();
+        for (filter, k, v) in self.iter() {
+            t.insert(filter, k.clone(), v.clone());
         }
+        t
+    }
+}
+
+impl<K: Eq + Hash + Clone + std::fmt::Debug, V: std::fmt::Debug> std::fmt::Debug
+    for TopicTrie<K, V>
+{
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map()
+            .entries(self.iter().map(|(filter, k, v)| ((filter, k), v)))
+            .finish()
     }
 }
 
@@ -530,6 +579,46 @@ mod tests {
         assert_eq!(got, want);
         assert_eq!(t.len(), FILTERS.len());
         assert_eq!(t.filter_count(), FILTERS.len());
+    }
+
+    /// Filters and topics of ~65k levels must not recurse: run on a small stack.
+    #[test]
+    fn deep_filters_do_not_overflow_the_stack() {
+        std::thread::Builder::new()
+            .stack_size(128 * 1024)
+            .spawn(|| {
+                let deep = "/".repeat(crate::topic::MAX_TOPIC_LEN); // 65536 empty levels
+                let deep_hash = "/".repeat(40_000) + "#";
+                let deep_plus = "+/".repeat(30_000) + "+";
+                let mut t: TopicTrie<u8, u8> = TopicTrie::new();
+                t.insert(&deep, 1, 1);
+                t.insert(&deep_hash, 2, 2);
+                t.insert(&deep_plus, 3, 3);
+                let mut got = Vec::new();
+                t.for_each_match(&deep, |f, k, _| {
+                    assert!(filter_matches(f, &deep));
+                    got.push(*k)
+                });
+                got.sort();
+                assert_eq!(got, vec![1, 2]);
+                assert!(t.has_match(&deep));
+                let topic = "/".repeat(30_000);
+                let mut got = Vec::new();
+                t.for_each_match(&topic, |_, k, _| got.push(*k));
+                assert_eq!(got, vec![3]);
+                let c = t.clone();
+                assert_eq!(c.len(), 3);
+                assert!(format!("{c:?}").len() > deep.len());
+                drop(c);
+                assert_eq!(t.iter().count(), 3);
+                assert_eq!(t.remove(&deep, &1), Some(1));
+                assert!(!t.contains_filter(&deep));
+                assert!(t.contains_filter(&deep_hash));
+                drop(t);
+            })
+            .unwrap()
+            .join()
+            .unwrap();
     }
 
     #[test]
