@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 /// Everything configurable, as the TOML file spells it.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {
     pub mqtt: MqttSettings,
@@ -74,17 +74,6 @@ pub struct SessionSettings {
 pub struct LogSettings {
     /// A tracing filter such as `info` or `tiermq=debug,info`; `RUST_LOG` wins when set.
     pub level: String,
-}
-
-impl Default for Settings {
-    fn default() -> Self {
-        Settings {
-            mqtt: MqttSettings::default(),
-            storage: StorageSettings::default(),
-            session: SessionSettings::default(),
-            log: LogSettings::default(),
-        }
-    }
 }
 
 impl Default for MqttSettings {
