@@ -44,6 +44,8 @@ pub struct Partition {
     will_timers: BTreeSet<(u64, Arc<str>)>,
     /// Offline sessions by expiry time.
     expiry_timers: BTreeSet<(u64, Arc<str>)>,
+    /// Retained messages with a Message Expiry Interval, by expiry time (removed on Tick).
+    retained_expiry: BTreeSet<(u64, String)>,
     applied_index: u64,
     dirty: Dirty,
 }
@@ -65,6 +67,7 @@ impl Partition {
             retained: TopicTree::new(),
             will_timers: BTreeSet::new(),
             expiry_timers: BTreeSet::new(),
+            retained_expiry: BTreeSet::new(),
             applied_index: 0,
             dirty: Dirty::default(),
         }
@@ -75,7 +78,7 @@ impl Partition {
         let mut p = Partition::new(limits);
         p.applied_index = image.applied_index;
         for m in image.retained {
-            p.retained.insert(&m.topic.clone(), m);
+            p.store_retained(m);
         }
         for s in image.sessions {
             p.install_session(s);
@@ -96,12 +99,47 @@ impl Partition {
         self.sessions.insert(s.client_id.clone(), s);
     }
 
-    /// The whole state, for a snapshot.
+    /// The whole state, for a snapshot. Sessions are sorted by client id and retained
+    /// messages by topic, so replicas with the same state produce the same bytes.
     pub fn image(&self) -> PartitionImage {
+        let mut sessions: Vec<Session> = self.sessions.values().cloned().collect();
+        sessions.sort_by(|a, b| a.client_id.cmp(&b.client_id));
+        let mut retained: Vec<Arc<Message>> =
+            self.retained.iter().map(|(_, m)| m.clone()).collect();
+        retained.sort_by(|a, b| a.topic.cmp(&b.topic));
         PartitionImage {
             applied_index: self.applied_index,
-            sessions: self.sessions.values().cloned().collect(),
-            retained: self.retained.iter().map(|(_, m)| m.clone()).collect(),
+            sessions,
+            retained,
+        }
+    }
+
+    fn store_retained(&mut self, m: Arc<Message>) {
+        let topic = m.topic.clone();
+        if let Some(at) = m.expires_at_ms {
+            self.retained_expiry.insert((at, topic.clone()));
+        }
+        if let Some(old) = self.retained.insert(&topic, m) {
+            self.forget_retained_expiry(&old);
+        }
+    }
+
+    fn remove_retained(&mut self, topic: &str) {
+        if let Some(old) = self.retained.remove(topic) {
+            self.forget_retained_expiry(&old);
+        }
+    }
+
+    fn forget_retained_expiry(&mut self, old: &Message) {
+        if let Some(at) = old.expires_at_ms {
+            // A replacement with the same deadline re-inserted the same key just before.
+            let still = self
+                .retained
+                .get(&old.topic)
+                .is_some_and(|m| m.expires_at_ms == Some(at));
+            if !still {
+                self.retained_expiry.remove(&(at, old.topic.clone()));
+            }
         }
     }
 
@@ -138,6 +176,13 @@ impl Partition {
         std::mem::take(&mut self.dirty)
     }
 
+    /// Puts back what [`Partition::take_dirty`] returned when writing it failed, so the next
+    /// checkpoint writes it again.
+    pub fn restore_dirty(&mut self, dirty: Dirty) {
+        self.dirty.sessions.extend(dirty.sessions);
+        self.dirty.retained.extend(dirty.retained);
+    }
+
     pub fn retained_message(&self, topic: &str) -> Option<&Arc<Message>> {
         self.retained.get(topic)
     }
@@ -145,13 +190,7 @@ impl Partition {
     /// Retained messages matching `filter` (read-only; used to answer a subscribe made on
     /// another partition).
     pub fn retained_matching(&self, filter: &str, now_ms: u64) -> Vec<Arc<Message>> {
-        let mut out = Vec::new();
-        self.retained.for_each_matching(filter, |_, m| {
-            if !m.is_expired(now_ms) {
-                out.push(m.clone());
-            }
-        });
-        out
+        retained_for_filter(&self.retained, filter, now_ms)
     }
 
     /// Delivers a QoS0 message to online subscribers without logging it: nothing about the
@@ -246,7 +285,13 @@ impl Partition {
                 message,
                 publisher,
                 store_retained,
-            } => self.publish(message, publisher.as_deref(), store_retained, now, &mut effects),
+            } => self.publish(
+                message,
+                publisher.as_deref(),
+                store_retained,
+                now,
+                &mut effects,
+            ),
             Command::Qos2Received {
                 client_id,
                 epoch,
@@ -293,22 +338,22 @@ impl Partition {
             } => {
                 let limits = self.limits;
                 match self.attached_mut(&client_id, epoch) {
-                Ok(s) => {
-                    for r in retained {
-                        enqueue_retained(s, &r, now, &limits, &mut effects);
+                    Ok(s) => {
+                        for r in retained {
+                            enqueue_retained(s, &r, now, &limits, &mut effects);
+                        }
+                        self.dirty.sessions.insert(client_id);
+                        Reply::Done
                     }
-                    self.dirty.sessions.insert(client_id);
-                    Reply::Done
+                    Err(r) => r,
                 }
-                Err(r) => r,
-            }
             }
             Command::Tick => {
                 self.tick(now, &mut effects);
                 Reply::Done
             }
             Command::FrontendLost { frontend_id } => {
-                let lost: Vec<(Arc<str>, u64)> = self
+                let mut lost: Vec<(Arc<str>, u64)> = self
                     .sessions
                     .values()
                     .filter_map(|s| match s.attachment {
@@ -318,6 +363,8 @@ impl Partition {
                         _ => None,
                     })
                     .collect();
+                // Sessions live in a hash map: sort so every replica emits the same effects.
+                lost.sort();
                 for (client_id, epoch) in lost {
                     self.disconnect(&client_id, epoch, now, false, false, None, &mut effects);
                 }
@@ -345,9 +392,10 @@ impl Partition {
         let client_id = args.client_id;
         let mut session_present = false;
         if let Some(old) = self.sessions.get_mut(&client_id) {
-            // Takeover of a live connection: close it (§3.1.4-3, v5 reason 0x8E). Its will is
-            // published unless the session continues and the will has a delay (§3.1.3.2.2).
+            // Whether the existing session ends here instead of being resumed.
+            let mut session_ends = args.clean_start;
             if let Some(att) = old.attachment.take() {
+                // Takeover of a live connection: close it (§3.1.4-3, v5 reason 0x8E).
                 effects.push(Effect::Send {
                     client_id: client_id.clone(),
                     epoch: att.epoch,
@@ -355,21 +403,30 @@ impl Partition {
                         reason: ReasonCode::SESSION_TAKEN_OVER,
                     },
                 });
+                // A session with expiry 0 ends when its network connection closes
+                // (§3.1.2.11.2), which the takeover just did: there is nothing to resume.
+                if old.expiry_secs == 0 {
+                    session_ends = true;
+                }
+                // The old connection's will is published unless the session continues and
+                // the will has a delay, which the reconnect then cancels (§3.1.3.2.2).
                 if let Some(will) = old.will.take() {
-                    if args.clean_start || will.delay_secs == 0 {
+                    if session_ends || will.delay_secs == 0 {
                         effects.push(Effect::PublishWill {
                             message: will_message(&will, now),
                         });
                     }
                 }
+            } else if old.expires_at_ms.is_some_and(|at| at <= now) {
+                // Expired, though no Tick has removed it yet.
+                session_ends = true;
             }
             // A reconnect cancels a pending delayed will (§3.1.3.2.2) — unless the session
-            // ends here (clean start), in which case the will fires now.
+            // ends here, or the delay has already run out, in which case the will fires now.
             if let Some(at) = old.will_at_ms.take() {
                 self.will_timers.remove(&(at, client_id.clone()));
-                let will = old.will.take();
-                if args.clean_start {
-                    if let Some(will) = will {
+                if let Some(will) = old.will.take() {
+                    if session_ends || at <= now {
                         effects.push(Effect::PublishWill {
                             message: will_message(&will, now),
                         });
@@ -379,7 +436,7 @@ impl Partition {
             if let Some(at) = old.expires_at_ms.take() {
                 self.expiry_timers.remove(&(at, client_id.clone()));
             }
-            if args.clean_start {
+            if session_ends {
                 self.remove_session(&client_id, effects);
             } else {
                 session_present = true;
@@ -521,7 +578,8 @@ impl Partition {
             };
             session.subscriptions.insert(filter.clone(), stored);
             let had_route = self.subscriptions.contains_filter(&filter);
-            self.subscriptions.insert(&filter, client_id.clone(), stored);
+            self.subscriptions
+                .insert(&filter, client_id.clone(), stored);
             if !had_route {
                 effects.push(Effect::RouteAdded {
                     filter: filter.clone(),
@@ -534,15 +592,7 @@ impl Partition {
                 _ => false,
             };
             if send_retained {
-                let messages: Vec<Arc<Message>> = {
-                    let mut v = Vec::new();
-                    self.retained.for_each_matching(&filter, |_, m| {
-                        if !m.is_expired(now) {
-                            v.push(m.clone());
-                        }
-                    });
-                    v
-                };
+                let messages = retained_for_filter(&self.retained, &filter, now);
                 enqueue_retained(
                     session,
                     &RetainedForSubscription {
@@ -632,6 +682,12 @@ impl Partition {
                     t.subscription_ids.push(id);
                 }
             });
+        // The trie reports matches in hash-map order: sort the identifiers so every replica
+        // sends the same delivery.
+        for t in targets.values_mut() {
+            t.subscription_ids.sort_unstable();
+            t.subscription_ids.dedup();
+        }
         targets
     }
 
@@ -646,9 +702,9 @@ impl Partition {
         if store_retained && message.retain {
             let topic = message.topic.clone();
             if message.payload.is_empty() {
-                self.retained.remove(&topic);
+                self.remove_retained(&topic);
             } else {
-                self.retained.insert(&topic, message.clone());
+                self.store_retained(message.clone());
             }
             self.dirty.retained.insert(topic);
         }
@@ -677,6 +733,20 @@ impl Partition {
     }
 
     fn tick(&mut self, now: u64, effects: &mut Vec<Effect>) {
+        while let Some((at, topic)) = self.retained_expiry.first().cloned() {
+            if at > now {
+                break;
+            }
+            self.retained_expiry.pop_first();
+            if self
+                .retained
+                .get(&topic)
+                .is_some_and(|m| m.expires_at_ms == Some(at))
+            {
+                self.retained.remove(&topic);
+                self.dirty.retained.insert(topic);
+            }
+        }
         while let Some((at, client_id)) = self.will_timers.first().cloned() {
             if at > now {
                 break;
@@ -751,6 +821,23 @@ fn enqueue_retained(
             effects,
         );
     }
+}
+
+/// Retained messages matching `filter` and not expired at `now_ms`, sorted by topic (the
+/// index walks hash maps, whose order differs between replicas).
+fn retained_for_filter(
+    tree: &TopicTree<Arc<Message>>,
+    filter: &str,
+    now_ms: u64,
+) -> Vec<Arc<Message>> {
+    let mut out = Vec::new();
+    tree.for_each_matching(filter, |_, m| {
+        if !m.is_expired(now_ms) {
+            out.push(m.clone());
+        }
+    });
+    out.sort_by(|a, b| a.topic.cmp(&b.topic));
+    out
 }
 
 /// The message a will publishes, with its expiry stamped at firing time.

@@ -143,12 +143,13 @@ impl Session {
                 return;
             }
         }
-        if self.queue.len() >= limits.max_queued_messages {
+        self.queue.push_back(item);
+        self.pump(now_ms, effects);
+        // The limit applies to what waits behind the in-flight window: drop the oldest.
+        while self.queue.len() > limits.max_queued_messages {
             self.queue.pop_front();
             self.dropped += 1;
         }
-        self.queue.push_back(item);
-        self.pump(now_ms, effects);
     }
 
     /// Moves queued messages into the in-flight window while the client's Receive Maximum
