@@ -21,7 +21,7 @@ use tiermq_common::Message;
 
 use crate::partition::command::Entry;
 use crate::partition::session::{Session, SessionLimits};
-use crate::partition::{Partition, PartitionImage};
+use crate::partition::{Dirty, Partition, PartitionImage};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -71,7 +71,7 @@ impl PartitionStore {
             retained: Vec::new(),
         };
         if let Some(v) = self.state.get(APPLIED_KEY)? {
-            image.applied_index = u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8]));
+            image.applied_index = index_key("state", &v)?;
         }
         for kv in self.state.scan_prefix(b"s/") {
             let (_, v) = kv?;
@@ -79,14 +79,16 @@ impl PartitionStore {
         }
         for kv in self.state.scan_prefix(b"r/") {
             let (_, v) = kv?;
-            image.retained.push(Arc::new(decode::<Message>("state", &v)?));
+            image
+                .retained
+                .push(Arc::new(decode::<Message>("state", &v)?));
         }
         let applied = image.applied_index;
         let partition = Partition::restore(limits, image);
         let mut tail = Vec::new();
         for kv in self.log.iter() {
             let (k, v) = kv?;
-            let first = u64::from_be_bytes(k.as_ref().try_into().unwrap_or([0; 8]));
+            let first = index_key("log", &k)?;
             let entries: Vec<Entry> = decode("log", &v)?;
             for (i, e) in entries.into_iter().enumerate() {
                 let index = first + i as u64;
@@ -112,8 +114,17 @@ impl PartitionStore {
     }
 
     /// Writes what changed since the last checkpoint, flushes, then drops the log it covers.
+    /// If writing fails, the changes stay marked so the next checkpoint writes them.
     pub fn checkpoint(&self, partition: &mut Partition) -> StorageResult<()> {
         let dirty = partition.take_dirty();
+        if let Err(e) = self.write_checkpoint(partition, &dirty) {
+            partition.restore_dirty(dirty);
+            return Err(e);
+        }
+        self.truncate_log(partition.applied_index())
+    }
+
+    fn write_checkpoint(&self, partition: &Partition, dirty: &Dirty) -> StorageResult<()> {
         let mut batch = sled::Batch::default();
         for client_id in &dirty.sessions {
             let key = prefixed(b"s/", client_id.as_bytes());
@@ -129,18 +140,35 @@ impl PartitionStore {
                 None => batch.remove(key),
             }
         }
-        let applied = partition.applied_index();
-        batch.insert(APPLIED_KEY, &applied.to_be_bytes());
+        batch.insert(APPLIED_KEY, &partition.applied_index().to_be_bytes());
         self.state.apply_batch(batch)?;
         self.db.flush()?;
-        // Batches never straddle a checkpoint, so every record starting at or before the
-        // applied index is wholly covered.
-        let covered: Vec<sled::IVec> = self
+        Ok(())
+    }
+
+    /// Deletes the log records wholly covered by a checkpoint at `applied`. A record is a
+    /// batch: it ends where the next one starts, so a batch that straddles `applied` (not made
+    /// by the local runtime, but possible for other writers) is kept for replay.
+    fn truncate_log(&self, applied: u64) -> StorageResult<()> {
+        let starts: Vec<sled::IVec> = self
             .log
             .range(..=applied.to_be_bytes())
             .keys()
             .collect::<Result<_, _>>()?;
-        for k in covered {
+        let Some(last_key) = starts.last() else {
+            return Ok(());
+        };
+        // The last record at or before `applied`: covered if its entries end by `applied`.
+        let last_covered = match self.log.get(last_key)? {
+            Some(v) => {
+                let first = index_key("log", last_key)?;
+                let entries: Vec<Entry> = decode("log", &v)?;
+                first + entries.len() as u64 <= applied + 1
+            }
+            None => true,
+        };
+        let keep = usize::from(!last_covered);
+        for k in &starts[..starts.len() - keep] {
             self.log.remove(k)?;
         }
         Ok(())
@@ -157,6 +185,15 @@ fn prefixed(prefix: &[u8], key: &[u8]) -> Vec<u8> {
     v.extend_from_slice(prefix);
     v.extend_from_slice(key);
     v
+}
+
+/// A big-endian log index stored as a key or value.
+fn index_key(tree: &str, bytes: &[u8]) -> StorageResult<u64> {
+    let raw: [u8; 8] = bytes.try_into().map_err(|_| StorageError::Decode {
+        tree: tree.to_string(),
+        source: postcard::Error::DeserializeUnexpectedEnd,
+    })?;
+    Ok(u64::from_be_bytes(raw))
 }
 
 fn decode<T: serde::de::DeserializeOwned>(tree: &str, bytes: &[u8]) -> StorageResult<T> {
