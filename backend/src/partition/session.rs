@@ -50,6 +50,9 @@ pub struct Inflight {
     pub packet_id: u16,
     pub state: InflightState,
     pub item: QueuedMessage,
+    /// Sent on the current connection. After a reconnect with a smaller Receive Maximum only
+    /// the first entries are re-sent; the others wait, with their packet ids, for a free slot.
+    pub sent: bool,
 }
 
 /// Limits the session engine enforces; part of the deterministic configuration of a partition.
@@ -153,10 +156,34 @@ impl Session {
     }
 
     /// Moves queued messages into the in-flight window while the client's Receive Maximum
-    /// allows and a connection is attached.
+    /// allows and a connection is attached. In-flight entries not yet re-sent on this
+    /// connection go first, so the order is kept.
     pub fn pump(&mut self, now_ms: u64, effects: &mut Vec<Effect>) {
         let Some(epoch) = self.epoch() else { return };
-        while self.inflight.len() < usize::from(self.receive_maximum.max(1)) {
+        let window = usize::from(self.receive_maximum.max(1));
+        let mut sent = self.inflight.iter().filter(|i| i.sent).count();
+        let mut i = 0;
+        while sent < window && i < self.inflight.len() {
+            if self.inflight[i].sent {
+                i += 1;
+                continue;
+            }
+            let inflight = &self.inflight[i];
+            if inflight.state == InflightState::Published
+                && inflight.item.message.is_expired(now_ms)
+            {
+                self.inflight.remove(i);
+                continue;
+            }
+            effects.push(self.resend(epoch, inflight, now_ms));
+            self.inflight[i].sent = true;
+            sent += 1;
+            i += 1;
+        }
+        if sent < self.inflight.len() {
+            return;
+        }
+        while self.inflight.len() < window {
             let Some(item) = self.queue.pop_front() else {
                 break;
             };
@@ -176,41 +203,39 @@ impl Session {
                 packet_id,
                 state: InflightState::Published,
                 item,
+                sent: true,
             });
         }
     }
 
-    /// Re-sends the in-flight window after a reconnect: PUBLISH with DUP for messages not yet
-    /// acknowledged, PUBREL for QoS2 messages already PUBREC'd, in their original order.
+    /// After a reconnect: nothing in flight has been sent on the new connection yet. The
+    /// following [`Session::pump`] re-sends, in the original order and as far as the client's
+    /// Receive Maximum allows, PUBLISH with DUP for messages not yet acknowledged and PUBREL
+    /// for QoS2 messages already PUBREC'd. Expired messages not yet PUBREC'd are dropped.
     pub fn resend_inflight(&mut self, now_ms: u64, effects: &mut Vec<Effect>) {
-        let Some(epoch) = self.epoch() else { return };
-        let client_id = self.client_id.clone();
-        let mut expired = Vec::new();
-        for inflight in &self.inflight {
-            match inflight.state {
-                InflightState::Published => {
-                    if inflight.item.message.is_expired(now_ms) {
-                        expired.push(inflight.packet_id);
-                        continue;
-                    }
-                    effects.push(self.delivery(
-                        epoch,
-                        Some(inflight.packet_id),
-                        true,
-                        &inflight.item,
-                        now_ms,
-                    ));
-                }
-                InflightState::Released => effects.push(Effect::Send {
-                    client_id: client_id.clone(),
-                    epoch,
-                    event: SessionEvent::Release {
-                        packet_id: inflight.packet_id,
-                    },
-                }),
-            }
+        for inflight in &mut self.inflight {
+            inflight.sent = false;
         }
-        self.inflight.retain(|i| !expired.contains(&i.packet_id));
+        self.pump(now_ms, effects);
+    }
+
+    fn resend(&self, epoch: u64, inflight: &Inflight, now_ms: u64) -> Effect {
+        match inflight.state {
+            InflightState::Published => self.delivery(
+                epoch,
+                Some(inflight.packet_id),
+                true,
+                &inflight.item,
+                now_ms,
+            ),
+            InflightState::Released => Effect::Send {
+                client_id: self.client_id.clone(),
+                epoch,
+                event: SessionEvent::Release {
+                    packet_id: inflight.packet_id,
+                },
+            },
+        }
     }
 
     /// Handles PUBACK/PUBREC/PUBCOMP. Returns false when the packet id is not in flight in the

@@ -844,6 +844,44 @@ fn unacked_messages_resent_with_dup_and_same_ids_after_reconnect() {
 }
 
 #[test]
+fn resend_after_reconnect_honours_smaller_receive_maximum() {
+    let mut h = H::new();
+    let a = h.connect("a", conn().recv_max(3)).0;
+    h.subscribe("a", a, "t", QoS::AtLeastOnce);
+    for i in 0..4 {
+        h.publish("t", &format!("m{i}"), QoS::AtLeastOnce);
+    }
+    assert_eq!(h.inflight_ids("a"), vec![1, 2, 3]);
+    h.drop_conn("a", a);
+    let (a2, _, effects) = h.connect("a", conn().recv_max(1));
+    let ds = deliveries(&effects, "a");
+    assert_eq!(
+        payloads(&ds),
+        vec!["m0"],
+        "only Receive Maximum PUBLISHes unacknowledged"
+    );
+    assert!(ds[0].dup);
+    // Each PUBACK lets the next in-flight message out again, with DUP and its own id.
+    let ds = deliveries(&h.ack("a", a2, AckCmd::PubAck, 1), "a");
+    assert_eq!(payloads(&ds), vec!["m1"]);
+    assert_eq!((ds[0].packet_id, ds[0].dup), (Some(2), true));
+    h.ack("a", a2, AckCmd::PubAck, 2);
+    let ds = deliveries(&h.ack("a", a2, AckCmd::PubAck, 3), "a");
+    assert_eq!(payloads(&ds), vec!["m3"]);
+    assert!(!ds[0].dup, "never sent before");
+    // An ack for an id in flight but not re-sent yet on this connection is still accepted.
+    let mut h = H::new();
+    let a = h.connect("a", conn().recv_max(2)).0;
+    h.subscribe("a", a, "t", QoS::AtLeastOnce);
+    h.publish("t", "x", QoS::AtLeastOnce);
+    h.publish("t", "y", QoS::AtLeastOnce);
+    h.drop_conn("a", a);
+    let a2 = h.connect("a", conn().recv_max(1)).0;
+    assert!(h.ack("a", a2, AckCmd::PubAck, 2).is_empty());
+    assert_eq!(h.inflight_ids("a"), vec![1]);
+}
+
+#[test]
 fn qos2_outbound_flow() {
     let mut h = H::new();
     let a = h.online("a");
@@ -1759,6 +1797,11 @@ fn check_invariants(p: &Partition) {
         assert_eq!(ids.len(), n, "duplicate packet id in flight");
         assert!(s.inflight.iter().all(|i| i.item.qos != QoS::AtMostOnce));
         if s.attachment.is_some() {
+            let sent = s.inflight.iter().filter(|i| i.sent).count();
+            assert!(sent <= usize::from(s.receive_maximum), "window exceeded");
+            assert!(s.queue.is_empty() || s.inflight.len() >= usize::from(s.receive_maximum));
+        }
+        if s.attachment.is_some() {
             assert!(s.will_at_ms.is_none() && s.expires_at_ms.is_none());
         }
         if s.attachment.is_none() && s.will.is_some() {
@@ -1768,12 +1811,12 @@ fn check_invariants(p: &Partition) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
 
     #[test]
     fn determinism_and_snapshot_equivalence(
-        ops in prop::collection::vec(op_strategy(), 1..80),
-        split in 0usize..80,
+        ops in prop::collection::vec(op_strategy(), 1..150),
+        split in 0usize..150,
     ) {
         let limits = SessionLimits { max_queued_messages: 4, queue_qos0_offline: true, max_subscriptions: 4 };
         let mut a = Partition::new(limits);
