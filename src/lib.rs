@@ -3,3 +3,4 @@
 
 pub mod logging;
 pub mod standalone;
+pub mod bench;

@@ -23,6 +23,8 @@ enum Command {
     Frontend(BrokerArgs),
     /// Run a backend (partition) node of a cluster (not available yet).
     Backend(BrokerArgs),
+    /// Load generator and broker benchmarks (pairs, fan-in, fan-out, conn-storm, retained, idle).
+    Bench(tiermq::bench::BenchArgs),
 }
 
 /// Settings come from defaults, then `--config FILE`, then `TIERMQ_*` variables, then flags.
@@ -113,6 +115,7 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             })
         }
+        Command::Bench(args) => tiermq::bench::main(args),
         Command::Frontend(_) | Command::Backend(_) => {
             eprintln!(
                 "tiermq: cluster mode (frontend/backend) is not implemented yet; use `tiermq standalone`"
