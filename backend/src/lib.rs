@@ -8,4 +8,5 @@
 
 pub mod local;
 pub mod partition;
+pub mod raft;
 pub mod storage;
