@@ -20,15 +20,17 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tiermq_common::hashing::partition_of;
 use tiermq_common::session_api::{
-    AckKind, ConnectRequest, Connected, DisconnectRequest, Published, ServiceError,
-    ServiceResult, SessionEvent, SessionRef, SessionService, SubscribeRequest,
+    AckKind, ConnectRequest, Connected, DisconnectRequest, Published, ServiceError, ServiceResult,
+    SessionEvent, SessionRef, SessionService, SubscribeRequest,
 };
 use tiermq_common::trie::TopicTrie;
 use tiermq_common::{Message, QoS, ReasonCode};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
-use crate::partition::command::{AckCmd, Command, Effect, Entry, Reply, RetainedForSubscription};
+use crate::partition::command::{
+    AckCmd, Command, Effect, Entry, InboundQos2, Reply, RetainedForSubscription,
+};
 use crate::partition::session::SessionLimits;
 use crate::partition::Partition;
 use crate::storage::{PartitionStore, StorageError};
@@ -60,6 +62,9 @@ impl Default for LocalConfig {
 
 type EventSender = mpsc::UnboundedSender<SessionEvent>;
 
+// Requests are moved through the channel once; boxing the large `Command` variant would cost
+// an allocation per request for nothing.
+#[allow(clippy::large_enum_variant)]
 enum Request {
     Command {
         command: Command,
@@ -74,6 +79,14 @@ enum Request {
     Retained {
         filter: String,
         reply: oneshot::Sender<Vec<Arc<Message>>>,
+    },
+    /// Read-only: has this session recorded the inbound QoS2 packet id? Answers
+    /// `Reply::Qos2Received { duplicate }`, or `Fenced` / `NoSession`.
+    Qos2Check {
+        client_id: Arc<str>,
+        epoch: u64,
+        packet_id: u16,
+        reply: oneshot::Sender<Reply>,
     },
     Shutdown {
         done: oneshot::Sender<()>,
@@ -92,6 +105,8 @@ struct Inner {
     /// Route table: filter → partitions with at least one subscription on it.
     routes: RwLock<TopicTrie<u32, ()>>,
     stats: Stats,
+    /// QoS0 must be logged (to be queued for offline sessions) rather than only delivered.
+    queue_qos0_offline: bool,
 }
 
 /// The standalone broker's partitions behind [`SessionService`].
@@ -150,6 +165,7 @@ impl LocalBroker {
             partitions: senders,
             routes: RwLock::new(routes),
             stats: Stats::default(),
+            queue_qos0_offline: config.limits.queue_qos0_offline,
         });
         for (p, ((partition, store), rx)) in recovered.into_iter().zip(receivers).enumerate() {
             let task = PartitionTask {
@@ -254,20 +270,10 @@ impl LocalBroker {
                 targets.push(home);
             }
         }
-        enum Plan {
-            Done(Published),
-            Wait(Vec<oneshot::Receiver<Reply>>),
-            /// Inbound QoS2 with several partitions: ask the publisher's partition first.
-            Qos2First {
-                mark: Box<dyn Future<Output = ServiceResult<Reply>> + Send>,
-                broker: LocalBroker,
-                message: Arc<Message>,
-                publisher: Option<Arc<str>>,
-                targets: Vec<u32>,
-                retained_home: Option<u32>,
-            },
-        }
-        let plan = if message.qos == QoS::AtMostOnce && retained_home.is_none() {
+        let logged = message.qos != QoS::AtMostOnce
+            || retained_home.is_some()
+            || self.inner.queue_qos0_offline;
+        if !logged {
             // QoS0 is neither logged nor acknowledged: hand it to each partition in order.
             let publisher = publisher.unwrap_or_else(|| Arc::from(""));
             for p in &targets {
@@ -276,70 +282,92 @@ impl LocalBroker {
                     publisher: publisher.clone(),
                 });
             }
-            Plan::Done(Published {
-                matched: !targets.is_empty(),
+            let matched = !targets.is_empty();
+            return futures::future::Either::Left(std::future::ready(Ok(Published {
+                matched,
                 duplicate: false,
-            })
-        } else if let Some((session, packet_id)) = inbound {
-            // Exactly-once for inbound QoS2: the publisher's partition remembers the packet id
-            // until PUBREL, and skips a re-sent PUBLISH. The mark goes first; the delivery is
-            // sent once the mark says "not a duplicate".
+            })));
+        }
+        let inbound = inbound.map(|(session, packet_id)| {
             let home = self.partition_of(&session.client_id);
-            let mark = self.submit(
+            (
                 home,
-                Command::Qos2Received {
+                InboundQos2 {
                     client_id: session.client_id.clone(),
                     epoch: session.epoch,
                     packet_id,
                 },
-            );
-            Plan::Qos2First {
-                mark: Box::new(mark),
-                broker: self.clone(),
-                message,
-                publisher,
-                targets,
-                retained_home,
+            )
+        });
+        let broker = self.clone();
+        // Inbound QoS2 is exactly-once because the publisher's partition records the packet
+        // id in the same log entry that delivers the message there. When subscribers live in
+        // other partitions too, those get the message only after the home partition has
+        // checked (read-only) that the id is new, and the home partition records it last: a
+        // crash in between can only cause a duplicate on re-send, never a loss.
+        let (first, rest) = match inbound {
+            None => (
+                self.send_publish(&message, &publisher, &targets, retained_home, None),
+                None,
+            ),
+            Some((home, mark)) => {
+                if targets.iter().all(|p| *p == home) {
+                    (
+                        self.send_publish(&message, &publisher, &[home], retained_home, Some(mark)),
+                        None,
+                    )
+                } else {
+                    let (tx, rx) = oneshot::channel();
+                    let _ = self.inner.partitions[home as usize].send(Request::Qos2Check {
+                        client_id: mark.client_id.clone(),
+                        epoch: mark.epoch,
+                        packet_id: mark.packet_id,
+                        reply: tx,
+                    });
+                    (Vec::new(), Some((rx, home, mark, targets)))
+                }
             }
-        } else {
-            Plan::Wait(self.send_publish(&message, &publisher, &targets, retained_home))
         };
-        async move {
-            let waits = match plan {
-                Plan::Done(p) => return Ok(p),
-                Plan::Wait(w) => w,
-                Plan::Qos2First {
-                    mark,
-                    broker,
-                    message,
-                    publisher,
-                    targets,
-                    retained_home,
-                } => match Box::into_pin(mark).await? {
+        futures::future::Either::Right(async move {
+            let mut matched = false;
+            let mut duplicate = false;
+            let mut collect = |reply: Reply| match reply {
+                Reply::Published {
+                    matched: m,
+                    duplicate: d,
+                } => {
+                    matched |= m;
+                    duplicate |= d;
+                    Ok(())
+                }
+                other => Err(reply_error(other)),
+            };
+            for rx in first {
+                collect(rx.await.map_err(|_| ServiceError::ShuttingDown)?)?;
+            }
+            if let Some((check, home, mark, targets)) = rest {
+                match check.await.map_err(|_| ServiceError::ShuttingDown)? {
                     Reply::Qos2Received { duplicate: true } => {
                         return Ok(Published {
                             matched: true,
                             duplicate: true,
                         })
                     }
-                    Reply::Qos2Received { duplicate: false } => {
-                        broker.send_publish(&message, &publisher, &targets, retained_home)
-                    }
-                    other => return Err(reply_error(other)),
-                },
-            };
-            let mut matched = false;
-            for rx in waits {
-                match rx.await.map_err(|_| ServiceError::ShuttingDown)? {
-                    Reply::Published { matched: m } => matched |= m,
+                    Reply::Qos2Received { duplicate: false } => {}
                     other => return Err(reply_error(other)),
                 }
+                let others: Vec<u32> = targets.iter().copied().filter(|p| *p != home).collect();
+                for rx in broker.send_publish(&message, &publisher, &others, retained_home, None) {
+                    collect(rx.await.map_err(|_| ServiceError::ShuttingDown)?)?;
+                }
+                for rx in
+                    broker.send_publish(&message, &publisher, &[home], retained_home, Some(mark))
+                {
+                    collect(rx.await.map_err(|_| ServiceError::ShuttingDown)?)?;
+                }
             }
-            Ok(Published {
-                matched,
-                duplicate: false,
-            })
-        }
+            Ok(Published { matched, duplicate })
+        })
     }
 
     fn send_publish(
@@ -348,6 +376,7 @@ impl LocalBroker {
         publisher: &Option<Arc<str>>,
         targets: &[u32],
         retained_home: Option<u32>,
+        inbound_qos2: Option<InboundQos2>,
     ) -> Vec<oneshot::Receiver<Reply>> {
         let mut waits = Vec::with_capacity(targets.len());
         for p in targets {
@@ -357,6 +386,7 @@ impl LocalBroker {
                     message: message.clone(),
                     publisher: publisher.clone(),
                     store_retained: Some(*p) == retained_home,
+                    inbound_qos2: inbound_qos2.clone(),
                 },
                 reply: Some(tx),
                 events: None,
@@ -626,6 +656,9 @@ impl PartitionTask {
                 if let Err(e) = self.store.checkpoint(&mut self.partition) {
                     warn!(partition = self.id, error = %e, "final checkpoint failed");
                 }
+                // Release this task's handle on the database before saying "done", so the
+                // folder can be reopened as soon as every partition has answered.
+                drop(self);
                 let _ = done.send(());
                 return;
             }
@@ -707,6 +740,20 @@ impl PartitionTask {
                     let (_, effects) = self.partition.deliver_qos0(&message, publisher, now);
                     self.dispatch(effects, None);
                 }
+                Request::Qos2Check {
+                    client_id,
+                    epoch,
+                    packet_id,
+                    reply,
+                } => {
+                    let _ = reply.send(match self.partition.session(&client_id) {
+                        None => Reply::NoSession,
+                        Some(s) if s.epoch() != Some(epoch) => Reply::Fenced,
+                        Some(s) => Reply::Qos2Received {
+                            duplicate: s.inbound_qos2.contains(&packet_id),
+                        },
+                    });
+                }
                 Request::Retained { filter, reply } => {
                     let _ = reply.send(self.partition.retained_matching(&filter, now));
                 }
@@ -775,18 +822,21 @@ impl PartitionTask {
             }
             Command::Disconnect {
                 client_id, epoch, ..
-            } => {
-                if self.connections.get(client_id).is_some_and(|(e, _)| e == epoch) {
-                    self.connections.remove(client_id);
-                }
+            } if self
+                .connections
+                .get(client_id)
+                .is_some_and(|(e, _)| e == epoch) =>
+            {
+                self.connections.remove(client_id);
             }
             Command::FrontendLost { .. } => {
                 let partition = &self.partition;
-                self.connections
-                    .retain(|client_id, (epoch, _)| match partition.session(client_id) {
+                self.connections.retain(|client_id, (epoch, _)| {
+                    match partition.session(client_id) {
                         Some(s) => s.epoch() == Some(*epoch),
                         None => false,
-                    });
+                    }
+                });
             }
             _ => {}
         }

@@ -474,11 +474,9 @@ async fn sessions_attached_at_shutdown_are_disconnected_on_restart() {
 }
 
 /// `SessionLimits::queue_qos0_offline` must queue QoS0 messages for offline persistent
-/// sessions. The partition state machine does (see the unit tests), but `LocalBroker` sends
-/// every non-retained QoS0 publish down the unlogged `deliver_qos0` path, which only reaches
-/// online sessions.
+/// sessions: with the option on, `LocalBroker` logs QoS0 publishes instead of only handing
+/// them to online subscribers.
 #[tokio::test]
-#[ignore = "local.rs routes QoS0 only to online sessions, even with queue_qos0_offline"]
 async fn qos0_queued_for_offline_session_when_enabled() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = config(1);

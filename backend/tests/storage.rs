@@ -67,6 +67,7 @@ fn publish(topic: &str, payload: &str, qos: QoS, retain: bool) -> Command {
         message: Arc::new(Message::new(topic, payload.to_string(), qos, retain)),
         publisher: None,
         store_retained: retain,
+        inbound_qos2: None,
     }
 }
 

@@ -11,6 +11,14 @@ use serde::{Deserialize, Serialize};
 use tiermq_common::session_api::{AckKind, SubscribeRequest, SubscriptionOptions, Will};
 use tiermq_common::{Message, ProtocolVersion, ReasonCode};
 
+/// The publisher of an inbound QoS2 message: its session and the packet id it used.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InboundQos2 {
+    pub client_id: Arc<str>,
+    pub epoch: u64,
+    pub packet_id: u16,
+}
+
 /// One log entry: a command plus the time at which its proposer stamped it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
@@ -80,6 +88,10 @@ pub enum Command {
         message: Arc<Message>,
         publisher: Option<Arc<str>>,
         store_retained: bool,
+        /// Set on the publisher's own partition for an inbound QoS2 PUBLISH: the packet id is
+        /// recorded in the same entry that delivers the message, and a re-sent PUBLISH with a
+        /// recorded id is not delivered again (exactly once, atomically).
+        inbound_qos2: Option<InboundQos2>,
     },
     /// An inbound QoS2 PUBLISH with this packet id was accepted from the client.
     Qos2Received {
@@ -115,7 +127,12 @@ impl Command {
     /// Whether the proposer must wait for the entry to be durable before answering.
     /// Acks and ticks may be lost in a crash (the message is redelivered, time ticks again).
     pub fn needs_durability(&self) -> bool {
-        !matches!(self, Command::Ack { .. } | Command::Tick)
+        match self {
+            Command::Ack { .. } | Command::Tick => false,
+            // QoS0 is logged only to queue it for offline sessions; it is never acknowledged.
+            Command::Publish { message, .. } => message.qos != tiermq_common::QoS::AtMostOnce,
+            _ => true,
+        }
     }
 }
 
@@ -134,6 +151,8 @@ pub enum Reply {
     Unsubscribed(Vec<ReasonCode>),
     Published {
         matched: bool,
+        /// Inbound QoS2 whose packet id was already recorded: not delivered again.
+        duplicate: bool,
     },
     Qos2Received {
         duplicate: bool,

@@ -285,13 +285,31 @@ impl Partition {
                 message,
                 publisher,
                 store_retained,
-            } => self.publish(
-                message,
-                publisher.as_deref(),
-                store_retained,
-                now,
-                &mut effects,
-            ),
+                inbound_qos2,
+            } => {
+                let mut duplicate = false;
+                if let Some(q) = inbound_qos2 {
+                    match self.attached_mut(&q.client_id, q.epoch) {
+                        Ok(s) => duplicate = !s.inbound_qos2.insert(q.packet_id),
+                        Err(r) => return (r, effects),
+                    }
+                    self.dirty.sessions.insert(q.client_id);
+                }
+                if duplicate {
+                    Reply::Published {
+                        matched: true,
+                        duplicate: true,
+                    }
+                } else {
+                    self.publish(
+                        message,
+                        publisher.as_deref(),
+                        store_retained,
+                        now,
+                        &mut effects,
+                    )
+                }
+            }
             Command::Qos2Received {
                 client_id,
                 epoch,
@@ -729,7 +747,10 @@ impl Partition {
                 self.dirty.sessions.insert(client_id);
             }
         }
-        Reply::Published { matched }
+        Reply::Published {
+            matched,
+            duplicate: false,
+        }
     }
 
     fn tick(&mut self, now: u64, effects: &mut Vec<Effect>) {

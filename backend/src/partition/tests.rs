@@ -203,9 +203,10 @@ impl H {
             message: Arc::new(m),
             publisher: publisher.map(Arc::from),
             store_retained,
+            inbound_qos2: None,
         });
         match r {
-            Reply::Published { matched } => (matched, e),
+            Reply::Published { matched, .. } => (matched, e),
             other => panic!("publish: {other:?}"),
         }
     }
@@ -960,6 +961,7 @@ fn retained_stored_replaced_and_deleted() {
         message: Arc::new(Message::new("r/2", "x", QoS::AtLeastOnce, true)),
         publisher: None,
         store_retained: false,
+        inbound_qos2: None,
     });
     assert!(h.p.retained_message("r/2").is_none());
     // Non-retained publish leaves it alone.
@@ -1514,6 +1516,7 @@ fn restore_keeps_timers_subscriptions_and_retained() {
             message: Arc::new(Message::new("t/1", "q", QoS::AtLeastOnce, false)),
             publisher: None,
             store_retained: false,
+            inbound_qos2: None,
         },
     );
     assert!(e.is_empty());
@@ -1723,6 +1726,7 @@ impl Driver {
                     message: Arc::new(m),
                     publisher: publisher.map(|c| Arc::from(CLIENTS[c])),
                     store_retained: retain,
+                    inbound_qos2: None,
                 }
             }
             Op::Ack {
