@@ -8,5 +8,6 @@
 
 pub mod local;
 pub mod partition;
+pub mod placement;
 pub mod raft;
 pub mod storage;
