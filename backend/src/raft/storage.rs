@@ -248,8 +248,10 @@ impl SledRaftStorage {
         if !self.is_empty() {
             return Err(RaftStorageError::AlreadyInitialized(self.inner.partition));
         }
-        let mut cs = ConfState::default();
-        cs.voters = voters.to_vec();
+        let cs = ConfState {
+            voters: voters.to_vec(),
+            ..Default::default()
+        };
         self.inner
             .meta
             .insert(CONF_STATE_KEY, self.encode("conf state", &cs)?)?;
@@ -411,10 +413,12 @@ impl SledRaftStorage {
                 ))
                 .into());
         }
-        let mut meta = SnapshotMetadata::default();
-        meta.index = index;
-        meta.term = term;
-        meta.set_conf_state(conf_state);
+        let meta = SnapshotMetadata {
+            index,
+            term,
+            conf_state: Some(conf_state).into(),
+            ..Default::default()
+        };
         let mut batch = sled::Batch::default();
         batch.insert(SNAPSHOT_META_KEY, self.encode("snapshot metadata", &meta)?);
         batch.insert(SNAPSHOT_DATA_KEY, data);
@@ -743,10 +747,11 @@ mod tests {
     use super::*;
 
     fn entry(index: u64, term: u64) -> Entry {
-        let mut e = Entry::default();
-        e.index = index;
-        e.term = term;
-        e
+        Entry {
+            index,
+            term,
+            ..Default::default()
+        }
     }
 
     fn open() -> (tempfile::TempDir, SledRaftStorage) {
@@ -796,8 +801,10 @@ mod tests {
     fn commit_beyond_last_index_is_refused() {
         let (_dir, s) = open();
         s.append(&[entry(1, 1), entry(2, 1)]).unwrap();
-        let mut hs = HardState::default();
-        hs.commit = 3;
+        let hs = HardState {
+            commit: 3,
+            ..Default::default()
+        };
         assert!(s.set_hard_state(hs).is_err());
         assert!(s.set_commit(3).is_err());
         s.set_commit(2).unwrap();
