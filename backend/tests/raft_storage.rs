@@ -43,6 +43,22 @@ fn is_other(r: &raft::Error) -> bool {
     matches!(r, raft::Error::Store(StorageError::Other(_)))
 }
 
+/// Opens the database, waiting for a previous handle's background threads to let go of the
+/// file lock (sled releases it asynchronously after the last handle is dropped).
+fn open_db(dir: &Path) -> sled::Db {
+    let mut tries = 0;
+    loop {
+        match sled::open(dir) {
+            Ok(db) => return db,
+            Err(_) if tries < 100 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(e) => panic!("open {dir:?}: {e}"),
+        }
+    }
+}
+
 struct Fixture {
     dir: tempfile::TempDir,
     db: sled::Db,
@@ -52,7 +68,7 @@ struct Fixture {
 impl Fixture {
     fn new() -> Fixture {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
+        let db = open_db(dir.path());
         let s = SledRaftStorage::open(&db, 0).unwrap();
         Fixture { dir, db, s }
     }
@@ -77,7 +93,7 @@ impl Fixture {
         s.flush().unwrap();
         drop(s);
         drop(db);
-        let db = sled::open(dir.path()).unwrap();
+        let db = open_db(dir.path());
         let s = SledRaftStorage::open(&db, 0).unwrap();
         Fixture { dir, db, s }
     }
@@ -584,7 +600,7 @@ fn reopen_recovers_log_hard_state_conf_state_and_snapshot() {
 #[test]
 fn groups_and_clones_share_nothing_but_what_they_should() {
     let dir = tempfile::tempdir().unwrap();
-    let db = sled::open(dir.path()).unwrap();
+    let db = open_db(dir.path());
     let a = SledRaftStorage::open(&db, 1).unwrap();
     let b = SledRaftStorage::open(&db, 2).unwrap();
     a.append(&[new_entry(1, 1), new_entry(2, 1)]).unwrap();
@@ -601,7 +617,7 @@ fn groups_and_clones_share_nothing_but_what_they_should() {
 }
 
 fn corrupt_log_entry(path: &Path, index: u64) {
-    let db = sled::open(path).unwrap();
+    let db = open_db(path);
     db.open_tree("g0/raft_log")
         .unwrap()
         .insert(index.to_be_bytes(), &[0xff, 0xff, 0xff][..])
@@ -618,7 +634,7 @@ fn corrupt_entry_is_an_error_not_a_panic() {
     drop(db);
     corrupt_log_entry(dir.path(), 4);
 
-    let db = sled::open(dir.path()).unwrap();
+    let db = open_db(dir.path());
     let s = SledRaftStorage::open(&db, 0).unwrap();
     assert_eq!(s.entries(3, 4, None, ctx()), Ok(vec![new_entry(3, 3)]));
     let err = s.entries(3, 6, None, ctx()).unwrap_err();
@@ -642,7 +658,7 @@ fn corrupt_last_entry_or_meta_fails_open() {
 
     corrupt_log_entry(dir.path(), 5);
     {
-        let db = sled::open(dir.path()).unwrap();
+        let db = open_db(dir.path());
         match SledRaftStorage::open(&db, 0) {
             Err(RaftStorageError::Decode { .. }) => {}
             Err(e) => panic!("unexpected error {e}"),
@@ -745,7 +761,7 @@ struct Replica {
 impl Replica {
     fn new(id: u64, voters: &[u64]) -> Replica {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
+        let db = open_db(dir.path());
         let store = SledRaftStorage::open(&db, 0).unwrap();
         assert!(store.is_empty());
         store.initialize(voters).unwrap();
@@ -776,7 +792,7 @@ impl Replica {
         drop(node);
         drop(store);
         drop(db);
-        let db = sled::open(dir.path()).unwrap();
+        let db = open_db(dir.path());
         let store = SledRaftStorage::open(&db, 0).unwrap();
         assert!(!store.is_empty());
         let node = RawNode::new(&config(id, applied_index), store.clone(), &logger()).unwrap();
@@ -1033,4 +1049,24 @@ fn raw_node_three_voters_follower_catches_up_by_snapshot() {
     assert_eq!(c.r(3).applied.len(), 61);
     let leader_applied = c.r(1).applied.clone();
     assert_eq!(c.r(3).applied, leader_applied);
+}
+
+#[test]
+fn hard_state_commit_beyond_a_lost_log_tail_is_clamped_on_open() {
+    // A crash can keep a round's hard state but lose its entries (nothing of that round was
+    // acknowledged); raft refuses commit > last index, so open clamps it.
+    let f = Fixture::with_entries(&ents_3_4_5());
+    let hs = HardState {
+        term: 5,
+        vote: 1,
+        commit: 9,
+        ..Default::default()
+    };
+    f.db.open_tree("g0/raft_meta")
+        .unwrap()
+        .insert(b"hard_state", hs.write_to_bytes().unwrap())
+        .unwrap();
+    let f = f.reopen();
+    let got = f.s.hard_state();
+    assert_eq!((got.term, got.vote, got.commit), (5, 1, 5));
 }
