@@ -174,6 +174,32 @@ impl PartitionStore {
         Ok(())
     }
 
+    /// Replaces the stored state with the whole of `partition` (after installing a Raft
+    /// snapshot, when the old keys no longer mean anything).
+    pub fn replace_all(&self, partition: &mut Partition) -> StorageResult<()> {
+        partition.take_dirty();
+        self.state.clear()?;
+        let image = partition.image();
+        let mut batch = sled::Batch::default();
+        for s in &image.sessions {
+            batch.insert(
+                prefixed(b"s/", s.client_id.as_bytes()),
+                postcard::to_stdvec(s)?,
+            );
+        }
+        for m in &image.retained {
+            batch.insert(
+                prefixed(b"r/", m.topic.as_bytes()),
+                postcard::to_stdvec(&**m)?,
+            );
+        }
+        batch.insert(APPLIED_KEY, &image.applied_index.to_be_bytes());
+        self.state.apply_batch(batch)?;
+        self.log.clear()?;
+        self.db.flush()?;
+        Ok(())
+    }
+
     /// Number of log records (batches) not yet covered by a checkpoint.
     pub fn log_records(&self) -> usize {
         self.log.len()

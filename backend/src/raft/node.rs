@@ -1,0 +1,792 @@
+//! The multi-raft driver of one backend node: every partition group this node replicates,
+//! driven by one task.
+//!
+//! The loop, kept in one readable place as in raft-rs's `five_mem_node` example:
+//! 1. **collect**: take every message waiting in the mailbox — proposals, Raft messages from
+//!    peers, queries — and tick every group when the tick interval has passed;
+//! 2. **propose**: per group, all commands collected this round become **one** log entry
+//!    (a batch), stamped with the leader's clock;
+//! 3. **ready**, for every group that has one: send the messages a leader may send before
+//!    persisting, install a snapshot, apply committed entries, append new entries and the hard
+//!    state to sled (not yet flushed);
+//! 4. **persist**: one `flush` of the shared sled database for all groups — many proposals of
+//!    many partitions per fsync;
+//! 5. **send** the messages that had to wait for persistence, **advance** every group, apply
+//!    what the light ready commits.
+//!
+//! A proposer's reply is sent when its command is *applied*, i.e. committed by a quorum — the
+//! promise a PUBACK stands on. Commands keep their position in the batch: the state machine's
+//! index of command `i` of Raft entry `n` is `n << 20 | i`, unique and increasing, and serves
+//! as the connection epoch for `Connect`.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use protobuf::Message as _;
+use raft::prelude::{ConfState, Entry as RaftEntry, EntryType, Message as RaftMessage, Snapshot};
+use raft::{RawNode, StateRole};
+use tiermq_common::session_api::SessionEvent;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+use super::storage::SledRaftStorage;
+use crate::partition::command::{Command, Effect, Entry, Reply};
+use crate::partition::session::SessionLimits;
+use crate::partition::{Partition, PartitionImage};
+use crate::placement::{NodeId, PartitionMap};
+use crate::storage::PartitionStore;
+
+/// Commands per Raft entry are numbered with this many low bits of the state machine index.
+const BATCH_BITS: u32 = 20;
+const MAX_BATCH: usize = 1 << 12;
+
+/// Delivers Raft messages to other nodes. Implementations: gRPC (`transport.rs`) and an
+/// in-memory network for tests. Sending is fire-and-forget: Raft tolerates lost messages.
+pub trait Transport: Send + Sync + 'static {
+    fn send(&self, to: NodeId, messages: Vec<(u32, RaftMessage)>);
+}
+
+/// Settings of a node's Raft driver.
+#[derive(Debug, Clone)]
+pub struct RaftConfig {
+    pub node_id: NodeId,
+    pub tick_interval: Duration,
+    /// Ticks without a heartbeat before a follower stands for election.
+    pub election_tick: usize,
+    pub heartbeat_tick: usize,
+    pub limits: SessionLimits,
+    /// Checkpoint the applied state (and allow log compaction) after this many entries.
+    pub checkpoint_entries: u64,
+    /// Entries kept in the log behind the checkpoint, for followers that lag a little.
+    pub log_keep_entries: u64,
+    /// How often time advances in the state machines (wills, expiry): the leader proposes a
+    /// `Tick` command this often.
+    pub sm_tick_interval: Duration,
+}
+
+impl RaftConfig {
+    pub fn new(node_id: NodeId) -> Self {
+        RaftConfig {
+            node_id,
+            tick_interval: Duration::from_millis(100),
+            election_tick: 10,
+            heartbeat_tick: 2,
+            limits: SessionLimits::default(),
+            checkpoint_entries: 5_000,
+            log_keep_entries: 2_000,
+            sm_tick_interval: Duration::from_millis(500),
+        }
+    }
+}
+
+/// Why a proposal was not applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProposeError {
+    #[error("not the leader of this partition (leader hint: {leader:?})")]
+    NotLeader { leader: Option<NodeId> },
+    #[error("this node holds no replica of partition {0}")]
+    UnknownPartition(u32),
+    /// Leadership changed before the entry committed; it may or may not have been applied.
+    #[error("proposal dropped by a leadership change")]
+    Dropped,
+    #[error("node stopped")]
+    Stopped,
+}
+
+/// What a node reports about one of its groups.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupStatus {
+    pub partition: u32,
+    pub leader: Option<NodeId>,
+    pub is_leader: bool,
+    pub term: u64,
+    pub commit: u64,
+    pub applied: u64,
+    pub last_index: u64,
+    /// Index of the latest snapshot stored or installed (0: none).
+    pub snapshot_index: u64,
+    pub voters: Vec<NodeId>,
+}
+
+type EventSender = mpsc::UnboundedSender<SessionEvent>;
+
+enum NodeMsg {
+    Propose {
+        partition: u32,
+        command: Command,
+        reply: oneshot::Sender<Result<Reply, ProposeError>>,
+        events: Option<EventSender>,
+    },
+    Raft {
+        partition: u32,
+        message: RaftMessage,
+    },
+    Status {
+        partition: u32,
+        reply: oneshot::Sender<Option<GroupStatus>>,
+    },
+    /// Serialized image of a partition's state (tests compare replicas with it).
+    Image {
+        partition: u32,
+        reply: oneshot::Sender<Option<Vec<u8>>>,
+    },
+    Stop {
+        done: oneshot::Sender<()>,
+    },
+}
+
+/// The handle through which everything talks to a node's driver.
+#[derive(Clone)]
+pub struct RaftHandle {
+    node_id: NodeId,
+    tx: mpsc::UnboundedSender<NodeMsg>,
+}
+
+impl RaftHandle {
+    pub fn node_id(&self) -> NodeId {
+        self.node_id
+    }
+
+    /// Proposes `command` to `partition` and waits until it is applied on this node (which
+    /// must lead the partition).
+    pub async fn propose(&self, partition: u32, command: Command) -> Result<Reply, ProposeError> {
+        self.propose_with_events(partition, command, None).await
+    }
+
+    /// Like [`RaftHandle::propose`]; for `Connect`, `events` receives the session's events
+    /// while this node leads the partition.
+    pub async fn propose_with_events(
+        &self,
+        partition: u32,
+        command: Command,
+        events: Option<EventSender>,
+    ) -> Result<Reply, ProposeError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(NodeMsg::Propose {
+                partition,
+                command,
+                reply,
+                events,
+            })
+            .map_err(|_| ProposeError::Stopped)?;
+        rx.await.map_err(|_| ProposeError::Stopped)?
+    }
+
+    /// Hands a Raft message from a peer to its group.
+    pub fn step(&self, partition: u32, message: RaftMessage) {
+        let _ = self.tx.send(NodeMsg::Raft { partition, message });
+    }
+
+    pub async fn status(&self, partition: u32) -> Option<GroupStatus> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(NodeMsg::Status { partition, reply }).ok()?;
+        rx.await.ok().flatten()
+    }
+
+    /// The partition's state, serialized deterministically (for comparing replicas).
+    pub async fn image(&self, partition: u32) -> Option<Vec<u8>> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(NodeMsg::Image { partition, reply }).ok()?;
+        rx.await.ok().flatten()
+    }
+
+    /// Stops the driver after a last checkpoint; the sled database is released when this
+    /// returns.
+    pub async fn stop(&self) {
+        let (done, rx) = oneshot::channel();
+        if self.tx.send(NodeMsg::Stop { done }).is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+/// A proposal waiting for its entry to be applied.
+struct Pending {
+    index: u64,
+    term: u64,
+    replies: Vec<Option<oneshot::Sender<Result<Reply, ProposeError>>>>,
+    events: Vec<Option<EventSender>>,
+}
+
+/// One partition's Raft group and state machine on this node.
+struct Group {
+    partition: u32,
+    raw: RawNode<SledRaftStorage>,
+    storage: SledRaftStorage,
+    checkpoints: PartitionStore,
+    sm: Partition,
+    pending: VecDeque<Pending>,
+    proposals: Vec<(
+        Command,
+        oneshot::Sender<Result<Reply, ProposeError>>,
+        Option<EventSender>,
+    )>,
+    /// Live connections of sessions in this partition (used while this node leads it).
+    connections: HashMap<Arc<str>, (u64, EventSender)>,
+    applied_since_checkpoint: u64,
+    was_leader: bool,
+}
+
+impl Group {
+    fn leader(&self) -> Option<NodeId> {
+        let id = self.raw.raft.leader_id;
+        (id != raft::INVALID_ID).then_some(id)
+    }
+
+    fn is_leader(&self) -> bool {
+        self.raw.raft.state == StateRole::Leader
+    }
+
+    fn status(&self) -> GroupStatus {
+        let raft = &self.raw.raft;
+        GroupStatus {
+            partition: self.partition,
+            leader: self.leader(),
+            is_leader: self.is_leader(),
+            term: raft.term,
+            commit: raft.raft_log.committed,
+            applied: raft.raft_log.applied,
+            last_index: raft.raft_log.last_index(),
+            snapshot_index: self.storage.snapshot_metadata().index,
+            voters: raft.prs().conf().voters().ids().iter().collect(),
+        }
+    }
+
+    fn fail_pending(&mut self, err: ProposeError) {
+        for p in self.pending.drain(..) {
+            for r in p.replies.into_iter().flatten() {
+                let _ = r.send(Err(err.clone()));
+            }
+        }
+    }
+
+    /// Applies committed Raft entries to the state machine and answers their proposers.
+    fn apply_committed(&mut self, entries: Vec<RaftEntry>, effects: &mut Vec<Effect>) {
+        let leading = self.is_leader();
+        for entry in entries {
+            let index = entry.index;
+            let mut waiter = None;
+            while let Some(front) = self.pending.front() {
+                if front.index < index {
+                    let p = self.pending.pop_front().expect("front exists");
+                    for r in p.replies.into_iter().flatten() {
+                        let _ = r.send(Err(ProposeError::Dropped));
+                    }
+                } else {
+                    if front.index == index {
+                        let p = self.pending.pop_front().expect("front exists");
+                        if p.term == entry.term {
+                            waiter = Some(p);
+                        } else {
+                            for r in p.replies.into_iter().flatten() {
+                                let _ = r.send(Err(ProposeError::Dropped));
+                            }
+                        }
+                    }
+                    break;
+                }
+            }
+            match entry.get_entry_type() {
+                EntryType::EntryNormal if !entry.data.is_empty() => {
+                    let commands: Vec<Entry> = match postcard::from_bytes(&entry.data) {
+                        Ok(c) => c,
+                        Err(e) => {
+                            // Only our own proposals are in the log; a decode failure means a
+                            // version mismatch. Skipping keeps replicas identical.
+                            warn!(partition = self.partition, index, error = %e, "undecodable entry skipped");
+                            Vec::new()
+                        }
+                    };
+                    let (mut replies, mut event_txs) = match waiter {
+                        Some(p) => (p.replies, p.events),
+                        None => (Vec::new(), Vec::new()),
+                    };
+                    for (i, command) in commands.into_iter().enumerate() {
+                        let sm_index = (index << BATCH_BITS) | i as u64;
+                        let client = connect_client(&command.command);
+                        let (reply, fx) = self.sm.apply(sm_index, command);
+                        let new_conn = match (&reply, event_txs.get_mut(i).and_then(Option::take)) {
+                            (Reply::Connected { epoch, .. }, Some(tx)) => Some((*epoch, tx)),
+                            _ => None,
+                        };
+                        if leading {
+                            self.dispatch(fx, new_conn.as_ref(), effects);
+                            if let (Some(client), Some(conn)) = (client, new_conn) {
+                                self.connections.insert(client, conn);
+                            }
+                        }
+                        if let Some(Some(r)) = replies.get_mut(i).map(Option::take) {
+                            let _ = r.send(Ok(reply));
+                        }
+                    }
+                }
+                EntryType::EntryNormal => {} // the empty entry a new leader appends
+                EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
+                    // Membership changes arrive with elastic scaling; static groups have none.
+                    warn!(partition = self.partition, index, "conf change ignored");
+                }
+            }
+            self.applied_since_checkpoint += 1;
+        }
+    }
+
+    /// Carries out effects on the leader: events to connections; everything else is handed
+    /// to the node's owner.
+    fn dispatch(
+        &mut self,
+        fx: Vec<Effect>,
+        new_conn: Option<&(u64, EventSender)>,
+        out: &mut Vec<Effect>,
+    ) {
+        for effect in fx {
+            match effect {
+                Effect::Send {
+                    client_id,
+                    epoch,
+                    event,
+                } => {
+                    let tx = match new_conn {
+                        Some((e, tx)) if *e == epoch => Some(tx),
+                        _ => match self.connections.get(&client_id) {
+                            Some((e, tx)) if *e == epoch => Some(tx),
+                            _ => None,
+                        },
+                    };
+                    if let Some(tx) = tx {
+                        let _ = tx.send(event);
+                    }
+                }
+                other => out.push(other),
+            }
+        }
+    }
+
+    fn maybe_checkpoint(&mut self, config: &RaftConfig, force: bool) {
+        if !force && self.applied_since_checkpoint < config.checkpoint_entries {
+            return;
+        }
+        if self.applied_since_checkpoint == 0 {
+            return;
+        }
+        if let Err(e) = self.checkpoints.checkpoint(&mut self.sm) {
+            warn!(partition = self.partition, error = %e, "checkpoint failed");
+            return;
+        }
+        self.applied_since_checkpoint = 0;
+        let applied = self.sm.applied_index() >> BATCH_BITS;
+        let keep_from = applied.saturating_sub(config.log_keep_entries);
+        if keep_from > self.storage.snapshot_metadata().index + 1 {
+            // Lagging followers beyond this point get a snapshot.
+            if let Err(e) = self.build_snapshot() {
+                warn!(partition = self.partition, error = %e, "snapshot failed");
+                return;
+            }
+            if let Err(e) = self.storage.compact(keep_from) {
+                warn!(partition = self.partition, error = %e, "log compaction failed");
+            }
+        }
+    }
+
+    /// Stores a snapshot of the applied state so lagging replicas can catch up.
+    fn build_snapshot(&mut self) -> Result<(), raft::Error> {
+        let applied = self.sm.applied_index() >> BATCH_BITS;
+        if applied == 0 {
+            return Ok(());
+        }
+        let term = self.raw.raft.raft_log.term(applied)?;
+        let conf: ConfState = self.raw.raft.prs().conf().to_conf_state();
+        let data = postcard::to_stdvec(&self.sm.image())
+            .map_err(|e| raft::Error::ConfChangeError(e.to_string()))?;
+        self.storage.store_snapshot(applied, term, conf, data)
+    }
+
+    /// Installs a snapshot received from the leader into the state machine.
+    fn install_snapshot(&mut self, snap: &Snapshot, limits: SessionLimits) {
+        match postcard::from_bytes::<PartitionImage>(snap.get_data()) {
+            Ok(image) => {
+                self.sm = Partition::restore(limits, image);
+                if let Err(e) = self.checkpoints.replace_all(&mut self.sm) {
+                    warn!(partition = self.partition, error = %e, "storing snapshot state failed");
+                }
+                self.connections.clear();
+                info!(
+                    partition = self.partition,
+                    index = snap.get_metadata().index,
+                    "snapshot installed"
+                );
+            }
+            Err(e) => warn!(partition = self.partition, error = %e, "undecodable snapshot"),
+        }
+    }
+}
+
+fn connect_client(c: &Command) -> Option<Arc<str>> {
+    match c {
+        Command::Connect { client_id, .. } => Some(client_id.clone()),
+        _ => None,
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Starts the driver of node `config.node_id` for the groups `map` assigns to it.
+///
+/// `effects` receives the effects the state machines produce on this node while it leads
+/// (wills to publish, route changes); deliveries go straight to the sessions' event channels.
+pub fn start(
+    config: RaftConfig,
+    db: sled::Db,
+    map: &PartitionMap,
+    transport: Arc<dyn Transport>,
+    effects: Option<mpsc::UnboundedSender<(u32, Effect)>>,
+) -> Result<RaftHandle, raft::Error> {
+    let logger = slog::Logger::root(tracing_slog::TracingSlogDrain, slog::o!());
+    let mut groups = BTreeMap::new();
+    for partition in map.partitions_of(config.node_id) {
+        let storage = SledRaftStorage::open(&db, partition)?;
+        if storage.is_empty() {
+            storage.initialize(map.replicas_of(partition))?;
+        }
+        let checkpoints = PartitionStore::open(&db, partition)
+            .map_err(|e| raft::Error::ConfChangeError(e.to_string()))?;
+        let recovered = checkpoints
+            .recover(config.limits)
+            .map_err(|e| raft::Error::ConfChangeError(e.to_string()))?;
+        let sm = recovered.partition;
+        let applied = (sm.applied_index() >> BATCH_BITS).max(storage.snapshot_metadata().index);
+        let raft_config = raft::Config {
+            id: config.node_id,
+            election_tick: config.election_tick,
+            heartbeat_tick: config.heartbeat_tick,
+            applied,
+            max_size_per_msg: 1024 * 1024,
+            max_inflight_msgs: 256,
+            check_quorum: true,
+            pre_vote: true,
+            ..Default::default()
+        };
+        let log = logger.new(slog::o!("partition" => partition));
+        let raw = RawNode::new(&raft_config, storage.clone(), &log)?;
+        debug!(partition, applied, "group started");
+        groups.insert(
+            partition,
+            Group {
+                partition,
+                raw,
+                storage,
+                checkpoints,
+                sm,
+                pending: VecDeque::new(),
+                proposals: Vec::new(),
+                connections: HashMap::new(),
+                applied_since_checkpoint: 0,
+                was_leader: false,
+            },
+        );
+    }
+    let (tx, rx) = mpsc::unbounded_channel();
+    let handle = RaftHandle {
+        node_id: config.node_id,
+        tx,
+    };
+    let driver = Driver {
+        config,
+        db,
+        groups,
+        rx,
+        transport,
+        effects,
+        last_now: 0,
+    };
+    tokio::spawn(driver.run());
+    Ok(handle)
+}
+
+struct Driver {
+    config: RaftConfig,
+    db: sled::Db,
+    groups: BTreeMap<u32, Group>,
+    rx: mpsc::UnboundedReceiver<NodeMsg>,
+    transport: Arc<dyn Transport>,
+    effects: Option<mpsc::UnboundedSender<(u32, Effect)>>,
+    last_now: u64,
+}
+
+/// Raft messages gathered during one round, per destination node.
+#[derive(Default)]
+struct Outbox(BTreeMap<NodeId, Vec<(u32, RaftMessage)>>);
+
+impl Outbox {
+    fn add(&mut self, partition: u32, messages: Vec<RaftMessage>) {
+        for m in messages {
+            self.0.entry(m.to).or_default().push((partition, m));
+        }
+    }
+
+    fn send(&mut self, transport: &dyn Transport) {
+        for (to, batch) in std::mem::take(&mut self.0) {
+            transport.send(to, batch);
+        }
+    }
+}
+
+impl Driver {
+    async fn run(mut self) {
+        let mut tick = tokio::time::interval(self.config.tick_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_sm_tick = Instant::now();
+        loop {
+            // 1. collect
+            let mut stop = None;
+            let mut ticked = false;
+            tokio::select! {
+                msg = self.rx.recv() => match msg {
+                    Some(m) => stop = self.handle(m),
+                    None => break,
+                },
+                _ = tick.tick() => ticked = true,
+            }
+            while stop.is_none() {
+                match self.rx.try_recv() {
+                    Ok(m) => stop = self.handle(m),
+                    Err(_) => break,
+                }
+            }
+            if let Some(done) = stop {
+                for g in self.groups.values_mut() {
+                    g.maybe_checkpoint(&self.config, true);
+                    g.fail_pending(ProposeError::Stopped);
+                }
+                let _ = self.db.flush();
+                drop(self);
+                let _ = done.send(());
+                return;
+            }
+            if ticked {
+                for g in self.groups.values_mut() {
+                    g.raw.tick();
+                }
+                if last_sm_tick.elapsed() >= self.config.sm_tick_interval {
+                    last_sm_tick = Instant::now();
+                    for g in self.groups.values_mut() {
+                        if g.is_leader() {
+                            let (reply, _) = oneshot::channel();
+                            g.proposals.push((Command::Tick, reply, None));
+                        }
+                    }
+                }
+            }
+            // 2. propose
+            self.propose_batches();
+            // 3-5. ready, persist, send, advance
+            self.process_ready().await;
+            for g in self.groups.values_mut() {
+                g.maybe_checkpoint(&self.config, false);
+                if let Some(index) = g.storage.snapshot_wanted() {
+                    if (g.sm.applied_index() >> BATCH_BITS) >= index {
+                        if let Err(e) = g.build_snapshot() {
+                            warn!(partition = g.partition, error = %e, "snapshot failed");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handles one mailbox message; returns the stop waiter when asked to stop.
+    fn handle(&mut self, msg: NodeMsg) -> Option<oneshot::Sender<()>> {
+        match msg {
+            NodeMsg::Propose {
+                partition,
+                command,
+                reply,
+                events,
+            } => match self.groups.get_mut(&partition) {
+                None => {
+                    let _ = reply.send(Err(ProposeError::UnknownPartition(partition)));
+                }
+                Some(g) if !g.is_leader() => {
+                    let _ = reply.send(Err(ProposeError::NotLeader { leader: g.leader() }));
+                }
+                Some(g) => g.proposals.push((command, reply, events)),
+            },
+            NodeMsg::Raft { partition, message } => {
+                if let Some(g) = self.groups.get_mut(&partition) {
+                    if let Err(e) = g.raw.step(message) {
+                        debug!(partition, error = %e, "raft message refused");
+                    }
+                }
+            }
+            NodeMsg::Status { partition, reply } => {
+                let _ = reply.send(self.groups.get(&partition).map(Group::status));
+            }
+            NodeMsg::Image { partition, reply } => {
+                let image = self.groups.get(&partition).map(|g| {
+                    let mut image = g.sm.image();
+                    image.applied_index = 0; // replicas may have applied different tails
+                    postcard::to_stdvec(&image).unwrap_or_default()
+                });
+                let _ = reply.send(image);
+            }
+            NodeMsg::Stop { done } => return Some(done),
+        }
+        None
+    }
+
+    fn now(&mut self) -> u64 {
+        self.last_now = self.last_now.max(now_ms());
+        self.last_now
+    }
+
+    fn propose_batches(&mut self) {
+        let now = self.now();
+        for g in self.groups.values_mut() {
+            if g.proposals.is_empty() {
+                continue;
+            }
+            if !g.is_leader() {
+                let leader = g.leader();
+                for (_, reply, _) in g.proposals.drain(..) {
+                    let _ = reply.send(Err(ProposeError::NotLeader { leader }));
+                }
+                continue;
+            }
+            while !g.proposals.is_empty() {
+                let n = g.proposals.len().min(MAX_BATCH);
+                let batch: Vec<_> = g.proposals.drain(..n).collect();
+                let mut entries = Vec::with_capacity(batch.len());
+                let mut replies = Vec::with_capacity(batch.len());
+                let mut events = Vec::with_capacity(batch.len());
+                for (command, reply, ev) in batch {
+                    entries.push(Entry {
+                        now_ms: now,
+                        command,
+                    });
+                    replies.push(Some(reply));
+                    events.push(ev);
+                }
+                let data = match postcard::to_stdvec(&entries) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        warn!(error = %e, "cannot encode proposal");
+                        continue;
+                    }
+                };
+                if let Err(e) = g.raw.propose(vec![], data) {
+                    let leader = g.leader();
+                    debug!(partition = g.partition, error = %e, "proposal refused");
+                    for r in replies.into_iter().flatten() {
+                        let _ = r.send(Err(ProposeError::NotLeader { leader }));
+                    }
+                    continue;
+                }
+                g.pending.push_back(Pending {
+                    index: g.raw.raft.raft_log.last_index(),
+                    term: g.raw.raft.term,
+                    replies,
+                    events,
+                });
+            }
+        }
+    }
+
+    async fn process_ready(&mut self) {
+        let mut outbox = Outbox::default();
+        let mut effects = Vec::new();
+        let mut readies = Vec::new();
+        let mut wrote = false;
+        for (&p, g) in self.groups.iter_mut() {
+            if !g.raw.has_ready() {
+                continue;
+            }
+            let mut rd = g.raw.ready();
+            outbox.add(p, rd.take_messages());
+            if !rd.snapshot().is_empty() {
+                let snap = rd.snapshot().clone();
+                if let Err(e) = g.storage.apply_snapshot(snap.clone()) {
+                    warn!(partition = p, error = %e, "cannot apply snapshot");
+                }
+                g.install_snapshot(&snap, self.config.limits);
+                wrote = true;
+            }
+            let mut fx = Vec::new();
+            g.apply_committed(rd.take_committed_entries(), &mut fx);
+            effects.extend(fx.into_iter().map(|e| (p, e)));
+            if !rd.entries().is_empty() {
+                if let Err(e) = g.storage.append(rd.entries()) {
+                    warn!(partition = p, error = %e, "cannot append entries");
+                }
+                wrote = true;
+            }
+            if let Some(hs) = rd.hs() {
+                if let Err(e) = g.storage.set_hard_state(hs.clone()) {
+                    warn!(partition = p, error = %e, "cannot store hard state");
+                }
+                wrote = true;
+            }
+            readies.push((p, rd));
+        }
+        outbox.send(&*self.transport);
+        if wrote {
+            // One fsync for every group's entries: the group commit that makes QoS1 fast.
+            if let Err(e) = self.db.flush_async().await {
+                warn!(error = %e, "flush failed");
+            }
+        }
+        for (p, mut rd) in readies {
+            let g = self.groups.get_mut(&p).expect("group exists");
+            outbox.add(p, rd.take_persisted_messages());
+            let mut light = g.raw.advance(rd);
+            if let Some(commit) = light.commit_index() {
+                if let Err(e) = g.storage.set_commit(commit) {
+                    warn!(partition = p, error = %e, "cannot store commit index");
+                }
+            }
+            outbox.add(p, light.take_messages());
+            let mut fx = Vec::new();
+            g.apply_committed(light.take_committed_entries(), &mut fx);
+            effects.extend(fx.into_iter().map(|e| (p, e)));
+            g.raw.advance_apply();
+        }
+        outbox.send(&*self.transport);
+        for g in self.groups.values_mut() {
+            let leading = g.is_leader();
+            if g.was_leader && !leading {
+                // Entries of ours may still commit under the new leader, but we cannot tell
+                // our proposers; they retry (a duplicate at worst, never a false ack).
+                g.fail_pending(ProposeError::NotLeader { leader: g.leader() });
+                g.connections.clear();
+            }
+            if !g.was_leader && leading {
+                info!(
+                    partition = g.partition,
+                    term = g.raw.raft.term,
+                    "became leader"
+                );
+            }
+            g.was_leader = leading;
+        }
+        if let Some(tx) = &self.effects {
+            for e in effects {
+                let _ = tx.send(e);
+            }
+        }
+    }
+}
+
+/// Encodes a Raft message with the raft crate's own protobuf codec.
+pub fn encode_message(m: &RaftMessage) -> Vec<u8> {
+    m.write_to_bytes().unwrap_or_default()
+}
+
+/// Decodes a Raft message; `None` for bytes that are not one.
+pub fn decode_message(bytes: &[u8]) -> Option<RaftMessage> {
+    RaftMessage::parse_from_bytes(bytes).ok()
+}

@@ -1,0 +1,483 @@
+//! Three backend nodes in one process, connected by an in-memory network that can lose nodes
+//! and cut links: leader election for every partition, identical replicas, failover, catch-up
+//! after restart, minority isolation, and a seeded randomized fault test.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use raft::prelude::Message as RaftMessage;
+use tiermq_backend::partition::command::{Command, Reply};
+use tiermq_backend::placement::{NodeId, PartitionMap, DEFAULT_VNODES};
+use tiermq_backend::raft::node::{
+    decode_message, encode_message, start, GroupStatus, ProposeError, RaftConfig, RaftHandle,
+    Transport,
+};
+use tiermq_common::{Message, QoS};
+
+const PARTITIONS: u32 = 4;
+
+/// The in-memory network: who is up, and which directed links are cut.
+#[derive(Default)]
+struct Net {
+    nodes: Mutex<HashMap<NodeId, RaftHandle>>,
+    cut: Mutex<HashSet<(NodeId, NodeId)>>,
+}
+
+struct Port {
+    from: NodeId,
+    net: Arc<Net>,
+}
+
+impl Transport for Port {
+    fn send(&self, to: NodeId, messages: Vec<(u32, RaftMessage)>) {
+        if self.net.cut.lock().unwrap().contains(&(self.from, to)) {
+            return;
+        }
+        let Some(h) = self.net.nodes.lock().unwrap().get(&to).cloned() else {
+            return;
+        };
+        for (p, m) in messages {
+            // Through the wire encoding, as the gRPC transport does.
+            let m = decode_message(&encode_message(&m)).expect("round trip");
+            h.step(p, m);
+        }
+    }
+}
+
+struct Cluster {
+    net: Arc<Net>,
+    map: PartitionMap,
+    dirs: HashMap<NodeId, PathBuf>,
+    _tmp: tempfile::TempDir,
+}
+
+fn config(id: NodeId) -> RaftConfig {
+    let mut c = RaftConfig::new(id);
+    c.tick_interval = Duration::from_millis(20);
+    c.checkpoint_entries = 50;
+    c.log_keep_entries = 10;
+    c
+}
+
+fn open_db(path: &PathBuf) -> sled::Db {
+    // sled releases the directory lock of a dropped database asynchronously.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match sled::Config::new().path(path).flush_every_ms(None).open() {
+            Ok(db) => return db,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("open {}: {e}", path.display()),
+        }
+    }
+}
+
+impl Cluster {
+    fn new(ids: &[NodeId]) -> Cluster {
+        let tmp = tempfile::tempdir().unwrap();
+        let map = PartitionMap::compute(1, ids, PARTITIONS, 3, DEFAULT_VNODES);
+        let mut c = Cluster {
+            net: Arc::new(Net::default()),
+            map,
+            dirs: HashMap::new(),
+            _tmp: tmp,
+        };
+        for &id in ids {
+            let dir = c._tmp.path().join(format!("node{id}"));
+            c.dirs.insert(id, dir);
+            c.start(id);
+        }
+        c
+    }
+
+    fn start(&mut self, id: NodeId) {
+        let db = open_db(&self.dirs[&id]);
+        let port = Arc::new(Port {
+            from: id,
+            net: self.net.clone(),
+        });
+        let h = start(config(id), db, &self.map, port, None).expect("start node");
+        self.net.nodes.lock().unwrap().insert(id, h);
+    }
+
+    async fn stop(&mut self, id: NodeId) {
+        let h = self.net.nodes.lock().unwrap().remove(&id);
+        if let Some(h) = h {
+            h.stop().await;
+        }
+    }
+
+    fn handle(&self, id: NodeId) -> Option<RaftHandle> {
+        self.net.nodes.lock().unwrap().get(&id).cloned()
+    }
+
+    fn live(&self) -> Vec<NodeId> {
+        let mut v: Vec<_> = self.net.nodes.lock().unwrap().keys().copied().collect();
+        v.sort();
+        v
+    }
+
+    fn isolate(&self, id: NodeId, all: &[NodeId]) {
+        let mut cut = self.net.cut.lock().unwrap();
+        for &o in all {
+            if o != id {
+                cut.insert((id, o));
+                cut.insert((o, id));
+            }
+        }
+    }
+
+    fn heal(&self) {
+        self.net.cut.lock().unwrap().clear();
+    }
+
+    async fn status(&self, id: NodeId, p: u32) -> Option<GroupStatus> {
+        self.handle(id)?.status(p).await
+    }
+
+    /// The leader of `p` as seen by a live, reachable node that claims it.
+    async fn leader(&self, p: u32) -> Option<NodeId> {
+        for id in self.live() {
+            if let Some(s) = self.status(id, p).await {
+                if s.is_leader {
+                    return Some(id);
+                }
+            }
+        }
+        None
+    }
+
+    async fn wait_leaders(&self, timeout: Duration) -> HashMap<u32, NodeId> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut leaders = HashMap::new();
+            for p in 0..PARTITIONS {
+                if let Some(l) = self.leader(p).await {
+                    leaders.insert(p, l);
+                }
+            }
+            if leaders.len() == PARTITIONS as usize {
+                return leaders;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no leader for every partition: {leaders:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Proposes through whichever node leads `p` now, retrying while leadership moves.
+    async fn propose(
+        &self,
+        p: u32,
+        cmd: Command,
+        timeout: Duration,
+    ) -> Result<Reply, ProposeError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let leader = self.leader(p).await;
+            let result = match leader.and_then(|l| self.handle(l)) {
+                Some(h) => {
+                    match tokio::time::timeout(Duration::from_secs(2), h.propose(p, cmd.clone()))
+                        .await
+                    {
+                        Ok(r) => r,
+                        Err(_) => Err(ProposeError::Dropped),
+                    }
+                }
+                None => Err(ProposeError::NotLeader { leader: None }),
+            };
+            match result {
+                Ok(r) => return Ok(r),
+                Err(e) if Instant::now() >= deadline => return Err(e),
+                Err(_) => tokio::time::sleep(Duration::from_millis(30)).await,
+            }
+        }
+    }
+
+    /// Waits until every live replica of `p` has applied the same state; returns it.
+    async fn converged(&self, p: u32, timeout: Duration) -> Vec<u8> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut images = Vec::new();
+            let mut applied = Vec::new();
+            for id in self.live() {
+                if !self.map.replicas_of(p).contains(&id) {
+                    continue;
+                }
+                let h = self.handle(id).unwrap();
+                images.push(h.image(p).await.unwrap());
+                let s = h.status(p).await.unwrap();
+                applied.push((s.applied, s.commit));
+            }
+            let same = images.windows(2).all(|w| w[0] == w[1]);
+            let caught_up = applied.windows(2).all(|w| w[0].0 == w[1].0);
+            if same && caught_up && !images.is_empty() {
+                return images.pop().unwrap();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "partition {p} replicas did not converge: applied/commit {applied:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+    }
+}
+
+fn retained(topic: &str, payload: &str) -> Command {
+    Command::Publish {
+        message: Arc::new(Message::new(
+            topic,
+            payload.to_string(),
+            QoS::AtLeastOnce,
+            true,
+        )),
+        publisher: None,
+        store_retained: true,
+        inbound_qos2: None,
+    }
+}
+
+/// Decodes a replica image and returns its retained topics → payloads.
+fn retained_in(image: &[u8]) -> HashMap<String, String> {
+    let image: tiermq_backend::partition::PartitionImage = postcard::from_bytes(image).unwrap();
+    image
+        .retained
+        .iter()
+        .map(|m| {
+            (
+                m.topic.clone(),
+                String::from_utf8(m.payload.to_vec()).unwrap(),
+            )
+        })
+        .collect()
+}
+
+const T: Duration = Duration::from_secs(20);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn elects_a_leader_for_every_partition_and_replicates_identically() {
+    let c = Cluster::new(&[1, 2, 3]);
+    let leaders = c.wait_leaders(T).await;
+    assert_eq!(leaders.len(), PARTITIONS as usize);
+    for p in 0..PARTITIONS {
+        for i in 0..20 {
+            let r = c
+                .propose(p, retained(&format!("p{p}/k{i}"), &format!("v{i}")), T)
+                .await
+                .unwrap();
+            assert!(matches!(r, Reply::Published { .. }), "{r:?}");
+        }
+    }
+    for p in 0..PARTITIONS {
+        let image = c.converged(p, T).await;
+        let kept = retained_in(&image);
+        assert_eq!(kept.len(), 20, "partition {p}");
+        assert_eq!(kept[&format!("p{p}/k7")], "v7");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_loss_elects_a_new_leader_and_loses_no_committed_command() {
+    let mut c = Cluster::new(&[1, 2, 3]);
+    let leaders = c.wait_leaders(T).await;
+    let p = 0;
+    for i in 0..30 {
+        c.propose(p, retained(&format!("a/{i}"), "x"), T)
+            .await
+            .unwrap();
+    }
+    let old = leaders[&p];
+    let killed_at = Instant::now();
+    c.stop(old).await;
+    let new = loop {
+        if let Some(l) = c.leader(p).await {
+            if l != old {
+                break l;
+            }
+        }
+        assert!(killed_at.elapsed() < T, "no new leader");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let failover = killed_at.elapsed();
+    eprintln!("partition {p}: leader {old} killed, {new} leads after {failover:?}");
+    for i in 30..40 {
+        c.propose(p, retained(&format!("a/{i}"), "y"), T)
+            .await
+            .unwrap();
+    }
+    let kept = retained_in(&c.converged(p, T).await);
+    for i in 0..40 {
+        assert!(kept.contains_key(&format!("a/{i}")), "lost a/{i}");
+    }
+    // The killed node restarts from its data folder and catches up (log or snapshot).
+    c.start(old);
+    let after = retained_in(&c.converged(p, T).await);
+    assert_eq!(after, kept);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_replica_catches_up_by_snapshot() {
+    let mut c = Cluster::new(&[1, 2, 3]);
+    let leaders = c.wait_leaders(T).await;
+    let p = 1;
+    let follower = *c
+        .map
+        .replicas_of(p)
+        .iter()
+        .find(|n| **n != leaders[&p])
+        .unwrap();
+    c.stop(follower).await;
+    // Far more entries than the log keeps behind a checkpoint: the follower needs a snapshot.
+    for i in 0..300 {
+        c.propose(p, retained(&format!("s/{i}"), "z"), T)
+            .await
+            .unwrap();
+    }
+    let first_index_before = c.status(leaders[&p], p).await.unwrap().snapshot_index;
+    assert!(first_index_before > 0, "the leader compacted nothing");
+    c.start(follower);
+    let kept = retained_in(&c.converged(p, T).await);
+    assert_eq!(kept.len(), 300);
+    let s = c.status(follower, p).await.unwrap();
+    assert!(
+        s.snapshot_index > 0,
+        "the follower caught up without a snapshot: {s:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_isolated_minority_cannot_commit_while_the_majority_goes_on() {
+    let c = Cluster::new(&[1, 2, 3]);
+    let leaders = c.wait_leaders(T).await;
+    let p = 2;
+    let old_leader = leaders[&p];
+    c.isolate(old_leader, &[1, 2, 3]);
+    // The isolated node cannot commit anything, even if it still thinks it leads.
+    let h = c.handle(old_leader).unwrap();
+    let r = tokio::time::timeout(
+        Duration::from_millis(1500),
+        h.propose(p, retained("m/iso", "1")),
+    )
+    .await;
+    assert!(!matches!(r, Ok(Ok(_))), "minority committed: {r:?}");
+    // The majority elects a leader among itself and commits.
+    let deadline = Instant::now() + T;
+    let new_leader = loop {
+        let mut found = None;
+        for id in [1, 2, 3] {
+            if id == old_leader {
+                continue;
+            }
+            if c.status(id, p).await.is_some_and(|s| s.is_leader) {
+                found = Some(id);
+            }
+        }
+        if let Some(l) = found {
+            break l;
+        }
+        assert!(Instant::now() < deadline, "majority elected no leader");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let r = c
+        .handle(new_leader)
+        .unwrap()
+        .propose(p, retained("m/maj", "2"))
+        .await;
+    assert!(r.is_ok(), "{r:?}");
+    c.heal();
+    let kept = retained_in(&c.converged(p, T).await);
+    assert!(kept.contains_key("m/maj"));
+    assert!(
+        !kept.contains_key("m/iso"),
+        "an uncommitted minority write survived"
+    );
+}
+
+/// A seeded sequence of proposals, node crashes and restarts and link cuts; at the end every
+/// acknowledged command is on every replica and all replicas agree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn randomized_faults_keep_every_acknowledged_command() {
+    let seed: u64 = std::env::var("TIERMQ_RAFT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x5eed);
+    eprintln!("seed {seed} (set TIERMQ_RAFT_SEED to reproduce another)");
+    let mut rng = Lcg(seed);
+    let all = [1, 2, 3];
+    let mut c = Cluster::new(&all);
+    c.wait_leaders(T).await;
+    let mut acked: HashMap<u32, Vec<String>> = HashMap::new();
+    let mut down: Option<NodeId> = None;
+    for step in 0..120 {
+        match rng.next() % 10 {
+            0 if down.is_none() => {
+                let id = all[(rng.next() % 3) as usize];
+                c.stop(id).await;
+                down = Some(id);
+            }
+            1 => {
+                if let Some(id) = down.take() {
+                    c.start(id);
+                }
+            }
+            2 => {
+                let a = all[(rng.next() % 3) as usize];
+                let b = all[(rng.next() % 3) as usize];
+                if a != b {
+                    c.net.cut.lock().unwrap().insert((a, b));
+                }
+            }
+            3 => c.heal(),
+            _ => {
+                let p = (rng.next() % PARTITIONS as u64) as u32;
+                let topic = format!("r/{step}");
+                if let Ok(Reply::Published { .. }) = c
+                    .propose(p, retained(&topic, "v"), Duration::from_secs(3))
+                    .await
+                {
+                    acked.entry(p).or_default().push(topic);
+                }
+            }
+        }
+    }
+    c.heal();
+    if let Some(id) = down.take() {
+        c.start(id);
+    }
+    c.wait_leaders(T).await;
+    let mut total = 0;
+    for p in 0..PARTITIONS {
+        let kept = retained_in(&c.converged(p, Duration::from_secs(30)).await);
+        for topic in acked.get(&p).into_iter().flatten() {
+            assert!(
+                kept.contains_key(topic),
+                "acknowledged {topic} lost in partition {p}"
+            );
+            total += 1;
+        }
+    }
+    eprintln!("{total} acknowledged commands found on every replica");
+    assert!(
+        total > 20,
+        "too few commands acknowledged ({total}) for the test to mean much"
+    );
+}
+
+/// A small deterministic generator (no extra dependency; the seed reproduces the run).
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        self.0 >> 33
+    }
+}
