@@ -394,3 +394,91 @@ async fn qos2_inbound_is_exactly_once() {
         other => panic!("expected PUBCOMP, got {other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_above_the_clients_maximum_packet_size_are_skipped() {
+    let b = start_broker().await;
+    let (mut sub, _) = Raw::connect(b.addr, ProtocolVersion::V5, "small", |c| {
+        c.properties.maximum_packet_size = Some(128);
+        c.properties.receive_maximum = Some(1);
+    })
+    .await;
+    sub.subscribe("mps", sub_opts(QoS::AtLeastOnce)).await;
+    let mut publ = Raw::v5(b.addr, "pub").await;
+    for (pid, size) in [(1u16, 500usize), (2, 10), (3, 500), (4, 20)] {
+        publ.publish_qos1(publish_packet("mps", QoS::AtLeastOnce, Some(pid), &vec![b'x'; size]))
+            .await;
+    }
+    // §3.1.2.11.4: too large for the client, so discarded; the window (Receive Maximum 1)
+    // must not stay blocked by the skipped messages.
+    for want in [10usize, 20] {
+        let p = sub.recv_publish().await;
+        assert_eq!(p.payload.len(), want);
+        sub.puback(p.packet_id.unwrap()).await;
+    }
+    sub.expect_silence().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wildcards_do_not_match_dollar_topics() {
+    let b = start_broker().await;
+    let mut all = Raw::v5(b.addr, "all").await;
+    all.subscribe("#", sub_opts(QoS::AtMostOnce)).await;
+    let mut plus = Raw::v5(b.addr, "plus").await;
+    plus.subscribe("+/x", sub_opts(QoS::AtMostOnce)).await;
+    let mut dollar = Raw::v5(b.addr, "dollar").await;
+    dollar.subscribe("$app/#", sub_opts(QoS::AtMostOnce)).await;
+    let mut publ = Raw::v5(b.addr, "pub").await;
+    publ.send(&Packet::Publish(publish_packet("$app/x", QoS::AtMostOnce, None, b"d")))
+        .await;
+    publ.ping().await;
+    // §4.7.2: filters starting with a wildcard do not match topics starting with '$'.
+    assert_eq!(dollar.recv_publish().await.topic, "$app/x");
+    all.expect_silence().await;
+    plus.expect_silence().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maximum_qos_is_enforced() {
+    let b = start_broker_with(|s| s.mqtt.maximum_qos = 1).await;
+    let mut sub = Raw::v5(b.addr, "sub").await;
+    // Granted QoS is capped at the server maximum.
+    sub.send(&Packet::Subscribe(tiermq_common::codec::Subscribe {
+        packet_id: 1,
+        filters: vec![("mq".into(), sub_opts(QoS::ExactlyOnce))],
+        properties: Default::default(),
+    }))
+    .await;
+    match sub.recv().await {
+        Packet::SubAck(s) => assert_eq!(s.reason_codes, vec![ReasonCode::GRANTED_QOS_1]),
+        other => panic!("expected SUBACK, got {other:?}"),
+    }
+    // A QoS2 PUBLISH above Maximum QoS: DISCONNECT 0x9B (§3.2.2.3.4).
+    let mut publ = Raw::v5(b.addr, "pub").await;
+    publ.send(&Packet::Publish(publish_packet("mq", QoS::ExactlyOnce, Some(1), b"x")))
+        .await;
+    publ.expect_disconnect(ReasonCode(0x9B)).await;
+    sub.expect_silence().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_subscriptions_are_refused_consistently() {
+    let b = start_broker().await;
+    let (mut c, ack) = Raw::connect(b.addr, ProtocolVersion::V5, "shared", |_| {}).await;
+    let announced = ack.properties.shared_subscription_available;
+    c.send(&Packet::Subscribe(tiermq_common::codec::Subscribe {
+        packet_id: 1,
+        filters: vec![("$share/g/t".into(), sub_opts(QoS::AtLeastOnce))],
+        properties: Default::default(),
+    }))
+    .await;
+    let code = match c.recv().await {
+        Packet::SubAck(s) => s.reason_codes[0],
+        other => panic!("expected SUBACK, got {other:?}"),
+    };
+    if announced == Some(false) {
+        assert_eq!(code, ReasonCode(0x9E), "CONNACK said shared subscriptions are off");
+    } else {
+        assert_eq!(code, ReasonCode::GRANTED_QOS_1);
+    }
+}

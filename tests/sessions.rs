@@ -288,3 +288,14 @@ async fn rumqttc_v5_sees_takeover() {
     );
     c.subscribe("after", Q5::AtMostOnce).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnect_just_after_expiry_finds_no_session() {
+    let b = start_broker().await;
+    let (mut c, _) = Raw::connect(b.addr, V5, "justexpired", persistent(1)).await;
+    c.subscribe("je", sub_opts(QoS::AtLeastOnce)).await;
+    c.disconnect(ReasonCode::NORMAL_DISCONNECTION).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (_c, ack) = Raw::connect(b.addr, V5, "justexpired", persistent(1)).await;
+    assert!(!ack.session_present, "expired session resumed");
+}

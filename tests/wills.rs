@@ -235,3 +235,41 @@ async fn takeover_publishes_the_old_connections_will() {
     drop(new);
     w.expect_silence().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnect_after_the_will_delay_does_not_cancel_the_will() {
+    let b = start_broker().await;
+    let mut w = watcher(b.addr).await;
+    let connect = |c: &mut Connect| {
+        c.clean_start = false;
+        c.properties.session_expiry_interval = Some(60);
+        let mut lw = will("will/overdue", "fired");
+        lw.properties.will_delay_interval = Some(1);
+        c.will = Some(lw);
+    };
+    let (c, _) = Raw::connect(b.addr, V5, "overdue", connect).await;
+    drop(c);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // The delay is over: the will is due even if the reconnect beats the broker's timer.
+    let (_c, ack) = Raw::connect(b.addr, V5, "overdue", |c| {
+        c.clean_start = false;
+        c.properties.session_expiry_interval = Some(60);
+    })
+    .await;
+    assert!(ack.session_present);
+    assert_eq!(&w.recv_publish().await.payload[..], b"fired");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v3_keep_alive_zero_is_not_capped_silently() {
+    // MQTT 3.1.1 has no Server Keep Alive: a server cap cannot be told to the client, so a
+    // client that disabled keep alive (0) and sends nothing must not be cut off by it.
+    let b = start_broker_with(|s| s.mqtt.max_keep_alive = 1).await;
+    let (mut c, ack) = Raw::connect(b.addr, V3, "v3-quiet", |c| c.keep_alive = 0).await;
+    assert_eq!(ack.reason_code, ReasonCode::SUCCESS);
+    match c.recv_within(Duration::from_millis(2500)).await {
+        Recv::Timeout => {}
+        other => panic!("3.1.1 client cut off by an unannounced keep alive: {other:?}"),
+    }
+    c.ping().await;
+}

@@ -209,7 +209,11 @@ where
         let client_max_packet = props.maximum_packet_size.unwrap_or(u32::MAX);
         let mut keep_alive = connect.keep_alive;
         let mut server_keep_alive = None;
-        if config.max_keep_alive > 0 && (keep_alive == 0 || keep_alive > config.max_keep_alive) {
+        // Only v5 can be told (Server Keep Alive); a 3.1.1 client keeps its own value.
+        if v5
+            && config.max_keep_alive > 0
+            && (keep_alive == 0 || keep_alive > config.max_keep_alive)
+        {
             keep_alive = config.max_keep_alive;
             server_keep_alive = Some(keep_alive);
         }
