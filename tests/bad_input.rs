@@ -35,7 +35,12 @@ impl Bystanders {
         let n = self.next;
         self.next += 1;
         self.publ
-            .send(&Packet::Publish(publish_packet("by/t", QoS::AtMostOnce, None, b"q0")))
+            .send(&Packet::Publish(publish_packet(
+                "by/t",
+                QoS::AtMostOnce,
+                None,
+                b"q0",
+            )))
             .await;
         self.publ
             .publish_qos1(publish_packet("by/t", QoS::AtLeastOnce, Some(n), b"q1"))
@@ -52,7 +57,10 @@ async fn closed_without_reply(addr: SocketAddr, bytes: &[u8]) {
     let mut raw = Raw::open(addr, V5).await;
     raw.send_bytes(bytes).await;
     let seen = raw.expect_closed().await;
-    assert!(seen.is_empty(), "no reply expected to {bytes:02x?}, got {seen:?}");
+    assert!(
+        seen.is_empty(),
+        "no reply expected to {bytes:02x?}, got {seen:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -114,14 +122,24 @@ async fn wildcard_in_publish_topic_is_0x90() {
     let mut by = Bystanders::new(b.addr).await;
     for topic in ["by/+", "by/#", "#"] {
         let mut c = Raw::v5(b.addr, "wild").await;
-        c.send(&Packet::Publish(publish_packet(topic, QoS::AtLeastOnce, Some(1), b"x")))
-            .await;
+        c.send(&Packet::Publish(publish_packet(
+            topic,
+            QoS::AtLeastOnce,
+            Some(1),
+            b"x",
+        )))
+        .await;
         c.expect_disconnect(ReasonCode::TOPIC_NAME_INVALID).await;
     }
     // An empty topic without an alias is invalid too.
     let mut c = Raw::v5(b.addr, "empty").await;
-    c.send(&Packet::Publish(publish_packet("", QoS::AtMostOnce, None, b"x")))
-        .await;
+    c.send(&Packet::Publish(publish_packet(
+        "",
+        QoS::AtMostOnce,
+        None,
+        b"x",
+    )))
+    .await;
     let seen = c.expect_closed().await;
     assert!(
         matches!(seen.last(), Some(Packet::Disconnect(d)) if d.reason_code.is_error()),
@@ -129,8 +147,13 @@ async fn wildcard_in_publish_topic_is_0x90() {
     );
     // 3.1.1: closed.
     let mut c = Raw::v3(b.addr, "wild3").await;
-    c.send(&Packet::Publish(publish_packet("by/#", QoS::AtMostOnce, None, b"x")))
-        .await;
+    c.send(&Packet::Publish(publish_packet(
+        "by/#",
+        QoS::AtMostOnce,
+        None,
+        b"x",
+    )))
+    .await;
     assert!(c.expect_closed().await.is_empty());
     by.sub.expect_silence().await;
     by.check().await;
@@ -214,9 +237,17 @@ async fn other_malformed_packets_are_0x81_or_0x82() {
     let mut by = Bystanders::new(b.addr).await;
     let cases: Vec<(&str, Vec<u8>, ReasonCode)> = vec![
         // PUBLISH with QoS 3.
-        ("qos3", vec![0x36, 0x05, 0x00, 0x01, b'a', 0x00, 0x01], ReasonCode::MALFORMED_PACKET),
+        (
+            "qos3",
+            vec![0x36, 0x05, 0x00, 0x01, b'a', 0x00, 0x01],
+            ReasonCode::MALFORMED_PACKET,
+        ),
         // PUBLISH QoS0 with DUP.
-        ("dup0", vec![0x38, 0x04, 0x00, 0x01, b'a', 0x00], ReasonCode::MALFORMED_PACKET),
+        (
+            "dup0",
+            vec![0x38, 0x04, 0x00, 0x01, b'a', 0x00],
+            ReasonCode::MALFORMED_PACKET,
+        ),
         // SUBSCRIBE with wrong fixed header flags.
         (
             "subflags",
@@ -224,9 +255,17 @@ async fn other_malformed_packets_are_0x81_or_0x82() {
             ReasonCode::MALFORMED_PACKET,
         ),
         // Topic string longer than the packet.
-        ("strlen", vec![0x30, 0x03, 0x00, 0x09, b'a'], ReasonCode::MALFORMED_PACKET),
+        (
+            "strlen",
+            vec![0x30, 0x03, 0x00, 0x09, b'a'],
+            ReasonCode::MALFORMED_PACKET,
+        ),
         // A server-to-client packet (CONNACK).
-        ("connack", vec![0x20, 0x03, 0x00, 0x00, 0x00], ReasonCode::PROTOCOL_ERROR),
+        (
+            "connack",
+            vec![0x20, 0x03, 0x00, 0x00, 0x00],
+            ReasonCode::PROTOCOL_ERROR,
+        ),
         // PINGREQ with a body.
         ("ping", vec![0xc0, 0x01, 0x00], ReasonCode::MALFORMED_PACKET),
     ];

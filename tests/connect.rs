@@ -106,8 +106,13 @@ async fn v5_empty_client_id_gets_an_assigned_identifier() {
     assert!(!id.is_empty());
     // The connection works.
     raw.subscribe("assigned/t", sub_opts(QoS::AtMostOnce)).await;
-    raw.send(&Packet::Publish(publish_packet("assigned/t", QoS::AtMostOnce, None, b"x")))
-        .await;
+    raw.send(&Packet::Publish(publish_packet(
+        "assigned/t",
+        QoS::AtMostOnce,
+        None,
+        b"x",
+    )))
+    .await;
     assert_eq!(&raw.recv_publish().await.payload[..], b"x");
 
     // A second anonymous client gets a different identifier (no takeover of the first).
@@ -235,7 +240,11 @@ async fn unsupported_protocol_level_wire_bytes() {
         .await
         .expect("closed in time")
         .unwrap();
-    assert_eq!(got, vec![0x20, 0x02, 0x00, 0x01], "3.1.1 CONNACK, return code 1");
+    assert_eq!(
+        got,
+        vec![0x20, 0x02, 0x00, 0x01],
+        "3.1.1 CONNACK, return code 1"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -165,7 +165,11 @@ async fn acked_messages_survive_kill_9_under_load() {
     }
     let got: BTreeSet<u16> = delivered.iter().copied().collect();
     let lost: Vec<_> = acked.difference(&got).collect();
-    assert!(lost.is_empty(), "{} acked messages lost: {lost:?}", lost.len());
+    assert!(
+        lost.is_empty(),
+        "{} acked messages lost: {lost:?}",
+        lost.len()
+    );
     assert!(
         delivered.windows(2).all(|w| w[0] < w[1]),
         "order or duplicates broken"
@@ -240,8 +244,10 @@ async fn sigterm_disconnects_v5_clients_with_0x8b_and_keeps_state() {
 
     let status = broker.terminate().await;
     assert!(status.success(), "exit status {status}");
-    sub.expect_disconnect(ReasonCode::SERVER_SHUTTING_DOWN).await;
-    publ.expect_disconnect(ReasonCode::SERVER_SHUTTING_DOWN).await;
+    sub.expect_disconnect(ReasonCode::SERVER_SHUTTING_DOWN)
+        .await;
+    publ.expect_disconnect(ReasonCode::SERVER_SHUTTING_DOWN)
+        .await;
     assert!(v3.expect_closed().await.is_empty());
 
     let broker = dir.start().await;

@@ -80,7 +80,11 @@ async fn many_qos1_messages_arrive_in_order() {
     }
     for i in 0..200u32 {
         let p = sub.next_publish().await;
-        assert_eq!(p.payload, Bytes::from(i.to_string()), "message {i} out of order");
+        assert_eq!(
+            p.payload,
+            Bytes::from(i.to_string()),
+            "message {i} out of order"
+        );
     }
     // Every publish was acknowledged.
     for _ in 0..200 {
@@ -101,7 +105,11 @@ async fn cross_version_delivery_and_qos_downgrade() {
 
     pub5.publish_qos1("x/q0", b"a").await;
     let p = sub3.next_publish().await;
-    assert_eq!((p.topic.as_str(), p.qos), ("x/q0", Q3::AtMostOnce), "granted QoS 0 wins");
+    assert_eq!(
+        (p.topic.as_str(), p.qos),
+        ("x/q0", Q3::AtMostOnce),
+        "granted QoS 0 wins"
+    );
     assert_eq!(sub5.next_publish().await.qos, Q5::AtLeastOnce);
 
     pub5.client
@@ -109,7 +117,11 @@ async fn cross_version_delivery_and_qos_downgrade() {
         .await
         .unwrap();
     let p = sub3.next_publish().await;
-    assert_eq!((p.topic.as_str(), p.qos), ("x/q1", Q3::AtMostOnce), "message QoS 0 wins");
+    assert_eq!(
+        (p.topic.as_str(), p.qos),
+        ("x/q1", Q3::AtMostOnce),
+        "message QoS 0 wins"
+    );
     assert_eq!(sub5.next_publish().await.qos, Q5::AtMostOnce);
 }
 
@@ -180,7 +192,10 @@ async fn invalid_utf8_with_payload_format_indicator_gets_0x99() {
     // Valid UTF-8 with the indicator passes, indicator included.
     let mut good = publish_packet("pfi", QoS::AtLeastOnce, Some(3), "héllo".as_bytes());
     good.properties.payload_format_indicator = Some(1);
-    assert_eq!(publ.publish_qos1(good).await.reason_code, ReasonCode::SUCCESS);
+    assert_eq!(
+        publ.publish_qos1(good).await.reason_code,
+        ReasonCode::SUCCESS
+    );
     let p = sub.recv_publish().await;
     assert_eq!(p.properties.payload_format_indicator, Some(1));
 }
@@ -211,7 +226,12 @@ async fn puback_0x10_when_nobody_subscribes() {
     // A 3.1.1 publisher gets a plain PUBACK either way.
     let mut p3 = Raw::v3(b.addr, "pub3").await;
     let ack = p3
-        .publish_qos1(publish_packet("nobody/here", QoS::AtLeastOnce, Some(9), b"z"))
+        .publish_qos1(publish_packet(
+            "nobody/here",
+            QoS::AtLeastOnce,
+            Some(9),
+            b"z",
+        ))
         .await;
     assert_eq!(ack.packet_id, 9);
 }
@@ -229,7 +249,12 @@ async fn receive_maximum_limits_unacked_deliveries() {
     let mut publ = Raw::v5(b.addr, "pub").await;
     for i in 1..=6u16 {
         let ack = publ
-            .publish_qos1(publish_packet("flow", QoS::AtLeastOnce, Some(i), &[i as u8]))
+            .publish_qos1(publish_packet(
+                "flow",
+                QoS::AtLeastOnce,
+                Some(i),
+                &[i as u8],
+            ))
             .await;
         assert_eq!(ack.reason_code, ReasonCode::SUCCESS);
     }
@@ -237,7 +262,10 @@ async fn receive_maximum_limits_unacked_deliveries() {
     // Only two unacknowledged deliveries at once.
     let first = sub.recv_publish().await;
     let second = sub.recv_publish().await;
-    assert_eq!((&first.payload[..], &second.payload[..]), (&[1u8][..], &[2u8][..]));
+    assert_eq!(
+        (&first.payload[..], &second.payload[..]),
+        (&[1u8][..], &[2u8][..])
+    );
     sub.expect_silence().await;
 
     // Each ack opens one slot.
@@ -378,8 +406,7 @@ async fn qos2_inbound_is_exactly_once() {
     assert_eq!(got.qos, QoS::ExactlyOnce);
     assert_eq!(&got.payload[..], b"once");
     let pid = got.packet_id.unwrap();
-    sub.send(&Packet::PubRec(PubRec::new(pid)))
-        .await;
+    sub.send(&Packet::PubRec(PubRec::new(pid))).await;
     match sub.recv().await {
         Packet::PubRel(r) => assert_eq!(r.packet_id, pid),
         other => panic!("expected PUBREL, got {other:?}"),
@@ -406,8 +433,13 @@ async fn deliveries_above_the_clients_maximum_packet_size_are_skipped() {
     sub.subscribe("mps", sub_opts(QoS::AtLeastOnce)).await;
     let mut publ = Raw::v5(b.addr, "pub").await;
     for (pid, size) in [(1u16, 500usize), (2, 10), (3, 500), (4, 20)] {
-        publ.publish_qos1(publish_packet("mps", QoS::AtLeastOnce, Some(pid), &vec![b'x'; size]))
-            .await;
+        publ.publish_qos1(publish_packet(
+            "mps",
+            QoS::AtLeastOnce,
+            Some(pid),
+            &vec![b'x'; size],
+        ))
+        .await;
     }
     // §3.1.2.11.4: too large for the client, so discarded; the window (Receive Maximum 1)
     // must not stay blocked by the skipped messages.
@@ -429,8 +461,13 @@ async fn wildcards_do_not_match_dollar_topics() {
     let mut dollar = Raw::v5(b.addr, "dollar").await;
     dollar.subscribe("$app/#", sub_opts(QoS::AtMostOnce)).await;
     let mut publ = Raw::v5(b.addr, "pub").await;
-    publ.send(&Packet::Publish(publish_packet("$app/x", QoS::AtMostOnce, None, b"d")))
-        .await;
+    publ.send(&Packet::Publish(publish_packet(
+        "$app/x",
+        QoS::AtMostOnce,
+        None,
+        b"d",
+    )))
+    .await;
     publ.ping().await;
     // §4.7.2: filters starting with a wildcard do not match topics starting with '$'.
     assert_eq!(dollar.recv_publish().await.topic, "$app/x");
@@ -455,8 +492,13 @@ async fn maximum_qos_is_enforced() {
     }
     // A QoS2 PUBLISH above Maximum QoS: DISCONNECT 0x9B (§3.2.2.3.4).
     let mut publ = Raw::v5(b.addr, "pub").await;
-    publ.send(&Packet::Publish(publish_packet("mq", QoS::ExactlyOnce, Some(1), b"x")))
-        .await;
+    publ.send(&Packet::Publish(publish_packet(
+        "mq",
+        QoS::ExactlyOnce,
+        Some(1),
+        b"x",
+    )))
+    .await;
     publ.expect_disconnect(ReasonCode(0x9B)).await;
     sub.expect_silence().await;
 }
@@ -477,7 +519,11 @@ async fn shared_subscriptions_are_refused_consistently() {
         other => panic!("expected SUBACK, got {other:?}"),
     };
     if announced == Some(false) {
-        assert_eq!(code, ReasonCode(0x9E), "CONNACK said shared subscriptions are off");
+        assert_eq!(
+            code,
+            ReasonCode(0x9E),
+            "CONNACK said shared subscriptions are off"
+        );
     } else {
         assert_eq!(code, ReasonCode::GRANTED_QOS_1);
     }

@@ -85,11 +85,19 @@ async fn retained_is_stored_replaced_and_deleted() {
     live.puback(p.packet_id.unwrap()).await;
     let mut late = Raw::v5(b.addr, "late3").await;
     late.subscribe("r/a", sub_opts(QoS::AtLeastOnce)).await;
-    assert!(drain(&mut late).await.is_empty(), "deleted retained message came back");
+    assert!(
+        drain(&mut late).await.is_empty(),
+        "deleted retained message came back"
+    );
 
     // A QoS0 retained publish is retained too.
-    publ.send(&Packet::Publish(retained("r/q0", QoS::AtMostOnce, None, b"zero")))
-        .await;
+    publ.send(&Packet::Publish(retained(
+        "r/q0",
+        QoS::AtMostOnce,
+        None,
+        b"zero",
+    )))
+    .await;
     publ.ping().await;
     let mut late = Raw::v5(b.addr, "late4").await;
     late.subscribe("r/q0", sub_opts(QoS::AtLeastOnce)).await;
@@ -129,7 +137,10 @@ async fn retain_handling_0_1_2() {
     let got = drain(&mut c).await;
     assert_eq!(got.len(), 1, "RH 1 on a new subscription: {got:?}");
     c.subscribe("rh/+", opts(QoS::AtLeastOnce, 1)).await;
-    assert!(drain(&mut c).await.is_empty(), "RH 1 on an existing subscription");
+    assert!(
+        drain(&mut c).await.is_empty(),
+        "RH 1 on an existing subscription"
+    );
 
     // 2: never.
     c.subscribe("rh/#", opts(QoS::AtLeastOnce, 2)).await;
@@ -168,7 +179,10 @@ async fn wildcard_case(partitions: u32) {
             })
             .collect();
         let topics: Vec<&str> = got.keys().map(|s| s.as_str()).collect();
-        assert_eq!(&topics, want, "filter {filter} with {partitions} partitions");
+        assert_eq!(
+            &topics, want,
+            "filter {filter} with {partitions} partitions"
+        );
         for (t, payload) in &got {
             assert_eq!(t.as_bytes(), &payload[..]);
         }
@@ -207,11 +221,17 @@ async fn retain_as_published() {
     retain(&mut publ, "rap/t", b"r").await;
     assert!(rap.recv_publish().await.retain, "RAP=1 keeps RETAIN");
     assert!(!plain.recv_publish().await.retain, "RAP=0 clears RETAIN");
-    assert!(!v3.recv_publish().await.retain, "3.1.1 live delivery clears RETAIN");
+    assert!(
+        !v3.recv_publish().await.retain,
+        "3.1.1 live delivery clears RETAIN"
+    );
 
     publ.publish_qos1(publish_packet("rap/t", QoS::AtLeastOnce, Some(2), b"n"))
         .await;
-    assert!(!rap.recv_publish().await.retain, "non-retained stays non-retained");
+    assert!(
+        !rap.recv_publish().await.retain,
+        "non-retained stays non-retained"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -234,13 +254,23 @@ async fn no_local() {
         .publish_qos1(publish_packet("nl/t", QoS::AtLeastOnce, Some(1), b"mine"))
         .await;
     assert!(!ack.reason_code.is_error());
-    me.send(&Packet::Publish(publish_packet("nl/t", QoS::AtMostOnce, None, b"mine0")))
-        .await;
+    me.send(&Packet::Publish(publish_packet(
+        "nl/t",
+        QoS::AtMostOnce,
+        None,
+        b"mine0",
+    )))
+    .await;
     me.expect_silence().await;
 
     // Without No Local the client gets its own message (PUBACK and delivery in any order).
-    me.send(&Packet::Publish(publish_packet("nl/other", QoS::AtLeastOnce, Some(2), b"own")))
-        .await;
+    me.send(&Packet::Publish(publish_packet(
+        "nl/other",
+        QoS::AtLeastOnce,
+        Some(2),
+        b"own",
+    )))
+    .await;
     let (mut acked, mut delivered) = (false, false);
     for _ in 0..2 {
         match me.recv().await {
@@ -309,8 +339,14 @@ async fn expired_retained_message_is_not_delivered() {
 async fn retain_not_available() {
     let b = start_broker_with(|s| s.mqtt.retain_available = false).await;
     let mut publ = Raw::v5(b.addr, "pub").await;
-    publ.send(&Packet::Publish(retained("na", QoS::AtLeastOnce, Some(1), b"x")))
+    publ.send(&Packet::Publish(retained(
+        "na",
+        QoS::AtLeastOnce,
+        Some(1),
+        b"x",
+    )))
+    .await;
+    publ.expect_disconnect(ReasonCode::RETAIN_NOT_SUPPORTED)
         .await;
-    publ.expect_disconnect(ReasonCode::RETAIN_NOT_SUPPORTED).await;
     assert_broker_healthy(b.addr).await;
 }

@@ -23,7 +23,12 @@ async fn publish_n(publ: &mut Raw, topic: &str, prefix: &str, n: u16, expect: Re
     for i in 1..=n {
         let payload = format!("{prefix}-{i}");
         let ack = publ
-            .publish_qos1(publish_packet(topic, QoS::AtLeastOnce, Some(i), payload.as_bytes()))
+            .publish_qos1(publish_packet(
+                topic,
+                QoS::AtLeastOnce,
+                Some(i),
+                payload.as_bytes(),
+            ))
             .await;
         assert_eq!(ack.reason_code, expect, "message {i}");
     }
@@ -40,8 +45,13 @@ async fn v5_offline_queue_is_delivered_in_order() {
     // An offline persistent subscription is a matching subscriber: 0x00, not 0x10.
     publish_n(&mut publ, "queue/t", "m", 20, ReasonCode::SUCCESS).await;
     // QoS0 is not queued for offline sessions (the default).
-    publ.send(&Packet::Publish(publish_packet("queue/t", QoS::AtMostOnce, None, b"q0")))
-        .await;
+    publ.send(&Packet::Publish(publish_packet(
+        "queue/t",
+        QoS::AtMostOnce,
+        None,
+        b"q0",
+    )))
+    .await;
     publ.ping().await;
 
     let (mut sub, ack) = Raw::connect(b.addr, V5, "offline5", persistent(300)).await;
@@ -133,7 +143,14 @@ async fn session_expiry_drops_the_session_and_its_queue() {
 
     tokio::time::sleep(Duration::from_millis(2000)).await;
     // The subscription went with the session.
-    publish_n(&mut publ, "exp/t", "late", 1, ReasonCode::NO_MATCHING_SUBSCRIBERS).await;
+    publish_n(
+        &mut publ,
+        "exp/t",
+        "late",
+        1,
+        ReasonCode::NO_MATCHING_SUBSCRIBERS,
+    )
+    .await;
     let (mut sub, ack) = Raw::connect(b.addr, V5, "short", persistent(1)).await;
     assert!(!ack.session_present, "session expired");
     sub.expect_silence().await;
@@ -192,7 +209,10 @@ async fn message_expiry_in_the_offline_queue() {
         .message_expiry_interval
         .expect("Message Expiry Interval forwarded");
     // §3.3.2.3.3: the interval is reduced by the time spent waiting (2 s here).
-    assert!((50..=58).contains(&left), "expiry interval {left} not decremented");
+    assert!(
+        (50..=58).contains(&left),
+        "expiry interval {left} not decremented"
+    );
     sub.puback(p.packet_id.unwrap()).await;
     let p = sub.recv_publish().await;
     assert_eq!(&p.payload[..], b"plain");
@@ -223,7 +243,14 @@ async fn unsubscribe_stops_delivery() {
         other => panic!("expected UNSUBACK, got {other:?}"),
     }
     let mut publ = Raw::v5(b.addr, "pub").await;
-    publish_n(&mut publ, "u/x", "m", 1, ReasonCode::NO_MATCHING_SUBSCRIBERS).await;
+    publish_n(
+        &mut publ,
+        "u/x",
+        "m",
+        1,
+        ReasonCode::NO_MATCHING_SUBSCRIBERS,
+    )
+    .await;
     sub.expect_silence().await;
 }
 
@@ -235,7 +262,10 @@ async fn v5_takeover_disconnects_the_old_connection_with_0x8e() {
 
     let (mut new, ack) = Raw::connect(b.addr, V5, "twin", persistent(300)).await;
     assert_eq!(ack.reason_code, ReasonCode::SUCCESS);
-    assert!(ack.session_present, "the session continues on the new connection");
+    assert!(
+        ack.session_present,
+        "the session continues on the new connection"
+    );
     old.expect_disconnect(ReasonCode::SESSION_TAKEN_OVER).await;
 
     // The new connection owns the session, subscription included.
@@ -261,7 +291,10 @@ async fn v3_takeover_closes_the_old_connection() {
     let (mut new, ack) = Raw::connect(b.addr, V3, "twin3", |c| c.clean_start = false).await;
     assert!(ack.session_present);
     let seen = old.expect_closed().await;
-    assert!(seen.is_empty(), "3.1.1 has no DISCONNECT from the server: {seen:?}");
+    assert!(
+        seen.is_empty(),
+        "3.1.1 has no DISCONNECT from the server: {seen:?}"
+    );
     let mut publ = Raw::v3(b.addr, "pub3").await;
     publish_n(&mut publ, "tw3", "m", 1, ReasonCode::SUCCESS).await;
     assert_eq!(&new.recv_publish().await.payload[..], b"m-1");

@@ -168,7 +168,10 @@ impl ProcBroker {
                 break;
             }
             if let Some(status) = broker.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("tiermq exited early ({status}); log:\n{}", broker.log_text());
+                panic!(
+                    "tiermq exited early ({status}); log:\n{}",
+                    broker.log_text()
+                );
             }
             assert!(
                 Instant::now() < deadline,
@@ -213,7 +216,10 @@ impl ProcBroker {
             if Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!("tiermq did not exit after SIGTERM; log:\n{}", self.log_text());
+                panic!(
+                    "tiermq did not exit after SIGTERM; log:\n{}",
+                    self.log_text()
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -235,6 +241,7 @@ impl Drop for ProcBroker {
 
 /// What a raw read produced.
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // short-lived, one at a time
 pub enum Recv {
     Packet(Packet),
     /// The server closed the connection (EOF or reset).
@@ -523,9 +530,7 @@ macro_rules! rumqttc_client {
                     task,
                     closed: None,
                 };
-                let ack = c
-                    .next_matching(|p| $m::as_connack(p).is_some())
-                    .await;
+                let ack = c.next_matching(|p| $m::as_connack(p).is_some()).await;
                 let ack = $m::as_connack(&ack).unwrap().clone();
                 (c, ack)
             }
@@ -570,17 +575,13 @@ macro_rules! rumqttc_client {
             }
 
             pub async fn next_publish(&mut self) -> $publish {
-                let p = self
-                    .next_matching(|p| $m::as_publish(p).is_some())
-                    .await;
+                let p = self.next_matching(|p| $m::as_publish(p).is_some()).await;
                 $m::as_publish(&p).unwrap().clone()
             }
 
             pub async fn try_next_publish(&mut self, wait: Duration) -> Option<$publish> {
                 let p = self
-                    .try_next_matching(wait, &|p: &$incoming| {
-                        $m::as_publish(p).is_some()
-                    })
+                    .try_next_matching(wait, &|p: &$incoming| $m::as_publish(p).is_some())
                     .await?;
                 Some($m::as_publish(&p).unwrap().clone())
             }
@@ -714,7 +715,13 @@ rumqttc_client!(
     rumqttc::v5::Incoming,
     rumqttc::v5::mqttbytes::v5::Publish
 );
-rumqttc_client!(V3, M3, rumqttc::ConnAck, rumqttc::Incoming, rumqttc::Publish);
+rumqttc_client!(
+    V3,
+    M3,
+    rumqttc::ConnAck,
+    rumqttc::Incoming,
+    rumqttc::Publish
+);
 
 /// rumqttc's v5 QoS type.
 pub use rumqttc::v5::mqttbytes::QoS as Q5;
@@ -723,7 +730,10 @@ pub use rumqttc::QoS as Q3;
 
 impl V5 {
     pub async fn subscribe(&mut self, filter: &str, qos: Q5) {
-        self.client.subscribe(filter, qos).await.expect("queue SUBSCRIBE");
+        self.client
+            .subscribe(filter, qos)
+            .await
+            .expect("queue SUBSCRIBE");
         self.next_matching(|p| matches!(p, rumqttc::v5::Incoming::SubAck(_)))
             .await;
     }
@@ -760,7 +770,10 @@ impl V5 {
 
 impl V3 {
     pub async fn subscribe(&mut self, filter: &str, qos: Q3) {
-        self.client.subscribe(filter, qos).await.expect("queue SUBSCRIBE");
+        self.client
+            .subscribe(filter, qos)
+            .await
+            .expect("queue SUBSCRIBE");
         self.next_matching(|p| matches!(p, rumqttc::Incoming::SubAck(_)))
             .await;
     }
