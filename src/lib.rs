@@ -1,6 +1,7 @@
 //! The `tiermq` binary's wiring: it builds the tiers from settings and connects them.
 //! Tests use it to start brokers in-process.
 
+pub mod backend;
 pub mod logging;
 pub mod standalone;
 pub mod bench;

@@ -9,7 +9,11 @@ use tiermq::standalone::Standalone;
 use tiermq_common::config::{Overrides, Settings};
 
 #[derive(Parser)]
-#[command(name = "tiermq", version, about = "A clustered MQTT 3.1.1 + 5.0 broker")]
+#[command(
+    name = "tiermq",
+    version,
+    about = "A clustered MQTT 3.1.1 + 5.0 broker"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -21,7 +25,7 @@ enum Command {
     Standalone(BrokerArgs),
     /// Run a stateless frontend node of a cluster (not available yet).
     Frontend(BrokerArgs),
-    /// Run a backend (partition) node of a cluster (not available yet).
+    /// Run a backend node of a cluster: Raft-replicated partitions (see --node-id, --peers).
     Backend(BrokerArgs),
     /// Load generator and broker benchmarks (pairs, fan-in, fan-out, conn-storm, retained, idle).
     Bench(tiermq::bench::BenchArgs),
@@ -63,6 +67,21 @@ struct BrokerArgs {
     /// Log filter, e.g. `info` or `debug`; RUST_LOG wins when set [default: info].
     #[arg(long, env = "TIERMQ_LOG")]
     log_level: Option<String>,
+    /// (cluster) This backend's node id, 1, 2, ...
+    #[arg(long, env = "TIERMQ_NODE_ID")]
+    node_id: Option<u64>,
+    /// (cluster) gRPC listen address of a backend [default: 0.0.0.0:7000].
+    #[arg(long, env = "TIERMQ_GRPC_LISTEN")]
+    grpc_listen: Option<SocketAddr>,
+    /// (cluster) Every backend as `id=host:port`, comma separated, e.g. `1=b1:7000,2=b2:7000`.
+    #[arg(long, env = "TIERMQ_PEERS", value_delimiter = ',')]
+    peers: Option<Vec<String>>,
+    /// (cluster) Partitions of the cluster, fixed at bootstrap [default: 16].
+    #[arg(long, env = "TIERMQ_CLUSTER_PARTITIONS")]
+    cluster_partitions: Option<u32>,
+    /// (cluster) Replicas per partition [default: 3].
+    #[arg(long, env = "TIERMQ_REPLICATION")]
+    replication: Option<usize>,
 }
 
 impl BrokerArgs {
@@ -78,6 +97,11 @@ impl BrokerArgs {
             max_subscriptions: self.max_subscriptions,
             queue_qos0_offline: self.queue_qos0_offline,
             log_level: self.log_level.clone(),
+            node_id: self.node_id,
+            grpc_listen: self.grpc_listen,
+            peers: self.peers.clone(),
+            cluster_partitions: self.cluster_partitions,
+            replication: self.replication,
         };
         Settings::load(self.config.as_deref(), &overrides)
     }
@@ -86,41 +110,64 @@ impl BrokerArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Standalone(args) => {
-            let settings = match args.settings() {
-                Ok(s) => s,
-                Err(e) => {
-                    eprintln!("tiermq: {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            tiermq::logging::init(&settings.log.level);
-            let runtime = match tokio::runtime::Runtime::new() {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("tiermq: cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            runtime.block_on(async {
-                let broker = match Standalone::start(&settings).await {
-                    Ok(b) => b,
-                    Err(e) => {
-                        eprintln!("tiermq: {e:#}");
-                        return ExitCode::FAILURE;
-                    }
-                };
+        Command::Standalone(args) => run_server(
+            &args,
+            |_| Ok(()),
+            |settings| async move {
+                let broker = Standalone::start(&settings).await?;
                 wait_for_signal().await;
                 broker.shutdown().await;
-                ExitCode::SUCCESS
-            })
-        }
+                Ok(())
+            },
+        ),
+        Command::Backend(args) => run_server(
+            &args,
+            |s| s.cluster.validate_backend(),
+            |settings| async move {
+                let node = tiermq::backend::BackendNode::start(&settings).await?;
+                wait_for_signal().await;
+                node.shutdown().await;
+                Ok(())
+            },
+        ),
         Command::Bench(args) => tiermq::bench::main(args),
-        Command::Frontend(_) | Command::Backend(_) => {
+        Command::Frontend(_) => {
             eprintln!(
-                "tiermq: cluster mode (frontend/backend) is not implemented yet; use `tiermq standalone`"
+                "tiermq: the cluster frontend is not implemented yet; use `tiermq standalone`"
             );
             ExitCode::from(2)
+        }
+    }
+}
+
+/// Loads settings (exit 2 with a message when invalid), sets up logging and the runtime, and
+/// runs a server until it returns.
+fn run_server<V, F, Fut>(args: &BrokerArgs, validate: V, serve: F) -> ExitCode
+where
+    V: FnOnce(&Settings) -> Result<(), tiermq_common::config::ConfigError>,
+    F: FnOnce(Settings) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let settings = match args.settings().and_then(|s| validate(&s).map(|()| s)) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("tiermq: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    tiermq::logging::init(&settings.log.level);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("tiermq: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(settings)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tiermq: {e:#}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -17,7 +17,91 @@ pub struct Settings {
     pub mqtt: MqttSettings,
     pub storage: StorageSettings,
     pub session: SessionSettings,
+    pub cluster: ClusterSettings,
     pub log: LogSettings,
+}
+
+/// Cluster mode (`tiermq backend` / `tiermq frontend`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterSettings {
+    /// This backend's id (1, 2, ...); must appear in `peers`.
+    pub node_id: u64,
+    /// gRPC address of this backend (Raft between backends, and the frontend API).
+    pub grpc_listen: SocketAddr,
+    /// Every backend of the cluster as `id=host:port`, this one included.
+    pub peers: Vec<String>,
+    /// Partitions of the cluster; fixed at bootstrap.
+    pub partitions: u32,
+    /// Replicas per partition (Raft group size).
+    pub replication: usize,
+}
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        ClusterSettings {
+            node_id: 0,
+            grpc_listen: "0.0.0.0:7000".parse().expect("valid default address"),
+            peers: Vec::new(),
+            partitions: 16,
+            replication: 3,
+        }
+    }
+}
+
+impl ClusterSettings {
+    /// Parses `peers` into id → address.
+    pub fn peer_map(&self) -> Result<std::collections::BTreeMap<u64, String>, ConfigError> {
+        let mut map = std::collections::BTreeMap::new();
+        for p in &self.peers {
+            let bad = || ConfigError::Invalid {
+                name: "cluster.peers",
+                message: format!("`{p}` is not `id=host:port`"),
+            };
+            let (id, addr) = p.split_once('=').ok_or_else(bad)?;
+            let id: u64 = id.trim().parse().map_err(|_| bad())?;
+            if id == 0 || addr.trim().is_empty() || !addr.contains(':') {
+                return Err(bad());
+            }
+            if map.insert(id, addr.trim().to_string()).is_some() {
+                return Err(ConfigError::Invalid {
+                    name: "cluster.peers",
+                    message: format!("node id {id} appears twice"),
+                });
+            }
+        }
+        Ok(map)
+    }
+
+    /// Checks what a backend node needs.
+    pub fn validate_backend(&self) -> Result<(), ConfigError> {
+        let peers = self.peer_map()?;
+        if self.node_id == 0 {
+            return Err(ConfigError::Invalid {
+                name: "cluster.node_id",
+                message: "a backend needs --node-id (1, 2, ...)".into(),
+            });
+        }
+        if !peers.contains_key(&self.node_id) {
+            return Err(ConfigError::Invalid {
+                name: "cluster.peers",
+                message: format!("must list this node ({}) as `id=host:port`", self.node_id),
+            });
+        }
+        if self.partitions == 0 || self.partitions > 4096 {
+            return Err(ConfigError::Invalid {
+                name: "cluster.partitions",
+                message: "must be between 1 and 4096".into(),
+            });
+        }
+        if self.replication == 0 {
+            return Err(ConfigError::Invalid {
+                name: "cluster.replication",
+                message: "must be at least 1".into(),
+            });
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -118,7 +202,8 @@ impl Default for SessionSettings {
 impl Default for LogSettings {
     fn default() -> Self {
         LogSettings {
-            level: "info".to_string(),
+            // raft-rs logs every election step at INFO; keep those at WARN unless asked.
+            level: "info,slog=warn".to_string(),
         }
     }
 }
@@ -136,6 +221,11 @@ pub struct Overrides {
     pub max_subscriptions: Option<usize>,
     pub queue_qos0_offline: Option<bool>,
     pub log_level: Option<String>,
+    pub node_id: Option<u64>,
+    pub grpc_listen: Option<SocketAddr>,
+    pub peers: Option<Vec<String>>,
+    pub cluster_partitions: Option<u32>,
+    pub replication: Option<usize>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -194,6 +284,11 @@ impl Settings {
         set!(self.session.max_subscriptions, o.max_subscriptions);
         set!(self.session.queue_qos0_offline, o.queue_qos0_offline);
         set!(self.log.level, o.log_level);
+        set!(self.cluster.node_id, o.node_id);
+        set!(self.cluster.grpc_listen, o.grpc_listen);
+        set!(self.cluster.peers, o.peers);
+        set!(self.cluster.partitions, o.cluster_partitions);
+        set!(self.cluster.replication, o.replication);
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -250,6 +345,21 @@ mod tests {
         });
         assert_eq!(s2.mqtt.listen.port(), 3883);
         assert_eq!(s2.mqtt.max_packet_size, 2048);
+    }
+
+    #[test]
+    fn cluster_peers_parse_and_validate() {
+        let mut c = ClusterSettings {
+            node_id: 2,
+            peers: vec!["1=a:7000".into(), "2=b:7000".into(), "3=c:7000".into()],
+            ..ClusterSettings::default()
+        };
+        assert_eq!(c.peer_map().unwrap()[&2], "b:7000");
+        c.validate_backend().unwrap();
+        c.node_id = 4;
+        assert!(c.validate_backend().is_err());
+        c.peers.push("x=d:1".into());
+        assert!(c.peer_map().is_err());
     }
 
     #[test]

@@ -1,2 +1,9 @@
-pub mod storage;
+//! Multi-raft: one Raft group per partition this node replicates.
+//!
+//! - [`storage`]: `raft::Storage` over sled (log, hard state, snapshots).
+//! - [`node`]: the driver loop of a node (propose, ready, persist, send, apply, advance).
+//! - [`transport`]: Raft messages between nodes over gRPC, batched per peer.
+
 pub mod node;
+pub mod storage;
+pub mod transport;

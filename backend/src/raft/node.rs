@@ -20,6 +20,7 @@
 //! as the connection epoch for `Connect`.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -136,16 +137,32 @@ enum NodeMsg {
     },
 }
 
+/// Counters of a node's driver (for metrics and benchmarks).
+#[derive(Debug, Default)]
+pub struct RaftStats {
+    /// Commands proposed by this node while leading.
+    pub commands: AtomicU64,
+    /// Raft entries (command batches) proposed by this node.
+    pub entries: AtomicU64,
+    /// Flushes (fsyncs) of the node's database.
+    pub flushes: AtomicU64,
+}
+
 /// The handle through which everything talks to a node's driver.
 #[derive(Clone)]
 pub struct RaftHandle {
     node_id: NodeId,
     tx: mpsc::UnboundedSender<NodeMsg>,
+    stats: Arc<RaftStats>,
 }
 
 impl RaftHandle {
     pub fn node_id(&self) -> NodeId {
         self.node_id
+    }
+
+    pub fn stats(&self) -> &RaftStats {
+        &self.stats
     }
 
     /// Proposes `command` to `partition` and waits until it is applied on this node (which
@@ -202,6 +219,11 @@ impl RaftHandle {
     }
 }
 
+type ReplySender = oneshot::Sender<Result<Reply, ProposeError>>;
+
+/// A command waiting to be proposed in this round's batch.
+type Proposal = (Command, ReplySender, Option<EventSender>);
+
 /// A proposal waiting for its entry to be applied.
 struct Pending {
     index: u64,
@@ -218,11 +240,7 @@ struct Group {
     checkpoints: PartitionStore,
     sm: Partition,
     pending: VecDeque<Pending>,
-    proposals: Vec<(
-        Command,
-        oneshot::Sender<Result<Reply, ProposeError>>,
-        Option<EventSender>,
-    )>,
+    proposals: Vec<Proposal>,
     /// Live connections of sessions in this partition (used while this node leads it).
     connections: HashMap<Arc<str>, (u64, EventSender)>,
     applied_since_checkpoint: u64,
@@ -492,11 +510,14 @@ pub fn start(
         );
     }
     let (tx, rx) = mpsc::unbounded_channel();
+    let stats = Arc::new(RaftStats::default());
     let handle = RaftHandle {
         node_id: config.node_id,
         tx,
+        stats: stats.clone(),
     };
     let driver = Driver {
+        stats,
         config,
         db,
         groups,
@@ -510,6 +531,7 @@ pub fn start(
 }
 
 struct Driver {
+    stats: Arc<RaftStats>,
     config: RaftConfig,
     db: sled::Db,
     groups: BTreeMap<u32, Group>,
@@ -647,6 +669,7 @@ impl Driver {
 
     fn propose_batches(&mut self) {
         let now = self.now();
+        let stats = self.stats.clone();
         for g in self.groups.values_mut() {
             if g.proposals.is_empty() {
                 continue;
@@ -687,6 +710,10 @@ impl Driver {
                     }
                     continue;
                 }
+                stats.entries.fetch_add(1, Ordering::Relaxed);
+                stats
+                    .commands
+                    .fetch_add(replies.len() as u64, Ordering::Relaxed);
                 g.pending.push_back(Pending {
                     index: g.raw.raft.raft_log.last_index(),
                     term: g.raw.raft.term,
@@ -739,6 +766,7 @@ impl Driver {
             if let Err(e) = self.db.flush_async().await {
                 warn!(error = %e, "flush failed");
             }
+            self.stats.flushes.fetch_add(1, Ordering::Relaxed);
         }
         for (p, mut rd) in readies {
             let g = self.groups.get_mut(&p).expect("group exists");

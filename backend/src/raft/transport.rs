@@ -1,0 +1,180 @@
+//! Raft messages between backend nodes over gRPC.
+//!
+//! Each node keeps one long-lived client stream to every peer, carrying [`RaftBatch`]es: all
+//! messages the driver produced for that peer in one round, across every partition group. A
+//! peer's outbound queue is bounded: when a peer is slow or down, batches are dropped rather
+//! than buffered without limit — Raft re-sends what matters (heartbeats, appends, snapshots).
+//! A broken stream is re-opened with exponential backoff.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use raft::prelude::Message as RaftMessage;
+use tiermq_proto::raft::raft_transport_client::RaftTransportClient;
+use tiermq_proto::raft::raft_transport_server::{RaftTransport, RaftTransportServer};
+use tiermq_proto::raft::{RaftBatch, RaftEnvelope, StreamAck};
+use tiermq_proto::API_VERSION;
+use tokio::sync::mpsc;
+use tonic::transport::Endpoint;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, info};
+
+use super::node::{decode_message, encode_message, RaftHandle, Transport};
+use crate::placement::NodeId;
+
+/// Batches queued per peer before new ones are dropped.
+const PEER_QUEUE: usize = 1024;
+
+/// The sending side: one queue and one stream task per peer.
+pub struct GrpcTransport {
+    node_id: NodeId,
+    peers: BTreeMap<NodeId, mpsc::Sender<RaftBatch>>,
+    dropped: AtomicU64,
+}
+
+impl GrpcTransport {
+    /// `peers` maps node ids to gRPC addresses (`host:port`); this node's own entry is skipped.
+    pub fn start(node_id: NodeId, peers: &BTreeMap<NodeId, String>) -> Arc<GrpcTransport> {
+        let mut queues = BTreeMap::new();
+        for (&id, addr) in peers {
+            if id == node_id {
+                continue;
+            }
+            let (tx, rx) = mpsc::channel(PEER_QUEUE);
+            queues.insert(id, tx);
+            tokio::spawn(peer_stream(id, format!("http://{addr}"), rx));
+        }
+        Arc::new(GrpcTransport {
+            node_id,
+            peers: queues,
+            dropped: AtomicU64::new(0),
+        })
+    }
+
+    /// Batches dropped because a peer's queue was full.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+impl Transport for GrpcTransport {
+    fn send(&self, to: NodeId, messages: Vec<(u32, RaftMessage)>) {
+        let Some(queue) = self.peers.get(&to) else {
+            return;
+        };
+        let batch = RaftBatch {
+            version: API_VERSION,
+            from_node: self.node_id,
+            to_node: to,
+            messages: messages
+                .iter()
+                .map(|(p, m)| RaftEnvelope {
+                    partition: *p,
+                    message: encode_message(m),
+                })
+                .collect(),
+        };
+        if queue.try_send(batch).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Keeps a client stream open to one peer and feeds it from the peer's queue.
+async fn peer_stream(peer: NodeId, uri: String, mut queue: mpsc::Receiver<RaftBatch>) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let endpoint = match Endpoint::from_shared(uri.clone()) {
+            Ok(e) => e
+                .connect_timeout(Duration::from_secs(1))
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(5))
+                .keep_alive_timeout(Duration::from_secs(5)),
+            Err(e) => {
+                tracing::error!(peer, %uri, error = %e, "invalid peer address");
+                return;
+            }
+        };
+        let channel = match endpoint.connect().await {
+            Ok(c) => c,
+            Err(e) => {
+                debug!(peer, error = %e, "peer unreachable; retrying");
+                // Messages queued meanwhile are stale; drop them instead of replaying.
+                while queue.try_recv().is_ok() {}
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(50);
+        info!(peer, "raft stream connected");
+        let (tx, rx) = mpsc::channel::<RaftBatch>(64);
+        let outbound =
+            futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (b, rx)) });
+        let mut client = RaftTransportClient::new(channel);
+        let call = client.stream(outbound);
+        tokio::pin!(call);
+        loop {
+            tokio::select! {
+                batch = queue.recv() => match batch {
+                    Some(b) => {
+                        if tx.send(b).await.is_err() {
+                            break;
+                        }
+                    }
+                    None => return,
+                },
+                r = &mut call => {
+                    debug!(peer, result = ?r.err(), "raft stream ended");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// The receiving side: hands every message to the local driver.
+pub struct RaftService {
+    node_id: NodeId,
+    handle: RaftHandle,
+}
+
+impl RaftService {
+    pub fn new(node_id: NodeId, handle: RaftHandle) -> RaftTransportServer<RaftService> {
+        RaftTransportServer::new(RaftService { node_id, handle })
+            .max_decoding_message_size(64 * 1024 * 1024)
+    }
+}
+
+#[tonic::async_trait]
+impl RaftTransport for RaftService {
+    async fn stream(
+        &self,
+        request: Request<Streaming<RaftBatch>>,
+    ) -> Result<Response<StreamAck>, Status> {
+        let mut stream = request.into_inner();
+        while let Some(batch) = stream.message().await? {
+            if batch.version != API_VERSION {
+                return Err(Status::failed_precondition(format!(
+                    "raft transport version {} not supported (this node speaks {API_VERSION})",
+                    batch.version
+                )));
+            }
+            if batch.to_node != self.node_id {
+                return Err(Status::invalid_argument(format!(
+                    "batch for node {} reached node {}",
+                    batch.to_node, self.node_id
+                )));
+            }
+            for env in batch.messages {
+                match decode_message(&env.message) {
+                    Some(m) => self.handle.step(env.partition, m),
+                    None => debug!(from = batch.from_node, "undecodable raft message dropped"),
+                }
+            }
+        }
+        Ok(Response::new(StreamAck {}))
+    }
+}

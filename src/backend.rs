@@ -1,0 +1,113 @@
+//! `tiermq backend`: one node of the partitioned, Raft-replicated tier.
+//!
+//! Bootstrap is static: every node is started with the same `--peers` list, computes the same
+//! partition map from it (consistent hashing, `placement.rs`), and opens a Raft group for
+//! each partition it replicates. A node restarted on its data folder rejoins with its log.
+
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use tiermq_backend::placement::{PartitionMap, DEFAULT_VNODES};
+use tiermq_backend::raft::node::{self, RaftConfig, RaftHandle};
+use tiermq_backend::raft::transport::{GrpcTransport, RaftService};
+use tiermq_common::config::Settings;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::standalone::local_config;
+
+/// A running backend node.
+pub struct BackendNode {
+    pub handle: RaftHandle,
+    pub map: PartitionMap,
+    grpc_addr: SocketAddr,
+    shutdown: CancellationToken,
+    server: JoinHandle<()>,
+}
+
+impl BackendNode {
+    pub async fn start(settings: &Settings) -> anyhow::Result<BackendNode> {
+        let cluster = &settings.cluster;
+        cluster.validate_backend()?;
+        let peers = cluster.peer_map()?;
+        let ids: Vec<u64> = peers.keys().copied().collect();
+        let map = PartitionMap::compute(
+            1,
+            &ids,
+            cluster.partitions,
+            cluster.replication,
+            DEFAULT_VNODES,
+        );
+        let dir = &settings.storage.data_dir;
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create data folder {}", dir.display()))?;
+        let db = sled::Config::new()
+            .path(dir)
+            .flush_every_ms(None)
+            .mode(sled::Mode::HighThroughput)
+            .open()
+            .with_context(|| format!("cannot open data folder {}", dir.display()))?;
+        let listener = tokio::net::TcpListener::bind(cluster.grpc_listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", cluster.grpc_listen))?;
+        let grpc_addr = listener.local_addr()?;
+        let transport = GrpcTransport::start(cluster.node_id, &peers);
+        let mut config = RaftConfig::new(cluster.node_id);
+        config.limits = local_config(settings).limits;
+        let handle = node::start(config, db, &map, transport, None)
+            .context("cannot start the raft groups")?;
+        let shutdown = CancellationToken::new();
+        let service = RaftService::new(cluster.node_id, handle.clone());
+        let stop = shutdown.clone();
+        let server = tokio::spawn(async move {
+            let incoming = tokio_stream_from(listener);
+            let result = tonic::transport::Server::builder()
+                .tcp_nodelay(true)
+                .add_service(service)
+                .serve_with_incoming_shutdown(incoming, stop.cancelled())
+                .await;
+            if let Err(e) = result {
+                tracing::error!(error = %e, "gRPC server failed");
+            }
+        });
+        info!(
+            node = cluster.node_id,
+            grpc = %grpc_addr,
+            partitions = map.partitions_of(cluster.node_id).len(),
+            "tiermq backend running"
+        );
+        Ok(BackendNode {
+            handle,
+            map,
+            grpc_addr,
+            shutdown,
+            server,
+        })
+    }
+
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
+    }
+
+    /// Stops serving, checkpoints every group and releases the data folder.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        let _ = self.server.await;
+        self.handle.stop().await;
+        info!("tiermq backend stopped");
+    }
+}
+
+/// Accepted sockets as the stream tonic's server takes.
+fn tokio_stream_from(
+    listener: tokio::net::TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    futures::stream::unfold(listener, |l| async move {
+        let r = l.accept().await.map(|(s, _)| {
+            let _ = s.set_nodelay(true);
+            s
+        });
+        Some((r, l))
+    })
+}
