@@ -293,14 +293,18 @@ fn describe(r: &BenchResult) -> String {
             r.topics.unwrap_or(0), r.qos, r.publishers, r.subscribers, r.payload
         ),
         s => format!(
-            "{s}: {} publishers → {} subscribers, QoS {}, MQTT {}, payload {} B, {rate}, {:.0} s",
+            "{s}: {} publisher(s) → {} subscriber(s), QoS {}, MQTT {}, payload {} B, {rate}, {:.0} s",
             r.publishers, r.subscribers, r.qos, r.mqtt, r.payload, r.duration_s
         ),
     }
 }
 
 fn cell(v: Option<f64>) -> String {
-    v.map(num).unwrap_or_else(|| "–".into())
+    match v {
+        Some(v) if v.fract() == 0.0 && v.abs() < 1e15 => format!("{v:.0}"),
+        Some(v) => num(v),
+        None => "–".into(),
+    }
 }
 
 fn ratio(ours: Option<f64>, base: Option<f64>) -> Option<f64> {
@@ -344,11 +348,15 @@ pub fn markdown(a: &ReportArgs, results: &[BenchResult], preamble: &str, plots: 
             continue;
         }
         let Some(base) = find(case, &base0) else { continue };
-        let checks = [
-            ("broker CPU per message ≤ 0.5×", ratio(ours.cpu_s_per_million, base.cpu_s_per_million), 0.5, true),
-            ("throughput ≥ 1×", ratio(Some(ours.delivered_rate), Some(base.delivered_rate)), 1.0, false),
-            ("p99 ≤ 1×", ratio(lat(ours, |l| l.p99_us), lat(base, |l| l.p99_us)), 1.0, true),
-        ];
+        // At a fixed offered rate every broker delivers the same msgs/s: throughput is judged
+        // on the max-rate cases, CPU per message and p99 on the fixed-rate ones (at max rate
+        // p99 only measures how deep the broker lets its queues grow).
+        let cpu = ("broker CPU per message ≤ 0.5×", ratio(ours.cpu_s_per_million, base.cpu_s_per_million), 0.5, true);
+        let checks = if ours.rate_per_publisher == 0 {
+            vec![("throughput ≥ 1×", ratio(Some(ours.delivered_rate), Some(base.delivered_rate)), 1.0, false), cpu]
+        } else {
+            vec![cpu, ("p99 ≤ 1×", ratio(lat(ours, |l| l.p99_us), lat(base, |l| l.p99_us)), 1.0, true)]
+        };
         for (what, v, limit, lower) in checks {
             let met = v.map(|v| if lower { v <= limit } else { v >= limit });
             let _ = writeln!(
