@@ -40,6 +40,7 @@ use crate::convert::{message_from_publish, publish_from_delivery, will_from_conn
 type PendingAck = Pin<Box<dyn Future<Output = Outgoing> + Send>>;
 
 /// An acknowledgement owed to the client once the partitions answered.
+#[allow(clippy::enum_variant_names)] // named after the packets they become
 enum Outgoing {
     PubAck(u16, ServiceResult<Published>),
     PubRec(u16, ServiceResult<Published>),
