@@ -191,9 +191,9 @@ impl RaftHandle {
         rx.await.map_err(|_| ProposeError::Stopped)?
     }
 
-    /// Hands a Raft message from a peer to its group.
-    pub fn step(&self, partition: u32, message: RaftMessage) {
-        let _ = self.tx.send(NodeMsg::Raft { partition, message });
+    /// Hands a Raft message from a peer to its group. False once the driver has stopped.
+    pub fn step(&self, partition: u32, message: RaftMessage) -> bool {
+        self.tx.send(NodeMsg::Raft { partition, message }).is_ok()
     }
 
     pub async fn status(&self, partition: u32) -> Option<GroupStatus> {

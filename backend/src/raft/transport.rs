@@ -170,7 +170,13 @@ impl RaftTransport for RaftService {
             }
             for env in batch.messages {
                 match decode_message(&env.message) {
-                    Some(m) => self.handle.step(env.partition, m),
+                    Some(m) => {
+                        if !self.handle.step(env.partition, m) {
+                            // This node's driver stopped: end the stream so the peer
+                            // reconnects to whatever serves this address next.
+                            return Err(Status::unavailable("raft driver stopped"));
+                        }
+                    }
                     None => debug!(from = batch.from_node, "undecodable raft message dropped"),
                 }
             }
