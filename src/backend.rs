@@ -7,8 +7,9 @@
 use std::net::SocketAddr;
 
 use anyhow::Context;
+use tiermq_backend::cluster::BrokerService;
 use tiermq_backend::placement::{PartitionMap, DEFAULT_VNODES};
-use tiermq_backend::raft::node::{self, RaftConfig, RaftHandle};
+use tiermq_backend::raft::node::{self, ClusterHub, RaftConfig, RaftHandle};
 use tiermq_backend::raft::transport::{GrpcTransport, RaftService};
 use tiermq_common::config::Settings;
 use tokio::task::JoinHandle;
@@ -55,16 +56,23 @@ impl BackendNode {
         let transport = GrpcTransport::start(cluster.node_id, &peers);
         let mut config = RaftConfig::new(cluster.node_id);
         config.limits = local_config(settings).limits;
-        let handle = node::start(config, db, &map, transport, None)
+        let hub = ClusterHub::new();
+        let (will_tx, will_rx) = tokio::sync::mpsc::unbounded_channel();
+        hub.set_will_sink(will_tx);
+        let handle = node::start(config, db, &map, transport, hub)
             .context("cannot start the raft groups")?;
         let shutdown = CancellationToken::new();
         let service = RaftService::new(cluster.node_id, handle.clone());
+        let broker = BrokerService::new(handle.clone(), map.clone(), peers.clone());
+        let seeds: Vec<String> = peers.values().cloned().collect();
+        tokio::spawn(publish_wills(seeds, will_rx, shutdown.clone()));
         let stop = shutdown.clone();
         let server = tokio::spawn(async move {
             let incoming = tokio_stream_from(listener);
             let result = tonic::transport::Server::builder()
                 .tcp_nodelay(true)
                 .add_service(service)
+                .add_service(broker)
                 .serve_with_incoming_shutdown(incoming, stop.cancelled())
                 .await;
             if let Err(e) = result {
@@ -96,6 +104,51 @@ impl BackendNode {
         let _ = self.server.await;
         self.handle.stop().await;
         info!("tiermq backend stopped");
+    }
+}
+
+/// Publishes the wills that partitions led by this node fire, through the cluster's normal
+/// publish path (the will's subscribers may live in any partition).
+async fn publish_wills(
+    seeds: Vec<String>,
+    mut wills: tokio::sync::mpsc::UnboundedReceiver<tiermq_common::Message>,
+    shutdown: CancellationToken,
+) {
+    let first = tokio::select! {
+        w = wills.recv() => w,
+        _ = shutdown.cancelled() => None,
+    };
+    let Some(first) = first else {
+        return;
+    };
+    // Connect lazily: most nodes never fire a will, and at start-up the peers may be down.
+    let client = loop {
+        match tiermq_proto::client::ClusterClient::connect(
+            &seeds,
+            u64::MAX,
+            std::time::Duration::from_secs(5),
+        )
+        .await
+        {
+            Ok(c) => break c,
+            Err(e) => {
+                tracing::warn!(error = %e, "will publisher cannot reach the cluster yet");
+                if shutdown.is_cancelled() {
+                    return;
+                }
+            }
+        }
+    };
+    let mut next = Some(first);
+    while let Some(will) = next {
+        let topic = will.topic.clone();
+        if let Err(e) = client.publish_message(will).await {
+            tracing::warn!(%topic, error = %e, "will not published");
+        }
+        next = tokio::select! {
+            w = wills.recv() => w,
+            _ = shutdown.cancelled() => None,
+        };
     }
 }
 

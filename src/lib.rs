@@ -2,6 +2,7 @@
 //! Tests use it to start brokers in-process.
 
 pub mod backend;
+pub mod bench;
+pub mod frontend;
 pub mod logging;
 pub mod standalone;
-pub mod bench;

@@ -23,7 +23,7 @@ struct Cli {
 enum Command {
     /// Run frontend and partitions in one process, data in a local folder (the default setup).
     Standalone(BrokerArgs),
-    /// Run a stateless frontend node of a cluster (not available yet).
+    /// Run a stateless frontend node of a cluster (see --backends).
     Frontend(BrokerArgs),
     /// Run a backend node of a cluster: Raft-replicated partitions (see --node-id, --peers).
     Backend(BrokerArgs),
@@ -82,6 +82,12 @@ struct BrokerArgs {
     /// (cluster) Replicas per partition [default: 3].
     #[arg(long, env = "TIERMQ_REPLICATION")]
     replication: Option<usize>,
+    /// (frontend) Backend gRPC addresses, comma separated, e.g. `b1:7000,b2:7000`.
+    #[arg(long, env = "TIERMQ_BACKENDS", value_delimiter = ',')]
+    backends: Option<Vec<String>>,
+    /// (frontend) Frontend id; 0 draws a random one [default: 0].
+    #[arg(long, env = "TIERMQ_FRONTEND_ID")]
+    frontend_id: Option<u64>,
 }
 
 impl BrokerArgs {
@@ -102,6 +108,8 @@ impl BrokerArgs {
             peers: self.peers.clone(),
             cluster_partitions: self.cluster_partitions,
             replication: self.replication,
+            backends: self.backends.clone(),
+            frontend_id: self.frontend_id,
         };
         Settings::load(self.config.as_deref(), &overrides)
     }
@@ -131,12 +139,16 @@ fn main() -> ExitCode {
             },
         ),
         Command::Bench(args) => tiermq::bench::main(args),
-        Command::Frontend(_) => {
-            eprintln!(
-                "tiermq: the cluster frontend is not implemented yet; use `tiermq standalone`"
-            );
-            ExitCode::from(2)
-        }
+        Command::Frontend(args) => run_server(
+            &args,
+            |s| s.cluster.validate_frontend(),
+            |settings| async move {
+                let node = tiermq::frontend::FrontendNode::start(&settings).await?;
+                wait_for_signal().await;
+                node.shutdown().await;
+                Ok(())
+            },
+        ),
     }
 }
 

@@ -64,7 +64,14 @@ async fn start_cluster(dir: &std::path::Path, partitions: u32) -> (Vec<Node>, Pa
             .open()
             .unwrap();
         let transport = GrpcTransport::start(id, &peers);
-        let handle = node::start(RaftConfig::new(id), db, &map, transport, None).unwrap();
+        let handle = node::start(
+            RaftConfig::new(id),
+            db,
+            &map,
+            transport,
+            node::ClusterHub::new(),
+        )
+        .unwrap();
         let service = RaftService::new(id, handle.clone());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let incoming = futures::stream::unfold(listener, |l| async move {

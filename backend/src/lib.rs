@@ -6,6 +6,7 @@
 //! - [`local`]: the in-process runtime used by `tiermq standalone` — partitions as tasks,
 //!   group commit, and the [`tiermq_common::session_api::SessionService`] implementation.
 
+pub mod cluster;
 pub mod local;
 pub mod partition;
 pub mod placement;

@@ -11,8 +11,8 @@ use raft::prelude::Message as RaftMessage;
 use tiermq_backend::partition::command::{Command, Reply};
 use tiermq_backend::placement::{NodeId, PartitionMap, DEFAULT_VNODES};
 use tiermq_backend::raft::node::{
-    decode_message, encode_message, start, GroupStatus, ProposeError, RaftConfig, RaftHandle,
-    Transport,
+    decode_message, encode_message, start, ClusterHub, GroupStatus, ProposeError, RaftConfig,
+    RaftHandle, Transport,
 };
 use tiermq_common::{Message, QoS};
 
@@ -100,7 +100,7 @@ impl Cluster {
             from: id,
             net: self.net.clone(),
         });
-        let h = start(config(id), db, &self.map, port, None).expect("start node");
+        let h = start(config(id), db, &self.map, port, ClusterHub::new()).expect("start node");
         self.net.nodes.lock().unwrap().insert(id, h);
     }
 

@@ -43,7 +43,14 @@ async fn start_node(
     let mut config = RaftConfig::new(id);
     config.tick_interval = Duration::from_millis(30);
     let transport = GrpcTransport::start(id, peers);
-    let handle = node::start(config, open_db(dir), map, transport, None).unwrap();
+    let handle = node::start(
+        config,
+        open_db(dir),
+        map,
+        transport,
+        node::ClusterHub::new(),
+    )
+    .unwrap();
     let service = RaftService::new(id, handle.clone());
     let (tx, rx) = oneshot::channel::<()>();
     let incoming = futures::stream::unfold(listener, |l| async move {

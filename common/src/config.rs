@@ -35,6 +35,11 @@ pub struct ClusterSettings {
     pub partitions: u32,
     /// Replicas per partition (Raft group size).
     pub replication: usize,
+    /// (frontend) Backend gRPC addresses to learn the cluster from, `host:port`.
+    pub backends: Vec<String>,
+    /// (frontend) This frontend's id; 0 draws a random one at start, so a restarted frontend
+    /// is a new one and the sessions of the old one are released (their wills fire).
+    pub frontend_id: u64,
 }
 
 impl Default for ClusterSettings {
@@ -45,6 +50,8 @@ impl Default for ClusterSettings {
             peers: Vec::new(),
             partitions: 16,
             replication: 3,
+            backends: Vec::new(),
+            frontend_id: 0,
         }
     }
 }
@@ -71,6 +78,17 @@ impl ClusterSettings {
             }
         }
         Ok(map)
+    }
+
+    /// Checks what a frontend node needs.
+    pub fn validate_frontend(&self) -> Result<(), ConfigError> {
+        if self.backends.is_empty() {
+            return Err(ConfigError::Invalid {
+                name: "cluster.backends",
+                message: "a frontend needs --backends host:port[,host:port...]".into(),
+            });
+        }
+        Ok(())
     }
 
     /// Checks what a backend node needs.
@@ -226,6 +244,8 @@ pub struct Overrides {
     pub peers: Option<Vec<String>>,
     pub cluster_partitions: Option<u32>,
     pub replication: Option<usize>,
+    pub backends: Option<Vec<String>>,
+    pub frontend_id: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -289,6 +309,8 @@ impl Settings {
         set!(self.cluster.peers, o.peers);
         set!(self.cluster.partitions, o.cluster_partitions);
         set!(self.cluster.replication, o.replication);
+        set!(self.cluster.backends, o.backends);
+        set!(self.cluster.frontend_id, o.frontend_id);
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {

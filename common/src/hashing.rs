@@ -35,7 +35,10 @@ mod tests {
         assert_eq!(fnv1a64(b""), 0xcbf2_9ce4_8422_2325);
         assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
         assert_eq!(fnv1a64(b"foobar"), 0x8594_4171_f739_67e8);
-        assert_eq!(partition_of("client-1", 16), (fnv1a64(b"client-1") % 16) as u32);
+        assert_eq!(
+            partition_of("client-1", 16),
+            (fnv1a64(b"client-1") % 16) as u32
+        );
     }
 
     #[test]
@@ -44,6 +47,9 @@ mod tests {
         for i in 0..16_000 {
             counts[partition_of(&format!("client-{i}"), 16) as usize] += 1;
         }
-        assert!(counts.iter().all(|&c| (800..1200).contains(&c)), "{counts:?}");
+        assert!(
+            counts.iter().all(|&c| (800..1200).contains(&c)),
+            "{counts:?}"
+        );
     }
 }

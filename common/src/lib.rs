@@ -6,6 +6,7 @@ pub mod codec;
 pub mod config;
 pub mod hashing;
 pub mod message;
+pub mod partition_api;
 pub mod retained_index;
 pub mod session_api;
 pub mod topic;

@@ -40,7 +40,12 @@ pub struct Message {
 }
 
 impl Message {
-    pub fn new(topic: impl Into<String>, payload: impl Into<Bytes>, qos: QoS, retain: bool) -> Self {
+    pub fn new(
+        topic: impl Into<String>,
+        payload: impl Into<Bytes>,
+        qos: QoS,
+        retain: bool,
+    ) -> Self {
         Message {
             topic: topic.into(),
             payload: payload.into(),

@@ -76,7 +76,7 @@ pub struct SubscriptionOptions {
 }
 
 /// A message handed to a connection for delivery.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Delivery {
     /// Present for QoS1/QoS2: assigned by the session's partition and stable across reconnects.
     pub packet_id: Option<u16>,
@@ -93,13 +93,17 @@ pub struct Delivery {
 }
 
 /// What the partitions push to a connection.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum SessionEvent {
     Deliver(Delivery),
     /// Re-send PUBREL for an outbound QoS2 message whose PUBREC arrived before a reconnect.
-    Release { packet_id: u16 },
+    Release {
+        packet_id: u16,
+    },
     /// The server closes this connection, e.g. 0x8E Session taken over.
-    Disconnect { reason: ReasonCode },
+    Disconnect {
+        reason: ReasonCode,
+    },
 }
 
 /// How a connection ended, as the session engine needs to know it.
@@ -180,7 +184,8 @@ pub type ServiceResult<T> = Result<T, ServiceError>;
 /// message only after every target partition committed it (flushed in standalone, quorum in the
 /// cluster), so the PUBACK/PUBREC the frontend sends afterwards is a promise.
 pub trait SessionService: Send + Sync + 'static {
-    fn connect(&self, req: ConnectRequest) -> impl Future<Output = ServiceResult<Connected>> + Send;
+    fn connect(&self, req: ConnectRequest)
+        -> impl Future<Output = ServiceResult<Connected>> + Send;
 
     fn subscribe(
         &self,

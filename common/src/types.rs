@@ -6,7 +6,9 @@
 use serde::{Deserialize, Serialize};
 
 /// Quality of service of a PUBLISH or a subscription.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
+)]
 pub enum QoS {
     #[default]
     AtMostOnce = 0,

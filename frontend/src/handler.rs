@@ -19,8 +19,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use futures::stream::FuturesOrdered;
 use futures::{Future, SinkExt, StreamExt};
 use tiermq_common::codec::{
-    ConnAck, ConnAckProperties, Connect, DecodeError, Disconnect, MqttCodec, Packet, PubAck,
-    EncodeError, PubComp, PubRec, PubRel, Publish, SubAck, Subscribe, UnsubAck, Unsubscribe,
+    ConnAck, ConnAckProperties, Connect, DecodeError, Disconnect, EncodeError, MqttCodec, Packet,
+    PubAck, PubComp, PubRec, PubRel, Publish, SubAck, Subscribe, UnsubAck, Unsubscribe,
 };
 use tiermq_common::session_api::{
     AckKind, ConnectRequest, DisconnectRequest, Published, ServiceError, ServiceResult,
@@ -283,7 +283,8 @@ where
             config,
             session: connected.session,
             events: connected.events,
-            keep_alive: (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
+            keep_alive: (keep_alive > 0)
+                .then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
             last_packet: Instant::now(),
             connect_expiry: session_expiry_secs,
             inbound_aliases: HashMap::new(),
@@ -459,10 +460,7 @@ where
                 self.protocol_error(ReasonCode::PROTOCOL_ERROR, "AUTH without a method")
                     .await
             }
-            Packet::ConnAck(_)
-            | Packet::SubAck(_)
-            | Packet::UnsubAck(_)
-            | Packet::PingResp => {
+            Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => {
                 self.protocol_error(ReasonCode::PROTOCOL_ERROR, "server-to-client packet")
                     .await
             }
@@ -517,7 +515,8 @@ where
                 .protocol_error(ReasonCode::RETAIN_NOT_SUPPORTED, "retain not available")
                 .await;
         }
-        if p.properties.payload_format_indicator == Some(1) && std::str::from_utf8(&p.payload).is_err()
+        if p.properties.payload_format_indicator == Some(1)
+            && std::str::from_utf8(&p.payload).is_err()
         {
             // §3.3.2.3.2: the receiver may answer 0x99 in its ack (or DISCONNECT); QoS0 is
             // dropped.
@@ -698,7 +697,9 @@ where
                 }
                 self.feed(publish)
             }
-            SessionEvent::Release { packet_id } => self.feed(Packet::PubRel(PubRel::new(packet_id))),
+            SessionEvent::Release { packet_id } => {
+                self.feed(Packet::PubRel(PubRel::new(packet_id)))
+            }
             SessionEvent::Disconnect { reason } => {
                 debug!(peer = %self.peer, %reason, "disconnected by the server");
                 if self.version.is_v5() {

@@ -292,11 +292,23 @@ mod tests {
     #[test]
     fn template_patches_packet_id_and_stamp() {
         for v in [ProtocolVersion::V311, ProtocolVersion::V5] {
-            for (qos, size) in [(QoS::AtMostOnce, 8), (QoS::AtLeastOnce, 64), (QoS::ExactlyOnce, 300)] {
+            for (qos, size) in [
+                (QoS::AtMostOnce, 8),
+                (QoS::AtLeastOnce, 64),
+                (QoS::ExactlyOnce, 300),
+            ] {
                 let t = PublishTemplate::new(v, "bench/x/pairs/17", qos, false, size).unwrap();
                 let mut buf = BytesMut::new();
-                let s1 = Stamp { sent_ns: 123, publisher: 17, seq: 0 };
-                let s2 = Stamp { sent_ns: 456, publisher: 17, seq: 1 };
+                let s1 = Stamp {
+                    sent_ns: 123,
+                    publisher: 17,
+                    seq: 0,
+                };
+                let s2 = Stamp {
+                    sent_ns: 456,
+                    publisher: 17,
+                    seq: 1,
+                };
                 t.write(&mut buf, 7, &s1);
                 t.write(&mut buf, 65535, &s2);
                 assert_eq!(buf.len(), 2 * t.len());
@@ -319,9 +331,18 @@ mod tests {
 
     #[test]
     fn retained_flag_survives() {
-        let t = PublishTemplate::new(ProtocolVersion::V5, "r/1", QoS::AtLeastOnce, true, 20).unwrap();
+        let t =
+            PublishTemplate::new(ProtocolVersion::V5, "r/1", QoS::AtLeastOnce, true, 20).unwrap();
         let mut buf = BytesMut::new();
-        t.write(&mut buf, 3, &Stamp { sent_ns: 1, publisher: 0, seq: 9 });
+        t.write(
+            &mut buf,
+            3,
+            &Stamp {
+                sent_ns: 1,
+                publisher: 0,
+                seq: 9,
+            },
+        );
         let p = decode_one(&mut buf, ProtocolVersion::V5);
         assert!(p.retain);
     }

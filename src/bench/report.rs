@@ -133,20 +133,41 @@ pub fn summary_table(r: &BenchResult) -> String {
             }
         }
         "conn-storm" => {
-            row("connects", format!("{} ({} failed)", r.connections, r.connect_errors));
+            row(
+                "connects",
+                format!("{} ({} failed)", r.connections, r.connect_errors),
+            );
             row("connects/s", num(r.delivered_rate));
         }
         _ => {
-            row("sent", format!("{} ({:.0} msgs/s, {} acked, {} unsent)", r.sent, r.send_rate, r.acked, r.unsent));
-            row("delivered", format!("{} of {} expected ({:.0} msgs/s)", r.tally.received, r.tally.expected, r.delivered_rate));
+            row(
+                "sent",
+                format!(
+                    "{} ({:.0} msgs/s, {} acked, {} unsent)",
+                    r.sent, r.send_rate, r.acked, r.unsent
+                ),
+            );
+            row(
+                "delivered",
+                format!(
+                    "{} of {} expected ({:.0} msgs/s)",
+                    r.tally.received, r.tally.expected, r.delivered_rate
+                ),
+            );
             row(
                 "lost / dup / out-of-order",
-                format!("{} / {} / {} (unexpected {})", r.tally.lost, r.tally.duplicated, r.tally.out_of_order, r.tally.unexpected),
+                format!(
+                    "{} / {} / {} (unexpected {})",
+                    r.tally.lost, r.tally.duplicated, r.tally.out_of_order, r.tally.unexpected
+                ),
             );
         }
     }
     if let Some(t) = r.time_to_last_retained_ms {
-        row("time to last retained", format!("{t:.1} ms ({} topics)", r.topics.unwrap_or(0)));
+        row(
+            "time to last retained",
+            format!("{t:.1} ms ({} topics)", r.topics.unwrap_or(0)),
+        );
     }
     if let Some(l) = &r.latency {
         let what = match r.scenario.as_str() {
@@ -158,7 +179,13 @@ pub fn summary_table(r: &BenchResult) -> String {
             what,
             format!(
                 "p50 {}  p90 {}  p99 {}  p99.9 {}  max {}  (mean {:.2}, n={})",
-                ms(l.p50_us), ms(l.p90_us), ms(l.p99_us), ms(l.p999_us), ms(l.max_us), l.mean_us / 1000.0, l.count
+                ms(l.p50_us),
+                ms(l.p90_us),
+                ms(l.p99_us),
+                ms(l.p999_us),
+                ms(l.max_us),
+                l.mean_us / 1000.0,
+                l.count
             ),
         );
     }
@@ -233,31 +260,96 @@ fn lat(r: &BenchResult, f: fn(&Latency) -> u64) -> Option<f64> {
 }
 
 fn columns(scenario: &str) -> Vec<Column> {
-    let c = |head, get, better, ratio| Column { head, get, better, ratio };
+    let c = |head, get, better, ratio| Column {
+        head,
+        get,
+        better,
+        ratio,
+    };
     match scenario {
         "idle" => vec![
-            c("connections", |r| Some(r.connections as f64), Better::None, false),
-            c("RSS before (MiB)", |r| r.rss_before_kib.map(|k| k as f64 / 1024.0), Better::Lower, false),
-            c("RSS after (MiB)", |r| r.rss_after_kib.map(|k| k as f64 / 1024.0), Better::Lower, false),
-            c("bytes / connection", |r| r.rss_per_connection_bytes, Better::Lower, true),
+            c(
+                "connections",
+                |r| Some(r.connections as f64),
+                Better::None,
+                false,
+            ),
+            c(
+                "RSS before (MiB)",
+                |r| r.rss_before_kib.map(|k| k as f64 / 1024.0),
+                Better::Lower,
+                false,
+            ),
+            c(
+                "RSS after (MiB)",
+                |r| r.rss_after_kib.map(|k| k as f64 / 1024.0),
+                Better::Lower,
+                false,
+            ),
+            c(
+                "bytes / connection",
+                |r| r.rss_per_connection_bytes,
+                Better::Lower,
+                true,
+            ),
             c("connects/s", |r| r.connect_rate, Better::Higher, true),
         ],
         "conn-storm" => vec![
-            c("connects/s", |r| Some(r.delivered_rate), Better::Higher, true),
+            c(
+                "connects/s",
+                |r| Some(r.delivered_rate),
+                Better::Higher,
+                true,
+            ),
             c("p50 ms", |r| lat(r, |l| l.p50_us), Better::Lower, true),
             c("p99 ms", |r| lat(r, |l| l.p99_us), Better::Lower, true),
             c("p99.9 ms", |r| lat(r, |l| l.p999_us), Better::Lower, true),
             c("max ms", |r| lat(r, |l| l.max_us), Better::Lower, false),
-            c("CPU-s / M connects", |r| r.cpu_s_per_million, Better::Lower, true),
-            c("failed", |r| Some(r.connect_errors as f64), Better::Lower, false),
+            c(
+                "CPU-s / M connects",
+                |r| r.cpu_s_per_million,
+                Better::Lower,
+                true,
+            ),
+            c(
+                "failed",
+                |r| Some(r.connect_errors as f64),
+                Better::Lower,
+                false,
+            ),
         ],
         "retained" => vec![
-            c("publish msgs/s", |r| Some(r.send_rate), Better::Higher, true),
-            c("retained delivered/s", |r| Some(r.delivered_rate), Better::Higher, true),
-            c("time to last (ms)", |r| r.time_to_last_retained_ms, Better::Lower, true),
-            c("CPU-s / M msgs", |r| r.cpu_s_per_million, Better::Lower, true),
+            c(
+                "publish msgs/s",
+                |r| Some(r.send_rate),
+                Better::Higher,
+                true,
+            ),
+            c(
+                "retained delivered/s",
+                |r| Some(r.delivered_rate),
+                Better::Higher,
+                true,
+            ),
+            c(
+                "time to last (ms)",
+                |r| r.time_to_last_retained_ms,
+                Better::Lower,
+                true,
+            ),
+            c(
+                "CPU-s / M msgs",
+                |r| r.cpu_s_per_million,
+                Better::Lower,
+                true,
+            ),
             c("lost", |r| Some(r.tally.lost as f64), Better::Lower, false),
-            c("dup", |r| Some(r.tally.duplicated as f64), Better::Lower, false),
+            c(
+                "dup",
+                |r| Some(r.tally.duplicated as f64),
+                Better::Lower,
+                false,
+            ),
         ],
         _ => vec![
             c("msgs/s", |r| Some(r.delivered_rate), Better::Higher, true),
@@ -265,10 +357,25 @@ fn columns(scenario: &str) -> Vec<Column> {
             c("p99 ms", |r| lat(r, |l| l.p99_us), Better::Lower, true),
             c("p99.9 ms", |r| lat(r, |l| l.p999_us), Better::Lower, true),
             c("max ms", |r| lat(r, |l| l.max_us), Better::Lower, false),
-            c("CPU-s / M msgs", |r| r.cpu_s_per_million, Better::Lower, true),
+            c(
+                "CPU-s / M msgs",
+                |r| r.cpu_s_per_million,
+                Better::Lower,
+                true,
+            ),
             c("lost", |r| Some(r.tally.lost as f64), Better::Lower, false),
-            c("dup", |r| Some(r.tally.duplicated as f64), Better::Lower, false),
-            c("out of order", |r| Some(r.tally.out_of_order as f64), Better::Lower, false),
+            c(
+                "dup",
+                |r| Some(r.tally.duplicated as f64),
+                Better::Lower,
+                false,
+            ),
+            c(
+                "out of order",
+                |r| Some(r.tally.out_of_order as f64),
+                Better::Lower,
+                false,
+            ),
             c("unsent", |r| Some(r.unsent as f64), Better::Lower, false),
         ],
     }
@@ -327,7 +434,12 @@ fn group(results: &[BenchResult]) -> Vec<(String, Vec<&BenchResult>)> {
 }
 
 /// The generated markdown block (without the markers).
-pub fn markdown(a: &ReportArgs, results: &[BenchResult], preamble: &str, plots: &[String]) -> String {
+pub fn markdown(
+    a: &ReportArgs,
+    results: &[BenchResult],
+    preamble: &str,
+    plots: &[String],
+) -> String {
     let mut s = String::new();
     if !preamble.trim().is_empty() {
         s.push_str(preamble.trim_end());
@@ -335,7 +447,9 @@ pub fn markdown(a: &ReportArgs, results: &[BenchResult], preamble: &str, plots: 
     }
     let groups = group(results);
     let find = |case: &str, broker: &str| -> Option<&BenchResult> {
-        results.iter().find(|r| r.case == case && r.broker == broker)
+        results
+            .iter()
+            .find(|r| r.case == case && r.broker == broker)
     };
     let base0 = a.baselines.first().cloned().unwrap_or_default();
 
@@ -343,19 +457,44 @@ pub fn markdown(a: &ReportArgs, results: &[BenchResult], preamble: &str, plots: 
     let _ = writeln!(s, "### Targets\n");
     let _ = writeln!(s, "| target | measured | met? |\n| --- | --- | --- |");
     for (case, _) in &groups {
-        let Some(ours) = find(case, &a.ours) else { continue };
+        let Some(ours) = find(case, &a.ours) else {
+            continue;
+        };
         if ours.qos != 0 || !matches!(ours.scenario.as_str(), "pairs" | "fan-out") {
             continue;
         }
-        let Some(base) = find(case, &base0) else { continue };
+        let Some(base) = find(case, &base0) else {
+            continue;
+        };
         // At a fixed offered rate every broker delivers the same msgs/s: throughput is judged
         // on the max-rate cases, CPU per message and p99 on the fixed-rate ones (at max rate
         // p99 only measures how deep the broker lets its queues grow).
-        let cpu = ("broker CPU per message ≤ 0.5×", ratio(ours.cpu_s_per_million, base.cpu_s_per_million), 0.5, true);
+        let cpu = (
+            "broker CPU per message ≤ 0.5×",
+            ratio(ours.cpu_s_per_million, base.cpu_s_per_million),
+            0.5,
+            true,
+        );
         let checks = if ours.rate_per_publisher == 0 {
-            vec![("throughput ≥ 1×", ratio(Some(ours.delivered_rate), Some(base.delivered_rate)), 1.0, false), cpu]
+            vec![
+                (
+                    "throughput ≥ 1×",
+                    ratio(Some(ours.delivered_rate), Some(base.delivered_rate)),
+                    1.0,
+                    false,
+                ),
+                cpu,
+            ]
         } else {
-            vec![cpu, ("p99 ≤ 1×", ratio(lat(ours, |l| l.p99_us), lat(base, |l| l.p99_us)), 1.0, true)]
+            vec![
+                cpu,
+                (
+                    "p99 ≤ 1×",
+                    ratio(lat(ours, |l| l.p99_us), lat(base, |l| l.p99_us)),
+                    1.0,
+                    true,
+                ),
+            ]
         };
         for (what, v, limit, lower) in checks {
             let met = v.map(|v| if lower { v <= limit } else { v >= limit });
@@ -363,12 +502,21 @@ pub fn markdown(a: &ReportArgs, results: &[BenchResult], preamble: &str, plots: 
                 s,
                 "| `{case}`: {what} {base0} | {} | {} |",
                 v.map(|v| format!("{v:.2}×")).unwrap_or_else(|| "–".into()),
-                match met { Some(true) => "yes", Some(false) => "**no**", None => "–" }
+                match met {
+                    Some(true) => "yes",
+                    Some(false) => "**no**",
+                    None => "–",
+                }
             );
         }
     }
     for (case, rs) in &groups {
-        let Some(ours) = rs.iter().find(|r| r.broker == a.ours && r.scenario == "idle") else { continue };
+        let Some(ours) = rs
+            .iter()
+            .find(|r| r.broker == a.ours && r.scenario == "idle")
+        else {
+            continue;
+        };
         if let Some(b) = ours.rss_per_connection_bytes {
             let _ = writeln!(
                 s,
@@ -406,7 +554,9 @@ pub fn markdown(a: &ReportArgs, results: &[BenchResult], preamble: &str, plots: 
             }
         }
         for b in &order {
-            let Some(r) = rs.iter().find(|r| r.broker == *b) else { continue };
+            let Some(r) = rs.iter().find(|r| r.broker == *b) else {
+                continue;
+            };
             let _ = write!(s, "| {b} |");
             for c in &cols {
                 let _ = write!(s, " {} |", cell((c.get)(r)));
@@ -415,10 +565,16 @@ pub fn markdown(a: &ReportArgs, results: &[BenchResult], preamble: &str, plots: 
         }
         if let Some(ours) = rs.iter().find(|r| r.broker == a.ours) {
             for base in &a.baselines {
-                let Some(br) = rs.iter().find(|r| &r.broker == base) else { continue };
+                let Some(br) = rs.iter().find(|r| &r.broker == base) else {
+                    continue;
+                };
                 let _ = write!(s, "| *{} / {base}* |", a.ours);
                 for c in &cols {
-                    let v = if c.ratio { ratio((c.get)(ours), (c.get)(br)) } else { None };
+                    let v = if c.ratio {
+                        ratio((c.get)(ours), (c.get)(br))
+                    } else {
+                        None
+                    };
                     let mark = match (v, c.better) {
                         (Some(v), Better::Higher) if v >= 1.0 => " ✓",
                         (Some(v), Better::Lower) if v <= 1.0 => " ✓",
@@ -472,13 +628,16 @@ pub fn splice(doc: &str, block: &str) -> String {
 pub fn write_report(a: &ReportArgs) -> anyhow::Result<()> {
     let mut results = Vec::new();
     for p in &a.inputs {
-        let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+        let text =
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
         let r: BenchResult =
             serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))?;
         results.push(r);
     }
     let preamble = match &a.preamble {
-        Some(p) => std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+        Some(p) => {
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?
+        }
         None => String::new(),
     };
     let svg_dir = a
@@ -509,7 +668,12 @@ pub fn write_report(a: &ReportArgs) -> anyhow::Result<()> {
     let doc = std::fs::read_to_string(&a.out).unwrap_or_default();
     std::fs::write(&a.out, splice(&doc, &block))
         .with_context(|| format!("writing {}", a.out.display()))?;
-    eprintln!("wrote {} and {} plot(s) in {}", a.out.display(), plots.len(), svg_dir.display());
+    eprintln!(
+        "wrote {} and {} plot(s) in {}",
+        a.out.display(),
+        plots.len(),
+        svg_dir.display()
+    );
     Ok(())
 }
 
@@ -559,7 +723,12 @@ fn bar_chart(
     let root = SVGBackend::new(path, (width, 460)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let nb = brokers.len().max(1) as f64;
-    let draw = |x: usize, b: usize| (x as f64 + 0.1 + 0.8 * b as f64 / nb, x as f64 + 0.1 + 0.8 * (b + 1) as f64 / nb);
+    let draw = |x: usize, b: usize| {
+        (
+            x as f64 + 0.1 + 0.8 * b as f64 / nb,
+            x as f64 + 0.1 + 0.8 * (b + 1) as f64 / nb,
+        )
+    };
     let err = |e: &dyn std::fmt::Debug| anyhow::anyhow!("plot: {e:?}");
     macro_rules! body {
         ($chart:ident, $floor:expr) => {{
@@ -584,7 +753,9 @@ fn bar_chart(
                     .draw_series(bars)
                     .map_err(|e| err(&e))?
                     .label(b.as_str())
-                    .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], c.filled()));
+                    .legend(move |(x, y)| {
+                        Rectangle::new([(x, y - 5), (x + 12, y + 5)], c.filled())
+                    });
                 let labels: Vec<_> = values
                     .iter()
                     .filter(|((_, bj), _)| *bj == bi)
@@ -593,7 +764,10 @@ fn bar_chart(
                         Text::new(
                             num(*v),
                             ((x0 + x1) / 2.0, *v),
-                            ("sans-serif", 11).into_font().color(&BLACK).pos(Pos::new(HPos::Center, VPos::Bottom)),
+                            ("sans-serif", 11)
+                                .into_font()
+                                .color(&BLACK)
+                                .pos(Pos::new(HPos::Center, VPos::Bottom)),
                         )
                     })
                     .collect();
@@ -604,7 +778,10 @@ fn bar_chart(
                 root.draw(&Text::new(
                     case.clone(),
                     (px, py + 8),
-                    ("sans-serif", 13).into_font().color(&BLACK).pos(Pos::new(HPos::Center, VPos::Top)),
+                    ("sans-serif", 13)
+                        .into_font()
+                        .color(&BLACK)
+                        .pos(Pos::new(HPos::Center, VPos::Top)),
                 ))
                 .map_err(|e| err(&e))?;
             }
@@ -649,7 +826,13 @@ fn plot_throughput(a: &ReportArgs, results: &[BenchResult], path: &Path) -> anyh
         if rs[0].scenario == "idle" {
             continue;
         }
-        let Some(b) = rs.iter().find(|r| r.broker == base).map(|r| r.delivered_rate) else { continue };
+        let Some(b) = rs
+            .iter()
+            .find(|r| r.broker == base)
+            .map(|r| r.delivered_rate)
+        else {
+            continue;
+        };
         if b <= 0.0 {
             continue;
         }
@@ -663,7 +846,9 @@ fn plot_throughput(a: &ReportArgs, results: &[BenchResult], path: &Path) -> anyh
     }
     bar_chart(
         path,
-        &format!("Throughput relative to {base} (higher is better; msgs/s, connects/s for conn-storm)"),
+        &format!(
+            "Throughput relative to {base} (higher is better; msgs/s, connects/s for conn-storm)"
+        ),
         &format!("× {base}"),
         &cases,
         &brokers,
@@ -684,12 +869,24 @@ fn plot_p99(a: &ReportArgs, results: &[BenchResult], path: &Path) -> anyhow::Res
         let x = cases.len();
         cases.push(case.clone());
         for (bi, name) in brokers.iter().enumerate() {
-            if let Some(v) = rs.iter().find(|r| &r.broker == name).and_then(|r| lat(r, |l| l.p99_us)) {
+            if let Some(v) = rs
+                .iter()
+                .find(|r| &r.broker == name)
+                .and_then(|r| lat(r, |l| l.p99_us))
+            {
                 values.insert((x, bi), v);
             }
         }
     }
-    bar_chart(path, "p99 end-to-end latency, ms (lower is better; log scale)", "ms", &cases, &brokers, &values, true)
+    bar_chart(
+        path,
+        "p99 end-to-end latency, ms (lower is better; log scale)",
+        "ms",
+        &cases,
+        &brokers,
+        &values,
+        true,
+    )
 }
 
 #[cfg(test)]
@@ -702,7 +899,14 @@ mod tests {
             broker: broker.into(),
             scenario: "pairs".into(),
             delivered_rate: rate,
-            latency: Some(Latency { count: 10, p50_us: p99 / 2, p99_us: p99, p999_us: p99, max_us: p99, ..Default::default() }),
+            latency: Some(Latency {
+                count: 10,
+                p50_us: p99 / 2,
+                p99_us: p99,
+                p999_us: p99,
+                max_us: p99,
+                ..Default::default()
+            }),
             cpu_s_per_million: Some(cpu),
             ..Default::default()
         }
@@ -714,7 +918,9 @@ mod tests {
         let once = splice(doc, "block 1");
         assert!(once.contains("text A") && once.contains("intro") && once.contains("block 1"));
         let twice = splice(&once, "block 2");
-        assert!(!twice.contains("block 1") && twice.contains("block 2") && twice.contains("text A"));
+        assert!(
+            !twice.contains("block 1") && twice.contains("block 2") && twice.contains("text A")
+        );
         assert_eq!(twice.matches(BEGIN).count(), 1);
         let fresh = splice("", "b");
         assert!(fresh.starts_with("# Benchmarks") && fresh.contains(SECTION));
@@ -737,12 +943,18 @@ mod tests {
         };
         let md = markdown(&a, &rs, "", &[]);
         assert!(md.contains("*2.00×* ✓"), "{md}");
-        assert!(md.contains("| `pairs-qos0`: broker CPU per message ≤ 0.5× mosquitto | 0.25× | yes |"), "{md}");
+        assert!(
+            md.contains("| `pairs-qos0`: broker CPU per message ≤ 0.5× mosquitto | 0.25× | yes |"),
+            "{md}"
+        );
         assert!(plot_throughput(&a, &rs, &dir.path().join("t.svg")).unwrap());
         assert!(plot_p99(&a, &rs, &dir.path().join("p.svg")).unwrap());
         let svg = std::fs::read_to_string(dir.path().join("p.svg")).unwrap();
         assert!(svg.contains("<svg") && svg.contains("pairs-qos0"));
         let table = summary_table(&rs[0]);
-        assert!(table.contains("p99 4.00") || table.contains("p99 2.00"), "{table}");
+        assert!(
+            table.contains("p99 4.00") || table.contains("p99 2.00"),
+            "{table}"
+        );
     }
 }

@@ -541,9 +541,16 @@ async fn messages(ctx: &Ctx) -> anyhow::Result<BenchResult> {
 
     // Subscribers first, each subscribed before anything is published.
     let sub_ids = (0..ns).map(|i| format!("{}-s{i}", ctx.prefix)).collect();
-    let mut subs = ctx.connect_many(sub_ids).await.context("connecting subscribers")?;
+    let mut subs = ctx
+        .connect_many(sub_ids)
+        .await
+        .context("connecting subscribers")?;
     let mut set = JoinSet::new();
-    for (i, (mut c, f)) in subs.drain(..).zip(plan.sub_filters.iter().cloned()).enumerate() {
+    for (i, (mut c, f)) in subs
+        .drain(..)
+        .zip(plan.sub_filters.iter().cloned())
+        .enumerate()
+    {
         set.spawn(async move { c.subscribe(&[f], qos).await.map(|_| (i, c)) });
     }
     let mut subs: Vec<Option<Conn>> = (0..ns).map(|_| None).collect();
@@ -552,7 +559,10 @@ async fn messages(ctx: &Ctx) -> anyhow::Result<BenchResult> {
         subs[i] = Some(c);
     }
     let pub_ids = (0..np).map(|i| format!("{}-p{i}", ctx.prefix)).collect();
-    let pubs = ctx.connect_many(pub_ids).await.context("connecting publishers")?;
+    let pubs = ctx
+        .connect_many(pub_ids)
+        .await
+        .context("connecting publishers")?;
     // Let the broker settle subscriptions (a cluster propagates routes asynchronously).
     tokio::time::sleep(Duration::from_millis(200)).await;
 
@@ -653,11 +663,17 @@ async fn messages(ctx: &Ctx) -> anyhow::Result<BenchResult> {
     r.unsent = pub_outs.iter().map(|p| p.unsent).sum();
     r.tally = t;
     r.send_rate = r.sent as f64 / a.duration.as_secs_f64();
-    let span = last_ns.saturating_sub(start_ns).max(a.duration.as_nanos() as u64 / 2);
+    let span = last_ns
+        .saturating_sub(start_ns)
+        .max(a.duration.as_nanos() as u64 / 2);
     r.delivered_rate = t.received as f64 / (span as f64 / 1e9);
     r.latency = Latency::of(&hist);
     probe.finish(&mut r, t.received);
-    errors.extend(pub_outs.iter().filter_map(|p| p.error.clone().map(|e| format!("publisher: {e}"))));
+    errors.extend(
+        pub_outs
+            .iter()
+            .filter_map(|p| p.error.clone().map(|e| format!("publisher: {e}"))),
+    );
     errors.sort();
     errors.dedup();
     r.notes = errors;
@@ -786,12 +802,26 @@ async fn retained(ctx: &Ctx) -> anyhow::Result<BenchResult> {
             let mut sent = 0u64;
             while (i < k_total || inflight > 0) && Instant::now() < deadline {
                 while i < k_total && inflight < window && c.wbuf.len() < 64 * 1024 {
-                    let t = PublishTemplate::new(version, &format!("{prefix}/{i}"), qos, true, payload)?;
+                    let t = PublishTemplate::new(
+                        version,
+                        &format!("{prefix}/{i}"),
+                        qos,
+                        true,
+                        payload,
+                    )?;
                     if qos != QoS::AtMostOnce {
                         pid = if pid == u16::MAX { 1 } else { pid + 1 };
                         inflight += 1;
                     }
-                    t.write(&mut c.wbuf, pid, &Stamp { sent_ns: now_ns(), publisher: 0, seq: i });
+                    t.write(
+                        &mut c.wbuf,
+                        pid,
+                        &Stamp {
+                            sent_ns: now_ns(),
+                            publisher: 0,
+                            seq: i,
+                        },
+                    );
                     i += np as u64;
                     sent += 1;
                 }
@@ -849,7 +879,13 @@ async fn retained(ctx: &Ctx) -> anyhow::Result<BenchResult> {
             let mut c = c;
             c.push(&Packet::Subscribe(Subscribe {
                 packet_id: 1,
-                filters: vec![(filter, SubscriptionOptions { qos, ..Default::default() })],
+                filters: vec![(
+                    filter,
+                    SubscriptionOptions {
+                        qos,
+                        ..Default::default()
+                    },
+                )],
                 properties: Default::default(),
             }))
             .ok();
@@ -890,7 +926,11 @@ async fn retained(ctx: &Ctx) -> anyhow::Result<BenchResult> {
     r.tally = t;
     r.send_rate = sent as f64 / publish_secs.max(1e-9);
     let span = (last_ns - sub_start) as f64 / 1e9;
-    r.delivered_rate = if span > 0.0 { t.received as f64 / span } else { 0.0 };
+    r.delivered_rate = if span > 0.0 {
+        t.received as f64 / span
+    } else {
+        0.0
+    };
     r.time_to_last_retained_ms = Some(span * 1000.0);
     // "Latency" here: per subscriber, time from SUBSCRIBE to its last retained message.
     r.latency = Latency::of(&to_last);

@@ -97,11 +97,15 @@ impl Receiver {
         if i >= self.streams.len() {
             self.streams.resize(i + 1, None);
         }
-        self.streams[i].get_or_insert_with(Default::default).record(seq);
+        self.streams[i]
+            .get_or_insert_with(Default::default)
+            .record(seq);
     }
 
     pub fn stream(&self, publisher: u32) -> Option<&StreamTracker> {
-        self.streams.get(publisher as usize).and_then(|s| s.as_ref())
+        self.streams
+            .get(publisher as usize)
+            .and_then(|s| s.as_ref())
     }
 }
 
@@ -168,7 +172,10 @@ mod tests {
         for s in 0..1000 {
             t.record(s);
         }
-        assert_eq!((t.received, t.unique, t.duplicated, t.out_of_order), (1000, 1000, 0, 0));
+        assert_eq!(
+            (t.received, t.unique, t.duplicated, t.out_of_order),
+            (1000, 1000, 0, 0)
+        );
         assert_eq!(t.lost(1000), 0);
         assert_eq!(t.lost(1010), 10);
     }

@@ -151,6 +151,29 @@ impl Partition {
         self.sessions.get(client_id)
     }
 
+    /// Sessions attached to connections on `frontend_id` and their in-flight messages, for a
+    /// frontend that (re)opened its event stream to a new leader. Read-only.
+    pub fn replay_for_frontend(&self, frontend_id: u64, now_ms: u64) -> Vec<Effect> {
+        let mut ids: Vec<&Arc<str>> = self
+            .sessions
+            .values()
+            .filter(|s| s.attachment.is_some_and(|a| a.frontend_id == frontend_id))
+            .map(|s| &s.client_id)
+            .collect();
+        ids.sort();
+        ids.into_iter()
+            .flat_map(|id| self.sessions[id].replay_inflight(now_ms))
+            .collect()
+    }
+
+    /// Frontends holding at least one connection of this partition's sessions.
+    pub fn attached_frontends(&self) -> std::collections::BTreeSet<u64> {
+        self.sessions
+            .values()
+            .filter_map(|s| s.attachment.map(|a| a.frontend_id))
+            .collect()
+    }
+
     pub fn session_count(&self) -> usize {
         self.sessions.len()
     }

@@ -219,6 +219,19 @@ impl Session {
         self.pump(now_ms, effects);
     }
 
+    /// The in-flight window as it was sent, again: PUBLISH with DUP or PUBREL. Read-only; used
+    /// by a new leader, which cannot know what reached the client before the failover.
+    pub fn replay_inflight(&self, now_ms: u64) -> Vec<Effect> {
+        let Some(epoch) = self.epoch() else {
+            return Vec::new();
+        };
+        self.inflight
+            .iter()
+            .filter(|i| i.sent)
+            .map(|i| self.resend(epoch, i, now_ms))
+            .collect()
+    }
+
     fn resend(&self, epoch: u64, inflight: &Inflight, now_ms: u64) -> Effect {
         match inflight.state {
             InflightState::Published => self.delivery(

@@ -32,7 +32,8 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use super::storage::SledRaftStorage;
-use crate::partition::command::{Command, Effect, Entry, Reply};
+use crate::partition::command::{Command, Effect, Entry, Query, Reply};
+use crate::partition::session::Attachment;
 use crate::partition::session::SessionLimits;
 use crate::partition::{Partition, PartitionImage};
 use crate::placement::{NodeId, PartitionMap};
@@ -64,6 +65,8 @@ pub struct RaftConfig {
     /// How often time advances in the state machines (wills, expiry): the leader proposes a
     /// `Tick` command this often.
     pub sm_tick_interval: Duration,
+    /// A frontend holding sessions here without an event stream for this long is lost.
+    pub frontend_lease: Duration,
 }
 
 impl RaftConfig {
@@ -77,6 +80,7 @@ impl RaftConfig {
             checkpoint_entries: 5_000,
             log_keep_entries: 2_000,
             sm_tick_interval: Duration::from_millis(500),
+            frontend_lease: Duration::from_secs(3),
         }
     }
 }
@@ -135,6 +139,24 @@ enum NodeMsg {
     Stop {
         done: oneshot::Sender<()>,
     },
+    Qos0 {
+        partition: u32,
+        message: Arc<tiermq_common::Message>,
+        publisher: Option<Arc<str>>,
+    },
+    Query {
+        partition: u32,
+        query: Query,
+        reply: oneshot::Sender<Result<Vec<u8>, ProposeError>>,
+    },
+    /// A frontend opened its event stream to this node: replay in-flight messages.
+    FrontendAttached {
+        frontend_id: u64,
+    },
+    /// A route watcher joined: send it a snapshot of every partition this node leads.
+    WatchRoutes {
+        tx: mpsc::UnboundedSender<RouteChange>,
+    },
 }
 
 /// Counters of a node's driver (for metrics and benchmarks).
@@ -148,12 +170,88 @@ pub struct RaftStats {
     pub flushes: AtomicU64,
 }
 
+/// An event for a session attached to a frontend.
+#[derive(Debug, Clone)]
+pub struct FrontendEvent {
+    pub client_id: Arc<str>,
+    pub epoch: u64,
+    pub event: SessionEvent,
+}
+
+/// A change of one partition's route set (filters with at least one subscription).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteChange {
+    pub partition: u32,
+    /// False: this node stopped leading the partition.
+    pub leader: bool,
+    /// `added` is the whole set.
+    pub reset: bool,
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+}
+
+/// What a node's driver shares with the services that serve frontends: event streams per
+/// frontend, route watchers, and where fired wills go.
+#[derive(Default)]
+pub struct ClusterHub {
+    frontends: std::sync::Mutex<HashMap<u64, mpsc::UnboundedSender<FrontendEvent>>>,
+    routes: std::sync::Mutex<Vec<mpsc::UnboundedSender<RouteChange>>>,
+    wills: std::sync::Mutex<Option<mpsc::UnboundedSender<tiermq_common::Message>>>,
+}
+
+impl ClusterHub {
+    pub fn new() -> Arc<ClusterHub> {
+        Arc::new(ClusterHub::default())
+    }
+
+    /// Where wills fired by partitions this node leads are handed for publishing.
+    pub fn set_will_sink(&self, tx: mpsc::UnboundedSender<tiermq_common::Message>) {
+        *self.wills.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+    }
+
+    fn register_frontend(&self, frontend_id: u64) -> mpsc::UnboundedReceiver<FrontendEvent> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.frontends
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(frontend_id, tx);
+        rx
+    }
+
+    fn has_frontend(&self, frontend_id: u64) -> bool {
+        self.frontends
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&frontend_id)
+            .is_some_and(|tx| !tx.is_closed())
+    }
+
+    fn send_to_frontend(&self, frontend_id: u64, event: FrontendEvent) {
+        let map = self.frontends.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(tx) = map.get(&frontend_id) {
+            let _ = tx.send(event);
+        }
+    }
+
+    fn broadcast_route(&self, change: RouteChange) {
+        let mut watchers = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+        watchers.retain(|tx| tx.send(change.clone()).is_ok());
+    }
+
+    fn publish_will(&self, message: tiermq_common::Message) {
+        if let Some(tx) = &*self.wills.lock().unwrap_or_else(|e| e.into_inner()) {
+            let _ = tx.send(message);
+        }
+    }
+}
+
 /// The handle through which everything talks to a node's driver.
 #[derive(Clone)]
 pub struct RaftHandle {
     node_id: NodeId,
     tx: mpsc::UnboundedSender<NodeMsg>,
     stats: Arc<RaftStats>,
+    hub: Arc<ClusterHub>,
 }
 
 impl RaftHandle {
@@ -189,6 +287,88 @@ impl RaftHandle {
             })
             .map_err(|_| ProposeError::Stopped)?;
         rx.await.map_err(|_| ProposeError::Stopped)?
+    }
+
+    /// Sends a proposal to the driver now; the returned future waits for it to be applied.
+    /// Calls made one after another reach the log in that order, however their futures are
+    /// polled.
+    pub fn submit(
+        &self,
+        partition: u32,
+        command: Command,
+    ) -> impl std::future::Future<Output = Result<Reply, ProposeError>> + Send + 'static {
+        let (reply, rx) = oneshot::channel();
+        let sent = self
+            .tx
+            .send(NodeMsg::Propose {
+                partition,
+                command,
+                reply,
+                events: None,
+            })
+            .is_ok();
+        async move {
+            if !sent {
+                return Err(ProposeError::Stopped);
+            }
+            rx.await.map_err(|_| ProposeError::Stopped)?
+        }
+    }
+
+    /// Delivers a QoS0 message to the partition's online subscribers, if this node leads it.
+    pub fn qos0(
+        &self,
+        partition: u32,
+        message: Arc<tiermq_common::Message>,
+        publisher: Option<Arc<str>>,
+    ) {
+        let _ = self.tx.send(NodeMsg::Qos0 {
+            partition,
+            message,
+            publisher,
+        });
+    }
+
+    /// A leader read; the answer is postcard-encoded (see [`Query`]).
+    pub fn query(
+        &self,
+        partition: u32,
+        query: Query,
+    ) -> impl std::future::Future<Output = Result<Vec<u8>, ProposeError>> + Send + 'static {
+        let (reply, rx) = oneshot::channel();
+        let sent = self
+            .tx
+            .send(NodeMsg::Query {
+                partition,
+                query,
+                reply,
+            })
+            .is_ok();
+        async move {
+            if !sent {
+                return Err(ProposeError::Stopped);
+            }
+            rx.await.map_err(|_| ProposeError::Stopped)?
+        }
+    }
+
+    /// Opens the event stream of `frontend_id` (replacing an older one) and replays the
+    /// in-flight messages of its sessions in partitions this node leads.
+    pub fn attach_frontend(&self, frontend_id: u64) -> mpsc::UnboundedReceiver<FrontendEvent> {
+        let rx = self.hub.register_frontend(frontend_id);
+        let _ = self.tx.send(NodeMsg::FrontendAttached { frontend_id });
+        rx
+    }
+
+    /// Route changes of the partitions this node leads, starting with a snapshot of each.
+    pub fn watch_routes(&self) -> mpsc::UnboundedReceiver<RouteChange> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let _ = self.tx.send(NodeMsg::WatchRoutes { tx });
+        rx
+    }
+
+    pub fn hub(&self) -> &Arc<ClusterHub> {
+        &self.hub
     }
 
     /// Hands a Raft message from a peer to its group. False once the driver has stopped.
@@ -281,7 +461,7 @@ impl Group {
     }
 
     /// Applies committed Raft entries to the state machine and answers their proposers.
-    fn apply_committed(&mut self, entries: Vec<RaftEntry>, effects: &mut Vec<Effect>) {
+    fn apply_committed(&mut self, entries: Vec<RaftEntry>, hub: &ClusterHub) {
         let leading = self.is_leader();
         for entry in entries {
             let index = entry.index;
@@ -324,13 +504,19 @@ impl Group {
                     for (i, command) in commands.into_iter().enumerate() {
                         let sm_index = (index << BATCH_BITS) | i as u64;
                         let client = connect_client(&command.command);
+                        // A takeover's DISCONNECT goes to the connection being replaced,
+                        // possibly on another frontend: remember where it was.
+                        let previous = client
+                            .as_ref()
+                            .and_then(|c| self.sm.session(c))
+                            .and_then(|s| s.attachment);
                         let (reply, fx) = self.sm.apply(sm_index, command);
                         let new_conn = match (&reply, event_txs.get_mut(i).and_then(Option::take)) {
                             (Reply::Connected { epoch, .. }, Some(tx)) => Some((*epoch, tx)),
                             _ => None,
                         };
                         if leading {
-                            self.dispatch(fx, new_conn.as_ref(), effects);
+                            self.dispatch(fx, new_conn.as_ref(), previous, hub);
                             if let (Some(client), Some(conn)) = (client, new_conn) {
                                 self.connections.insert(client, conn);
                             }
@@ -356,7 +542,8 @@ impl Group {
         &mut self,
         fx: Vec<Effect>,
         new_conn: Option<&(u64, EventSender)>,
-        out: &mut Vec<Effect>,
+        previous: Option<Attachment>,
+        hub: &ClusterHub,
     ) {
         for effect in fx {
             match effect {
@@ -365,6 +552,7 @@ impl Group {
                     epoch,
                     event,
                 } => {
+                    // In-process connections (tests, embedded use) first ...
                     let tx = match new_conn {
                         Some((e, tx)) if *e == epoch => Some(tx),
                         _ => match self.connections.get(&client_id) {
@@ -374,10 +562,50 @@ impl Group {
                     };
                     if let Some(tx) = tx {
                         let _ = tx.send(event);
+                        continue;
+                    }
+                    // ... then the frontend that holds the connection with this epoch.
+                    let frontend = match self.sm.session(&client_id).and_then(|s| s.attachment) {
+                        Some(a) if a.epoch == epoch => Some(a.frontend_id),
+                        _ => previous.filter(|a| a.epoch == epoch).map(|a| a.frontend_id),
+                    };
+                    if let Some(frontend_id) = frontend {
+                        hub.send_to_frontend(
+                            frontend_id,
+                            FrontendEvent {
+                                client_id,
+                                epoch,
+                                event,
+                            },
+                        );
                     }
                 }
-                other => out.push(other),
+                Effect::PublishWill { message } => hub.publish_will(message),
+                Effect::RouteAdded { filter } => hub.broadcast_route(RouteChange {
+                    partition: self.partition,
+                    leader: true,
+                    reset: false,
+                    added: vec![filter],
+                    removed: Vec::new(),
+                }),
+                Effect::RouteRemoved { filter } => hub.broadcast_route(RouteChange {
+                    partition: self.partition,
+                    leader: true,
+                    reset: false,
+                    added: Vec::new(),
+                    removed: vec![filter],
+                }),
             }
+        }
+    }
+
+    fn route_snapshot(&self) -> RouteChange {
+        RouteChange {
+            partition: self.partition,
+            leader: true,
+            reset: true,
+            added: self.sm.filters(),
+            removed: Vec::new(),
         }
     }
 
@@ -456,14 +684,14 @@ fn now_ms() -> u64 {
 
 /// Starts the driver of node `config.node_id` for the groups `map` assigns to it.
 ///
-/// `effects` receives the effects the state machines produce on this node while it leads
-/// (wills to publish, route changes); deliveries go straight to the sessions' event channels.
+/// `hub` connects the driver to the frontend-facing services: session events, route changes
+/// and fired wills of the partitions this node leads go there.
 pub fn start(
     config: RaftConfig,
     db: sled::Db,
     map: &PartitionMap,
     transport: Arc<dyn Transport>,
-    effects: Option<mpsc::UnboundedSender<(u32, Effect)>>,
+    hub: Arc<ClusterHub>,
 ) -> Result<RaftHandle, raft::Error> {
     let logger = slog::Logger::root(tracing_slog::TracingSlogDrain, slog::o!());
     let mut groups = BTreeMap::new();
@@ -515,15 +743,17 @@ pub fn start(
         node_id: config.node_id,
         tx,
         stats: stats.clone(),
+        hub: hub.clone(),
     };
     let driver = Driver {
         stats,
+        missing_frontends: HashMap::new(),
         config,
         db,
         groups,
         rx,
         transport,
-        effects,
+        hub,
         last_now: 0,
     };
     tokio::spawn(driver.run());
@@ -537,8 +767,10 @@ struct Driver {
     groups: BTreeMap<u32, Group>,
     rx: mpsc::UnboundedReceiver<NodeMsg>,
     transport: Arc<dyn Transport>,
-    effects: Option<mpsc::UnboundedSender<(u32, Effect)>>,
+    hub: Arc<ClusterHub>,
     last_now: u64,
+    /// Frontends holding sessions of a led partition but with no event stream here, since when.
+    missing_frontends: HashMap<u64, Instant>,
 }
 
 /// Raft messages gathered during one round, per destination node.
@@ -597,6 +829,7 @@ impl Driver {
                 }
                 if last_sm_tick.elapsed() >= self.config.sm_tick_interval {
                     last_sm_tick = Instant::now();
+                    self.check_frontend_leases();
                     for g in self.groups.values_mut() {
                         if g.is_leader() {
                             let (reply, _) = oneshot::channel();
@@ -658,8 +891,110 @@ impl Driver {
                 let _ = reply.send(image);
             }
             NodeMsg::Stop { done } => return Some(done),
+            NodeMsg::Qos0 {
+                partition,
+                message,
+                publisher,
+            } => {
+                let now = self.now();
+                if let Some(g) = self.groups.get_mut(&partition) {
+                    if g.is_leader() {
+                        let (_, fx) = g.sm.deliver_qos0(&message, publisher.as_deref(), now);
+                        g.dispatch(fx, None, None, &self.hub);
+                    }
+                }
+            }
+            NodeMsg::Query {
+                partition,
+                query,
+                reply,
+            } => {
+                let now = self.now();
+                let answer = match self.groups.get(&partition) {
+                    None => Err(ProposeError::UnknownPartition(partition)),
+                    Some(g) if !g.is_leader() => {
+                        Err(ProposeError::NotLeader { leader: g.leader() })
+                    }
+                    // A leader that has not yet applied its own term's entries may serve a
+                    // stale read; raft-rs's ReadIndex would close that gap (see the docs).
+                    Some(g) => Ok(match query {
+                        Query::Retained { filter } => {
+                            postcard::to_stdvec(&g.sm.retained_matching(&filter, now))
+                        }
+                        Query::Qos2Check {
+                            client_id,
+                            epoch,
+                            packet_id,
+                        } => postcard::to_stdvec(&match g.sm.session(&client_id) {
+                            None => Reply::NoSession,
+                            Some(s) if s.epoch() != Some(epoch) => Reply::Fenced,
+                            Some(s) => Reply::Qos2Received {
+                                duplicate: s.inbound_qos2.contains(&packet_id),
+                            },
+                        }),
+                    }
+                    .unwrap_or_default()),
+                };
+                let _ = reply.send(answer);
+            }
+            NodeMsg::FrontendAttached { frontend_id } => {
+                let now = self.now();
+                self.missing_frontends.remove(&frontend_id);
+                for g in self.groups.values_mut() {
+                    if g.is_leader() {
+                        let fx = g.sm.replay_for_frontend(frontend_id, now);
+                        g.dispatch(fx, None, None, &self.hub);
+                    }
+                }
+            }
+            NodeMsg::WatchRoutes { tx } => {
+                for g in self.groups.values() {
+                    if g.is_leader() {
+                        let _ = tx.send(g.route_snapshot());
+                    }
+                }
+                self.hub
+                    .routes
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(tx);
+            }
         }
         None
+    }
+
+    /// Frontends that hold sessions in partitions this node leads but have had no event
+    /// stream here for longer than the lease are declared lost: their sessions are
+    /// disconnected (wills fire) through the log.
+    fn check_frontend_leases(&mut self) {
+        let now = Instant::now();
+        let mut attached = std::collections::BTreeSet::new();
+        for g in self.groups.values() {
+            if g.is_leader() {
+                attached.extend(g.sm.attached_frontends());
+            }
+        }
+        attached.remove(&0); // in-process connections have no stream
+        self.missing_frontends.retain(|f, _| attached.contains(f));
+        for f in attached {
+            if self.hub.has_frontend(f) {
+                self.missing_frontends.remove(&f);
+                continue;
+            }
+            let since = *self.missing_frontends.entry(f).or_insert(now);
+            if now.duration_since(since) < self.config.frontend_lease {
+                continue;
+            }
+            info!(frontend = f, "frontend lost: disconnecting its sessions");
+            self.missing_frontends.remove(&f);
+            for g in self.groups.values_mut() {
+                if g.is_leader() && g.sm.attached_frontends().contains(&f) {
+                    let (reply, _) = oneshot::channel();
+                    g.proposals
+                        .push((Command::FrontendLost { frontend_id: f }, reply, None));
+                }
+            }
+        }
     }
 
     fn now(&mut self) -> u64 {
@@ -726,7 +1061,6 @@ impl Driver {
 
     async fn process_ready(&mut self) {
         let mut outbox = Outbox::default();
-        let mut effects = Vec::new();
         let mut readies = Vec::new();
         let mut wrote = false;
         for (&p, g) in self.groups.iter_mut() {
@@ -743,9 +1077,7 @@ impl Driver {
                 g.install_snapshot(&snap, self.config.limits);
                 wrote = true;
             }
-            let mut fx = Vec::new();
-            g.apply_committed(rd.take_committed_entries(), &mut fx);
-            effects.extend(fx.into_iter().map(|e| (p, e)));
+            g.apply_committed(rd.take_committed_entries(), &self.hub);
             if !rd.entries().is_empty() {
                 if let Err(e) = g.storage.append(rd.entries()) {
                     warn!(partition = p, error = %e, "cannot append entries");
@@ -778,9 +1110,7 @@ impl Driver {
                 }
             }
             outbox.add(p, light.take_messages());
-            let mut fx = Vec::new();
-            g.apply_committed(light.take_committed_entries(), &mut fx);
-            effects.extend(fx.into_iter().map(|e| (p, e)));
+            g.apply_committed(light.take_committed_entries(), &self.hub);
             g.raw.advance_apply();
         }
         outbox.send(&*self.transport);
@@ -800,11 +1130,6 @@ impl Driver {
                 );
             }
             g.was_leader = leading;
-        }
-        if let Some(tx) = &self.effects {
-            for e in effects {
-                let _ = tx.send(e);
-            }
         }
     }
 }

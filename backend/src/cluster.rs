@@ -1,0 +1,285 @@
+//! The frontend-facing gRPC service of a backend node (`tiermq.broker.v1.Broker`).
+//!
+//! - `Ops`: a frontend's ordered stream of partition operations. Each is handed to the Raft
+//!   driver the moment it arrives (so the log keeps the frontend's order); replies go back as
+//!   each command is applied — committed by a quorum — in whatever order that happens.
+//! - `Events`: deliveries and disconnects for the sessions a frontend holds, from partitions
+//!   this node leads. Opening it replays what is in flight (after a failover the new leader
+//!   cannot know what reached the client; MQTT allows the DUP re-send).
+//! - `Routes`: which filters have subscribers, per partition this node leads.
+//! - `Cluster`: members, the partition map and this node's view of every partition.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::stream::FuturesUnordered;
+use futures::{Stream, StreamExt};
+use tiermq_common::partition_api::{Command, Query};
+use tiermq_common::Message;
+use tiermq_proto::broker::broker_server::{Broker, BrokerServer};
+use tiermq_proto::broker::{
+    op, op_reply, ClusterInfo, ClusterRequest, EventBatch, EventsRequest, Member, NotLeader, Op,
+    OpReply, PartitionInfo, RouteUpdate, RoutesRequest, SessionEventMsg,
+};
+use tiermq_proto::API_VERSION;
+use tokio::sync::mpsc;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::debug;
+
+use crate::placement::{NodeId, PartitionMap};
+use crate::raft::node::{ProposeError, RaftHandle};
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// The `Broker` service of one backend node.
+pub struct BrokerService {
+    handle: RaftHandle,
+    map: PartitionMap,
+    members: BTreeMap<NodeId, String>,
+}
+
+impl BrokerService {
+    pub fn new(
+        handle: RaftHandle,
+        map: PartitionMap,
+        members: BTreeMap<NodeId, String>,
+    ) -> BrokerServer<BrokerService> {
+        BrokerServer::new(BrokerService {
+            handle,
+            map,
+            members,
+        })
+        .max_decoding_message_size(64 * 1024 * 1024)
+    }
+}
+
+fn check_version(v: u32) -> Result<(), Status> {
+    if v == API_VERSION {
+        Ok(())
+    } else {
+        Err(Status::failed_precondition(format!(
+            "broker API version {v} not supported (this node speaks {API_VERSION})"
+        )))
+    }
+}
+
+fn error_reply(id: u64, e: ProposeError) -> OpReply {
+    let result = match e {
+        ProposeError::NotLeader { leader } => op_reply::Result::NotLeader(NotLeader {
+            leader: leader.unwrap_or(0),
+        }),
+        ProposeError::UnknownPartition(_) => op_reply::Result::NotLeader(NotLeader { leader: 0 }),
+        other => op_reply::Result::Error(other.to_string()),
+    };
+    OpReply {
+        id,
+        result: Some(result),
+    }
+}
+
+fn receiver_stream<T: Send + 'static>(
+    rx: mpsc::UnboundedReceiver<Result<T, Status>>,
+) -> BoxStream<T> {
+    Box::pin(futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    }))
+}
+
+#[tonic::async_trait]
+impl Broker for BrokerService {
+    type OpsStream = BoxStream<OpReply>;
+    type EventsStream = BoxStream<EventBatch>;
+    type RoutesStream = BoxStream<RouteUpdate>;
+
+    async fn ops(
+        &self,
+        request: Request<Streaming<Op>>,
+    ) -> Result<Response<Self::OpsStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let handle = self.handle.clone();
+        tokio::spawn(async move {
+            let mut waits = FuturesUnordered::new();
+            let mut open = true;
+            while open || !waits.is_empty() {
+                tokio::select! {
+                    op = inbound.message(), if open => match op {
+                        Ok(Some(op)) => {
+                            if let Err(status) = check_version(op.version) {
+                                let _ = tx.send(Err(status));
+                                return;
+                            }
+                            if let Some(wait) = submit(&handle, op) {
+                                waits.push(wait);
+                            }
+                        }
+                        Ok(None) | Err(_) => open = false,
+                    },
+                    Some(reply) = waits.next(), if !waits.is_empty() => {
+                        if let Some(reply) = reply {
+                            if tx.send(Ok(reply)).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Response::new(receiver_stream(rx)))
+    }
+
+    async fn events(
+        &self,
+        request: Request<EventsRequest>,
+    ) -> Result<Response<Self::EventsStream>, Status> {
+        let req = request.into_inner();
+        check_version(req.version)?;
+        debug!(frontend = req.frontend_id, "event stream opened");
+        let mut events = self.handle.attach_frontend(req.frontend_id);
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(first) = events.recv().await {
+                let mut batch = vec![first];
+                while batch.len() < 512 {
+                    match events.try_recv() {
+                        Ok(e) => batch.push(e),
+                        Err(_) => break,
+                    }
+                }
+                let msg = EventBatch {
+                    events: batch
+                        .into_iter()
+                        .map(|e| SessionEventMsg {
+                            client_id: e.client_id.to_string(),
+                            epoch: e.epoch,
+                            event: postcard::to_stdvec(&e.event).unwrap_or_default(),
+                        })
+                        .collect(),
+                };
+                if tx.send(Ok(msg)).is_err() {
+                    return; // the frontend went away; dropping `events` ends its registration
+                }
+            }
+        });
+        Ok(Response::new(receiver_stream(rx)))
+    }
+
+    async fn routes(
+        &self,
+        request: Request<RoutesRequest>,
+    ) -> Result<Response<Self::RoutesStream>, Status> {
+        check_version(request.into_inner().version)?;
+        let mut changes = self.handle.watch_routes();
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(c) = changes.recv().await {
+                let update = RouteUpdate {
+                    partition: c.partition,
+                    leader: c.leader,
+                    reset: c.reset,
+                    added: c.added,
+                    removed: c.removed,
+                };
+                if tx.send(Ok(update)).is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(receiver_stream(rx)))
+    }
+
+    async fn cluster(
+        &self,
+        request: Request<ClusterRequest>,
+    ) -> Result<Response<ClusterInfo>, Status> {
+        check_version(request.into_inner().version)?;
+        let mut partition_info = Vec::new();
+        for p in 0..self.map.partitions {
+            let replicas = self.map.replicas_of(p).to_vec();
+            let status = self.handle.status(p).await;
+            partition_info.push(PartitionInfo {
+                partition: p,
+                local_replica: status.is_some(),
+                leader: status.as_ref().and_then(|s| s.leader).unwrap_or(0),
+                term: status.as_ref().map_or(0, |s| s.term),
+                commit: status.as_ref().map_or(0, |s| s.commit),
+                applied: status.as_ref().map_or(0, |s| s.applied),
+                replicas,
+            });
+        }
+        Ok(Response::new(ClusterInfo {
+            epoch: self.map.epoch,
+            partitions: self.map.partitions,
+            replication: self.map.replication as u32,
+            node_id: self.handle.node_id(),
+            members: self
+                .members
+                .iter()
+                .map(|(id, addr)| Member {
+                    id: *id,
+                    addr: addr.clone(),
+                })
+                .collect(),
+            partition_info,
+        }))
+    }
+}
+
+type ReplyFuture = Pin<Box<dyn std::future::Future<Output = Option<OpReply>> + Send>>;
+
+/// Hands one operation to the driver now; returns the wait for its reply, if one is wanted.
+fn submit(handle: &RaftHandle, op: Op) -> Option<ReplyFuture> {
+    let id = op.id;
+    let partition = op.partition;
+    let bad = |what: &str| -> Option<ReplyFuture> {
+        let reply = OpReply {
+            id,
+            result: Some(op_reply::Result::Error(format!("undecodable {what}"))),
+        };
+        (id != 0).then(|| Box::pin(async move { Some(reply) }) as ReplyFuture)
+    };
+    match op.kind? {
+        op::Kind::Command(bytes) => {
+            let Ok(command) = postcard::from_bytes::<Command>(&bytes) else {
+                return bad("command");
+            };
+            let wait = handle.submit(partition, command);
+            Some(Box::pin(async move {
+                let r = wait.await;
+                (id != 0).then(|| match r {
+                    Ok(reply) => OpReply {
+                        id,
+                        result: Some(op_reply::Result::Reply(
+                            postcard::to_stdvec(&reply).unwrap_or_default(),
+                        )),
+                    },
+                    Err(e) => error_reply(id, e),
+                })
+            }))
+        }
+        op::Kind::Qos0(q) => {
+            let Ok(message) = postcard::from_bytes::<Message>(&q.message) else {
+                return bad("message");
+            };
+            let publisher = (!q.publisher.is_empty()).then(|| Arc::from(q.publisher.as_str()));
+            handle.qos0(partition, Arc::new(message), publisher);
+            None
+        }
+        op::Kind::Query(bytes) => {
+            let Ok(query) = postcard::from_bytes::<Query>(&bytes) else {
+                return bad("query");
+            };
+            let wait = handle.query(partition, query);
+            Some(Box::pin(async move {
+                Some(match wait.await {
+                    Ok(answer) => OpReply {
+                        id,
+                        result: Some(op_reply::Result::Reply(answer)),
+                    },
+                    Err(e) => error_reply(id, e),
+                })
+            }))
+        }
+    }
+}

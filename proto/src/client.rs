@@ -1,0 +1,922 @@
+//! The cluster client: [`SessionService`] over gRPC to the backend nodes.
+//!
+//! A cluster frontend uses it exactly as the standalone broker uses its in-process partitions.
+//! It keeps, per backend node, one ordered operation stream (`Ops`), one event stream
+//! (`Events`) and one route watch (`Routes`), and:
+//! - sends each operation to the partition's leader, following `NotLeader` hints and trying
+//!   the other replicas when a node is unreachable;
+//! - keeps a route table (filter → partitions with a subscriber) fed by the watches, and sends
+//!   a publish to the partitions it matches — plus every partition whose routes it does not
+//!   know right now (no leader seen), so a stale table costs traffic, never a delivery;
+//! - hands events to the connection that owns `(client id, epoch)`.
+//!
+//! Backend nodes use the same client to publish wills.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use tiermq_common::hashing::partition_of;
+use tiermq_common::partition_api::{
+    AckCmd, Command, InboundQos2, Query, Reply, RetainedForSubscription,
+};
+use tiermq_common::session_api::{
+    AckKind, ConnectRequest, Connected, DisconnectRequest, Published, ServiceError, ServiceResult,
+    SessionEvent, SessionRef, SessionService, SubscribeRequest,
+};
+use tiermq_common::trie::TopicTrie;
+use tiermq_common::{Message, QoS, ReasonCode};
+use tokio::sync::{mpsc, oneshot};
+use tonic::transport::{Channel, Endpoint};
+use tracing::{debug, info, warn};
+
+use crate::broker::broker_client::BrokerClient;
+use crate::broker::{
+    op, op_reply, ClusterInfo, ClusterRequest, EventsRequest, Op, OpReply, Qos0, RoutesRequest,
+};
+use crate::API_VERSION;
+
+/// How long an operation keeps trying (leader changes, a node restarting) before it fails.
+const OP_DEADLINE: Duration = Duration::from_secs(15);
+
+/// What one attempt of an operation came back with.
+enum Outcome {
+    Reply(Vec<u8>),
+    NotLeader(u64),
+    Unavailable(String),
+}
+
+type OpSender = mpsc::UnboundedSender<(Op, Option<oneshot::Sender<Outcome>>)>;
+
+/// Routes as learned from the partitions' leaders.
+struct Routes {
+    trie: TopicTrie<u32, ()>,
+    filters: Vec<HashSet<String>>,
+    /// Which node's stream the partition's routes come from; `None`: unknown.
+    known_from: Vec<Option<u64>>,
+}
+
+struct Inner {
+    frontend_id: u64,
+    partitions: u32,
+    replicas: Vec<Vec<u64>>,
+    leaders: RwLock<Vec<u64>>,
+    nodes: BTreeMap<u64, OpSender>,
+    routes: RwLock<Routes>,
+    sessions: Mutex<Sessions>,
+    next_id: AtomicU64,
+}
+
+#[derive(Default)]
+struct Sessions {
+    live: HashMap<Arc<str>, (u64, mpsc::UnboundedSender<SessionEvent>)>,
+    /// Events that arrived before their CONNECT's reply (the leader dispatches at apply).
+    early: HashMap<(Arc<str>, u64), Vec<SessionEvent>>,
+}
+
+/// The gRPC [`SessionService`].
+#[derive(Clone)]
+pub struct ClusterClient {
+    inner: Arc<Inner>,
+}
+
+impl ClusterClient {
+    /// Connects to the cluster through any of `seeds` (`host:port` of backend nodes), learns
+    /// the members and the partition map, and opens the per-node streams.
+    pub async fn connect(
+        seeds: &[String],
+        frontend_id: u64,
+        wait: Duration,
+    ) -> Result<Self, String> {
+        let deadline = Instant::now() + wait;
+        loop {
+            let mut last = String::from("no seed given");
+            for seed in seeds {
+                match fetch_info(seed).await {
+                    Ok(info) => {
+                        last.clear();
+                        if info.partition_info.len() == info.partitions as usize {
+                            return Ok(Self::from_info(info, frontend_id));
+                        }
+                    }
+                    Err(e) => last = format!("{seed}: {e}"),
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("no backend answered: {last}"));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    fn from_info(info: ClusterInfo, frontend_id: u64) -> Self {
+        let partitions = info.partitions;
+        let mut replicas = vec![Vec::new(); partitions as usize];
+        let mut leaders = vec![0; partitions as usize];
+        for p in &info.partition_info {
+            if let Some(slot) = replicas.get_mut(p.partition as usize) {
+                *slot = p.replicas.clone();
+                leaders[p.partition as usize] = p.leader;
+            }
+        }
+        let mut nodes = BTreeMap::new();
+        let mut addrs = BTreeMap::new();
+        for m in &info.members {
+            let (tx, rx) = mpsc::unbounded_channel();
+            nodes.insert(m.id, tx);
+            addrs.insert(m.id, m.addr.clone());
+            tokio::spawn(op_stream(m.id, m.addr.clone(), rx));
+        }
+        let inner = Arc::new(Inner {
+            frontend_id,
+            partitions,
+            replicas,
+            leaders: RwLock::new(leaders),
+            nodes,
+            routes: RwLock::new(Routes {
+                trie: TopicTrie::new(),
+                filters: vec![HashSet::new(); partitions as usize],
+                known_from: vec![None; partitions as usize],
+            }),
+            sessions: Mutex::new(Sessions::default()),
+            next_id: AtomicU64::new(1),
+        });
+        for (id, addr) in addrs {
+            tokio::spawn(route_watch(Arc::downgrade(&inner), id, addr.clone()));
+            tokio::spawn(event_stream(Arc::downgrade(&inner), id, addr));
+        }
+        info!(
+            partitions,
+            nodes = inner.nodes.len(),
+            "connected to the cluster"
+        );
+        ClusterClient { inner }
+    }
+
+    pub fn partitions(&self) -> u32 {
+        self.inner.partitions
+    }
+
+    /// Publishes a will (or any message without a publishing session).
+    pub fn publish_message(
+        &self,
+        message: Message,
+    ) -> impl Future<Output = ServiceResult<Published>> + Send + 'static {
+        self.submit_publish(message, None, None)
+    }
+
+    fn partition_of(&self, key: &str) -> u32 {
+        partition_of(key, self.inner.partitions)
+    }
+
+    /// The node to try for `partition` on attempt `n`: the known leader first, then each
+    /// replica in turn.
+    fn node_for(&self, partition: u32, attempt: usize) -> u64 {
+        let leader =
+            self.inner.leaders.read().unwrap_or_else(|e| e.into_inner())[partition as usize];
+        let replicas = &self.inner.replicas[partition as usize];
+        if leader != 0 && attempt == 0 {
+            return leader;
+        }
+        replicas
+            .get(attempt % replicas.len().max(1))
+            .copied()
+            .unwrap_or(leader)
+    }
+
+    /// Queues `kind` on the stream to `node` now; the receiver yields the outcome.
+    fn send_op(
+        &self,
+        node: u64,
+        partition: u32,
+        kind: op::Kind,
+        reply: bool,
+    ) -> Option<oneshot::Receiver<Outcome>> {
+        let id = if reply {
+            self.inner.next_id.fetch_add(1, Ordering::Relaxed)
+        } else {
+            0
+        };
+        let (tx, rx) = if reply {
+            let (tx, rx) = oneshot::channel();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        let op = Op {
+            version: API_VERSION,
+            id,
+            partition,
+            kind: Some(kind),
+        };
+        match self.inner.nodes.get(&node) {
+            Some(q) => {
+                let _ = q.send((op, tx));
+            }
+            None => {
+                if let Some(tx) = tx {
+                    let _ = tx.send(Outcome::Unavailable(format!("unknown node {node}")));
+                }
+            }
+        }
+        rx
+    }
+
+    /// Sends `kind` to the leader of `partition` now and returns the wait for its answer,
+    /// retrying elsewhere on NotLeader / unavailable until [`OP_DEADLINE`].
+    fn call(
+        &self,
+        partition: u32,
+        kind: op::Kind,
+    ) -> impl Future<Output = ServiceResult<Vec<u8>>> + Send + 'static {
+        let first_node = self.node_for(partition, 0);
+        let first = self.send_op(first_node, partition, kind.clone(), true);
+        let client = self.clone();
+        async move {
+            let deadline = Instant::now() + OP_DEADLINE;
+            let mut attempt = 0;
+            let mut pending = first;
+            let mut node = first_node;
+            loop {
+                let outcome = match pending.take() {
+                    Some(rx) => rx
+                        .await
+                        .unwrap_or_else(|_| Outcome::Unavailable("stream closed".into())),
+                    None => Outcome::Unavailable("not sent".into()),
+                };
+                match outcome {
+                    Outcome::Reply(bytes) => return Ok(bytes),
+                    Outcome::NotLeader(hint) => {
+                        let mut leaders = client
+                            .inner
+                            .leaders
+                            .write()
+                            .unwrap_or_else(|e| e.into_inner());
+                        leaders[partition as usize] = hint;
+                        drop(leaders);
+                        debug!(partition, node, hint, "not the leader");
+                    }
+                    Outcome::Unavailable(why) => {
+                        debug!(partition, node, %why, "node unavailable");
+                        let mut leaders = client
+                            .inner
+                            .leaders
+                            .write()
+                            .unwrap_or_else(|e| e.into_inner());
+                        if leaders[partition as usize] == node {
+                            leaders[partition as usize] = 0;
+                        }
+                    }
+                }
+                if Instant::now() >= deadline {
+                    return Err(ServiceError::Unavailable(format!(
+                        "no leader for partition {partition}"
+                    )));
+                }
+                attempt += 1;
+                if attempt > 1 {
+                    tokio::time::sleep(Duration::from_millis(50 * attempt.min(10) as u64)).await;
+                }
+                node = client.node_for(partition, attempt);
+                pending = client.send_op(node, partition, kind.clone(), true);
+            }
+        }
+    }
+
+    fn command(
+        &self,
+        partition: u32,
+        command: &Command,
+    ) -> impl Future<Output = ServiceResult<Reply>> + Send + 'static {
+        let bytes = postcard::to_stdvec(command).unwrap_or_default();
+        let wait = self.call(partition, op::Kind::Command(bytes));
+        async move {
+            let bytes = wait.await?;
+            postcard::from_bytes(&bytes)
+                .map_err(|e| ServiceError::Unavailable(format!("undecodable reply: {e}")))
+        }
+    }
+
+    fn query<T: serde::de::DeserializeOwned>(
+        &self,
+        partition: u32,
+        query: &Query,
+    ) -> impl Future<Output = ServiceResult<T>> + Send + 'static {
+        let bytes = postcard::to_stdvec(query).unwrap_or_default();
+        let wait = self.call(partition, op::Kind::Query(bytes));
+        async move {
+            let bytes = wait.await?;
+            postcard::from_bytes(&bytes)
+                .map_err(|e| ServiceError::Unavailable(format!("undecodable answer: {e}")))
+        }
+    }
+
+    /// Partitions a message for `topic` must go to.
+    fn targets(&self, topic: &str) -> Vec<u32> {
+        let routes = self.inner.routes.read().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<u32> = Vec::new();
+        routes.trie.for_each_match(topic, |_, p, _| {
+            if !out.contains(p) {
+                out.push(*p);
+            }
+        });
+        for (p, known) in routes.known_from.iter().enumerate() {
+            if known.is_none() && !out.contains(&(p as u32)) {
+                out.push(p as u32);
+            }
+        }
+        out
+    }
+
+    fn submit_publish(
+        &self,
+        message: Message,
+        publisher: Option<Arc<str>>,
+        inbound: Option<(&SessionRef, u16)>,
+    ) -> impl Future<Output = ServiceResult<Published>> + Send + 'static {
+        let message = Arc::new(message);
+        let retained_home = message.retain.then(|| self.partition_of(&message.topic));
+        let mut targets = self.targets(&message.topic);
+        if let Some(home) = retained_home {
+            if !targets.contains(&home) {
+                targets.push(home);
+            }
+        }
+        if message.qos == QoS::AtMostOnce && retained_home.is_none() {
+            let bytes = postcard::to_stdvec(&*message).unwrap_or_default();
+            let publisher = publisher.as_deref().unwrap_or("").to_string();
+            for p in &targets {
+                let node = self.node_for(*p, 0);
+                self.send_op(
+                    node,
+                    *p,
+                    op::Kind::Qos0(Qos0 {
+                        message: bytes.clone(),
+                        publisher: publisher.clone(),
+                    }),
+                    false,
+                );
+            }
+            let matched = !targets.is_empty();
+            return futures::future::Either::Left(std::future::ready(Ok(Published {
+                matched,
+                duplicate: false,
+            })));
+        }
+        let publish = move |p: u32, mark: Option<InboundQos2>| Command::Publish {
+            message: message.clone(),
+            publisher: publisher.clone(),
+            store_retained: Some(p) == retained_home,
+            inbound_qos2: mark,
+        };
+        let mark = inbound.map(|(s, packet_id)| {
+            (
+                self.partition_of(&s.client_id),
+                InboundQos2 {
+                    client_id: s.client_id.clone(),
+                    epoch: s.epoch,
+                    packet_id,
+                },
+            )
+        });
+        let client = self.clone();
+        enum Plan {
+            All(Vec<std::pin::Pin<Box<dyn Future<Output = ServiceResult<Reply>> + Send>>>),
+            Qos2 {
+                check: std::pin::Pin<Box<dyn Future<Output = ServiceResult<Reply>> + Send>>,
+                home: u32,
+                mark: InboundQos2,
+            },
+        }
+        let plan = match mark {
+            None => Plan::All(
+                targets
+                    .iter()
+                    .map(|p| Box::pin(self.command(*p, &publish(*p, None))) as _)
+                    .collect(),
+            ),
+            Some((home, mark)) if targets.iter().all(|p| *p == home) => Plan::All(vec![Box::pin(
+                self.command(home, &publish(home, Some(mark))),
+            )]),
+            Some((home, mark)) => Plan::Qos2 {
+                check: Box::pin(self.query::<Reply>(
+                    home,
+                    &Query::Qos2Check {
+                        client_id: mark.client_id.clone(),
+                        epoch: mark.epoch,
+                        packet_id: mark.packet_id,
+                    },
+                )),
+                home,
+                mark,
+            },
+        };
+        futures::future::Either::Right(async move {
+            let mut matched = false;
+            let mut duplicate = false;
+            let mut absorb = |r: Reply| match r {
+                Reply::Published {
+                    matched: m,
+                    duplicate: d,
+                } => {
+                    matched |= m;
+                    duplicate |= d;
+                    Ok(())
+                }
+                other => Err(reply_error(other)),
+            };
+            match plan {
+                Plan::All(waits) => {
+                    for w in waits {
+                        absorb(w.await?)?;
+                    }
+                }
+                Plan::Qos2 { check, home, mark } => {
+                    match check.await? {
+                        Reply::Qos2Received { duplicate: true } => {
+                            return Ok(Published {
+                                matched: true,
+                                duplicate: true,
+                            })
+                        }
+                        Reply::Qos2Received { duplicate: false } => {}
+                        other => return Err(reply_error(other)),
+                    }
+                    let others: Vec<_> = targets
+                        .iter()
+                        .filter(|p| **p != home)
+                        .map(|p| client.command(*p, &publish(*p, None)))
+                        .collect();
+                    for w in others {
+                        absorb(w.await?)?;
+                    }
+                    absorb(client.command(home, &publish(home, Some(mark))).await?)?;
+                }
+            }
+            Ok(Published { matched, duplicate })
+        })
+    }
+
+    fn register(&self, client_id: &Arc<str>, epoch: u64, tx: mpsc::UnboundedSender<SessionEvent>) {
+        let mut s = self
+            .inner
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(early) = s.early.remove(&(client_id.clone(), epoch)) {
+            for e in early {
+                let _ = tx.send(e);
+            }
+        }
+        s.early.retain(|(c, _), _| c != client_id);
+        s.live.insert(client_id.clone(), (epoch, tx));
+    }
+
+    fn forget(&self, session: &SessionRef) {
+        let mut s = self
+            .inner
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if s.live
+            .get(&session.client_id)
+            .is_some_and(|(e, _)| *e == session.epoch)
+        {
+            s.live.remove(&session.client_id);
+        }
+    }
+}
+
+fn reply_error(reply: Reply) -> ServiceError {
+    match reply {
+        Reply::Fenced => ServiceError::SessionTakenOver,
+        Reply::NoSession => ServiceError::NoSession,
+        other => ServiceError::Unavailable(format!("unexpected reply {other:?}")),
+    }
+}
+
+impl SessionService for ClusterClient {
+    async fn connect(&self, req: ConnectRequest) -> ServiceResult<Connected> {
+        let p = self.partition_of(&req.client_id);
+        let client_id = req.client_id.clone();
+        let reply = self
+            .command(
+                p,
+                &Command::Connect {
+                    client_id: req.client_id,
+                    protocol: req.protocol,
+                    clean_start: req.clean_start,
+                    session_expiry_secs: req.session_expiry_secs,
+                    receive_maximum: req.receive_maximum,
+                    will: req.will,
+                    frontend_id: self.inner.frontend_id,
+                },
+            )
+            .await?;
+        match reply {
+            Reply::Connected {
+                epoch,
+                session_present,
+            } => {
+                let (tx, events) = mpsc::unbounded_channel();
+                self.register(&client_id, epoch, tx);
+                Ok(Connected {
+                    session: SessionRef { client_id, epoch },
+                    session_present,
+                    events,
+                })
+            }
+            other => Err(reply_error(other)),
+        }
+    }
+
+    async fn subscribe(
+        &self,
+        session: &SessionRef,
+        subs: Vec<SubscribeRequest>,
+    ) -> ServiceResult<Vec<ReasonCode>> {
+        let home = self.partition_of(&session.client_id);
+        let filters: Vec<String> = subs.iter().map(|s| s.filter.clone()).collect();
+        let reply = self
+            .command(
+                home,
+                &Command::Subscribe {
+                    client_id: session.client_id.clone(),
+                    epoch: session.epoch,
+                    subscriptions: subs,
+                },
+            )
+            .await?;
+        let Reply::Subscribed {
+            reason_codes,
+            want_retained,
+        } = reply
+        else {
+            return Err(reply_error(reply));
+        };
+        {
+            // Read your own subscription: publishes through this frontend see it at once,
+            // before the route watch reports it.
+            let mut routes = self.inner.routes.write().unwrap_or_else(|e| e.into_inner());
+            for (filter, code) in filters.iter().zip(&reason_codes) {
+                if !code.is_error() {
+                    if let Ok((None, f)) = tiermq_common::topic::parse_subscription(filter) {
+                        routes.trie.insert(f, home, ());
+                        routes.filters[home as usize].insert(f.to_string());
+                    }
+                }
+            }
+        }
+        if self.inner.partitions > 1 && !want_retained.is_empty() {
+            let mut retained = Vec::new();
+            for (filter, options, subscription_id) in want_retained {
+                let mut messages: Vec<Arc<Message>> = Vec::new();
+                for p in (0..self.inner.partitions).filter(|p| *p != home) {
+                    let found: Vec<Arc<Message>> = self
+                        .query(
+                            p,
+                            &Query::Retained {
+                                filter: filter.clone(),
+                            },
+                        )
+                        .await?;
+                    messages.extend(found);
+                }
+                if !messages.is_empty() {
+                    messages.sort_by(|a, b| a.topic.cmp(&b.topic));
+                    retained.push(RetainedForSubscription {
+                        filter,
+                        options,
+                        subscription_id,
+                        messages,
+                    });
+                }
+            }
+            if !retained.is_empty() {
+                self.command(
+                    home,
+                    &Command::DeliverRetained {
+                        client_id: session.client_id.clone(),
+                        epoch: session.epoch,
+                        retained,
+                    },
+                )
+                .await?;
+            }
+        }
+        Ok(reason_codes)
+    }
+
+    async fn unsubscribe(
+        &self,
+        session: &SessionRef,
+        filters: Vec<String>,
+    ) -> ServiceResult<Vec<ReasonCode>> {
+        let home = self.partition_of(&session.client_id);
+        match self
+            .command(
+                home,
+                &Command::Unsubscribe {
+                    client_id: session.client_id.clone(),
+                    epoch: session.epoch,
+                    filters,
+                },
+            )
+            .await?
+        {
+            Reply::Unsubscribed(codes) => Ok(codes),
+            other => Err(reply_error(other)),
+        }
+    }
+
+    fn publish(
+        &self,
+        session: &SessionRef,
+        message: Message,
+        inbound_packet_id: Option<u16>,
+    ) -> impl Future<Output = ServiceResult<Published>> + Send + 'static {
+        let inbound = inbound_packet_id.map(|pid| (session, pid));
+        self.submit_publish(message, Some(session.client_id.clone()), inbound)
+    }
+
+    fn release(
+        &self,
+        session: &SessionRef,
+        packet_id: u16,
+    ) -> impl Future<Output = ServiceResult<bool>> + Send + 'static {
+        let home = self.partition_of(&session.client_id);
+        let wait = self.command(
+            home,
+            &Command::Qos2Release {
+                client_id: session.client_id.clone(),
+                epoch: session.epoch,
+                packet_id,
+            },
+        );
+        async move {
+            match wait.await? {
+                Reply::Released { found } => Ok(found),
+                other => Err(reply_error(other)),
+            }
+        }
+    }
+
+    fn ack(
+        &self,
+        session: &SessionRef,
+        kind: AckKind,
+        packet_id: u16,
+    ) -> impl Future<Output = ServiceResult<()>> + Send + 'static {
+        let home = self.partition_of(&session.client_id);
+        let command = Command::Ack {
+            client_id: session.client_id.clone(),
+            epoch: session.epoch,
+            kind: AckCmd::from(kind),
+            packet_id,
+        };
+        let node = self.node_for(home, 0);
+        self.send_op(
+            node,
+            home,
+            op::Kind::Command(postcard::to_stdvec(&command).unwrap_or_default()),
+            false,
+        );
+        std::future::ready(Ok(()))
+    }
+
+    async fn disconnect(&self, session: &SessionRef, req: DisconnectRequest) -> ServiceResult<()> {
+        let home = self.partition_of(&session.client_id);
+        let result = self
+            .command(
+                home,
+                &Command::Disconnect {
+                    client_id: session.client_id.clone(),
+                    epoch: session.epoch,
+                    normal: req.normal,
+                    with_will: req.with_will,
+                    session_expiry_secs: req.session_expiry_secs,
+                },
+            )
+            .await;
+        self.forget(session);
+        match result? {
+            Reply::Done | Reply::Fenced | Reply::NoSession => Ok(()),
+            other => Err(reply_error(other)),
+        }
+    }
+}
+
+async fn channel_to(addr: &str) -> Result<Channel, tonic::transport::Error> {
+    Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(Duration::from_secs(1))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+}
+
+async fn fetch_info(addr: &str) -> Result<ClusterInfo, String> {
+    let channel = channel_to(addr).await.map_err(|e| e.to_string())?;
+    let mut client = BrokerClient::new(channel);
+    client
+        .cluster(ClusterRequest {
+            version: API_VERSION,
+        })
+        .await
+        .map(|r| r.into_inner())
+        .map_err(|e| e.message().to_string())
+}
+
+/// Keeps the ordered operation stream to one node and matches replies to waiters.
+async fn op_stream(
+    node: u64,
+    addr: String,
+    mut queue: mpsc::UnboundedReceiver<(Op, Option<oneshot::Sender<Outcome>>)>,
+) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let channel = match channel_to(&addr).await {
+            Ok(c) => c,
+            Err(e) => {
+                // Fail what is queued: the callers retry on another replica.
+                while let Ok((_, tx)) = queue.try_recv() {
+                    if let Some(tx) = tx {
+                        let _ = tx.send(Outcome::Unavailable(e.to_string()));
+                    }
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(50);
+        let (tx, rx) = mpsc::unbounded_channel::<Op>();
+        let outbound =
+            futures::stream::unfold(
+                rx,
+                |mut rx| async move { rx.recv().await.map(|op| (op, rx)) },
+            );
+        let mut client = BrokerClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
+        let mut waiting: HashMap<u64, oneshot::Sender<Outcome>> = HashMap::new();
+        let mut replies = match client.ops(outbound).await {
+            Ok(r) => r.into_inner(),
+            Err(e) => {
+                debug!(node, error = %e, "ops stream refused");
+                tokio::time::sleep(backoff).await;
+                continue;
+            }
+        };
+        loop {
+            tokio::select! {
+                item = queue.recv() => match item {
+                    Some((op, reply)) => {
+                        if let Some(r) = reply {
+                            waiting.insert(op.id, r);
+                        }
+                        if tx.send(op).is_err() {
+                            break;
+                        }
+                    }
+                    None => return,
+                },
+                reply = replies.message() => match reply {
+                    Ok(Some(OpReply { id, result })) => {
+                        if let Some(w) = waiting.remove(&id) {
+                            let _ = w.send(match result {
+                                Some(op_reply::Result::Reply(b)) => Outcome::Reply(b),
+                                Some(op_reply::Result::NotLeader(n)) => Outcome::NotLeader(n.leader),
+                                Some(op_reply::Result::Error(e)) => Outcome::Unavailable(e),
+                                None => Outcome::Unavailable("empty reply".into()),
+                            });
+                        }
+                    }
+                    Ok(None) | Err(_) => break,
+                },
+            }
+        }
+        warn!(
+            node,
+            pending = waiting.len(),
+            "ops stream to backend lost; reconnecting"
+        );
+        for (_, w) in waiting.drain() {
+            let _ = w.send(Outcome::Unavailable("stream lost".into()));
+        }
+    }
+}
+
+/// Follows one node's route changes into the shared table.
+async fn route_watch(inner: std::sync::Weak<Inner>, node: u64, addr: String) {
+    loop {
+        let Some(_alive) = inner.upgrade() else {
+            return;
+        };
+        drop(_alive);
+        let stream = match channel_to(&addr).await {
+            Ok(ch) => BrokerClient::new(ch)
+                .routes(RoutesRequest {
+                    version: API_VERSION,
+                })
+                .await
+                .map(|r| r.into_inner()),
+            Err(e) => Err(tonic::Status::unavailable(e.to_string())),
+        };
+        if let Ok(mut stream) = stream {
+            while let Ok(Some(u)) = stream.message().await {
+                let Some(inner) = inner.upgrade() else { return };
+                let p = u.partition as usize;
+                if p >= inner.partitions as usize {
+                    continue;
+                }
+                let mut routes = inner.routes.write().unwrap_or_else(|e| e.into_inner());
+                let routes = &mut *routes;
+                if !u.leader {
+                    if routes.known_from[p] == Some(node) {
+                        routes.known_from[p] = None;
+                    }
+                    continue;
+                }
+                inner.leaders.write().unwrap_or_else(|e| e.into_inner())[p] = node;
+                if u.reset {
+                    for f in routes.filters[p].drain() {
+                        routes.trie.remove(&f, &(p as u32));
+                    }
+                }
+                for f in u.added {
+                    routes.trie.insert(&f, p as u32, ());
+                    routes.filters[p].insert(f);
+                }
+                for f in u.removed {
+                    routes.trie.remove(&f, &(p as u32));
+                    routes.filters[p].remove(&f);
+                }
+                routes.known_from[p] = Some(node);
+            }
+        }
+        // The stream broke: whatever this node told us is no longer known.
+        if let Some(inner) = inner.upgrade() {
+            let mut routes = inner.routes.write().unwrap_or_else(|e| e.into_inner());
+            for k in routes.known_from.iter_mut() {
+                if *k == Some(node) {
+                    *k = None;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Receives one node's events for this frontend's sessions.
+async fn event_stream(inner: std::sync::Weak<Inner>, node: u64, addr: String) {
+    loop {
+        let Some(alive) = inner.upgrade() else { return };
+        let frontend_id = alive.frontend_id;
+        drop(alive);
+        let stream = match channel_to(&addr).await {
+            Ok(ch) => BrokerClient::new(ch)
+                .max_decoding_message_size(64 * 1024 * 1024)
+                .events(EventsRequest {
+                    version: API_VERSION,
+                    frontend_id,
+                })
+                .await
+                .map(|r| r.into_inner()),
+            Err(e) => Err(tonic::Status::unavailable(e.to_string())),
+        };
+        match stream {
+            Ok(mut stream) => {
+                debug!(node, "event stream open");
+                while let Ok(Some(batch)) = stream.message().await {
+                    let Some(inner) = inner.upgrade() else { return };
+                    let mut s = inner.sessions.lock().unwrap_or_else(|e| e.into_inner());
+                    for e in batch.events {
+                        let Ok(event) = postcard::from_bytes::<SessionEvent>(&e.event) else {
+                            continue;
+                        };
+                        let client_id: Arc<str> = Arc::from(e.client_id.as_str());
+                        match s.live.get(&client_id) {
+                            Some((epoch, tx)) if *epoch == e.epoch => {
+                                let _ = tx.send(event);
+                            }
+                            Some((epoch, _)) if *epoch > e.epoch => {} // stale
+                            _ => {
+                                let early = s.early.entry((client_id, e.epoch)).or_default();
+                                if early.len() < 65_536 {
+                                    early.push(event);
+                                }
+                            }
+                        }
+                    }
+                    if s.early.len() > 10_000 {
+                        s.early.clear();
+                    }
+                }
+            }
+            Err(e) => debug!(node, error = %e, "event stream unavailable"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
