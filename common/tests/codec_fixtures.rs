@@ -30,6 +30,9 @@ const FIXTURES: &[&str] = &[
 const NOT_CANONICAL: &[(&str, usize, &str)] = &[
     // MQTT 3.1 CONNECT ("MQIsdp", level 3) is decoded as 3.1.1 and re-encoded as "MQTT"/4.
     ("v31_pub", 0, "MQTT 3.1 protocol name"),
+    // mosquitto sends DISCONNECT 0x04 as the reason code alone; we add an empty property
+    // length, which every client can read.
+    ("v5_ping", 6, "DISCONNECT property length"),
     // mosquitto writes properties in command-line order; we write them in identifier order.
     ("v5_pub_qos1_props", 0, "CONNECT property order"),
     ("v5_pub_qos1_props", 2, "PUBLISH property order"),
@@ -110,7 +113,7 @@ fn every_fixture_decodes_and_reencodes() {
                 };
                 let back = decode(&mut again, v, MAX_PACKET_SIZE).unwrap().unwrap();
                 assert_eq!(&back, packet, "{name}[{i}]");
-                if *name != "v31_pub" {
+                if *name != "v31_pub" && !(*name == "v5_ping" && i == 6) {
                     assert_eq!(out.len(), raw.len(), "{name}[{i}]");
                 }
             } else {

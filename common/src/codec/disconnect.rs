@@ -8,8 +8,9 @@ use super::reason::ReasonSet;
 use crate::types::{ProtocolVersion, ReasonCode};
 
 /// DISCONNECT. The 3.1.1 DISCONNECT is empty: it decodes as Normal disconnection and the
-/// reason code and properties are not sent. In v5 the encoder uses the shortest form: nothing
-/// for a normal disconnection without properties, the reason code alone without properties.
+/// reason code and properties are not sent. In v5 the encoder sends nothing for a normal
+/// disconnection without properties, otherwise the reason code and the properties (an empty
+/// property length included: the 1-byte form is legal but not every client reads it).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Disconnect {
     pub reason_code: ReasonCode,
@@ -107,8 +108,8 @@ fn write_reason_props<S: Sink, P: Properties>(s: &mut S, set: ReasonSet, rc: Rea
     if rc == ReasonCode::SUCCESS && empty {
         return;
     }
+    // Reason code and a property length (0 when there are none). The spec also allows the
+    // reason code alone, but some clients (rumqttc 0.25) cannot parse that form.
     s.put_u8(rc.0);
-    if !empty {
-        properties::write(s, p);
-    }
+    properties::write(s, p);
 }
