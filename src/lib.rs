@@ -3,6 +3,8 @@
 
 pub mod backend;
 pub mod bench;
+pub mod check;
 pub mod frontend;
+pub mod health;
 pub mod logging;
 pub mod standalone;

@@ -29,6 +29,10 @@ enum Command {
     Backend(BrokerArgs),
     /// Load generator and broker benchmarks (pairs, fan-in, fan-out, conn-storm, retained, idle).
     Bench(tiermq::bench::BenchArgs),
+    /// Durability checker: numbered QoS1/2 messages in, every loss / duplicate / reorder out.
+    Check(tiermq::check::CheckArgs),
+    /// Health probe for containers: MQTT CONNECT round trip (--mqtt) or backend Cluster call (--grpc).
+    Health(tiermq::health::HealthArgs),
 }
 
 /// Settings come from defaults, then `--config FILE`, then `TIERMQ_*` variables, then flags.
@@ -139,6 +143,8 @@ fn main() -> ExitCode {
             },
         ),
         Command::Bench(args) => tiermq::bench::main(args),
+        Command::Check(args) => tiermq::check::main(args),
+        Command::Health(args) => tiermq::health::main(args),
         Command::Frontend(args) => run_server(
             &args,
             |s| s.cluster.validate_frontend(),
