@@ -16,6 +16,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use bytes::BytesMut;
 use futures::stream::FuturesOrdered;
 use futures::{Future, SinkExt, StreamExt};
 use tiermq_common::codec::{
@@ -38,6 +39,11 @@ use crate::config::FrontendConfig;
 use crate::convert::{message_from_publish, publish_from_delivery, will_from_connect};
 
 type PendingAck = Pin<Box<dyn Future<Output = Outgoing> + Send>>;
+
+/// Initial read buffer of a connection (it grows while a client sends faster).
+const READ_BUFFER_START: usize = 1024;
+/// An empty write buffer larger than this is released after a flush.
+const WRITE_BUFFER_KEEP: usize = 64 * 1024;
 
 /// An acknowledgement owed to the client once the partitions answered.
 #[allow(clippy::enum_variant_names)] // named after the packets they become
@@ -78,6 +84,10 @@ pub async fn serve_connection<S, IO>(
     IO: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let mut framed = Framed::new(io, MqttCodec::new(config.max_packet_size));
+    // Framed starts with two 8 KiB buffers; most connections are idle most of the time, so
+    // start small and let them grow with traffic (the write buffer grows per encoded packet).
+    *framed.read_buffer_mut() = BytesMut::with_capacity(READ_BUFFER_START);
+    *framed.write_buffer_mut() = BytesMut::new();
     let first = tokio::select! {
         r = tokio::time::timeout(config.connect_timeout, framed.next()) => r,
         _ = shutdown.cancelled() => return,
@@ -373,9 +383,15 @@ where
         debug!(peer = %self.peer, client_id = %self.session.client_id, "closed");
     }
 
-    /// Writes the buffered packets to the socket.
+    /// Writes the buffered packets to the socket, then gives back a large write buffer a
+    /// burst left behind.
     async fn flush(&mut self) -> Result<(), EncodeError> {
-        SinkExt::<&Packet>::flush(&mut self.framed).await
+        SinkExt::<&Packet>::flush(&mut self.framed).await?;
+        let buf = self.framed.write_buffer_mut();
+        if buf.is_empty() && buf.capacity() > WRITE_BUFFER_KEEP {
+            *buf = BytesMut::new();
+        }
+        Ok(())
     }
 
     /// Encodes a packet into the write buffer; the main loop flushes once per wake-up.
