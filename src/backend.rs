@@ -101,7 +101,17 @@ impl BackendNode {
     /// Stops serving, checkpoints every group and releases the data folder.
     pub async fn shutdown(self) {
         self.shutdown.cancel();
-        let _ = self.server.await;
+        // Long-lived streams (peers' Raft streams, frontends' event and route streams) do not
+        // end on their own, so a graceful stop of the server would wait forever: give calls in
+        // flight a moment, then cut the rest.
+        let mut server = self.server;
+        if tokio::time::timeout(std::time::Duration::from_secs(2), &mut server)
+            .await
+            .is_err()
+        {
+            server.abort();
+            let _ = server.await;
+        }
         self.handle.stop().await;
         info!("tiermq backend stopped");
     }

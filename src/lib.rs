@@ -4,6 +4,7 @@
 pub mod backend;
 pub mod bench;
 pub mod check;
+pub mod cluster_cli;
 pub mod frontend;
 pub mod health;
 pub mod logging;

@@ -29,6 +29,8 @@ enum Command {
     Backend(BrokerArgs),
     /// Load generator and broker benchmarks (pairs, fan-in, fan-out, conn-storm, retained, idle).
     Bench(tiermq::bench::BenchArgs),
+    /// Cluster tools: `status` (members, partitions, leaders, lag), `probe` (MQTT round trip).
+    Cluster(tiermq::cluster_cli::ClusterArgs),
     /// Durability checker: numbered QoS1/2 messages in, every loss / duplicate / reorder out.
     Check(tiermq::check::CheckArgs),
     /// Health probe for containers: MQTT CONNECT round trip (--mqtt) or backend Cluster call (--grpc).
@@ -143,6 +145,7 @@ fn main() -> ExitCode {
             },
         ),
         Command::Bench(args) => tiermq::bench::main(args),
+        Command::Cluster(args) => tiermq::cluster_cli::main(args),
         Command::Check(args) => tiermq::check::main(args),
         Command::Health(args) => tiermq::health::main(args),
         Command::Frontend(args) => run_server(

@@ -1,0 +1,629 @@
+//! `tiermq cluster`: operator tools for a running cluster.
+//!
+//! * `tiermq cluster status --backend HOST:PORT [--json] [--healthy]`: asks that backend for
+//!   the members and the partition map (the `Cluster` RPC), then asks **every member** the same,
+//!   and prints members (reachable or not), partitions (leader, term, replicas with their
+//!   commit / applied index and lag behind the leader) and the map epoch. Exit 1 when the
+//!   given backend cannot be reached; with `--healthy`, exit 3 unless every member answers
+//!   and every partition has a leader.
+//! * `tiermq cluster probe --frontends A,B,...`: a real MQTT round trip through the cluster:
+//!   one subscriber per frontend, one QoS1 publish through each frontend, and every subscriber
+//!   must receive every message. Exit 0 when it does, 1 otherwise. Scripts use it to wait
+//!   until a cluster serves.
+//!
+//! [`collect`] and [`probe`] are public so tests and other tools reuse them.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use serde::Serialize;
+use tiermq_common::codec::{Packet, PubAck, Publish, PublishProperties};
+use tiermq_common::{ProtocolVersion, QoS};
+use tiermq_proto::broker::broker_client::BrokerClient;
+use tiermq_proto::broker::{ClusterInfo, ClusterRequest};
+use tiermq_proto::API_VERSION;
+
+use crate::bench::client::{Conn, ConnectOptions};
+use crate::bench::parse_duration;
+
+#[derive(Args, Debug)]
+pub struct ClusterArgs {
+    #[command(subcommand)]
+    pub command: ClusterCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ClusterCommand {
+    /// Members, partitions (leader, replicas, term, commit/applied, lag) and the map epoch.
+    Status(StatusArgs),
+    /// MQTT round trip through every given frontend (subscribe on each, QoS1 publish on each).
+    Probe(ProbeArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// A backend's gRPC address; the other members are found through it.
+    #[arg(long, env = "TIERMQ_BACKEND", default_value = "127.0.0.1:7000")]
+    pub backend: String,
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    pub json: bool,
+    /// Exit 3 unless every member answers and every partition has a leader.
+    #[arg(long)]
+    pub healthy: bool,
+    /// How long each backend may take to answer.
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    pub timeout: Duration,
+}
+
+#[derive(Args, Debug)]
+pub struct ProbeArgs {
+    /// MQTT addresses of the frontends, comma separated, e.g. 127.0.0.1:1883,127.0.0.1:1884.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub frontends: Vec<SocketAddr>,
+    /// Give up after this long.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub timeout: Duration,
+}
+
+pub fn main(args: ClusterArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("tiermq cluster: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match args.command {
+        ClusterCommand::Status(a) => runtime.block_on(status_main(a)),
+        ClusterCommand::Probe(a) => {
+            match runtime.block_on(async { probe(&a.frontends, a.timeout).await }) {
+                Ok(()) => {
+                    println!(
+                        "ok: a QoS1 message published through each of {} frontend(s) reached a subscriber on each",
+                        a.frontends.len()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("tiermq cluster probe: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+async fn status_main(a: StatusArgs) -> ExitCode {
+    let status = match collect(&a.backend, a.timeout).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!(
+                "tiermq cluster status: cannot reach backend {}: {e:#}",
+                a.backend
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&status).expect("serializable")
+        );
+    } else {
+        print!("{}", status.render());
+    }
+    if a.healthy && !status.healthy {
+        if !a.json {
+            eprintln!(
+                "tiermq cluster status: not healthy: {}",
+                status.problems.join("; ")
+            );
+        }
+        return ExitCode::from(3);
+    }
+    ExitCode::SUCCESS
+}
+
+// ---------------------------------------------------------------------------------------------
+// Status
+// ---------------------------------------------------------------------------------------------
+
+/// The cluster as its members report it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClusterStatus {
+    /// The address that was asked first.
+    pub asked: String,
+    /// The node id behind it.
+    pub asked_node: u64,
+    /// Epoch of the partition map.
+    pub epoch: u64,
+    pub partitions: u32,
+    pub replication: u32,
+    pub members: Vec<MemberStatus>,
+    pub partition_status: Vec<PartitionStatus>,
+    /// Every member answered and every partition has a leader.
+    pub healthy: bool,
+    /// Why not healthy, in words.
+    pub problems: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MemberStatus {
+    pub id: u64,
+    pub addr: String,
+    pub reachable: bool,
+    /// Why it is not reachable.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Partitions this member leads (as it says itself).
+    pub leads: u32,
+    /// The map epoch this member reports (0 when unreachable).
+    pub epoch: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PartitionStatus {
+    pub partition: u32,
+    /// The replica that says it leads, with the highest term; 0: none.
+    pub leader: u64,
+    pub term: u64,
+    pub replicas: Vec<ReplicaStatus>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ReplicaStatus {
+    pub node: u64,
+    pub reachable: bool,
+    /// The leader this replica believes in (0: none / unknown).
+    pub sees_leader: u64,
+    pub term: u64,
+    pub commit: u64,
+    pub applied: u64,
+    /// Entries this replica has applied fewer than the leader has committed.
+    pub lag: u64,
+}
+
+async fn cluster_info(addr: &str, timeout: Duration) -> anyhow::Result<ClusterInfo> {
+    let call = async {
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .with_context(|| format!("bad address {addr}"))?
+            .connect_timeout(timeout);
+        let channel = endpoint.connect().await.context("connect")?;
+        let info = BrokerClient::new(channel)
+            .cluster(ClusterRequest {
+                version: API_VERSION,
+            })
+            .await
+            .map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))?
+            .into_inner();
+        Ok::<_, anyhow::Error>(info)
+    };
+    tokio::time::timeout(timeout, call)
+        .await
+        .unwrap_or_else(|_| bail!("no answer within {timeout:?}"))
+}
+
+/// Asks `backend`, then every member it lists (concurrently), and merges what they say.
+/// Fails only when `backend` itself does not answer.
+pub async fn collect(backend: &str, timeout: Duration) -> anyhow::Result<ClusterStatus> {
+    let first = cluster_info(backend, timeout).await?;
+    let answers = futures::future::join_all(first.members.iter().map(|m| {
+        let addr = m.addr.clone();
+        let id = m.id;
+        let own = (id == first.node_id).then(|| first.clone());
+        async move {
+            // Ask the member itself even when it is the one we asked: its address in the
+            // member list may differ from the one we were given.
+            match cluster_info(&addr, timeout).await {
+                Ok(i) => (id, Ok(i)),
+                Err(e) => match own {
+                    Some(i) => (id, Ok(i)),
+                    None => (id, Err(format!("{e:#}"))),
+                },
+            }
+        }
+    }))
+    .await;
+    let answers: BTreeMap<u64, Result<ClusterInfo, String>> = answers.into_iter().collect();
+    Ok(merge(backend, &first, &answers))
+}
+
+fn merge(
+    asked: &str,
+    first: &ClusterInfo,
+    answers: &BTreeMap<u64, Result<ClusterInfo, String>>,
+) -> ClusterStatus {
+    let mut problems = Vec::new();
+    let members: Vec<MemberStatus> = first
+        .members
+        .iter()
+        .map(|m| {
+            let answer = answers.get(&m.id);
+            let (reachable, error, leads, epoch) = match answer {
+                Some(Ok(i)) => (
+                    true,
+                    None,
+                    i.partition_info
+                        .iter()
+                        .filter(|p| p.local_replica && p.leader == m.id)
+                        .count() as u32,
+                    i.epoch,
+                ),
+                Some(Err(e)) => (false, Some(e.clone()), 0, 0),
+                None => (false, Some("not asked".into()), 0, 0),
+            };
+            if !reachable {
+                problems.push(format!(
+                    "member {} ({}) unreachable: {}",
+                    m.id,
+                    m.addr,
+                    error.as_deref().unwrap_or("")
+                ));
+            } else if epoch != first.epoch {
+                problems.push(format!(
+                    "member {} reports map epoch {epoch}, node {} reports {}",
+                    m.id, first.node_id, first.epoch
+                ));
+            }
+            MemberStatus {
+                id: m.id,
+                addr: m.addr.clone(),
+                reachable,
+                error,
+                leads,
+                epoch,
+            }
+        })
+        .collect();
+    let mut partition_status = Vec::new();
+    let mut leaderless = Vec::new();
+    for p in &first.partition_info {
+        let mut replicas = Vec::new();
+        for &node in &p.replicas {
+            let own = answers
+                .get(&node)
+                .and_then(|a| a.as_ref().ok())
+                .and_then(|i| {
+                    i.partition_info
+                        .iter()
+                        .find(|q| q.partition == p.partition && q.local_replica)
+                });
+            replicas.push(match own {
+                Some(q) => ReplicaStatus {
+                    node,
+                    reachable: true,
+                    sees_leader: q.leader,
+                    term: q.term,
+                    commit: q.commit,
+                    applied: q.applied,
+                    lag: 0,
+                },
+                None => ReplicaStatus {
+                    node,
+                    reachable: false,
+                    sees_leader: 0,
+                    term: 0,
+                    commit: 0,
+                    applied: 0,
+                    lag: 0,
+                },
+            });
+        }
+        // The leader is the replica that says so itself; with two claimants (a deposed
+        // leader that has not heard yet), the higher term wins.
+        let leader = replicas
+            .iter()
+            .filter(|r| r.reachable && r.sees_leader == r.node)
+            .max_by_key(|r| r.term)
+            .map(|r| (r.node, r.term, r.commit));
+        let (leader_id, term) = match leader {
+            Some((id, term, commit)) => {
+                for r in replicas.iter_mut().filter(|r| r.reachable) {
+                    r.lag = commit.saturating_sub(r.applied);
+                }
+                (id, term)
+            }
+            None => {
+                leaderless.push(p.partition);
+                (0, replicas.iter().map(|r| r.term).max().unwrap_or(0))
+            }
+        };
+        partition_status.push(PartitionStatus {
+            partition: p.partition,
+            leader: leader_id,
+            term,
+            replicas,
+        });
+    }
+    if !leaderless.is_empty() {
+        problems.push(format!("partitions without a leader: {leaderless:?}"));
+    }
+    if first.partition_info.len() != first.partitions as usize {
+        problems.push(format!(
+            "node {} lists {} of {} partitions",
+            first.node_id,
+            first.partition_info.len(),
+            first.partitions
+        ));
+    }
+    ClusterStatus {
+        asked: asked.to_string(),
+        asked_node: first.node_id,
+        epoch: first.epoch,
+        partitions: first.partitions,
+        replication: first.replication,
+        members,
+        partition_status,
+        healthy: problems.is_empty(),
+        problems,
+    }
+}
+
+impl ClusterStatus {
+    /// The leader of the partition `key` (a client id or topic) maps to; 0 when none.
+    pub fn leader_of_key(&self, key: &str) -> u64 {
+        let p = tiermq_common::hashing::partition_of(key, self.partitions.max(1));
+        self.partition_status
+            .iter()
+            .find(|s| s.partition == p)
+            .map_or(0, |s| s.leader)
+    }
+
+    /// Human-readable tables.
+    pub fn render(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        let reachable = self.members.iter().filter(|m| m.reachable).count();
+        let led = self
+            .partition_status
+            .iter()
+            .filter(|p| p.leader != 0)
+            .count();
+        let _ = writeln!(
+            out,
+            "cluster: map epoch {}, {} partitions × {} replicas, {}/{} members reachable, {}/{} partitions led — {}",
+            self.epoch,
+            self.partitions,
+            self.replication,
+            reachable,
+            self.members.len(),
+            led,
+            self.partition_status.len(),
+            if self.healthy { "healthy" } else { "DEGRADED" }
+        );
+        let _ = writeln!(out, "(asked node {} at {})", self.asked_node, self.asked);
+        let _ = writeln!(out);
+        let _ = writeln!(out, "MEMBERS");
+        let addr_w = self
+            .members
+            .iter()
+            .map(|m| m.addr.len())
+            .max()
+            .unwrap_or(0)
+            .max(7);
+        let _ = writeln!(
+            out,
+            "  {:>4}  {:<addr_w$}  {:<9}  {:>5}  {:>5}",
+            "ID", "ADDRESS", "REACHABLE", "LEADS", "EPOCH"
+        );
+        for m in &self.members {
+            let _ = write!(
+                out,
+                "  {:>4}  {:<addr_w$}  {:<9}  {:>5}  {:>5}",
+                m.id,
+                m.addr,
+                if m.reachable { "yes" } else { "NO" },
+                if m.reachable {
+                    m.leads.to_string()
+                } else {
+                    "-".into()
+                },
+                if m.reachable {
+                    m.epoch.to_string()
+                } else {
+                    "-".into()
+                },
+            );
+            if let Some(e) = &m.error {
+                let _ = write!(out, "  ({e})");
+            }
+            let _ = writeln!(out);
+        }
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "PARTITIONS  (replica: commit/applied, lag = leader commit − applied; * = leader)"
+        );
+        let _ = writeln!(
+            out,
+            "  {:>4}  {:>6}  {:>5}  REPLICAS",
+            "PART", "LEADER", "TERM"
+        );
+        for p in &self.partition_status {
+            let _ = write!(
+                out,
+                "  {:>4}  {:>6}  {:>5} ",
+                p.partition,
+                if p.leader == 0 {
+                    "NONE".to_string()
+                } else {
+                    p.leader.to_string()
+                },
+                p.term
+            );
+            for r in &p.replicas {
+                let mark = if r.node == p.leader { "*" } else { " " };
+                if r.reachable {
+                    let _ = write!(
+                        out,
+                        "  {}{}: {}/{} lag {}",
+                        r.node, mark, r.commit, r.applied, r.lag
+                    );
+                } else {
+                    let _ = write!(out, "  {}{}: unreachable", r.node, mark);
+                }
+            }
+            let _ = writeln!(out);
+        }
+        if !self.problems.is_empty() {
+            let _ = writeln!(out);
+            let _ = writeln!(out, "PROBLEMS");
+            for p in &self.problems {
+                let _ = writeln!(out, "  - {p}");
+            }
+        }
+        out
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Probe
+// ---------------------------------------------------------------------------------------------
+
+/// A QoS1 round trip through every frontend: a subscriber on each, one publish through each,
+/// and every subscriber receives every message. Clean sessions, unique client ids and topic.
+pub async fn probe(frontends: &[SocketAddr], timeout: Duration) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    // Every step shares the deadline, and a timeout says which step it was.
+    async fn step<T>(
+        deadline: tokio::time::Instant,
+        what: String,
+        f: impl std::future::Future<Output = anyhow::Result<T>>,
+    ) -> anyhow::Result<T> {
+        match tokio::time::timeout_at(deadline, f).await {
+            Ok(r) => r.with_context(|| what),
+            Err(_) => bail!("timed out: {what}"),
+        }
+    }
+    if frontends.is_empty() {
+        bail!("no frontend given");
+    }
+    let tag = format!(
+        "{:x}{:x}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0)
+    );
+    let topic = format!("tiermq/probe/{tag}");
+    let options = |addr: SocketAddr, role: &str, i: usize| ConnectOptions {
+        broker: addr,
+        source: None,
+        version: ProtocolVersion::V5,
+        client_id: format!("tiermq-probe-{role}{i}-{tag}"),
+        clean_start: true,
+        keep_alive: 30,
+        receive_maximum: 16,
+        timeout: Duration::from_secs(15),
+    };
+    let mut subs = Vec::new();
+    for (i, addr) in frontends.iter().enumerate() {
+        let mut c = step(
+            deadline,
+            format!("connect subscriber to {addr}"),
+            Conn::connect(&options(*addr, "sub", i)),
+        )
+        .await?;
+        step(
+            deadline,
+            format!("SUBSCRIBE through {addr}"),
+            c.subscribe(std::slice::from_ref(&topic), QoS::AtLeastOnce),
+        )
+        .await?;
+        subs.push((addr, c));
+    }
+    for (i, addr) in frontends.iter().enumerate() {
+        let mut c = step(
+            deadline,
+            format!("connect publisher to {addr}"),
+            Conn::connect(&options(*addr, "pub", i)),
+        )
+        .await?;
+        c.push(&Packet::Publish(Publish {
+            dup: false,
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            topic: topic.clone(),
+            packet_id: Some(1),
+            properties: PublishProperties::default(),
+            payload: bytes::Bytes::from(format!("probe {i}")),
+        }))?;
+        c.flush().await?;
+        step(
+            deadline,
+            format!("PUBACK of the publish through {addr}"),
+            async {
+                loop {
+                    match c.next().await? {
+                        Some(Packet::PubAck(a)) if a.packet_id == 1 => {
+                            if a.reason_code.is_error() {
+                                bail!("refused: {:?}", a.reason_code);
+                            }
+                            return Ok(());
+                        }
+                        Some(_) => continue,
+                        None => bail!("connection closed"),
+                    }
+                }
+            },
+        )
+        .await?;
+        c.disconnect().await;
+    }
+    for (addr, mut c) in subs {
+        let mut got = vec![false; frontends.len()];
+        let what = format!("deliveries to the subscriber on {addr}");
+        step(deadline, what, async {
+            while got.iter().any(|g| !g) {
+                match c
+                    .next()
+                    .await
+                    .with_context(|| format!("missing from {:?}", missing(&got, frontends)))?
+                {
+                    Some(Packet::Publish(p)) if p.topic == topic => {
+                        if let Some(pid) = p.packet_id {
+                            c.push(&Packet::PubAck(PubAck::new(pid)))?;
+                            c.flush().await?;
+                        }
+                        let text = String::from_utf8_lossy(&p.payload);
+                        if let Some(i) = text
+                            .strip_prefix("probe ")
+                            .and_then(|n| n.parse::<usize>().ok())
+                        {
+                            if let Some(g) = got.get_mut(i) {
+                                *g = true;
+                            }
+                        }
+                    }
+                    Some(_) => continue,
+                    None => bail!(
+                        "connection closed; missing the messages published through {:?}",
+                        missing(&got, frontends)
+                    ),
+                }
+            }
+            Ok(())
+        })
+        .await
+        .with_context(|| format!("received: {:?}", got))?;
+        c.disconnect().await;
+    }
+    Ok(())
+}
+
+fn missing(got: &[bool], frontends: &[SocketAddr]) -> Vec<SocketAddr> {
+    got.iter()
+        .zip(frontends)
+        .filter(|(g, _)| !**g)
+        .map(|(_, a)| *a)
+        .collect()
+}
