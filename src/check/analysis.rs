@@ -273,19 +273,35 @@ pub fn analyse(record: &Record, faults: &[(u64, String)], publish_started_ms: u6
             }
         }
     }
+    // Failover: per publisher, the longest pause between two acknowledgements that began
+    // around the fault (from 1 s before: the last ack before a stall; to 5 s after: docker
+    // takes a moment to inject). The fault's failover time is when the longest such pause
+    // of any publisher ended, counted from the fault; 0 when no publisher paused longer than
+    // `STALL_MS` (the fault did not interrupt publishing).
+    const STALL_MS: u64 = 300;
     for (t, label) in faults {
         let mut worst: Option<u64> = Some(0);
         for p in &record.publishers {
-            let first = p
-                .sent
-                .iter()
-                .filter(|m| m.first_sent_ms >= *t)
-                .filter_map(|m| m.acked_ms)
-                .min();
-            worst = match (worst, first) {
-                (Some(w), Some(a)) => Some(w.max(a.saturating_sub(*t))),
-                _ => None,
-            };
+            let mut acks: Vec<u64> = p.sent.iter().filter_map(|m| m.acked_ms).collect();
+            acks.sort_unstable();
+            let sent_after = p.sent.iter().any(|m| m.first_sent_ms >= *t);
+            let acked_after = acks.last().is_some_and(|a| *a >= *t);
+            if sent_after && !acked_after {
+                worst = None; // never acknowledged anything again
+                continue;
+            }
+            let mut longest: Option<(u64, u64)> = None;
+            for w in acks.windows(2) {
+                let (from, to) = (w[0], w[1]);
+                if from + 1_000 >= *t && from <= t + 5_000 && to - from > STALL_MS {
+                    if longest.is_none_or(|(f, e)| to - from > e - f) {
+                        longest = Some((from, to));
+                    }
+                }
+            }
+            if let (Some(w), Some((_, end))) = (worst, longest) {
+                worst = Some(w.max(end.saturating_sub(*t)));
+            }
         }
         s.failovers.push((label.clone(), worst));
     }

@@ -11,7 +11,7 @@ use crate::standalone::Standalone;
 fn sent(topic: u32, acked: bool) -> Sent {
     Sent {
         topic,
-        first_sent_ms: 1_000,
+        first_sent_ms: if acked { 1_000 } else { 6_000 },
         sends: 1,
         acked_ms: acked.then_some(1_010),
         ..Default::default()
@@ -69,9 +69,35 @@ fn sorts_lost_duplicated_out_of_order_unexpected() {
     assert_eq!(s.unexpected, 2);
     assert_eq!(s.unacked_delivered, 1);
     assert_eq!(s.reconnects, 1);
-    assert_eq!(s.failovers[0], ("kill".to_string(), Some(10)));
+    // All acks at 1010: no pause around the first fault; nothing acked after the second.
+    assert_eq!(s.failovers[0], ("kill".to_string(), Some(0)));
     assert_eq!(s.failovers[1], ("late".to_string(), None));
     assert!(!s.passed());
+}
+
+#[test]
+fn failover_is_the_end_of_the_pause_around_the_fault() {
+    let acked = |at: u64| Sent {
+        first_sent_ms: at - 5,
+        sends: 1,
+        acked_ms: Some(at),
+        ..Default::default()
+    };
+    // Acks every 20 ms, a 2 s pause from 10_000 (fault at 10_050), then again.
+    let mut sent: Vec<Sent> = (0..100).map(|i| acked(8_020 + 20 * i)).collect();
+    sent.extend((0..50).map(|i| acked(12_000 + 20 * i)));
+    let record = Record {
+        publishers: vec![PublisherLog {
+            qos: 1,
+            sent,
+            ..Default::default()
+        }],
+        subscribers: vec![],
+    };
+    let s = analyse(&record, &[(10_050, "kill".into()), (12_500, "calm".into())], 8_000);
+    assert_eq!(s.failovers[0].1, Some(1_950));
+    assert_eq!(s.failovers[1].1, Some(0));
+    assert_eq!(s.max_ack_gap_ms, 2_000);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
