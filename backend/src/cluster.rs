@@ -20,7 +20,7 @@ use tiermq_common::Message;
 use tiermq_proto::broker::broker_server::{Broker, BrokerServer};
 use tiermq_proto::broker::{
     op, op_reply, ClusterInfo, ClusterRequest, EventBatch, EventsRequest, Member, NotLeader, Op,
-    OpReply, PartitionInfo, RouteUpdate, RoutesRequest, SessionEventMsg,
+    OpReply, PartitionInfo, RouteUpdate, RoutesAck, RoutesAckReply, RoutesRequest, SessionEventMsg,
 };
 use tiermq_proto::API_VERSION;
 use tokio::sync::mpsc;
@@ -169,8 +169,9 @@ impl Broker for BrokerService {
         &self,
         request: Request<RoutesRequest>,
     ) -> Result<Response<Self::RoutesStream>, Status> {
-        check_version(request.into_inner().version)?;
-        let mut changes = self.handle.watch_routes();
+        let req = request.into_inner();
+        check_version(req.version)?;
+        let mut changes = self.handle.watch_routes(req.watcher_id);
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(async move {
             while let Some(c) = changes.recv().await {
@@ -180,6 +181,7 @@ impl Broker for BrokerService {
                     reset: c.reset,
                     added: c.added,
                     removed: c.removed,
+                    seq: c.seq,
                 };
                 if tx.send(Ok(update)).is_err() {
                     return;
@@ -187,6 +189,16 @@ impl Broker for BrokerService {
             }
         });
         Ok(Response::new(receiver_stream(rx)))
+    }
+
+    async fn ack_routes(
+        &self,
+        request: Request<RoutesAck>,
+    ) -> Result<Response<RoutesAckReply>, Status> {
+        let ack = request.into_inner();
+        check_version(ack.version)?;
+        self.handle.hub().ack_routes(ack.watcher_id, ack.seq);
+        Ok(Response::new(RoutesAckReply {}))
     }
 
     async fn cluster(
@@ -244,9 +256,22 @@ fn submit(handle: &RaftHandle, op: Op) -> Option<ReplyFuture> {
             let Ok(command) = postcard::from_bytes::<Command>(&bytes) else {
                 return bad("command");
             };
+            let is_subscribe = matches!(command, Command::Subscribe { .. });
             let wait = handle.submit(partition, command);
+            let hub = handle.hub().clone();
             Some(Box::pin(async move {
                 let r = wait.await;
+                if is_subscribe && r.is_ok() {
+                    // Read your subscription across frontends: answer only once every
+                    // route watcher has the new filter (bounded: a silent watcher is gone).
+                    let seq = hub.route_seq();
+                    if !hub
+                        .wait_routes_acked(seq, std::time::Duration::from_secs(2))
+                        .await
+                    {
+                        debug!(partition, "route acknowledgements timed out");
+                    }
+                }
                 (id != 0).then(|| match r {
                     Ok(reply) => OpReply {
                         id,

@@ -34,7 +34,8 @@ use tracing::{debug, info, warn};
 
 use crate::broker::broker_client::BrokerClient;
 use crate::broker::{
-    op, op_reply, ClusterInfo, ClusterRequest, EventsRequest, Op, OpReply, Qos0, RoutesRequest,
+    op, op_reply, ClusterInfo, ClusterRequest, EventsRequest, Op, OpReply, Qos0, RoutesAck,
+    RoutesRequest,
 };
 use crate::API_VERSION;
 
@@ -808,52 +809,78 @@ async fn op_stream(
     }
 }
 
-/// Follows one node's route changes into the shared table.
+/// Applies one node's route update to the shared table.
+fn apply_route_update(inner: &Inner, node: u64, u: crate::broker::RouteUpdate) {
+    let p = u.partition as usize;
+    if p >= inner.partitions as usize {
+        return;
+    }
+    let mut routes = inner.routes.write().unwrap_or_else(|e| e.into_inner());
+    let routes = &mut *routes;
+    if !u.leader {
+        if routes.known_from[p] == Some(node) {
+            routes.known_from[p] = None;
+        }
+        return;
+    }
+    inner.leaders.write().unwrap_or_else(|e| e.into_inner())[p] = node;
+    if u.reset {
+        for f in routes.filters[p].drain() {
+            routes.trie.remove(&f, &(p as u32));
+        }
+    }
+    for f in u.added {
+        routes.trie.insert(&f, p as u32, ());
+        routes.filters[p].insert(f);
+    }
+    for f in u.removed {
+        routes.trie.remove(&f, &(p as u32));
+        routes.filters[p].remove(&f);
+    }
+    routes.known_from[p] = Some(node);
+}
+
+/// Follows one node's route changes into the shared table, acknowledging each.
 async fn route_watch(inner: std::sync::Weak<Inner>, node: u64, addr: String) {
     loop {
-        let Some(_alive) = inner.upgrade() else {
+        let Some(alive) = inner.upgrade() else {
             return;
         };
-        drop(_alive);
-        let stream = match channel_to(&addr).await {
-            Ok(ch) => BrokerClient::new(ch)
-                .routes(RoutesRequest {
-                    version: API_VERSION,
-                })
-                .await
-                .map(|r| r.into_inner()),
-            Err(e) => Err(tonic::Status::unavailable(e.to_string())),
+        // Unique per (client, node): the node waits for this watcher's acknowledgements.
+        let watcher_id = alive
+            .frontend_id
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            .wrapping_add(node);
+        drop(alive);
+        let (stream, mut acker) = match channel_to(&addr).await {
+            Ok(ch) => (
+                BrokerClient::new(ch.clone())
+                    .routes(RoutesRequest {
+                        version: API_VERSION,
+                        watcher_id,
+                    })
+                    .await
+                    .map(|r| r.into_inner()),
+                Some(BrokerClient::new(ch)),
+            ),
+            Err(e) => (Err(tonic::Status::unavailable(e.to_string())), None),
         };
         if let Ok(mut stream) = stream {
             while let Ok(Some(u)) = stream.message().await {
-                let Some(inner) = inner.upgrade() else { return };
-                let p = u.partition as usize;
-                if p >= inner.partitions as usize {
-                    continue;
+                let seq = u.seq;
+                match inner.upgrade() {
+                    Some(inner) => apply_route_update(&inner, node, u),
+                    None => return,
                 }
-                let mut routes = inner.routes.write().unwrap_or_else(|e| e.into_inner());
-                let routes = &mut *routes;
-                if !u.leader {
-                    if routes.known_from[p] == Some(node) {
-                        routes.known_from[p] = None;
-                    }
-                    continue;
+                if let Some(acker) = acker.as_mut() {
+                    let _ = acker
+                        .ack_routes(RoutesAck {
+                            version: API_VERSION,
+                            watcher_id,
+                            seq,
+                        })
+                        .await;
                 }
-                inner.leaders.write().unwrap_or_else(|e| e.into_inner())[p] = node;
-                if u.reset {
-                    for f in routes.filters[p].drain() {
-                        routes.trie.remove(&f, &(p as u32));
-                    }
-                }
-                for f in u.added {
-                    routes.trie.insert(&f, p as u32, ());
-                    routes.filters[p].insert(f);
-                }
-                for f in u.removed {
-                    routes.trie.remove(&f, &(p as u32));
-                    routes.filters[p].remove(&f);
-                }
-                routes.known_from[p] = Some(node);
             }
         }
         // The stream broke: whatever this node told us is no longer known.

@@ -155,6 +155,7 @@ enum NodeMsg {
     },
     /// A route watcher joined: send it a snapshot of every partition this node leads.
     WatchRoutes {
+        watcher_id: u64,
         tx: mpsc::UnboundedSender<RouteChange>,
     },
 }
@@ -188,6 +189,15 @@ pub struct RouteChange {
     pub reset: bool,
     pub added: Vec<String>,
     pub removed: Vec<String>,
+    /// Order of this update among everything the node broadcast (set by the hub).
+    pub seq: u64,
+}
+
+/// A route watcher: where its updates go and what it has acknowledged.
+struct Watcher {
+    id: u64,
+    tx: mpsc::UnboundedSender<RouteChange>,
+    acked: u64,
 }
 
 /// What a node's driver shares with the services that serve frontends: event streams per
@@ -195,8 +205,15 @@ pub struct RouteChange {
 #[derive(Default)]
 pub struct ClusterHub {
     frontends: std::sync::Mutex<HashMap<u64, mpsc::UnboundedSender<FrontendEvent>>>,
-    routes: std::sync::Mutex<Vec<mpsc::UnboundedSender<RouteChange>>>,
+    routes: std::sync::Mutex<RouteWatchers>,
+    route_acks: tokio::sync::Notify,
     wills: std::sync::Mutex<Option<mpsc::UnboundedSender<tiermq_common::Message>>>,
+}
+
+#[derive(Default)]
+struct RouteWatchers {
+    seq: u64,
+    watchers: Vec<Watcher>,
 }
 
 impl ClusterHub {
@@ -233,9 +250,67 @@ impl ClusterHub {
         }
     }
 
-    fn broadcast_route(&self, change: RouteChange) {
-        let mut watchers = self.routes.lock().unwrap_or_else(|e| e.into_inner());
-        watchers.retain(|tx| tx.send(change.clone()).is_ok());
+    fn broadcast_route(&self, mut change: RouteChange) {
+        let mut r = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+        r.seq += 1;
+        change.seq = r.seq;
+        r.watchers.retain(|w| w.tx.send(change.clone()).is_ok());
+        drop(r);
+        self.route_acks.notify_waiters();
+    }
+
+    fn add_watcher(
+        &self,
+        id: u64,
+        tx: mpsc::UnboundedSender<RouteChange>,
+        snapshot: Vec<RouteChange>,
+    ) {
+        let mut r = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+        for mut c in snapshot {
+            r.seq += 1;
+            c.seq = r.seq;
+            let _ = tx.send(c);
+        }
+        // Its snapshot covers everything so far; nothing to wait for from it yet.
+        let acked = r.seq;
+        r.watchers.retain(|w| w.id != id);
+        r.watchers.push(Watcher { id, tx, acked });
+    }
+
+    /// A watcher applied every update up to `seq`.
+    pub fn ack_routes(&self, watcher_id: u64, seq: u64) {
+        let mut r = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(w) = r.watchers.iter_mut().find(|w| w.id == watcher_id) {
+            w.acked = w.acked.max(seq);
+        }
+        drop(r);
+        self.route_acks.notify_waiters();
+    }
+
+    /// The number of the latest route update broadcast.
+    pub fn route_seq(&self) -> u64 {
+        self.routes.lock().unwrap_or_else(|e| e.into_inner()).seq
+    }
+
+    /// Waits until every live watcher has acknowledged `seq` (or `timeout` passes: a watcher
+    /// that does not answer is cut off or gone, and its stream will end).
+    pub async fn wait_routes_acked(&self, seq: u64, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.route_acks.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let mut r = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+                r.watchers.retain(|w| !w.tx.is_closed());
+                if r.watchers.iter().all(|w| w.acked >= seq) {
+                    return true;
+                }
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return false;
+            }
+        }
     }
 
     fn publish_will(&self, message: tiermq_common::Message) {
@@ -361,9 +436,9 @@ impl RaftHandle {
     }
 
     /// Route changes of the partitions this node leads, starting with a snapshot of each.
-    pub fn watch_routes(&self) -> mpsc::UnboundedReceiver<RouteChange> {
+    pub fn watch_routes(&self, watcher_id: u64) -> mpsc::UnboundedReceiver<RouteChange> {
         let (tx, rx) = mpsc::unbounded_channel();
-        let _ = self.tx.send(NodeMsg::WatchRoutes { tx });
+        let _ = self.tx.send(NodeMsg::WatchRoutes { watcher_id, tx });
         rx
     }
 
@@ -587,6 +662,7 @@ impl Group {
                     reset: false,
                     added: vec![filter],
                     removed: Vec::new(),
+                    seq: 0,
                 }),
                 Effect::RouteRemoved { filter } => hub.broadcast_route(RouteChange {
                     partition: self.partition,
@@ -594,6 +670,7 @@ impl Group {
                     reset: false,
                     added: Vec::new(),
                     removed: vec![filter],
+                    seq: 0,
                 }),
             }
         }
@@ -606,6 +683,7 @@ impl Group {
             reset: true,
             added: self.sm.filters(),
             removed: Vec::new(),
+            seq: 0,
         }
     }
 
@@ -947,17 +1025,14 @@ impl Driver {
                     }
                 }
             }
-            NodeMsg::WatchRoutes { tx } => {
-                for g in self.groups.values() {
-                    if g.is_leader() {
-                        let _ = tx.send(g.route_snapshot());
-                    }
-                }
-                self.hub
-                    .routes
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(tx);
+            NodeMsg::WatchRoutes { watcher_id, tx } => {
+                let snapshot = self
+                    .groups
+                    .values()
+                    .filter(|g| g.is_leader())
+                    .map(Group::route_snapshot)
+                    .collect();
+                self.hub.add_watcher(watcher_id, tx, snapshot);
             }
         }
         None
