@@ -293,10 +293,12 @@ pub fn analyse(record: &Record, faults: &[(u64, String)], publish_started_ms: u6
             let mut longest: Option<(u64, u64)> = None;
             for w in acks.windows(2) {
                 let (from, to) = (w[0], w[1]);
-                if from + 1_000 >= *t && from <= t + 5_000 && to - from > STALL_MS {
-                    if longest.is_none_or(|(f, e)| to - from > e - f) {
-                        longest = Some((from, to));
-                    }
+                if from + 1_000 >= *t
+                    && from <= t + 5_000
+                    && to - from > STALL_MS
+                    && longest.is_none_or(|(f, e)| to - from > e - f)
+                {
+                    longest = Some((from, to));
                 }
             }
             if let (Some(w), Some((_, end))) = (worst, longest) {

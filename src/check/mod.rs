@@ -177,7 +177,7 @@ impl Plan {
 }
 
 pub fn publisher_qos(i: u32) -> QoS {
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         QoS::AtLeastOnce
     } else {
         QoS::ExactlyOnce
@@ -185,7 +185,7 @@ pub fn publisher_qos(i: u32) -> QoS {
 }
 
 pub fn subscriber_version(i: u32) -> ProtocolVersion {
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         ProtocolVersion::V5
     } else {
         ProtocolVersion::V311

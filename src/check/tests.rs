@@ -94,7 +94,11 @@ fn failover_is_the_end_of_the_pause_around_the_fault() {
         }],
         subscribers: vec![],
     };
-    let s = analyse(&record, &[(10_050, "kill".into()), (12_500, "calm".into())], 8_000);
+    let s = analyse(
+        &record,
+        &[(10_050, "kill".into()), (12_500, "calm".into())],
+        8_000,
+    );
     assert_eq!(s.failovers[0].1, Some(1_950));
     assert_eq!(s.failovers[1].1, Some(0));
     assert_eq!(s.max_ack_gap_ms, 2_000);
