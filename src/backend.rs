@@ -71,6 +71,10 @@ impl BackendNode {
             let incoming = tokio_stream_from(listener);
             let result = tonic::transport::Server::builder()
                 .tcp_nodelay(true)
+                // A frontend behind a network cut sends no FIN: pings find it, so its event
+                // stream ends and the frontend lease (wills) starts running.
+                .http2_keepalive_interval(Some(std::time::Duration::from_secs(2)))
+                .http2_keepalive_timeout(Some(std::time::Duration::from_secs(3)))
                 .add_service(service)
                 .add_service(broker)
                 .serve_with_incoming_shutdown(incoming, stop.cancelled())

@@ -139,7 +139,16 @@ impl Broker for BrokerService {
         let mut events = self.handle.attach_frontend(req.frontend_id);
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(async move {
-            while let Some(first) = events.recv().await {
+            loop {
+                // Watch the frontend's side too: a frontend that went away while no event was
+                // due must still end its registration, or its lease never expires.
+                let first = tokio::select! {
+                    e = events.recv() => match e {
+                        Some(e) => e,
+                        None => return,
+                    },
+                    _ = tx.closed() => return,
+                };
                 let mut batch = vec![first];
                 while batch.len() < 512 {
                     match events.try_recv() {

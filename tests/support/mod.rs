@@ -10,6 +10,8 @@
 
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
