@@ -573,12 +573,12 @@ impl Target {
 macro_rules! both {
     ($name:ident, $body:ident) => {
         mod $name {
-            #[tokio::test]
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn standalone() {
                 let t = $crate::support::cluster::Target::standalone().await;
                 super::$body(t, concat!(stringify!($name), "-s")).await;
             }
-            #[tokio::test]
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn cluster() {
                 let t = $crate::support::cluster::Target::cluster();
                 super::$body(t, concat!(stringify!($name), "-c")).await;
