@@ -51,6 +51,40 @@ enum Outcome {
 
 type OpSender = mpsc::UnboundedSender<(Op, Option<oneshot::Sender<Outcome>>)>;
 
+/// How long one attempt waits for its answer before trying elsewhere (a paused or cut-off
+/// node never answers; the gRPC stream would take its keep-alive timeout to notice).
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// An operation not yet answered.
+struct Held {
+    kind: op::Kind,
+    /// None: nobody waits for the answer (QoS0).
+    done: Option<oneshot::Sender<ServiceResult<Vec<u8>>>>,
+    deadline: Instant,
+}
+
+/// The ordered path of one partition's operations.
+///
+/// All operations of a partition go to one node at a time, in call order on its ordered
+/// stream. When one fails (not the leader, unreachable, no answer in time), the pipe stops
+/// sending, waits until every operation in flight to that node has its answer, then picks the
+/// next node (the hint, the leader the route watch reported, or the next replica) and re-sends
+/// everything that failed or queued meanwhile, in call order. So a publisher's messages enter
+/// the partition log in the order it sent them, across leader changes (duplicates possible,
+/// as MQTT allows; reordering not).
+#[derive(Default)]
+struct Pipe {
+    /// Where operations go now; 0 = not chosen yet.
+    node: u64,
+    inflight: usize,
+    held: BTreeMap<u64, Held>,
+    switching: bool,
+    switch_scheduled: bool,
+    failed_node: u64,
+    hint: u64,
+    attempts: usize,
+}
+
 /// Routes as learned from the partitions' leaders.
 struct Routes {
     trie: TopicTrie<u32, ()>,
@@ -64,6 +98,7 @@ struct Inner {
     partitions: u32,
     replicas: Vec<Vec<u64>>,
     leaders: RwLock<Vec<u64>>,
+    pipes: Vec<Mutex<Pipe>>,
     nodes: BTreeMap<u64, OpSender>,
     routes: RwLock<Routes>,
     sessions: Mutex<Sessions>,
@@ -134,6 +169,15 @@ impl ClusterClient {
             frontend_id,
             partitions,
             replicas,
+            pipes: leaders
+                .iter()
+                .map(|l| {
+                    Mutex::new(Pipe {
+                        node: *l,
+                        ..Pipe::default()
+                    })
+                })
+                .collect(),
             leaders: RwLock::new(leaders),
             nodes,
             routes: RwLock::new(Routes {
@@ -170,21 +214,6 @@ impl ClusterClient {
 
     fn partition_of(&self, key: &str) -> u32 {
         partition_of(key, self.inner.partitions)
-    }
-
-    /// The node to try for `partition` on attempt `n`: the known leader first, then each
-    /// replica in turn.
-    fn node_for(&self, partition: u32, attempt: usize) -> u64 {
-        let leader =
-            self.inner.leaders.read().unwrap_or_else(|e| e.into_inner())[partition as usize];
-        let replicas = &self.inner.replicas[partition as usize];
-        if leader != 0 && attempt == 0 {
-            return leader;
-        }
-        replicas
-            .get(attempt % replicas.len().max(1))
-            .copied()
-            .unwrap_or(leader)
     }
 
     /// Queues `kind` on the stream to `node` now; the receiver yields the outcome.
@@ -226,63 +255,189 @@ impl ClusterClient {
     }
 
     /// Sends `kind` to the leader of `partition` now and returns the wait for its answer,
-    /// retrying elsewhere on NotLeader / unavailable until [`OP_DEADLINE`].
+    /// retrying elsewhere on NotLeader / unavailable until [`OP_DEADLINE`]. See [`Pipe`]:
+    /// operations of a partition reach the log in the order of their calls, across retries.
     fn call(
         &self,
         partition: u32,
         kind: op::Kind,
     ) -> impl Future<Output = ServiceResult<Vec<u8>>> + Send + 'static {
-        let first_node = self.node_for(partition, 0);
-        let first = self.send_op(first_node, partition, kind.clone(), true);
-        let client = self.clone();
+        let (done, rx) = oneshot::channel();
+        self.dispatch(
+            partition,
+            Held {
+                kind,
+                done: Some(done),
+                deadline: Instant::now() + OP_DEADLINE,
+            },
+        );
         async move {
-            let deadline = Instant::now() + OP_DEADLINE;
-            let mut attempt = 0;
-            let mut pending = first;
-            let mut node = first_node;
-            loop {
-                let outcome = match pending.take() {
-                    Some(rx) => rx
-                        .await
-                        .unwrap_or_else(|_| Outcome::Unavailable("stream closed".into())),
-                    None => Outcome::Unavailable("not sent".into()),
-                };
-                match outcome {
-                    Outcome::Reply(bytes) => return Ok(bytes),
-                    Outcome::NotLeader(hint) => {
-                        let mut leaders = client
-                            .inner
-                            .leaders
-                            .write()
-                            .unwrap_or_else(|e| e.into_inner());
-                        leaders[partition as usize] = hint;
-                        drop(leaders);
-                        debug!(partition, node, hint, "not the leader");
-                    }
-                    Outcome::Unavailable(why) => {
-                        debug!(partition, node, %why, "node unavailable");
-                        let mut leaders = client
-                            .inner
-                            .leaders
-                            .write()
-                            .unwrap_or_else(|e| e.into_inner());
-                        if leaders[partition as usize] == node {
-                            leaders[partition as usize] = 0;
-                        }
-                    }
-                }
-                if Instant::now() >= deadline {
-                    return Err(ServiceError::Unavailable(format!(
-                        "no leader for partition {partition}"
-                    )));
-                }
-                attempt += 1;
-                if attempt > 1 {
-                    tokio::time::sleep(Duration::from_millis(50 * attempt.min(10) as u64)).await;
-                }
-                node = client.node_for(partition, attempt);
-                pending = client.send_op(node, partition, kind.clone(), true);
+            rx.await
+                .unwrap_or_else(|_| Err(ServiceError::Unavailable("client stopped".into())))
+        }
+    }
+
+    /// Sends an operation that wants no answer (QoS0), in order with the others.
+    fn cast(&self, partition: u32, kind: op::Kind) {
+        self.dispatch(
+            partition,
+            Held {
+                kind,
+                done: None,
+                deadline: Instant::now() + OP_DEADLINE,
+            },
+        );
+    }
+
+    fn dispatch(&self, partition: u32, held: Held) {
+        let seq = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut pipe = self.inner.pipes[partition as usize]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if pipe.switching || pipe.node == 0 {
+            pipe.held.insert(seq, held);
+            if !pipe.switching {
+                pipe.switching = true;
+                drop(pipe);
+                self.schedule_switch(partition, Duration::ZERO);
             }
+            return;
+        }
+        let node = pipe.node;
+        self.send_tracked(&mut pipe, partition, node, seq, held);
+    }
+
+    /// Sends one operation to `node` and watches its outcome (in a task, so the pipe stays
+    /// consistent even when the caller stops waiting).
+    fn send_tracked(&self, pipe: &mut Pipe, partition: u32, node: u64, seq: u64, held: Held) {
+        let Held {
+            kind,
+            done,
+            deadline,
+        } = held;
+        if done.is_none() {
+            self.send_op(node, partition, kind, false);
+            return;
+        }
+        let rx = self.send_op(node, partition, kind.clone(), true);
+        pipe.inflight += 1;
+        let client = self.clone();
+        tokio::spawn(async move {
+            let outcome = match rx {
+                Some(rx) => match tokio::time::timeout(ATTEMPT_TIMEOUT, rx).await {
+                    Ok(Ok(o)) => o,
+                    Ok(Err(_)) => Outcome::Unavailable("stream closed".into()),
+                    Err(_) => Outcome::Unavailable("no answer in time".into()),
+                },
+                None => Outcome::Unavailable("not sent".into()),
+            };
+            client.on_outcome(
+                partition,
+                node,
+                seq,
+                Held {
+                    kind,
+                    done,
+                    deadline,
+                },
+                outcome,
+            );
+        });
+    }
+
+    fn on_outcome(&self, partition: u32, node: u64, seq: u64, held: Held, outcome: Outcome) {
+        let mut pipe = self.inner.pipes[partition as usize]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        pipe.inflight = pipe.inflight.saturating_sub(1);
+        let mut held = held;
+        let hint = match outcome {
+            Outcome::Reply(bytes) => {
+                if let Some(done) = held.done.take() {
+                    let _ = done.send(Ok(bytes));
+                }
+                None
+            }
+            Outcome::NotLeader(hint) => {
+                debug!(partition, node, hint, "not the leader");
+                Some(hint)
+            }
+            Outcome::Unavailable(why) => {
+                debug!(partition, node, %why, "node unavailable");
+                Some(0)
+            }
+        };
+        if let Some(hint) = hint {
+            if Instant::now() >= held.deadline {
+                if let Some(done) = held.done {
+                    let _ = done.send(Err(ServiceError::Unavailable(format!(
+                        "no leader for partition {partition}"
+                    ))));
+                }
+            } else {
+                pipe.held.insert(seq, held);
+            }
+            if !pipe.switching && pipe.node == node {
+                pipe.switching = true;
+                pipe.failed_node = node;
+                pipe.hint = hint;
+            }
+        }
+        // Switch only once nothing is in flight to the old node: an answer still to come from
+        // it could otherwise land after a later operation sent elsewhere.
+        if pipe.switching && pipe.inflight == 0 && !pipe.switch_scheduled {
+            pipe.switch_scheduled = true;
+            pipe.attempts += 1;
+            let delay = Duration::from_millis(20 * pipe.attempts.min(10) as u64);
+            drop(pipe);
+            self.schedule_switch(partition, delay);
+        }
+    }
+
+    fn schedule_switch(&self, partition: u32, delay: Duration) {
+        let client = self.clone();
+        tokio::spawn(async move {
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            client.switch(partition);
+        });
+    }
+
+    /// Picks the node to use next and re-sends every held operation to it, in call order.
+    fn switch(&self, partition: u32) {
+        let mut pipe = self.inner.pipes[partition as usize]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        pipe.switch_scheduled = false;
+        if pipe.inflight > 0 {
+            return; // on_outcome schedules again when the last answer is in
+        }
+        let cached =
+            self.inner.leaders.read().unwrap_or_else(|e| e.into_inner())[partition as usize];
+        let replicas = &self.inner.replicas[partition as usize];
+        let node = if pipe.hint != 0 && pipe.hint != pipe.failed_node {
+            pipe.hint
+        } else if cached != 0 && cached != pipe.failed_node {
+            cached
+        } else {
+            // No better idea: the next replica after the one that failed.
+            let pos = replicas.iter().position(|r| *r == pipe.failed_node);
+            let next = pos.map_or(0, |i| i + 1) + pipe.attempts;
+            replicas
+                .get(next % replicas.len().max(1))
+                .copied()
+                .unwrap_or(cached)
+        };
+        pipe.node = node;
+        pipe.hint = 0;
+        pipe.switching = false;
+        let held = std::mem::take(&mut pipe.held);
+        for (seq, h) in held {
+            self.send_tracked(&mut pipe, partition, node, seq, h);
+        }
+        if pipe.inflight == 0 {
+            pipe.attempts = 0;
         }
     }
 
@@ -349,15 +504,12 @@ impl ClusterClient {
             let bytes = postcard::to_stdvec(&*message).unwrap_or_default();
             let publisher = publisher.as_deref().unwrap_or("").to_string();
             for p in &targets {
-                let node = self.node_for(*p, 0);
-                self.send_op(
-                    node,
+                self.cast(
                     *p,
                     op::Kind::Qos0(Qos0 {
                         message: bytes.clone(),
                         publisher: publisher.clone(),
                     }),
-                    false,
                 );
             }
             let matched = !targets.is_empty();
@@ -677,13 +829,12 @@ impl SessionService for ClusterClient {
             kind: AckCmd::from(kind),
             packet_id,
         };
-        let node = self.node_for(home, 0);
-        self.send_op(
-            node,
+        // An ack must reach the session's *current* leader (a lost one stalls the in-flight
+        // window), so it goes through the retrying pipe; nobody waits for the answer.
+        drop(self.call(
             home,
             op::Kind::Command(postcard::to_stdvec(&command).unwrap_or_default()),
-            false,
-        );
+        ));
         std::future::ready(Ok(()))
     }
 
