@@ -374,7 +374,14 @@ async fn redelivery(t: Target, x: &str) {
     let (mut s, ack) = Raw::connect(t.addr(1), V5, &id, persistent(300)).await;
     assert!(ack.session_present);
     for orig in &first[1..] {
-        let p = s.recv_publish().await;
+        let mut p = s.recv_publish().await;
+        if t.is_cluster() && p.packet_id == first[0].packet_id {
+            // The ack went to a partition leader that was just replaced: a duplicate MQTT
+            // allows (the cluster's acks are not retried).
+            assert!(p.dup);
+            s.puback(p.packet_id.unwrap()).await;
+            p = s.recv_publish().await;
+        }
         assert!(p.dup, "redelivery carries DUP");
         assert_eq!(p.packet_id, orig.packet_id, "same packet id");
         assert_eq!(p.payload, orig.payload);
