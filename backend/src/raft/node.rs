@@ -1196,6 +1196,14 @@ impl Driver {
                 // our proposers; they retry (a duplicate at worst, never a false ack).
                 g.fail_pending(ProposeError::NotLeader { leader: g.leader() });
                 g.connections.clear();
+                self.hub.broadcast_route(RouteChange {
+                    partition: g.partition,
+                    leader: false,
+                    reset: true,
+                    added: Vec::new(),
+                    removed: Vec::new(),
+                    seq: 0,
+                });
             }
             if !g.was_leader && leading {
                 info!(
@@ -1203,6 +1211,14 @@ impl Driver {
                     term = g.raw.raft.term,
                     "became leader"
                 );
+                self.hub.broadcast_route(g.route_snapshot());
+                // What the old leader had sent may not have reached the clients: send the
+                // in-flight windows again (DUP) to the frontends attached here.
+                let now = now_ms();
+                for f in g.sm.attached_frontends() {
+                    let fx = g.sm.replay_for_frontend(f, now);
+                    g.dispatch(fx, None, None, &self.hub);
+                }
             }
             g.was_leader = leading;
         }
