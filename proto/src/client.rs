@@ -63,6 +63,17 @@ struct Held {
     deadline: Instant,
 }
 
+/// A QoS2 publish's place in its publisher's line: wait for `*_go` (the previous message's
+/// phase was dispatched, or given up), dispatch, then drop `*_sent` to let the next one go.
+struct Turn {
+    others_go: Option<oneshot::Receiver<()>>,
+    others_sent: oneshot::Sender<()>,
+    home_go: Option<oneshot::Receiver<()>>,
+    home_sent: oneshot::Sender<()>,
+}
+
+type Qos2Chain = (oneshot::Receiver<()>, oneshot::Receiver<()>);
+
 /// The ordered path of one partition's operations.
 ///
 /// All operations of a partition go to one node at a time, in call order on its ordered
@@ -102,6 +113,8 @@ struct Inner {
     nodes: BTreeMap<u64, OpSender>,
     routes: RwLock<Routes>,
     sessions: Mutex<Sessions>,
+    /// Per publisher: the phases of its latest multi-partition QoS2 publish.
+    qos2_chains: Mutex<HashMap<Arc<str>, Qos2Chain>>,
     next_id: AtomicU64,
 }
 
@@ -186,6 +199,7 @@ impl ClusterClient {
                 known_from: vec![None; partitions as usize],
             }),
             sessions: Mutex::new(Sessions::default()),
+            qos2_chains: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
         });
         for (id, addr) in addrs {
@@ -541,6 +555,7 @@ impl ClusterClient {
                 check: std::pin::Pin<Box<dyn Future<Output = ServiceResult<Reply>> + Send>>,
                 home: u32,
                 mark: InboundQos2,
+                turn: Turn,
             },
         }
         let plan = match mark {
@@ -563,6 +578,7 @@ impl ClusterClient {
                     },
                 )),
                 home,
+                turn: self.take_turn(&mark.client_id),
                 mark,
             },
         };
@@ -586,7 +602,18 @@ impl ClusterClient {
                         absorb(w.await?)?;
                     }
                 }
-                Plan::Qos2 { check, home, mark } => {
+                Plan::Qos2 {
+                    check,
+                    home,
+                    mark,
+                    turn,
+                } => {
+                    let Turn {
+                        others_go,
+                        others_sent,
+                        home_go,
+                        home_sent,
+                    } = turn;
                     match check.await? {
                         Reply::Qos2Received { duplicate: true } => {
                             return Ok(Published {
@@ -597,19 +624,52 @@ impl ClusterClient {
                         Reply::Qos2Received { duplicate: false } => {}
                         other => return Err(reply_error(other)),
                     }
+                    // Each phase waits for the same phase of this publisher's previous QoS2
+                    // message, so the partitions' logs keep the client's order.
+                    if let Some(go) = others_go {
+                        let _ = go.await;
+                    }
                     let others: Vec<_> = targets
                         .iter()
                         .filter(|p| **p != home)
                         .map(|p| client.command(*p, &publish(*p, None)))
                         .collect();
+                    drop(others_sent);
                     for w in others {
                         absorb(w.await?)?;
                     }
-                    absorb(client.command(home, &publish(home, Some(mark))).await?)?;
+                    if let Some(go) = home_go {
+                        let _ = go.await;
+                    }
+                    let at_home = client.command(home, &publish(home, Some(mark)));
+                    drop(home_sent);
+                    absorb(at_home.await?)?;
                 }
             }
             Ok(Published { matched, duplicate })
         })
+    }
+
+    /// This publisher's place in line for the two phases of a multi-partition QoS2 publish.
+    fn take_turn(&self, client_id: &Arc<str>) -> Turn {
+        let (others_sent, others_rx) = oneshot::channel();
+        let (home_sent, home_rx) = oneshot::channel();
+        let mut chains = self
+            .inner
+            .qos2_chains
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let previous = chains.insert(client_id.clone(), (others_rx, home_rx));
+        let (others_go, home_go) = match previous {
+            Some((a, b)) => (Some(a), Some(b)),
+            None => (None, None),
+        };
+        Turn {
+            others_go,
+            others_sent,
+            home_go,
+            home_sent,
+        }
     }
 
     fn register(&self, client_id: &Arc<str>, epoch: u64, tx: mpsc::UnboundedSender<SessionEvent>) {
@@ -639,6 +699,12 @@ impl ClusterClient {
         {
             s.live.remove(&session.client_id);
         }
+        drop(s);
+        self.inner
+            .qos2_chains
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&session.client_id);
     }
 }
 
