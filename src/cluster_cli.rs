@@ -167,6 +167,8 @@ pub struct MemberStatus {
     pub leads: u32,
     /// The map epoch this member reports (0 when unreachable).
     pub epoch: u64,
+    /// Frontends with an open event stream to this member.
+    pub frontends: Vec<u64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -247,7 +249,7 @@ fn merge(
         .iter()
         .map(|m| {
             let answer = answers.get(&m.id);
-            let (reachable, error, leads, epoch) = match answer {
+            let (reachable, error, leads, epoch, frontends) = match answer {
                 Some(Ok(i)) => (
                     true,
                     None,
@@ -256,9 +258,10 @@ fn merge(
                         .filter(|p| p.local_replica && p.leader == m.id)
                         .count() as u32,
                     i.epoch,
+                    i.frontends.clone(),
                 ),
-                Some(Err(e)) => (false, Some(e.clone()), 0, 0),
-                None => (false, Some("not asked".into()), 0, 0),
+                Some(Err(e)) => (false, Some(e.clone()), 0, 0, Vec::new()),
+                None => (false, Some("not asked".into()), 0, 0, Vec::new()),
             };
             if !reachable {
                 problems.push(format!(
@@ -280,6 +283,7 @@ fn merge(
                 error,
                 leads,
                 epoch,
+                frontends,
             }
         })
         .collect();
@@ -436,6 +440,24 @@ impl ClusterStatus {
                 let _ = write!(out, "  ({e})");
             }
             let _ = writeln!(out);
+        }
+        let _ = writeln!(out);
+        let mut frontends: Vec<u64> = self
+            .members
+            .iter()
+            .flat_map(|m| m.frontends.iter().copied())
+            .collect();
+        frontends.sort_unstable();
+        frontends.dedup();
+        let _ = writeln!(out, "FRONTENDS ({} connected)", frontends.len());
+        for f in &frontends {
+            let on: Vec<String> = self
+                .members
+                .iter()
+                .filter(|m| m.frontends.contains(f))
+                .map(|m| m.id.to_string())
+                .collect();
+            let _ = writeln!(out, "  {f:016x}  event streams to members {}", on.join(","));
         }
         let _ = writeln!(out);
         let _ = writeln!(

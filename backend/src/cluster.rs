@@ -234,6 +234,13 @@ impl Broker for BrokerService {
             partitions: self.map.partitions,
             replication: self.map.replication as u32,
             node_id: self.handle.node_id(),
+            frontends: self
+                .handle
+                .hub()
+                .connected_frontends()
+                .into_iter()
+                .filter(|f| *f != u64::MAX) // this cluster's own will publishers
+                .collect(),
             members: self
                 .members
                 .iter()

@@ -235,6 +235,18 @@ impl ClusterHub {
         rx
     }
 
+    /// Frontends with an open event stream to this node.
+    pub fn connected_frontends(&self) -> Vec<u64> {
+        let map = self.frontends.lock().unwrap_or_else(|e| e.into_inner());
+        let mut ids: Vec<u64> = map
+            .iter()
+            .filter(|(_, tx)| !tx.is_closed())
+            .map(|(id, _)| *id)
+            .collect();
+        ids.sort_unstable();
+        ids
+    }
+
     fn has_frontend(&self, frontend_id: u64) -> bool {
         self.frontends
             .lock()
