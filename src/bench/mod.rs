@@ -66,8 +66,10 @@ pub struct LoadArgs {
     /// Broker host (IP address).
     #[arg(long, default_value = "127.0.0.1")]
     pub host: IpAddr,
-    #[arg(long, default_value_t = 1883)]
-    pub port: u16,
+    /// Broker port; several, comma separated (e.g. a cluster's frontends), spread the
+    /// connections over them (pairs: a publisher and its subscriber on different ports).
+    #[arg(long, default_value = "1883", value_delimiter = ',')]
+    pub port: Vec<u16>,
     /// QoS of publishes and subscriptions.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=2))]
     pub qos: u8,
@@ -102,9 +104,14 @@ pub struct LoadArgs {
     /// Source addresses to spread connections over, e.g. 127.0.0.1,127.0.0.2.
     #[arg(long, value_delimiter = ',')]
     pub source_ips: Vec<IpAddr>,
-    /// Broker process id: report its CPU time and memory from /proc.
-    #[arg(long)]
-    pub broker_pid: Option<u32>,
+    /// Broker process id(s), comma separated: the CPU time reported is the sum over all of
+    /// them (a cluster: frontends and backends), per process in the JSON.
+    #[arg(long, value_delimiter = ',')]
+    pub broker_pid: Vec<u32>,
+    /// Process id(s) whose resident memory is reported (summed) [default: the first
+    /// --broker-pid]; for a cluster, its frontends.
+    #[arg(long, value_delimiter = ',')]
+    pub rss_pid: Vec<u32>,
     /// Broker name recorded in the result (for reports).
     #[arg(long, default_value = "broker")]
     pub broker_name: String,

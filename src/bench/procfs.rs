@@ -37,6 +37,23 @@ pub fn parse_vmrss_kib(status: &str) -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
+/// What a process is, for reports: its first argument when that is a subcommand (`tiermq
+/// frontend` → "frontend"), else its command name.
+pub fn role(pid: u32) -> String {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    role_of_cmdline(&cmdline).unwrap_or_else(|| {
+        std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .map(|c| c.trim().to_string())
+            .unwrap_or_else(|_| pid.to_string())
+    })
+}
+
+fn role_of_cmdline(cmdline: &[u8]) -> Option<String> {
+    let arg = cmdline.split(|&b| b == 0).nth(1)?;
+    let arg = std::str::from_utf8(arg).ok()?;
+    (!arg.is_empty() && !arg.starts_with('-')).then(|| arg.to_string())
+}
+
 /// Whether `pid` is a live process.
 pub fn exists(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
@@ -82,6 +99,16 @@ mod tests {
         let status = "Name:\tx\nVmPeak:\t  100 kB\nVmRSS:\t   12345 kB\nThreads: 3\n";
         assert_eq!(parse_vmrss_kib(status), Some(12345));
         assert_eq!(parse_vmrss_kib("Name: x\n"), None);
+    }
+
+    #[test]
+    fn roles() {
+        assert_eq!(
+            role_of_cmdline(b"/bin/tiermq\0frontend\0--listen\0x\0").as_deref(),
+            Some("frontend")
+        );
+        assert_eq!(role_of_cmdline(b"mosquitto\0-c\0f\0"), None);
+        assert_eq!(role_of_cmdline(b"rumqttd\0"), None);
     }
 
     #[test]

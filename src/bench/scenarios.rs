@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use super::client::{Conn, ConnectOptions, PublishTemplate};
 use super::payload::{instant_of, now_ns, Stamp};
 use super::procfs;
-use super::report::{BenchResult, Latency};
+use super::report::{BenchResult, CpuPart, Latency};
 use super::schedule::Schedule;
 use super::tracker::{tally, Receiver};
 use super::{LoadArgs, Scenario};
@@ -31,10 +31,13 @@ const BATCH: u64 = 256;
 /// Runs one scenario. `progress` shows a bar on a terminal.
 pub async fn run(scenario: Scenario, a: &LoadArgs, progress: bool) -> anyhow::Result<BenchResult> {
     let ctx = Ctx::new(scenario, a, progress);
-    if let Some(pid) = a.broker_pid {
+    for &pid in a.broker_pid.iter().chain(&a.rss_pid) {
         if !procfs::exists(pid) {
-            bail!("--broker-pid {pid}: no such process");
+            bail!("--broker-pid/--rss-pid {pid}: no such process");
         }
+    }
+    if a.port.is_empty() {
+        bail!("--port: at least one port");
     }
     match scenario {
         Scenario::Pairs | Scenario::FanIn | Scenario::FanOut => messages(&ctx).await,
@@ -48,7 +51,8 @@ pub async fn run(scenario: Scenario, a: &LoadArgs, progress: bool) -> anyhow::Re
 struct Ctx {
     scenario: Scenario,
     a: LoadArgs,
-    broker: SocketAddr,
+    /// One address per `--port`.
+    brokers: Vec<SocketAddr>,
     /// Unique per run, so topics and client ids never meet those of another run.
     prefix: String,
     keep_alive: u16,
@@ -71,7 +75,7 @@ impl Ctx {
         Ctx {
             scenario,
             a: a.clone(),
-            broker: SocketAddr::new(a.host, a.port),
+            brokers: a.port.iter().map(|&p| SocketAddr::new(a.host, p)).collect(),
             prefix: format!("tmqb{run}"),
             keep_alive,
             progress,
@@ -79,7 +83,8 @@ impl Ctx {
         }
     }
 
-    fn options(&self, client_id: String) -> ConnectOptions {
+    /// Connect options for a client; `slot` picks the broker port (round robin).
+    fn options(&self, client_id: String, slot: usize) -> ConnectOptions {
         let source = if self.a.source_ips.is_empty() {
             None
         } else {
@@ -87,7 +92,7 @@ impl Ctx {
             Some(self.a.source_ips[i % self.a.source_ips.len()])
         };
         ConnectOptions {
-            broker: self.broker,
+            broker: self.brokers[slot % self.brokers.len().max(1)],
             source,
             version: self.a.mqtt,
             client_id,
@@ -102,13 +107,19 @@ impl Ctx {
         format!("bench/{}/{}", self.prefix, rest)
     }
 
-    /// Connects `ids.len()` clients, at most `connect_concurrency` at a time, in order.
-    async fn connect_many(&self, ids: Vec<String>) -> anyhow::Result<Vec<Conn>> {
+    /// Connects `ids.len()` clients, at most `connect_concurrency` at a time, in order. Client
+    /// `i` uses broker port `i + port_offset` (round robin), so with several ports a publisher
+    /// (offset 1) and the subscriber of its pair (offset 0) meet on different ones.
+    async fn connect_many(
+        &self,
+        ids: Vec<String>,
+        port_offset: usize,
+    ) -> anyhow::Result<Vec<Conn>> {
         let n = ids.len();
         let sem = Arc::new(Semaphore::new(self.a.connect_concurrency.max(1)));
         let mut set = JoinSet::new();
         for (i, id) in ids.into_iter().enumerate() {
-            let opts = self.options(id);
+            let opts = self.options(id, i + port_offset);
             let sem = sem.clone();
             set.spawn(async move {
                 let _permit = sem.acquire_owned().await;
@@ -162,35 +173,76 @@ impl Ctx {
     }
 }
 
-/// Broker CPU and memory around a measurement.
+/// Broker CPU and memory around a measurement. A broker may be several processes (a
+/// cluster): CPU is summed over all of them, memory over the `--rss-pid` ones (default: the
+/// first broker pid).
 struct BrokerProbe {
-    pid: Option<u32>,
-    cpu0: Option<f64>,
+    pids: Vec<u32>,
+    rss_pids: Vec<u32>,
+    cpu0: Vec<Option<f64>>,
     rss0: Option<u64>,
 }
 
+/// Sum of `f` over `pids`; None if any is unreadable (a process died) or there are none.
+fn sum_over(pids: &[u32], f: fn(u32) -> Option<u64>) -> Option<u64> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().map(|&p| f(p)).sum()
+}
+
 impl BrokerProbe {
-    fn start(pid: Option<u32>) -> BrokerProbe {
+    fn start(a: &LoadArgs) -> BrokerProbe {
+        let pids = a.broker_pid.clone();
+        let rss_pids = if a.rss_pid.is_empty() {
+            pids.iter().take(1).copied().collect()
+        } else {
+            a.rss_pid.clone()
+        };
         BrokerProbe {
-            pid,
-            cpu0: pid.and_then(procfs::cpu_seconds),
-            rss0: pid.and_then(procfs::rss_kib),
+            cpu0: pids.iter().map(|&p| procfs::cpu_seconds(p)).collect(),
+            rss0: sum_over(&rss_pids, procfs::rss_kib),
+            pids,
+            rss_pids,
         }
     }
 
     /// Fills CPU and RSS fields; `units` is what CPU time is divided by (messages delivered,
     /// connections made), per million.
     fn finish(&self, r: &mut BenchResult, units: u64) {
-        let Some(pid) = self.pid else { return };
-        if let (Some(c0), Some(c1)) = (self.cpu0, procfs::cpu_seconds(pid)) {
-            let cpu = c1 - c0;
-            r.broker_cpu_s = Some(cpu);
-            if units > 0 {
-                r.cpu_s_per_million = Some(cpu * 1e6 / units as f64);
+        if self.pids.is_empty() {
+            return;
+        }
+        let parts: Option<Vec<CpuPart>> = self
+            .pids
+            .iter()
+            .zip(&self.cpu0)
+            .map(|(&pid, c0)| {
+                let c1 = procfs::cpu_seconds(pid)?;
+                Some(CpuPart {
+                    pid,
+                    process: procfs::role(pid),
+                    cpu_s: c1 - (*c0)?,
+                })
+            })
+            .collect();
+        match parts {
+            Some(parts) => {
+                let cpu: f64 = parts.iter().map(|p| p.cpu_s).sum();
+                r.broker_cpu_s = Some(cpu);
+                if units > 0 {
+                    r.cpu_s_per_million = Some(cpu * 1e6 / units as f64);
+                }
+                if parts.len() > 1 {
+                    r.broker_cpu_parts = parts;
+                }
             }
+            None => r
+                .notes
+                .push("a broker process exited during the run: no CPU figure".into()),
         }
         r.rss_before_kib = self.rss0;
-        r.rss_after_kib = procfs::rss_kib(pid);
+        r.rss_after_kib = sum_over(&self.rss_pids, procfs::rss_kib);
     }
 }
 
@@ -542,7 +594,7 @@ async fn messages(ctx: &Ctx) -> anyhow::Result<BenchResult> {
     // Subscribers first, each subscribed before anything is published.
     let sub_ids = (0..ns).map(|i| format!("{}-s{i}", ctx.prefix)).collect();
     let mut subs = ctx
-        .connect_many(sub_ids)
+        .connect_many(sub_ids, 0)
         .await
         .context("connecting subscribers")?;
     let mut set = JoinSet::new();
@@ -560,7 +612,7 @@ async fn messages(ctx: &Ctx) -> anyhow::Result<BenchResult> {
     }
     let pub_ids = (0..np).map(|i| format!("{}-p{i}", ctx.prefix)).collect();
     let pubs = ctx
-        .connect_many(pub_ids)
+        .connect_many(pub_ids, 1)
         .await
         .context("connecting publishers")?;
     // Let the broker settle subscriptions (a cluster propagates routes asynchronously).
@@ -569,7 +621,7 @@ async fn messages(ctx: &Ctx) -> anyhow::Result<BenchResult> {
     let received = Arc::new(AtomicU64::new(0));
     let sent = Arc::new(AtomicU64::new(0));
     let stop = CancellationToken::new();
-    let probe = BrokerProbe::start(a.broker_pid);
+    let probe = BrokerProbe::start(a);
     let sub_tasks: Vec<_> = subs
         .into_iter()
         .map(|c| {
@@ -684,14 +736,14 @@ async fn messages(ctx: &Ctx) -> anyhow::Result<BenchResult> {
 async fn conn_storm(ctx: &Ctx) -> anyhow::Result<BenchResult> {
     let a = &ctx.a;
     let workers = a.publishers.unwrap_or(50).max(1);
-    let probe = BrokerProbe::start(a.broker_pid);
+    let probe = BrokerProbe::start(a);
     let connected = Arc::new(AtomicU64::new(0));
     let start_ns = now_ns() + 20_000_000;
     let end_ns = start_ns + a.duration.as_nanos() as u64;
     let hard_end_ns = end_ns + a.drain.as_nanos() as u64;
     let mut tasks = Vec::new();
     for w in 0..workers {
-        let mut opts = ctx.options(format!("{}-storm{w}", ctx.prefix));
+        let mut opts = ctx.options(format!("{}-storm{w}", ctx.prefix), w);
         opts.timeout = Duration::from_secs(5);
         let sources = a.source_ips.clone();
         let connected = connected.clone();
@@ -786,7 +838,10 @@ async fn retained(ctx: &Ctx) -> anyhow::Result<BenchResult> {
 
     // Phase 1: publish, QoS1/2 pipelined within the window, until all are acknowledged.
     let pubs = ctx
-        .connect_many((0..np).map(|i| format!("{}-rp{i}", ctx.prefix)).collect())
+        .connect_many(
+            (0..np).map(|i| format!("{}-rp{i}", ctx.prefix)).collect(),
+            1,
+        )
         .await?;
     let t0 = Instant::now();
     let mut tasks = Vec::new();
@@ -865,10 +920,13 @@ async fn retained(ctx: &Ctx) -> anyhow::Result<BenchResult> {
 
     // Phase 2: subscribers connect, then all subscribe at once.
     let mut subs = ctx
-        .connect_many((0..ns).map(|i| format!("{}-rs{i}", ctx.prefix)).collect())
+        .connect_many(
+            (0..ns).map(|i| format!("{}-rs{i}", ctx.prefix)).collect(),
+            0,
+        )
         .await?;
     let filter = ctx.topic("retained/#");
-    let probe = BrokerProbe::start(a.broker_pid);
+    let probe = BrokerProbe::start(a);
     let received = Arc::new(AtomicU64::new(0));
     let stop = CancellationToken::new();
     let sub_start = now_ns();
@@ -946,10 +1004,10 @@ async fn retained(ctx: &Ctx) -> anyhow::Result<BenchResult> {
 async fn idle(ctx: &Ctx) -> anyhow::Result<BenchResult> {
     let a = &ctx.a;
     let n = a.connections.max(1);
-    let probe = BrokerProbe::start(a.broker_pid);
+    let probe = BrokerProbe::start(a);
     let t0 = Instant::now();
     let conns = ctx
-        .connect_many((0..n).map(|i| format!("{}-i{i}", ctx.prefix)).collect())
+        .connect_many((0..n).map(|i| format!("{}-i{i}", ctx.prefix)).collect(), 0)
         .await?;
     let connect_secs = t0.elapsed().as_secs_f64();
     let bar = ctx.bar(a.duration.as_millis() as u64, "holding idle connections");

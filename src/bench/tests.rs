@@ -11,7 +11,7 @@ use crate::standalone::Standalone;
 fn load_args(port: u16, mqtt: ProtocolVersion, qos: u8) -> LoadArgs {
     LoadArgs {
         host: "127.0.0.1".parse().unwrap(),
-        port,
+        port: vec![port],
         qos,
         payload: 64,
         rate: 200,
@@ -24,7 +24,8 @@ fn load_args(port: u16, mqtt: ProtocolVersion, qos: u8) -> LoadArgs {
         mqtt,
         json: None,
         source_ips: vec!["127.0.0.1".parse().unwrap(), "127.0.0.2".parse().unwrap()],
-        broker_pid: Some(std::process::id()),
+        broker_pid: vec![std::process::id()],
+        rss_pid: vec![],
         broker_name: "tiermq".into(),
         case: None,
         window: 100,
