@@ -35,12 +35,16 @@ pub fn frontend_config(s: &Settings) -> FrontendConfig {
         max_keep_alive: m.max_keep_alive,
         connect_timeout: Duration::from_secs(m.connect_timeout_secs),
         topic_alias_maximum: m.topic_alias_maximum,
+        topic_alias_out: m.topic_alias_out,
         max_client_id_len: m.max_client_id_len,
         retain_available: m.retain_available,
         maximum_qos: QoS::from_u8(m.maximum_qos).unwrap_or(QoS::ExactlyOnce),
         response_information: (!m.response_information.is_empty())
             .then(|| m.response_information.clone()),
         max_write_buffer: m.max_write_buffer,
+        // Methods are code, not settings: a binary (or a test) registers them through
+        // `Standalone::start_with`.
+        authenticators: Default::default(),
     }
 }
 
@@ -60,6 +64,15 @@ pub fn local_config(s: &Settings) -> LocalConfig {
 impl Standalone {
     /// Opens the data folder, recovers state and starts listening.
     pub async fn start(settings: &Settings) -> anyhow::Result<Standalone> {
+        Standalone::start_with(settings, |_| {}).await
+    }
+
+    /// [`start`](Self::start) with a last say on the frontend's protocol settings, for what
+    /// the settings file cannot express (enhanced authentication methods).
+    pub async fn start_with(
+        settings: &Settings,
+        frontend: impl FnOnce(&mut FrontendConfig),
+    ) -> anyhow::Result<Standalone> {
         let dir = &settings.storage.data_dir;
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create data folder {}", dir.display()))?;
@@ -70,10 +83,12 @@ impl Standalone {
             .with_context(|| format!("cannot listen on {}", settings.mqtt.listen))?;
         let local_addr = listener.local_addr()?;
         let shutdown = CancellationToken::new();
+        let mut config = frontend_config(settings);
+        frontend(&mut config);
         let listener = tokio::spawn(tiermq_frontend::serve(
             listener,
             Arc::new(broker.clone()),
-            Arc::new(frontend_config(settings)),
+            Arc::new(config),
             shutdown.clone(),
         ));
         info!(mqtt = %local_addr, data = %dir.display(), "tiermq standalone running");

@@ -139,6 +139,9 @@ pub struct MqttSettings {
     pub connect_timeout_secs: u64,
     /// Topic aliases a client may use towards the broker.
     pub topic_alias_maximum: u16,
+    /// Topic aliases the broker uses towards a v5 client that accepts them (capped by the
+    /// client's Topic Alias Maximum); 0 disables outbound aliases.
+    pub topic_alias_out: u16,
     pub max_client_id_len: usize,
     pub retain_available: bool,
     /// Highest QoS accepted (0, 1 or 2).
@@ -188,6 +191,7 @@ impl Default for MqttSettings {
             max_keep_alive: 0,
             connect_timeout_secs: 10,
             topic_alias_maximum: 64,
+            topic_alias_out: 16,
             max_client_id_len: 256,
             retain_available: true,
             maximum_qos: 2,

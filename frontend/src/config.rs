@@ -4,6 +4,8 @@ use std::time::Duration;
 
 use tiermq_common::QoS;
 
+use crate::auth::Authenticators;
+
 #[derive(Debug, Clone)]
 pub struct FrontendConfig {
     /// This frontend's node id; sessions record which frontend holds their connection.
@@ -20,6 +22,9 @@ pub struct FrontendConfig {
     pub connect_timeout: Duration,
     /// Topic aliases a client may use towards us (0 disables inbound aliases).
     pub topic_alias_maximum: u16,
+    /// Topic aliases we use towards a client, at most (the client's own maximum also caps
+    /// them); 0 disables outbound aliases.
+    pub topic_alias_out: u16,
     pub max_client_id_len: usize,
     pub retain_available: bool,
     pub maximum_qos: QoS,
@@ -28,6 +33,9 @@ pub struct FrontendConfig {
     pub response_information: Option<String>,
     /// Bytes waiting to be written to a client beyond which QoS0 deliveries are dropped.
     pub max_write_buffer: usize,
+    /// Enhanced authentication methods offered (none by default: CONNECT naming a method is
+    /// refused with 0x8C).
+    pub authenticators: Authenticators,
 }
 
 impl Default for FrontendConfig {
@@ -40,11 +48,13 @@ impl Default for FrontendConfig {
             max_keep_alive: 0,
             connect_timeout: Duration::from_secs(10),
             topic_alias_maximum: 64,
+            topic_alias_out: 16,
             max_client_id_len: 256,
             retain_available: true,
             maximum_qos: QoS::ExactlyOnce,
             response_information: None,
             max_write_buffer: 4 * 1024 * 1024,
+            authenticators: Authenticators::default(),
         }
     }
 }

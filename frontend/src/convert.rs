@@ -4,6 +4,8 @@ use tiermq_common::codec::{LastWill, Publish, PublishProperties};
 use tiermq_common::session_api::{Delivery, Will};
 use tiermq_common::{Message, MessageProperties, ProtocolVersion};
 
+use crate::alias::AliasUse;
+
 /// The application message a client's PUBLISH carries (topic alias already resolved).
 pub fn message_from_publish(p: Publish, topic: String, now_ms: u64) -> Message {
     let props = p.properties;
@@ -49,15 +51,21 @@ pub fn will_from_connect(w: LastWill) -> Will {
     }
 }
 
-/// The PUBLISH packet that delivers `d` to a client speaking `version`.
-pub fn publish_from_delivery(d: &Delivery, version: ProtocolVersion) -> Publish {
+/// The PUBLISH packet that delivers `d` to a client speaking `version`, with the outbound
+/// topic alias the connection chose, if any (only ever `Some` for v5). A known alias sends an
+/// empty topic, which also spares copying the topic string.
+pub fn publish_from_delivery(
+    d: &Delivery,
+    version: ProtocolVersion,
+    alias: Option<AliasUse>,
+) -> Publish {
     let m = &d.message;
     let properties = if version.is_v5() {
         let p = &m.properties;
         PublishProperties {
             payload_format_indicator: p.payload_format_indicator,
             message_expiry_interval: d.expiry_secs,
-            topic_alias: None,
+            topic_alias: alias.map(AliasUse::alias),
             response_topic: p.response_topic.clone(),
             correlation_data: p.correlation_data.clone(),
             user_properties: p.user_properties.clone(),
@@ -71,7 +79,10 @@ pub fn publish_from_delivery(d: &Delivery, version: ProtocolVersion) -> Publish 
         dup: d.dup,
         qos: d.qos,
         retain: d.retain,
-        topic: m.topic.clone(),
+        topic: match alias {
+            Some(AliasUse::Known(_)) => String::new(),
+            _ => m.topic.clone(),
+        },
         packet_id: d.packet_id,
         properties,
         payload: m.payload.clone(),

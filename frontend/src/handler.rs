@@ -20,8 +20,9 @@ use bytes::BytesMut;
 use futures::stream::FuturesOrdered;
 use futures::{Future, SinkExt, StreamExt};
 use tiermq_common::codec::{
-    ConnAck, ConnAckProperties, Connect, DecodeError, Disconnect, EncodeError, MqttCodec, Packet,
-    PubAck, PubComp, PubRec, PubRel, Publish, SubAck, Subscribe, UnsubAck, Unsubscribe,
+    Auth, ConnAck, ConnAckProperties, Connect, DecodeError, Disconnect, EncodeError, MqttCodec,
+    Packet, PubAck, PubComp, PubRec, PubRel, Publish, ReasonSet, SubAck, Subscribe, UnsubAck,
+    Unsubscribe,
 };
 use tiermq_common::session_api::{
     AckKind, ConnectRequest, DisconnectRequest, Published, ServiceError, ServiceResult,
@@ -35,6 +36,8 @@ use tokio_util::codec::{Encoder, Framed};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, trace};
 
+use crate::alias::{AliasUse, OutboundAliases};
+use crate::auth::{failure_code, AuthSession, AuthStep};
 use crate::config::FrontendConfig;
 use crate::convert::{message_from_publish, publish_from_delivery, will_from_connect};
 
@@ -88,8 +91,10 @@ pub async fn serve_connection<S, IO>(
     // start small and let them grow with traffic (the write buffer grows per encoded packet).
     *framed.read_buffer_mut() = BytesMut::with_capacity(READ_BUFFER_START);
     *framed.write_buffer_mut() = BytesMut::new();
+    // CONNECT and any enhanced authentication exchange must both finish by this deadline.
+    let connect_deadline = Instant::now() + config.connect_timeout;
     let first = tokio::select! {
-        r = tokio::time::timeout(config.connect_timeout, framed.next()) => r,
+        r = tokio::time::timeout_at(connect_deadline, framed.next()) => r,
         _ = shutdown.cancelled() => return,
     };
     let connect = match first {
@@ -121,7 +126,17 @@ pub async fn serve_connection<S, IO>(
             return;
         }
     };
-    let Some(mut handler) = Handler::accept(framed, peer, connect, service, config).await else {
+    let accepted = Handler::accept(
+        framed,
+        peer,
+        connect,
+        service,
+        config,
+        connect_deadline,
+        &shutdown,
+    )
+    .await;
+    let Some(mut handler) = accepted else {
         return;
     };
     let close = handler.run(&shutdown).await;
@@ -143,6 +158,10 @@ pub struct Handler<S: SessionService, IO> {
     /// Session Expiry Interval from CONNECT (DISCONNECT may not raise it from 0, §3.14.2.2.2).
     connect_expiry: u32,
     inbound_aliases: HashMap<u16, String>,
+    /// Topic aliases we use in deliveries (disabled for v3 and clients that accept none).
+    outbound_aliases: OutboundAliases,
+    /// Enhanced authentication chosen at CONNECT, kept for re-authentication.
+    auth: Option<AuthSession>,
     /// The client's Maximum Packet Size: larger deliveries are dropped (§3.1.2.11.4).
     client_max_packet: u32,
     pending: FuturesOrdered<PendingAck>,
@@ -160,6 +179,8 @@ where
         connect: Connect,
         service: Arc<S>,
         config: Arc<FrontendConfig>,
+        deadline: Instant,
+        shutdown: &CancellationToken,
     ) -> Option<Self> {
         let version = connect.protocol;
         let v5 = version.is_v5();
@@ -181,11 +202,18 @@ where
             refuse(&mut framed, ReasonCode::CLIENT_IDENTIFIER_NOT_VALID).await;
             return None;
         }
-        if props.authentication_method.is_some() {
-            // No enhanced authentication method is configured (§4.12: 0x8C).
-            refuse(&mut framed, ReasonCode::BAD_AUTHENTICATION_METHOD).await;
-            return None;
-        }
+        let authenticator = match &props.authentication_method {
+            None => None,
+            Some(method) => match config.authenticators.get(method) {
+                Some(a) => Some(a.clone()),
+                None => {
+                    // Nobody offers this method (§4.12: 0x8C).
+                    debug!(%peer, method, "unknown authentication method");
+                    refuse(&mut framed, ReasonCode::BAD_AUTHENTICATION_METHOD).await;
+                    return None;
+                }
+            },
+        };
         if let Some(will) = &connect.will {
             let code = if topic::validate_topic_name(&will.topic).is_err() {
                 Some(ReasonCode::TOPIC_NAME_INVALID)
@@ -218,6 +246,15 @@ where
             config.v311_inflight
         };
         let client_max_packet = props.maximum_packet_size.unwrap_or(u32::MAX);
+        // Never more aliases than the client can hold (absent = 0, §3.1.2.11.5); none in v3.
+        let outbound_alias_max = if v5 {
+            props
+                .topic_alias_maximum
+                .unwrap_or(0)
+                .min(config.topic_alias_out)
+        } else {
+            0
+        };
         let mut keep_alive = connect.keep_alive;
         let mut server_keep_alive = None;
         // Only v5 can be told (Server Keep Alive); a 3.1.1 client keeps its own value.
@@ -230,6 +267,21 @@ where
         }
         let request_response = props.request_response_information == Some(true);
         let client_id: Arc<str> = Arc::from(client_id);
+        // Authenticate before the session exists: a refused client never touches it.
+        let (auth, auth_data) = match authenticator {
+            None => (None, None),
+            Some(a) => {
+                let (session, step) =
+                    AuthSession::begin(a, client_id.clone(), props.authentication_data.clone());
+                let ctx = ConnectAuth {
+                    peer,
+                    deadline,
+                    shutdown,
+                };
+                let (session, data) = authenticate(&mut framed, ctx, session, step).await?;
+                (Some(session), data)
+            }
+        };
         let req = ConnectRequest {
             client_id: client_id.clone(),
             protocol: version,
@@ -268,6 +320,8 @@ where
                     (Some(prefix), true) => Some(format!("{prefix}{client_id}")),
                     _ => None,
                 },
+                authentication_method: auth.as_ref().map(|a| a.method().to_string()),
+                authentication_data: auth_data,
                 ..ConnAckProperties::default()
             }
         } else {
@@ -298,6 +352,8 @@ where
             last_packet: Instant::now(),
             connect_expiry: session_expiry_secs,
             inbound_aliases: HashMap::new(),
+            outbound_aliases: OutboundAliases::new(outbound_alias_max),
+            auth,
             client_max_packet,
             pending: FuturesOrdered::new(),
         })
@@ -471,16 +527,37 @@ where
                 self.protocol_error(ReasonCode::PROTOCOL_ERROR, "second CONNECT")
                     .await
             }
-            Packet::Auth(_) => {
-                // No enhanced authentication was negotiated at CONNECT (§4.12).
-                self.protocol_error(ReasonCode::PROTOCOL_ERROR, "AUTH without a method")
-                    .await
-            }
+            Packet::Auth(a) => self.on_auth(a).await,
             Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => {
                 self.protocol_error(ReasonCode::PROTOCOL_ERROR, "server-to-client packet")
                     .await
             }
         }
+    }
+
+    /// AUTH after CONNACK: re-authentication (§4.12.1). The exchange runs between other
+    /// packets, so publishes and deliveries keep flowing while it is in progress.
+    async fn on_auth(&mut self, a: Auth) -> Result<(), Close> {
+        let Some(session) = self.auth.as_mut() else {
+            // No enhanced authentication was negotiated at CONNECT (§4.12).
+            return self
+                .protocol_error(ReasonCode::PROTOCOL_ERROR, "AUTH without a method")
+                .await;
+        };
+        let reply = match session.on_auth(a, true) {
+            Ok(AuthStep::Continue(data)) => {
+                session.packet(ReasonCode::CONTINUE_AUTHENTICATION, Some(data))
+            }
+            Ok(AuthStep::Success(data)) => session.packet(ReasonCode::SUCCESS, data),
+            Ok(AuthStep::Fail(code)) => {
+                let reason = failure_code(code, ReasonSet::Disconnect);
+                debug!(peer = %self.peer, %reason, "re-authentication failed");
+                self.send_disconnect(reason).await;
+                return Err(Close::Abnormal);
+            }
+            Err(why) => return self.protocol_error(ReasonCode::PROTOCOL_ERROR, why).await,
+        };
+        self.feed(reply)
     }
 
     async fn ack(&mut self, kind: AckKind, packet_id: u16) {
@@ -693,8 +770,18 @@ where
                     trace!(peer = %self.peer, "QoS0 delivery dropped, write buffer full");
                     return Ok(());
                 }
-                let publish = Packet::Publish(publish_from_delivery(&d, self.version));
-                let size = tiermq_common::codec::encoded_len(&publish, self.version);
+                let alias = self.outbound_aliases.assign(&d.message.topic);
+                let mut publish = Packet::Publish(publish_from_delivery(&d, self.version, alias));
+                let mut size = tiermq_common::codec::encoded_len(&publish, self.version);
+                if let (Some(AliasUse::New(a)), Packet::Publish(p)) = (alias, &mut publish) {
+                    if size as u64 > u64::from(self.client_max_packet) {
+                        // The client will not see this mapping: forget it, and try without
+                        // the alias property (3 bytes smaller).
+                        self.outbound_aliases.forget(a);
+                        p.properties.topic_alias = None;
+                        size = tiermq_common::codec::encoded_len(&publish, self.version);
+                    }
+                }
                 if size as u64 > u64::from(self.client_max_packet) {
                     // Too large for this client: dropped as if delivered (§3.1.2.11.4), and
                     // acknowledged so the in-flight window moves on.
@@ -739,4 +826,79 @@ where
             properties: ConnAckProperties::default(),
         }))
         .await;
+}
+
+/// What the exchange before CONNACK needs besides the socket.
+struct ConnectAuth<'a> {
+    peer: SocketAddr,
+    /// The connect timeout covers the whole exchange.
+    deadline: Instant,
+    shutdown: &'a CancellationToken,
+}
+
+/// Runs the enhanced authentication exchange CONNECT started (§4.12) until it succeeds
+/// (returns the data for the CONNACK) or ends the connection (`None`, after CONNACK with the
+/// failure or DISCONNECT for a protocol error). Before CONNACK the client may only send AUTH
+/// or DISCONNECT.
+async fn authenticate<IO>(
+    framed: &mut Framed<IO, MqttCodec>,
+    ctx: ConnectAuth<'_>,
+    mut session: AuthSession,
+    mut step: AuthStep,
+) -> Option<(AuthSession, Option<bytes::Bytes>)>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    let peer = ctx.peer;
+    loop {
+        let challenge = match step {
+            AuthStep::Success(data) => return Some((session, data)),
+            AuthStep::Fail(code) => {
+                let reason = failure_code(code, ReasonSet::ConnAck);
+                debug!(%peer, %reason, "authentication failed");
+                refuse(framed, reason).await;
+                return None;
+            }
+            AuthStep::Continue(data) => data,
+        };
+        let packet = session.packet(ReasonCode::CONTINUE_AUTHENTICATION, Some(challenge));
+        framed.send(&packet).await.ok()?;
+        let next = tokio::select! {
+            r = tokio::time::timeout_at(ctx.deadline, framed.next()) => r,
+            _ = ctx.shutdown.cancelled() => return None,
+        };
+        let violation = match next {
+            Ok(Some(Ok(Packet::Auth(a)))) => match session.on_auth(a, false) {
+                Ok(s) => {
+                    step = s;
+                    continue;
+                }
+                Err(why) => why,
+            },
+            Ok(Some(Ok(Packet::Disconnect(_)))) | Ok(None) => return None,
+            Ok(Some(Ok(_))) => "packet other than AUTH before CONNACK",
+            Ok(Some(Err(e))) => {
+                debug!(%peer, error = %e, "decode error during authentication");
+                if !matches!(e, DecodeError::Io(_)) {
+                    let _ = framed
+                        .send(&Packet::Disconnect(Disconnect::with_reason(
+                            e.reason_code(),
+                        )))
+                        .await;
+                }
+                return None;
+            }
+            Err(_) => {
+                debug!(%peer, "authentication not finished before the connect timeout");
+                return None;
+            }
+        };
+        debug!(%peer, why = violation, "protocol violation during authentication");
+        let _ = framed
+            .send(&Packet::Disconnect(Disconnect::with_reason(
+                ReasonCode::PROTOCOL_ERROR,
+            )))
+            .await;
+        return None;
+    }
 }

@@ -1,6 +1,8 @@
 //! The frontend tier: it terminates MQTT and keeps only per-connection state.
 //!
 //! - [`config`]: what a frontend announces and enforces (packet size, receive maximum, ...).
+//! - [`auth`]: enhanced authentication (AUTH packet exchanges) and its method registry.
+//! - [`alias`]: the topic aliases a connection uses towards its client.
 //! - [`listener`]: accepts sockets and runs one [`handler`] task per connection.
 //! - [`handler`]: the MQTT protocol for one connection, from CONNECT to close.
 //! - [`convert`]: PUBLISH packets to application messages and back.
@@ -8,6 +10,8 @@
 //! Everything durable is reached through [`tiermq_common::session_api::SessionService`], so the
 //! same handler serves the standalone broker and a cluster frontend.
 
+pub mod alias;
+pub mod auth;
 pub mod config;
 pub mod convert;
 pub mod handler;

@@ -28,6 +28,7 @@ use tiermq_common::codec::{
 use tiermq_common::config::Settings;
 use tiermq_common::session_api::SubscriptionOptions;
 use tiermq_common::{ProtocolVersion, QoS, ReasonCode};
+use tiermq_frontend::FrontendConfig;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -59,13 +60,24 @@ pub async fn start_broker() -> Broker {
 /// Starts a broker after `tweak` adjusted the settings (listen address and data folder are
 /// chosen by the harness).
 pub async fn start_broker_with(tweak: impl FnOnce(&mut Settings)) -> Broker {
+    start_broker_with_frontend(tweak, |_| {}).await
+}
+
+/// [`start_broker_with`], then `frontend` adjusts the frontend's protocol settings, for what
+/// `Settings` cannot express (enhanced authentication methods).
+pub async fn start_broker_with_frontend(
+    tweak: impl FnOnce(&mut Settings),
+    frontend: impl FnOnce(&mut FrontendConfig),
+) -> Broker {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut settings = Settings::default();
     tweak(&mut settings);
     settings.mqtt.listen = "127.0.0.1:0".parse().unwrap();
     settings.storage.data_dir = dir.path().join("data");
     settings.validate().expect("valid test settings");
-    let standalone = Standalone::start(&settings).await.expect("broker starts");
+    let standalone = Standalone::start_with(&settings, frontend)
+        .await
+        .expect("broker starts");
     let addr = standalone.local_addr();
     Broker {
         standalone: Some(standalone),

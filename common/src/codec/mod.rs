@@ -44,5 +44,6 @@ pub use properties::{
     PublishProperties, SubscribeProperties, UnsubscribeProperties, WillProperties,
 };
 pub use publish::Publish;
+pub use reason::ReasonSet;
 pub use subscribe::{SubAck, Subscribe};
 pub use unsubscribe::{UnsubAck, Unsubscribe};
