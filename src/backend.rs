@@ -16,6 +16,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use crate::metrics_http::{self, MetricsServer};
+use crate::node_metrics;
 use crate::standalone::local_config;
 
 /// A running backend node.
@@ -25,6 +27,7 @@ pub struct BackendNode {
     grpc_addr: SocketAddr,
     shutdown: CancellationToken,
     server: JoinHandle<()>,
+    metrics: Option<MetricsServer>,
 }
 
 impl BackendNode {
@@ -61,6 +64,11 @@ impl BackendNode {
         hub.set_will_sink(will_tx);
         let handle = node::start(config, db, &map, transport, hub)
             .context("cannot start the raft groups")?;
+        let metrics = metrics_http::start(
+            &settings.metrics,
+            node_metrics::backend(handle.clone(), &map),
+        )
+        .await?;
         let shutdown = CancellationToken::new();
         let service = RaftService::new(cluster.node_id, handle.clone());
         let broker = BrokerService::new(handle.clone(), map.clone(), peers.clone());
@@ -95,11 +103,17 @@ impl BackendNode {
             grpc_addr,
             shutdown,
             server,
+            metrics,
         })
     }
 
     pub fn grpc_addr(&self) -> SocketAddr {
         self.grpc_addr
+    }
+
+    /// Where `/metrics`, `/healthz` and `/readyz` are served, if anywhere.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(MetricsServer::local_addr)
     }
 
     /// Stops serving, checkpoints every group and releases the data folder.
@@ -115,6 +129,9 @@ impl BackendNode {
         {
             server.abort();
             let _ = server.await;
+        }
+        if let Some(metrics) = self.metrics {
+            metrics.shutdown().await;
         }
         self.handle.stop().await;
         info!("tiermq backend stopped");

@@ -8,12 +8,16 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tiermq_common::config::Settings;
+use tiermq_frontend::metrics::FrontendMetrics;
+use tiermq_frontend::sys_topics::SysTopics;
 use tiermq_proto::client::ClusterClient;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use crate::metrics_http::{self, MetricsServer};
+use crate::node_metrics;
 use crate::standalone::frontend_config;
 
 pub struct FrontendNode {
@@ -21,6 +25,8 @@ pub struct FrontendNode {
     shutdown: CancellationToken,
     listener: JoinHandle<()>,
     pub frontend_id: u64,
+    metrics: Option<MetricsServer>,
+    sys_topics: Option<JoinHandle<()>>,
 }
 
 impl FrontendNode {
@@ -37,6 +43,10 @@ impl FrontendNode {
             },
             id => id,
         };
+        // Up before the backends are reached, so /healthz answers while the frontend waits.
+        let node_metrics = Arc::new(FrontendMetrics::new());
+        let metrics =
+            metrics_http::start(&settings.metrics, node_metrics::frontend(&node_metrics)).await?;
         let client =
             ClusterClient::connect(&cluster.backends, frontend_id, Duration::from_secs(60))
                 .await
@@ -48,19 +58,37 @@ impl FrontendNode {
         let local_addr = listener.local_addr()?;
         let mut config = frontend_config(settings);
         config.frontend_id = frontend_id;
+        config.metrics = node_metrics.clone();
         let shutdown = CancellationToken::new();
+        let client = Arc::new(client);
         let listener = tokio::spawn(tiermq_frontend::serve(
             listener,
-            Arc::new(client),
+            client.clone(),
             Arc::new(config),
             shutdown.clone(),
         ));
+        let sys_topics = (settings.mqtt.sys_interval_secs > 0).then(|| {
+            let interval = Duration::from_secs(settings.mqtt.sys_interval_secs);
+            let sys = SysTopics {
+                interval,
+                prefix: SysTopics::frontend_prefix(frontend_id),
+                expiry_secs: Some(SysTopics::expiry_for(interval)),
+                metrics: node_metrics,
+                publish: Arc::new(move |m| Box::pin(client.publish_message(m))),
+                // Retained messages live in the backends' partitions; a frontend cannot count
+                // them without asking every partition.
+                retained_count: None,
+            };
+            tokio::spawn(sys.run(shutdown.clone()))
+        });
         info!(mqtt = %local_addr, frontend_id, "tiermq frontend running");
         Ok(FrontendNode {
             local_addr,
             shutdown,
             listener,
             frontend_id,
+            metrics,
+            sys_topics,
         })
     }
 
@@ -68,9 +96,20 @@ impl FrontendNode {
         self.local_addr
     }
 
+    /// Where `/metrics` and `/healthz` are served, if anywhere.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(MetricsServer::local_addr)
+    }
+
     pub async fn shutdown(self) {
         self.shutdown.cancel();
+        if let Some(sys) = self.sys_topics {
+            let _ = sys.await;
+        }
         let _ = self.listener.await;
+        if let Some(metrics) = self.metrics {
+            metrics.shutdown().await;
+        }
         info!("tiermq frontend stopped");
     }
 }

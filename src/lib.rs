@@ -8,4 +8,6 @@ pub mod cluster_cli;
 pub mod frontend;
 pub mod health;
 pub mod logging;
+pub mod metrics_http;
+pub mod node_metrics;
 pub mod standalone;

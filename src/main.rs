@@ -94,6 +94,13 @@ struct BrokerArgs {
     /// (frontend) Frontend id; 0 draws a random one [default: 0].
     #[arg(long, env = "TIERMQ_FRONTEND_ID")]
     frontend_id: Option<u64>,
+    /// Prometheus metrics and health endpoint `host:port`; empty disables it
+    /// [default: 127.0.0.1:9464, skipped with a warning when taken].
+    #[arg(long, env = "TIERMQ_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
+    /// Seconds between `$SYS` statistics messages; 0 disables them [default: 10].
+    #[arg(long, env = "TIERMQ_SYS_INTERVAL_SECS")]
+    sys_interval_secs: Option<u64>,
 }
 
 impl BrokerArgs {
@@ -116,6 +123,8 @@ impl BrokerArgs {
             replication: self.replication,
             backends: self.backends.clone(),
             frontend_id: self.frontend_id,
+            metrics_listen: self.metrics_listen.clone(),
+            sys_interval_secs: self.sys_interval_secs,
         };
         Settings::load(self.config.as_deref(), &overrides)
     }

@@ -11,11 +11,16 @@ use tiermq_backend::local::{LocalBroker, LocalConfig};
 use tiermq_backend::partition::session::SessionLimits;
 use tiermq_common::config::Settings;
 use tiermq_common::QoS;
+use tiermq_frontend::metrics::FrontendMetrics;
+use tiermq_frontend::sys_topics::SysTopics;
 use tiermq_frontend::FrontendConfig;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
+
+use crate::metrics_http::{self, MetricsServer};
+use crate::node_metrics::{self, RetainedCount, StandaloneState};
 
 /// A running standalone broker.
 pub struct Standalone {
@@ -23,6 +28,8 @@ pub struct Standalone {
     shutdown: CancellationToken,
     listener: JoinHandle<()>,
     broker: LocalBroker,
+    metrics: Option<MetricsServer>,
+    sys_topics: Option<JoinHandle<()>>,
 }
 
 pub fn frontend_config(s: &Settings) -> FrontendConfig {
@@ -45,6 +52,8 @@ pub fn frontend_config(s: &Settings) -> FrontendConfig {
         // Methods are code, not settings: a binary (or a test) registers them through
         // `Standalone::start_with`.
         authenticators: Default::default(),
+        // A fresh set per node; the node's metrics endpoint registers it.
+        metrics: Default::default(),
     }
 }
 
@@ -73,6 +82,12 @@ impl Standalone {
         settings: &Settings,
         frontend: impl FnOnce(&mut FrontendConfig),
     ) -> anyhow::Result<Standalone> {
+        // The metrics endpoint comes first, so /healthz answers (and /readyz says "not yet")
+        // while a large data folder is being recovered.
+        let node_metrics = Arc::new(FrontendMetrics::new());
+        let state = StandaloneState::default();
+        let endpoint = node_metrics::standalone(&node_metrics, state.clone());
+        let metrics = metrics_http::start(&settings.metrics, endpoint).await?;
         let dir = &settings.storage.data_dir;
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create data folder {}", dir.display()))?;
@@ -84,6 +99,7 @@ impl Standalone {
         let local_addr = listener.local_addr()?;
         let shutdown = CancellationToken::new();
         let mut config = frontend_config(settings);
+        config.metrics = node_metrics.clone();
         frontend(&mut config);
         let listener = tokio::spawn(tiermq_frontend::serve(
             listener,
@@ -91,12 +107,31 @@ impl Standalone {
             Arc::new(config),
             shutdown.clone(),
         ));
+        let retained = RetainedCount::new(broker.clone());
+        let _ = state.set((broker.clone(), retained.clone()));
+        let sys_topics = (settings.mqtt.sys_interval_secs > 0).then(|| {
+            let publisher = broker.clone();
+            let sys = SysTopics {
+                interval: Duration::from_secs(settings.mqtt.sys_interval_secs),
+                prefix: SysTopics::STANDALONE_PREFIX.to_string(),
+                expiry_secs: None,
+                metrics: node_metrics,
+                publish: Arc::new(move |m| Box::pin(publisher.publish_message(m))),
+                retained_count: Some(Arc::new(move || {
+                    let retained = retained.clone();
+                    Box::pin(async move { Some(retained.get().await) })
+                })),
+            };
+            tokio::spawn(sys.run(shutdown.clone()))
+        });
         info!(mqtt = %local_addr, data = %dir.display(), "tiermq standalone running");
         Ok(Standalone {
             local_addr,
             shutdown,
             listener,
             broker,
+            metrics,
+            sys_topics,
         })
     }
 
@@ -108,11 +143,22 @@ impl Standalone {
         &self.broker
     }
 
+    /// Where `/metrics`, `/healthz` and `/readyz` are served, if anywhere.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(MetricsServer::local_addr)
+    }
+
     /// Graceful stop: close clients with DISCONNECT 0x8B, then checkpoint and flush.
     pub async fn shutdown(self) {
         self.shutdown.cancel();
+        if let Some(sys) = self.sys_topics {
+            let _ = sys.await;
+        }
         let _ = self.listener.await;
         self.broker.shutdown().await;
+        if let Some(metrics) = self.metrics {
+            metrics.shutdown().await;
+        }
         info!("tiermq standalone stopped");
     }
 }

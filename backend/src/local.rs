@@ -395,6 +395,32 @@ impl LocalBroker {
         }
         waits
     }
+
+    /// Publishes `message` as the broker itself (no client session, no publisher for No
+    /// Local): the `$SYS` topics. The same path as a client's publish, submitted at call time.
+    pub fn publish_message(
+        &self,
+        message: Message,
+    ) -> impl Future<Output = ServiceResult<Published>> + Send + 'static {
+        self.submit_publish(message, None, None)
+    }
+
+    /// Retained messages stored, for metrics and `$SYS` (read-only). It collects every
+    /// retained message under `#` and `$SYS/#` from each partition, so it costs time in
+    /// proportion to the retained store: call it every few seconds, not per message.
+    pub async fn retained_count(&self) -> usize {
+        let mut count = 0;
+        for filter in ["#", "$SYS/#"] {
+            for tx in &self.inner.partitions {
+                let (reply, rx) = oneshot::channel();
+                let filter = filter.to_string();
+                if tx.send(Request::Retained { filter, reply }).is_ok() {
+                    count += rx.await.map(|m| m.len()).unwrap_or(0);
+                }
+            }
+        }
+        count
+    }
 }
 
 fn reply_error(reply: Reply) -> ServiceError {

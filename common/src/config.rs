@@ -19,6 +19,46 @@ pub struct Settings {
     pub session: SessionSettings,
     pub cluster: ClusterSettings,
     pub log: LogSettings,
+    pub metrics: MetricsSettings,
+}
+
+/// The per-node HTTP endpoint for Prometheus (`/metrics`) and probes (`/healthz`, `/readyz`).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsSettings {
+    /// `host:port` to serve on; an empty string disables the endpoint. Unset means
+    /// [`DEFAULT_METRICS_LISTEN`], which is *best effort*: several nodes on one host (a local
+    /// cluster, parallel tests) would all want it, so when it is taken the node logs a warning
+    /// and runs without metrics. An address set explicitly that cannot be bound is an error.
+    pub listen: Option<String>,
+}
+
+/// Where the metrics endpoint listens unless configured: loopback, so nothing is exposed by
+/// default (containers set `TIERMQ_METRICS_LISTEN=0.0.0.0:9464`).
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
+
+/// The metrics endpoint as configured: where, and whether failing to bind it is fatal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetricsListen {
+    pub addr: SocketAddr,
+    /// The address was set by the operator (not the default): failing to bind it is an error.
+    pub explicit: bool,
+}
+
+impl MetricsSettings {
+    /// The address to serve metrics on, `None` when disabled.
+    pub fn listen(&self) -> Result<Option<MetricsListen>, ConfigError> {
+        let (text, explicit) = match &self.listen {
+            None => (DEFAULT_METRICS_LISTEN, false),
+            Some(s) if s.trim().is_empty() => return Ok(None),
+            Some(s) => (s.trim(), true),
+        };
+        let addr = text.parse().map_err(|_| ConfigError::Invalid {
+            name: "metrics.listen",
+            message: format!("`{text}` is not `host:port` (an empty value disables metrics)"),
+        })?;
+        Ok(Some(MetricsListen { addr, explicit }))
+    }
 }
 
 /// Cluster mode (`tiermq backend` / `tiermq frontend`).
@@ -150,6 +190,8 @@ pub struct MqttSettings {
     pub response_information: String,
     /// Bytes buffered for a slow client beyond which QoS0 deliveries to it are dropped.
     pub max_write_buffer: usize,
+    /// Seconds between two rounds of `$SYS/broker/...` statistics; 0 disables them.
+    pub sys_interval_secs: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -197,6 +239,7 @@ impl Default for MqttSettings {
             maximum_qos: 2,
             response_information: String::new(),
             max_write_buffer: 4 * 1024 * 1024,
+            sys_interval_secs: 10,
         }
     }
 }
@@ -250,6 +293,9 @@ pub struct Overrides {
     pub replication: Option<usize>,
     pub backends: Option<Vec<String>>,
     pub frontend_id: Option<u64>,
+    /// `Some("")` disables the metrics endpoint.
+    pub metrics_listen: Option<String>,
+    pub sys_interval_secs: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -315,6 +361,10 @@ impl Settings {
         set!(self.cluster.replication, o.replication);
         set!(self.cluster.backends, o.backends);
         set!(self.cluster.frontend_id, o.frontend_id);
+        if let Some(listen) = &o.metrics_listen {
+            self.metrics.listen = Some(listen.clone());
+        }
+        set!(self.mqtt.sys_interval_secs, o.sys_interval_secs);
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -342,6 +392,7 @@ impl Settings {
         if self.session.max_queued_messages == 0 {
             return invalid("session.max_queued_messages", "must be at least 1");
         }
+        self.metrics.listen()?;
         Ok(())
     }
 }
@@ -386,6 +437,30 @@ mod tests {
         assert!(c.validate_backend().is_err());
         c.peers.push("x=d:1".into());
         assert!(c.peer_map().is_err());
+    }
+
+    #[test]
+    fn metrics_listen_default_explicit_disabled_invalid() {
+        let default = Settings::default().metrics.listen().unwrap().unwrap();
+        assert_eq!(default.addr, DEFAULT_METRICS_LISTEN.parse().unwrap());
+        assert!(!default.explicit);
+        let s = Settings::from_toml("[metrics]\nlisten = \"127.0.0.1:0\"").unwrap();
+        assert!(s.metrics.listen().unwrap().unwrap().explicit);
+        let s = Settings::from_toml("[metrics]\nlisten = \"\"").unwrap();
+        assert_eq!(s.metrics.listen().unwrap(), None);
+        let mut s = Settings::default();
+        s.apply(&Overrides {
+            metrics_listen: Some("localhost".into()),
+            ..Overrides::default()
+        });
+        assert!(matches!(
+            s.validate(),
+            Err(ConfigError::Invalid {
+                name: "metrics.listen",
+                ..
+            })
+        ));
+        assert_eq!(Settings::default().mqtt.sys_interval_secs, 10);
     }
 
     #[test]

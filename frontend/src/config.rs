@@ -1,10 +1,12 @@
 //! Per-frontend protocol settings: what CONNACK announces and what the handler enforces.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tiermq_common::QoS;
 
 use crate::auth::Authenticators;
+use crate::metrics::FrontendMetrics;
 
 #[derive(Debug, Clone)]
 pub struct FrontendConfig {
@@ -36,6 +38,8 @@ pub struct FrontendConfig {
     /// Enhanced authentication methods offered (none by default: CONNECT naming a method is
     /// refused with 0x8C).
     pub authenticators: Authenticators,
+    /// The node's counters, shared by every connection (and the metrics endpoint).
+    pub metrics: Arc<FrontendMetrics>,
 }
 
 impl Default for FrontendConfig {
@@ -55,6 +59,7 @@ impl Default for FrontendConfig {
             response_information: None,
             max_write_buffer: 4 * 1024 * 1024,
             authenticators: Authenticators::default(),
+            metrics: Arc::default(),
         }
     }
 }

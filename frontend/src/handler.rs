@@ -40,6 +40,8 @@ use crate::alias::{AliasUse, OutboundAliases};
 use crate::auth::{failure_code, AuthSession, AuthStep};
 use crate::config::FrontendConfig;
 use crate::convert::{message_from_publish, publish_from_delivery, will_from_connect};
+use crate::metrics::{ConnectionMetrics, DropReason};
+use crate::sys_topics::is_sys_topic;
 
 type PendingAck = Pin<Box<dyn Future<Output = Outgoing> + Send>>;
 
@@ -101,6 +103,9 @@ pub async fn serve_connection<S, IO>(
         Ok(Some(Ok(Packet::Connect(c)))) => c,
         Ok(Some(Err(DecodeError::UnsupportedProtocolVersion(level)))) => {
             debug!(%peer, level, "unsupported protocol version");
+            config
+                .metrics
+                .connection_refused(ReasonCode::UNSUPPORTED_PROTOCOL_VERSION);
             // The reply uses the 3.1.1 layout, which every version can read (§3.1.2.2).
             framed.codec_mut().version = Some(ProtocolVersion::V311);
             let _ = framed
@@ -165,6 +170,7 @@ pub struct Handler<S: SessionService, IO> {
     /// The client's Maximum Packet Size: larger deliveries are dropped (§3.1.2.11.4).
     client_max_packet: u32,
     pending: FuturesOrdered<PendingAck>,
+    metrics: ConnectionMetrics,
 }
 
 impl<S, IO> Handler<S, IO>
@@ -215,19 +221,20 @@ where
             },
         };
         if let Some(will) = &connect.will {
-            let code = if topic::validate_topic_name(&will.topic).is_err() {
-                Some(ReasonCode::TOPIC_NAME_INVALID)
-            } else if will.qos > config.maximum_qos {
-                Some(ReasonCode::QOS_NOT_SUPPORTED)
-            } else if will.retain && !config.retain_available {
-                Some(ReasonCode::RETAIN_NOT_SUPPORTED)
-            } else if will.properties.payload_format_indicator == Some(1)
-                && std::str::from_utf8(&will.payload).is_err()
-            {
-                Some(ReasonCode::PAYLOAD_FORMAT_INVALID)
-            } else {
-                None
-            };
+            let code =
+                if topic::validate_topic_name(&will.topic).is_err() || is_sys_topic(&will.topic) {
+                    Some(ReasonCode::TOPIC_NAME_INVALID)
+                } else if will.qos > config.maximum_qos {
+                    Some(ReasonCode::QOS_NOT_SUPPORTED)
+                } else if will.retain && !config.retain_available {
+                    Some(ReasonCode::RETAIN_NOT_SUPPORTED)
+                } else if will.properties.payload_format_indicator == Some(1)
+                    && std::str::from_utf8(&will.payload).is_err()
+                {
+                    Some(ReasonCode::PAYLOAD_FORMAT_INVALID)
+                } else {
+                    None
+                };
             if let Some(code) = code {
                 refuse(&mut framed, code).await;
                 return None;
@@ -339,7 +346,9 @@ where
             return None;
         }
         debug!(%peer, client_id = %client_id, ?version, session_present = connected.session_present, "connected");
+        let metrics = ConnectionMetrics::opened(&config.metrics, version);
         Some(Handler {
+            metrics,
             framed,
             peer,
             version,
@@ -481,7 +490,10 @@ where
     async fn on_packet(&mut self, packet: Packet) -> Result<(), Close> {
         trace!(peer = %self.peer, packet = packet.name(), "received");
         match packet {
-            Packet::Publish(p) => self.on_publish(p).await,
+            Packet::Publish(p) => {
+                self.metrics.received(p.qos);
+                self.on_publish(p).await
+            }
             Packet::PubAck(a) => {
                 self.ack(AckKind::PubAck, a.packet_id).await;
                 Ok(())
@@ -598,6 +610,12 @@ where
                 .protocol_error(ReasonCode::TOPIC_NAME_INVALID, &e.to_string())
                 .await;
         }
+        if is_sys_topic(&topic) {
+            // Only the broker writes `$SYS`: a v5 client learns why in its ack (0x90), a
+            // v3.1.1 client gets a plain ack; either way the message goes nowhere.
+            self.metrics.dropped(DropReason::SysTopic);
+            return self.refuse_publish(p.qos, p.packet_id, ReasonCode::TOPIC_NAME_INVALID);
+        }
         if p.qos > self.config.maximum_qos {
             return self
                 .protocol_error(ReasonCode::QOS_NOT_SUPPORTED, "QoS above maximum")
@@ -613,17 +631,7 @@ where
         {
             // §3.3.2.3.2: the receiver may answer 0x99 in its ack (or DISCONNECT); QoS0 is
             // dropped.
-            return match (p.qos, p.packet_id) {
-                (QoS::AtLeastOnce, Some(pid)) => self.feed(Packet::PubAck(PubAck {
-                    reason_code: ReasonCode::PAYLOAD_FORMAT_INVALID,
-                    ..PubAck::new(pid)
-                })),
-                (QoS::ExactlyOnce, Some(pid)) => self.feed(Packet::PubRec(PubRec {
-                    reason_code: ReasonCode::PAYLOAD_FORMAT_INVALID,
-                    ..PubRec::new(pid)
-                })),
-                _ => Ok(()),
-            };
+            return self.refuse_publish(p.qos, p.packet_id, ReasonCode::PAYLOAD_FORMAT_INVALID);
         }
         let qos = p.qos;
         let packet_id = p.packet_id;
@@ -650,6 +658,27 @@ where
             }
         }
         Ok(())
+    }
+
+    /// Answers a publish that is not passed on with `code` in its PUBACK / PUBREC (a v3.1.1
+    /// client sees a plain ack); a QoS0 publish is dropped silently.
+    fn refuse_publish(
+        &mut self,
+        qos: QoS,
+        packet_id: Option<u16>,
+        code: ReasonCode,
+    ) -> Result<(), Close> {
+        match (qos, packet_id) {
+            (QoS::AtLeastOnce, Some(pid)) => self.feed(Packet::PubAck(PubAck {
+                reason_code: code,
+                ..PubAck::new(pid)
+            })),
+            (QoS::ExactlyOnce, Some(pid)) => self.feed(Packet::PubRec(PubRec {
+                reason_code: code,
+                ..PubRec::new(pid)
+            })),
+            _ => Ok(()),
+        }
     }
 
     /// A publish (or release) became durable: acknowledge it to the client.
@@ -704,7 +733,7 @@ where
                 .protocol_error(ReasonCode::PROTOCOL_ERROR, "subscription identifier 0")
                 .await;
         }
-        let requests = s
+        let requests: Vec<SubscribeRequest> = s
             .filters
             .into_iter()
             .map(|(filter, mut options)| {
@@ -718,10 +747,12 @@ where
             .collect();
         // Awaited inline: the SUBACK must be on the wire before any retained message the
         // subscription triggers, and the subscription must be in place before later publishes.
+        let filters: Vec<String> = requests.iter().map(|r| r.filter.clone()).collect();
         let reason_codes = match self.service.subscribe(&self.session, requests).await {
             Ok(codes) => codes,
             Err(e) => return self.service_failed(e).await,
         };
+        self.metrics.subscribed(&filters, &reason_codes);
         self.feed(Packet::SubAck(SubAck {
             packet_id: s.packet_id,
             reason_codes,
@@ -731,10 +762,15 @@ where
     }
 
     async fn on_unsubscribe(&mut self, u: Unsubscribe) -> Result<(), Close> {
-        let reason_codes = match self.service.unsubscribe(&self.session, u.filters).await {
+        let reason_codes = match self
+            .service
+            .unsubscribe(&self.session, u.filters.clone())
+            .await
+        {
             Ok(codes) => codes,
             Err(e) => return self.service_failed(e).await,
         };
+        self.metrics.unsubscribed(&u.filters, &reason_codes);
         self.feed(Packet::UnsubAck(UnsubAck {
             packet_id: u.packet_id,
             reason_codes,
@@ -768,6 +804,7 @@ where
                 {
                     // A slow reader: QoS0 may be dropped rather than buffered without bound.
                     trace!(peer = %self.peer, "QoS0 delivery dropped, write buffer full");
+                    self.metrics.dropped(DropReason::SlowReader);
                     return Ok(());
                 }
                 let alias = self.outbound_aliases.assign(&d.message.topic);
@@ -786,6 +823,7 @@ where
                     // Too large for this client: dropped as if delivered (§3.1.2.11.4), and
                     // acknowledged so the in-flight window moves on.
                     debug!(peer = %self.peer, size, "delivery larger than the client's maximum packet size dropped");
+                    self.metrics.dropped(DropReason::PacketTooLarge);
                     if let Some(pid) = d.packet_id {
                         let kinds: &[AckKind] = if d.qos == QoS::ExactlyOnce {
                             &[AckKind::PubRec, AckKind::PubComp]
@@ -798,6 +836,7 @@ where
                     }
                     return Ok(());
                 }
+                self.metrics.sent(d.qos);
                 self.feed(publish)
             }
             SessionEvent::Release { packet_id } => {
@@ -819,6 +858,7 @@ async fn refuse<IO>(framed: &mut Framed<IO, MqttCodec>, reason: ReasonCode)
 where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
+    crate::metrics::connection_refused(reason);
     let _ = framed
         .send(&Packet::ConnAck(ConnAck {
             session_present: false,

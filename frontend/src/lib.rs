@@ -6,6 +6,8 @@
 //! - [`listener`]: accepts sockets and runs one [`handler`] task per connection.
 //! - [`handler`]: the MQTT protocol for one connection, from CONNECT to close.
 //! - [`convert`]: PUBLISH packets to application messages and back.
+//! - [`metrics`]: the node's counters (Prometheus and `$SYS`), [`metered_io`]: bytes on the wire.
+//! - [`sys_topics`]: the task that publishes `$SYS/broker/...`.
 //!
 //! Everything durable is reached through [`tiermq_common::session_api::SessionService`], so the
 //! same handler serves the standalone broker and a cluster frontend.
@@ -16,6 +18,9 @@ pub mod config;
 pub mod convert;
 pub mod handler;
 pub mod listener;
+pub mod metered_io;
+pub mod metrics;
+pub mod sys_topics;
 
 pub use config::FrontendConfig;
 pub use listener::serve;

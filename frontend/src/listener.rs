@@ -10,6 +10,8 @@ use tracing::{info, warn};
 
 use crate::config::FrontendConfig;
 use crate::handler::serve_connection;
+use crate::metered_io::MeteredIo;
+use crate::metrics;
 
 /// Accepts MQTT connections on `listener` until `shutdown` is cancelled, then waits for every
 /// connection task to finish (each sends DISCONNECT 0x8B to v5 clients and closes).
@@ -31,12 +33,16 @@ pub async fn serve<S: SessionService>(
         match accepted {
             Ok((socket, peer)) => {
                 let _ = socket.set_nodelay(true);
-                tasks.spawn(serve_connection(
-                    socket,
-                    peer,
-                    service.clone(),
-                    config.clone(),
-                    shutdown.clone(),
+                let socket = MeteredIo::new(socket, &config.metrics);
+                tasks.spawn(metrics::scope(
+                    config.metrics.clone(),
+                    serve_connection(
+                        socket,
+                        peer,
+                        service.clone(),
+                        config.clone(),
+                        shutdown.clone(),
+                    ),
                 ));
             }
             Err(e) => {

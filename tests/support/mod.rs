@@ -71,6 +71,8 @@ pub async fn start_broker_with_frontend(
 ) -> Broker {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut settings = Settings::default();
+    // No metrics endpoint unless a test asks for one (`metrics.listen = "127.0.0.1:0"`).
+    settings.metrics.listen = Some(String::new());
     tweak(&mut settings);
     settings.mqtt.listen = "127.0.0.1:0".parse().unwrap();
     settings.storage.data_dir = dir.path().join("data");
@@ -93,6 +95,11 @@ impl Broker {
 
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
+    }
+
+    /// The metrics endpoint's address, when the test enabled it.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.standalone.as_ref().and_then(Standalone::metrics_addr)
     }
 
     /// Graceful shutdown (DISCONNECT 0x8B to v5 clients, checkpoint).

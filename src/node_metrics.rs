@@ -1,0 +1,306 @@
+//! What each role puts behind its metrics endpoint ([`crate::metrics_http`]): the frontend's
+//! connection counters, and what the partitions can tell without being changed for it.
+//!
+//! - standalone: the frontend counters, the log's entries and flushes (atomics the partition
+//!   tasks already keep), and the retained message count (asked from the partition tasks, at
+//!   most every few seconds — see [`RetainedCount`]); ready once the MQTT listener serves;
+//! - frontend: the frontend counters; no readiness check (the cluster client does not expose
+//!   whether it reaches a leader of every partition, and a check that only says "started"
+//!   would claim more than it knows);
+//! - backend: per Raft group this node replicates — leader, term, commit/applied/last index,
+//!   snapshot index — the driver's counters, the map epoch and the attached frontends; ready
+//!   when every group it replicates knows a leader.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tiermq_backend::local::LocalBroker;
+use tiermq_backend::placement::PartitionMap;
+use tiermq_backend::raft::node::RaftHandle;
+use tiermq_frontend::metrics::FrontendMetrics;
+
+use crate::metrics_http::{Endpoint, Hook};
+
+const PREFIX: &str = "tiermq";
+
+/// One counter of [`AtomicCounters`]: name (without prefix), help, current value.
+type CounterRead = (&'static str, &'static str, u64);
+
+/// Counters that live elsewhere as plain atomics (the partition tasks' and the Raft driver's
+/// statistics), read at scrape time: nothing is copied on their hot path.
+struct AtomicCounters(Box<dyn Fn() -> Vec<CounterRead> + Send + Sync>);
+
+impl std::fmt::Debug for AtomicCounters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AtomicCounters")
+    }
+}
+
+impl Collector for AtomicCounters {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        for (name, help, value) in (self.0)() {
+            let counter = ConstCounter::new(value);
+            let metric = encoder.encode_descriptor(name, help, None, counter.metric_type())?;
+            counter.encode(metric)?;
+        }
+        Ok(())
+    }
+}
+
+/// The retained message count of a standalone broker. Reading it walks the retained store
+/// of every partition, so readers (scrapes, `$SYS`) share one answer for a second.
+#[derive(Clone)]
+pub struct RetainedCount {
+    broker: LocalBroker,
+    last: Arc<Mutex<Option<(Instant, u64)>>>,
+}
+
+impl RetainedCount {
+    const FRESH: Duration = Duration::from_secs(1);
+
+    pub fn new(broker: LocalBroker) -> RetainedCount {
+        RetainedCount {
+            broker,
+            last: Arc::default(),
+        }
+    }
+
+    pub async fn get(&self) -> u64 {
+        if let Some((at, n)) = *self.last.lock().unwrap_or_else(|e| e.into_inner()) {
+            if at.elapsed() < Self::FRESH {
+                return n;
+            }
+        }
+        let n = self.broker.retained_count().await as u64;
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), n));
+        n
+    }
+}
+
+/// The standalone broker once it serves (see [`standalone`]).
+pub type StandaloneState = Arc<OnceLock<(LocalBroker, RetainedCount)>>;
+
+/// The standalone broker's endpoint. `broker` is filled in once the partitions are open and
+/// the MQTT listener runs; until then `/readyz` answers 503 (recovery can take a while).
+pub fn standalone(frontend: &FrontendMetrics, broker: StandaloneState) -> Endpoint {
+    let mut registry = Registry::with_prefix(PREFIX);
+    frontend.register(&mut registry);
+    let retained = Gauge::<i64>::default();
+    registry.register(
+        "retained_messages",
+        "Retained messages stored (all partitions, $SYS included)",
+        retained.clone(),
+    );
+    let state = broker.clone();
+    registry.register_collector(Box::new(AtomicCounters(Box::new(move || {
+        let Some((broker, _)) = state.get() else {
+            return Vec::new();
+        };
+        let stats = broker.stats();
+        vec![
+            (
+                "log_entries",
+                "Commands appended to the partitions' logs",
+                stats.entries.load(Ordering::Relaxed),
+            ),
+            (
+                "log_flushes",
+                "Log flushes (write + fsync) of the partitions",
+                stats.flushes.load(Ordering::Relaxed),
+            ),
+        ]
+    }))));
+    let for_refresh = broker.clone();
+    let refresh: Hook<()> = Arc::new(move || {
+        let count = for_refresh.get().map(|(_, count)| count.clone());
+        let retained = retained.clone();
+        Box::pin(async move {
+            if let Some(count) = count {
+                retained.set(count.get().await as i64);
+            }
+        })
+    });
+    let readiness: Hook<Result<(), String>> = Arc::new(move || {
+        let ready = broker.get().is_some();
+        Box::pin(async move {
+            if ready {
+                Ok(())
+            } else {
+                Err("recovering the data folder".to_string())
+            }
+        })
+    });
+    Endpoint {
+        registry,
+        refresh: Some(refresh),
+        readiness: Some(readiness),
+    }
+}
+
+/// A cluster frontend's endpoint.
+pub fn frontend(frontend: &FrontendMetrics) -> Endpoint {
+    let mut registry = Registry::with_prefix(PREFIX);
+    frontend.register(&mut registry);
+    Endpoint {
+        registry,
+        refresh: None,
+        readiness: None,
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PartitionLabel {
+    partition: String,
+}
+
+/// Per-group gauges of a backend, set before each scrape.
+#[derive(Default, Clone)]
+struct GroupGauges {
+    leader: Family<PartitionLabel, Gauge>,
+    is_leader: Family<PartitionLabel, Gauge>,
+    term: Family<PartitionLabel, Gauge>,
+    commit: Family<PartitionLabel, Gauge>,
+    applied: Family<PartitionLabel, Gauge>,
+    last: Family<PartitionLabel, Gauge>,
+    snapshot: Family<PartitionLabel, Gauge>,
+}
+
+impl GroupGauges {
+    fn register(&self, registry: &mut Registry) {
+        for (name, help, family) in [
+            (
+                "raft_leader",
+                "Node id of the group's leader as this replica knows it (0: none known)",
+                &self.leader,
+            ),
+            (
+                "raft_is_leader",
+                "1 when this node leads the partition's group",
+                &self.is_leader,
+            ),
+            ("raft_term", "Raft term of the group", &self.term),
+            (
+                "raft_commit_index",
+                "Highest log index known committed",
+                &self.commit,
+            ),
+            (
+                "raft_applied_index",
+                "Highest log index applied to the partition state machine",
+                &self.applied,
+            ),
+            (
+                "raft_last_index",
+                "Last index in this replica's log",
+                &self.last,
+            ),
+            (
+                "raft_snapshot_index",
+                "Index of the latest snapshot stored or installed (0: none)",
+                &self.snapshot,
+            ),
+        ] {
+            registry.register(name, help, family.clone());
+        }
+    }
+}
+
+/// A backend node's endpoint.
+pub fn backend(handle: RaftHandle, map: &PartitionMap) -> Endpoint {
+    let mut registry = Registry::with_prefix(PREFIX);
+    let groups = GroupGauges::default();
+    groups.register(&mut registry);
+    let epoch = Gauge::<i64>::default();
+    epoch.set(map.epoch as i64);
+    registry.register(
+        "partition_map_epoch",
+        "Epoch of the partition map this node uses",
+        epoch,
+    );
+    let frontends = Gauge::<i64>::default();
+    registry.register(
+        "frontends_attached",
+        "Frontends with an open event stream to this node",
+        frontends.clone(),
+    );
+    let driver = handle.clone();
+    registry.register_collector(Box::new(AtomicCounters(Box::new(move || {
+        let stats = driver.stats();
+        vec![
+            (
+                "raft_commands",
+                "Commands this node proposed while leading",
+                stats.commands.load(Ordering::Relaxed),
+            ),
+            (
+                "raft_entries",
+                "Raft entries (command batches) this node proposed",
+                stats.entries.load(Ordering::Relaxed),
+            ),
+            (
+                "raft_flushes",
+                "Flushes (fsyncs) of this node's database",
+                stats.flushes.load(Ordering::Relaxed),
+            ),
+        ]
+    }))));
+    let partitions = map.partitions_of(handle.node_id());
+    let for_refresh = (handle.clone(), partitions.clone());
+    let refresh: Hook<()> = Arc::new(move || {
+        let (handle, partitions) = for_refresh.clone();
+        let (groups, frontends) = (groups.clone(), frontends.clone());
+        Box::pin(async move {
+            frontends.set(handle.hub().connected_frontends().len() as i64);
+            for p in partitions {
+                let Some(s) = handle.status(p).await else {
+                    continue;
+                };
+                let label = PartitionLabel {
+                    partition: p.to_string(),
+                };
+                let set = |f: &Family<PartitionLabel, Gauge>, v: u64| {
+                    f.get_or_create(&label).set(v as i64);
+                };
+                set(&groups.leader, s.leader.unwrap_or(0));
+                set(&groups.is_leader, u64::from(s.is_leader));
+                set(&groups.term, s.term);
+                set(&groups.commit, s.commit);
+                set(&groups.applied, s.applied);
+                set(&groups.last, s.last_index);
+                set(&groups.snapshot, s.snapshot_index);
+            }
+        })
+    });
+    let readiness: Hook<Result<(), String>> = Arc::new(move || {
+        let (handle, partitions) = (handle.clone(), partitions.clone());
+        Box::pin(async move {
+            let mut leaderless = Vec::new();
+            for p in partitions {
+                match handle.status(p).await {
+                    Some(s) if s.leader.is_some() => {}
+                    _ => leaderless.push(p.to_string()),
+                }
+            }
+            if leaderless.is_empty() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "no known leader for partition(s) {}",
+                    leaderless.join(",")
+                ))
+            }
+        })
+    });
+    Endpoint {
+        registry,
+        refresh: Some(refresh),
+        readiness: Some(readiness),
+    }
+}
