@@ -9,9 +9,10 @@ use std::net::SocketAddr;
 use anyhow::Context;
 use tiermq_backend::cluster::BrokerService;
 use tiermq_backend::placement::{PartitionMap, DEFAULT_VNODES};
-use tiermq_backend::raft::node::{self, ClusterHub, RaftConfig, RaftHandle};
+use tiermq_backend::raft::node::{self, ClusterHub, LeaderWork, RaftConfig, RaftHandle};
 use tiermq_backend::raft::transport::{GrpcTransport, RaftService};
 use tiermq_common::config::Settings;
+use tiermq_common::shared_dispatch::carry_out;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -73,7 +74,12 @@ impl BackendNode {
         let service = RaftService::new(cluster.node_id, handle.clone());
         let broker = BrokerService::new(handle.clone(), map.clone(), peers.clone());
         let seeds: Vec<String> = peers.values().cloned().collect();
-        tokio::spawn(publish_wills(seeds, will_rx, shutdown.clone()));
+        tokio::spawn(carry_out_leader_work(
+            cluster.node_id,
+            seeds,
+            will_rx,
+            shutdown.clone(),
+        ));
         let stop = shutdown.clone();
         let server = tokio::spawn(async move {
             let incoming = tokio_stream_from(listener);
@@ -140,30 +146,38 @@ impl BackendNode {
 
 /// Publishes the wills that partitions led by this node fire, through the cluster's normal
 /// publish path (the will's subscribers may live in any partition).
-async fn publish_wills(
+/// Carries out what the partitions this node leads hand over: fired wills (published like
+/// any message) and shared-subscription steps (commands to other partitions), through a
+/// cluster client of our own. Each item's first request is submitted in the order the items
+/// arrive, so a partition's steps keep their order.
+async fn carry_out_leader_work(
+    node_id: u64,
     seeds: Vec<String>,
-    mut wills: tokio::sync::mpsc::UnboundedReceiver<tiermq_common::Message>,
+    mut work: tokio::sync::mpsc::UnboundedReceiver<LeaderWork>,
     shutdown: CancellationToken,
 ) {
     let first = tokio::select! {
-        w = wills.recv() => w,
+        w = work.recv() => w,
         _ = shutdown.cancelled() => None,
     };
     let Some(first) = first else {
         return;
     };
-    // Connect lazily: most nodes never fire a will, and at start-up the peers may be down.
+    // Connect lazily: many nodes never have such work, and at start-up the peers may be down.
     let client = loop {
+        // A client id of its own per node (counted down from the top, away from frontends'
+        // ids): event streams and route watchers are keyed by it, and two nodes sharing one
+        // would keep replacing each other's streams.
         match tiermq_proto::client::ClusterClient::connect(
             &seeds,
-            u64::MAX,
+            tiermq_common::session_api::INTERNAL_FRONTEND_IDS.saturating_add(node_id),
             std::time::Duration::from_secs(5),
         )
         .await
         {
             Ok(c) => break c,
             Err(e) => {
-                tracing::warn!(error = %e, "will publisher cannot reach the cluster yet");
+                tracing::warn!(error = %e, "leader work cannot reach the cluster yet");
                 if shutdown.is_cancelled() {
                     return;
                 }
@@ -171,13 +185,23 @@ async fn publish_wills(
         }
     };
     let mut next = Some(first);
-    while let Some(will) = next {
-        let topic = will.topic.clone();
-        if let Err(e) = client.publish_message(will).await {
-            tracing::warn!(%topic, error = %e, "will not published");
+    while let Some(item) = next {
+        match item {
+            LeaderWork::Will(will) => {
+                let topic = will.topic.clone();
+                let publish = client.publish_message(will);
+                tokio::spawn(async move {
+                    if let Err(e) = publish.await {
+                        tracing::warn!(%topic, error = %e, "will not published");
+                    }
+                });
+            }
+            LeaderWork::Shared { origin, work } => {
+                tokio::spawn(carry_out(work, origin, &client));
+            }
         }
         next = tokio::select! {
-            w = wills.recv() => w,
+            w = work.recv() => w,
             _ = shutdown.cancelled() => None,
         };
     }

@@ -37,7 +37,7 @@ impl FrontendNode {
             0 => loop {
                 // Ids are only compared for equality; avoid the values with a meaning.
                 let id = rand_id();
-                if id != 0 && id != u64::MAX {
+                if id != 0 && !tiermq_common::session_api::is_internal_frontend(id) {
                     break id;
                 }
             },

@@ -70,6 +70,10 @@ struct BrokerArgs {
     /// Queue QoS0 messages for offline persistent sessions [default: false].
     #[arg(long, env = "TIERMQ_QUEUE_QOS0_OFFLINE")]
     queue_qos0_offline: Option<bool>,
+    /// How a shared subscription group picks a member: round-robin, random or
+    /// sticky-by-publisher [default: round-robin].
+    #[arg(long, env = "TIERMQ_SHARED_STRATEGY")]
+    shared_strategy: Option<tiermq_common::partition_api::SharedStrategy>,
     /// Log filter, e.g. `info` or `debug`; RUST_LOG wins when set [default: info].
     #[arg(long, env = "TIERMQ_LOG")]
     log_level: Option<String>,
@@ -115,6 +119,7 @@ impl BrokerArgs {
             max_queued_messages: self.max_queued_messages,
             max_subscriptions: self.max_subscriptions,
             queue_qos0_offline: self.queue_qos0_offline,
+            shared_strategy: self.shared_strategy,
             log_level: self.log_level.clone(),
             node_id: self.node_id,
             grpc_listen: self.grpc_listen,

@@ -64,6 +64,7 @@ pub fn local_config(s: &Settings) -> LocalConfig {
             max_queued_messages: s.session.max_queued_messages,
             queue_qos0_offline: s.session.queue_qos0_offline,
             max_subscriptions: s.session.max_subscriptions,
+            shared_strategy: s.session.shared_strategy,
         },
         checkpoint_entries: s.storage.checkpoint_entries,
         ..LocalConfig::default()

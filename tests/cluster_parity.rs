@@ -475,3 +475,118 @@ async fn wills(t: Target, x: &str) {
     }
 }
 both!(will_on_abnormal_close_once, wills);
+
+// ---------------------------------------------------------------------------------------------
+// Shared subscriptions (§4.8.2): members on different frontends, v5 and v3.1.1 together
+// ---------------------------------------------------------------------------------------------
+
+/// Every PUBLISH on `c` until `want` distinct payloads were seen in all or `within` passed;
+/// QoS1 ones are acked.
+async fn collect_until(c: &mut Raw, seen: &mut Vec<String>, want: usize, within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    while seen.len() < want && tokio::time::Instant::now() < deadline {
+        match c.recv_within(Duration::from_millis(200)).await {
+            Recv::Packet(Packet::Publish(p)) => {
+                if let Some(pid) = p.packet_id {
+                    c.puback(pid).await;
+                }
+                seen.push(String::from_utf8_lossy(&p.payload).into_owned());
+            }
+            Recv::Packet(other) => panic!("unexpected {other:?}"),
+            Recv::Timeout => {}
+            Recv::Closed => panic!("closed"),
+        }
+    }
+}
+
+/// Three members (v5 and v3, on both frontends) of one group: each message exactly once to
+/// one member, spread round robin; a plain subscriber still gets everything.
+async fn shared_group(t: Target, x: &str) {
+    let group = format!("$share/{x}/{x}/work/+");
+    let mut m1 = Raw::v5(t.addr(0), &format!("{x}-m1")).await;
+    let mut m2 = Raw::v3(t.addr(1), &format!("{x}-m2")).await;
+    let mut m3 = Raw::v5(t.addr(1), &format!("{x}-m3")).await;
+    for m in [&mut m1, &mut m2, &mut m3] {
+        let ack = m.subscribe(&group, sub_opts(QoS::AtLeastOnce)).await;
+        assert_eq!(ack.reason_codes, vec![ReasonCode::GRANTED_QOS_1]);
+    }
+    let mut plain = Raw::v5(t.addr(0), &format!("{x}-plain")).await;
+    plain
+        .subscribe(&format!("{x}/work/#"), sub_opts(QoS::AtLeastOnce))
+        .await;
+    let mut publ = Raw::v5(t.addr(0), &format!("{x}-pub")).await;
+    publish_n(
+        &mut publ,
+        &format!("{x}/work/1"),
+        "m",
+        30,
+        ReasonCode::SUCCESS,
+    )
+    .await;
+    let got = [
+        drain(&mut m1).await,
+        drain(&mut m2).await,
+        drain(&mut m3).await,
+    ];
+    let mut all: Vec<String> = got
+        .iter()
+        .flatten()
+        .map(|p| String::from_utf8_lossy(&p.payload).into_owned())
+        .collect();
+    let total = all.len();
+    all.sort();
+    all.dedup();
+    assert_eq!(total, 30, "each message exactly once to the group");
+    assert_eq!(all.len(), 30);
+    for (i, g) in got.iter().enumerate() {
+        assert!(g.len() >= 5, "member {i} got {} of 30: not spread", g.len());
+    }
+    assert_eq!(drain(&mut plain).await.len(), 30);
+}
+both!(shared_group_each_message_once, shared_group);
+
+/// A member that took messages without acknowledging them and then vanished: its messages
+/// go to the other member, none is lost.
+async fn shared_member_lost(t: Target, x: &str) {
+    let group = format!("$share/{x}/{x}/job");
+    let (mut a, _) = Raw::connect(t.addr(0), V5, &format!("{x}-a"), persistent(300)).await;
+    let mut b = Raw::v5(t.addr(1), &format!("{x}-b")).await;
+    a.subscribe(&group, sub_opts(QoS::AtLeastOnce)).await;
+    b.subscribe(&group, sub_opts(QoS::AtLeastOnce)).await;
+    let mut publ = Raw::v5(t.addr(0), &format!("{x}-pub")).await;
+    publish_n(&mut publ, &format!("{x}/job"), "m", 10, ReasonCode::SUCCESS).await;
+    let mut held = Vec::new();
+    while let Recv::Packet(Packet::Publish(p)) = a.recv_within(Duration::from_millis(500)).await {
+        held.push(String::from_utf8_lossy(&p.payload).into_owned());
+    }
+    assert!(!held.is_empty(), "round robin gave a its share");
+    drop(a); // no DISCONNECT, nothing acknowledged
+    let mut seen = Vec::new();
+    collect_until(&mut b, &mut seen, 10, Duration::from_secs(10)).await;
+    let mut distinct = seen.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 10, "b got {seen:?}; a had held {held:?}");
+    for m in &held {
+        assert!(seen.contains(m), "{m} held by a never reached b");
+    }
+}
+both!(
+    shared_member_lost_messages_go_to_another,
+    shared_member_lost
+);
+
+/// A shared subscribe does not send retained messages (§4.8.2); later publishes arrive.
+async fn shared_no_retained(t: Target, x: &str) {
+    let topic = format!("{x}/r");
+    let mut publ = Raw::v5(t.addr(0), &format!("{x}-pub")).await;
+    retain(&mut publ, &topic, b"old", 1).await;
+    let mut m = Raw::v5(t.addr(1), &format!("{x}-m")).await;
+    m.subscribe(&format!("$share/g/{topic}"), sub_opts(QoS::AtLeastOnce))
+        .await;
+    m.expect_silence().await;
+    publish_n(&mut publ, &topic, "new", 1, ReasonCode::SUCCESS).await;
+    let p = m.recv_publish().await;
+    assert_eq!(&p.payload[..], b"new-1");
+}
+both!(shared_subscribe_sends_no_retained, shared_no_retained);

@@ -502,29 +502,3 @@ async fn maximum_qos_is_enforced() {
     publ.expect_disconnect(ReasonCode(0x9B)).await;
     sub.expect_silence().await;
 }
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shared_subscriptions_are_refused_consistently() {
-    let b = start_broker().await;
-    let (mut c, ack) = Raw::connect(b.addr, ProtocolVersion::V5, "shared", |_| {}).await;
-    let announced = ack.properties.shared_subscription_available;
-    c.send(&Packet::Subscribe(tiermq_common::codec::Subscribe {
-        packet_id: 1,
-        filters: vec![("$share/g/t".into(), sub_opts(QoS::AtLeastOnce))],
-        properties: Default::default(),
-    }))
-    .await;
-    let code = match c.recv().await {
-        Packet::SubAck(s) => s.reason_codes[0],
-        other => panic!("expected SUBACK, got {other:?}"),
-    };
-    if announced == Some(false) {
-        assert_eq!(
-            code,
-            ReasonCode(0x9E),
-            "CONNACK said shared subscriptions are off"
-        );
-    } else {
-        assert_eq!(code, ReasonCode::GRANTED_QOS_1);
-    }
-}

@@ -239,7 +239,8 @@ impl Broker for BrokerService {
                 .hub()
                 .connected_frontends()
                 .into_iter()
-                .filter(|f| *f != u64::MAX) // this cluster's own will publishers
+                // Not the backends' own clients (wills, shared subscription steps).
+                .filter(|f| !tiermq_common::session_api::is_internal_frontend(*f))
                 .collect(),
             members: self
                 .members
@@ -272,7 +273,11 @@ fn submit(handle: &RaftHandle, op: Op) -> Option<ReplyFuture> {
             let Ok(command) = postcard::from_bytes::<Command>(&bytes) else {
                 return bad("command");
             };
-            let is_subscribe = matches!(command, Command::Subscribe { .. });
+            // A shared group's join adds its filter to the group partition's routes.
+            let is_subscribe = matches!(
+                command,
+                Command::Subscribe { .. } | Command::SharedJoin { .. }
+            );
             let wait = handle.submit(partition, command);
             let hub = handle.hub().clone();
             Some(Box::pin(async move {

@@ -29,11 +29,12 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use crate::partition::command::{
-    AckCmd, Command, Effect, Entry, InboundQos2, Reply, RetainedForSubscription,
+    AckCmd, Command, Effect, Entry, InboundQos2, Reply, RetainedForSubscription, SharedWork,
 };
 use crate::partition::session::SessionLimits;
 use crate::partition::Partition;
 use crate::storage::{PartitionStore, StorageError};
+use tiermq_common::shared_dispatch::{carry_out, update_memberships, PartitionCaller};
 
 /// Settings of the in-process broker.
 #[derive(Debug, Clone)]
@@ -423,6 +424,20 @@ impl LocalBroker {
     }
 }
 
+impl PartitionCaller for LocalBroker {
+    fn partition_count(&self) -> u32 {
+        LocalBroker::partition_count(self)
+    }
+
+    fn call_partition(
+        &self,
+        partition: u32,
+        command: Command,
+    ) -> impl Future<Output = ServiceResult<Reply>> + Send + 'static {
+        self.submit(partition, command)
+    }
+}
+
 fn reply_error(reply: Reply) -> ServiceError {
     match reply {
         Reply::Fenced => ServiceError::SessionTakenOver,
@@ -471,6 +486,7 @@ impl SessionService for LocalBroker {
         subs: Vec<SubscribeRequest>,
     ) -> ServiceResult<Vec<ReasonCode>> {
         let home = self.partition_of(&session.client_id);
+        let filters: Vec<String> = subs.iter().map(|s| s.filter.clone()).collect();
         let reply = self
             .call(
                 home,
@@ -488,6 +504,7 @@ impl SessionService for LocalBroker {
         else {
             return Err(reply_error(reply));
         };
+        update_memberships(self, &session.client_id, &filters, &reason_codes, true).await?;
         if self.partition_count() > 1 && !want_retained.is_empty() {
             // Retained messages live in their topic's partition: gather the matching ones
             // from the other partitions and queue them in the session.
@@ -535,20 +552,21 @@ impl SessionService for LocalBroker {
         filters: Vec<String>,
     ) -> ServiceResult<Vec<ReasonCode>> {
         let home = self.partition_of(&session.client_id);
-        match self
+        let reply = self
             .call(
                 home,
                 Command::Unsubscribe {
                     client_id: session.client_id.clone(),
                     epoch: session.epoch,
-                    filters,
+                    filters: filters.clone(),
                 },
             )
-            .await?
-        {
-            Reply::Unsubscribed(codes) => Ok(codes),
-            other => Err(reply_error(other)),
-        }
+            .await?;
+        let Reply::Unsubscribed(codes) = reply else {
+            return Err(reply_error(reply));
+        };
+        update_memberships(self, &session.client_id, &filters, &codes, false).await?;
+        Ok(codes)
     }
 
     fn publish(
@@ -655,6 +673,10 @@ impl PartitionTask {
             reply: None,
             events: None,
         }];
+        // Shared-subscription steps the previous run did not finish.
+        for work in self.partition.shared_work() {
+            self.carry_out_shared(work);
+        }
         let mut tick = tokio::time::interval(self.config.tick_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -833,7 +855,16 @@ impl PartitionTask {
                         routes.remove(&filter, &self.id);
                     }
                 }
+                Effect::Shared(work) => self.carry_out_shared(work),
             }
+        }
+    }
+
+    /// Starts a shared-subscription step now (its first command is queued before this
+    /// returns, keeping the order in which the partition emitted them).
+    fn carry_out_shared(&self, work: SharedWork) {
+        if let Some(inner) = self.broker.upgrade() {
+            tokio::spawn(carry_out(work, self.id, &LocalBroker { inner }));
         }
     }
 

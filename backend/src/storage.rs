@@ -39,6 +39,8 @@ pub enum StorageError {
 pub type StorageResult<T> = Result<T, StorageError>;
 
 const APPLIED_KEY: &[u8] = b"m/applied";
+/// Shared subscription groups, handoffs and return batches, written whole when changed.
+const SHARED_KEY: &[u8] = b"m/shared";
 
 /// The sled trees of one partition.
 #[derive(Clone)]
@@ -69,9 +71,13 @@ impl PartitionStore {
             applied_index: 0,
             sessions: Vec::new(),
             retained: Vec::new(),
+            shared: Default::default(),
         };
         if let Some(v) = self.state.get(APPLIED_KEY)? {
             image.applied_index = index_key("state", &v)?;
+        }
+        if let Some(v) = self.state.get(SHARED_KEY)? {
+            image.shared = decode("state", &v)?;
         }
         for kv in self.state.scan_prefix(b"s/") {
             let (_, v) = kv?;
@@ -140,6 +146,9 @@ impl PartitionStore {
                 None => batch.remove(key),
             }
         }
+        if dirty.shared {
+            batch.insert(SHARED_KEY, postcard::to_stdvec(partition.shared_state())?);
+        }
         batch.insert(APPLIED_KEY, &partition.applied_index().to_be_bytes());
         self.state.apply_batch(batch)?;
         self.db.flush()?;
@@ -193,6 +202,7 @@ impl PartitionStore {
                 postcard::to_stdvec(&**m)?,
             );
         }
+        batch.insert(SHARED_KEY, postcard::to_stdvec(&image.shared)?);
         batch.insert(APPLIED_KEY, &image.applied_index.to_be_bytes());
         self.state.apply_batch(batch)?;
         self.log.clear()?;

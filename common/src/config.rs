@@ -214,6 +214,9 @@ pub struct SessionSettings {
     pub queue_qos0_offline: bool,
     /// Subscriptions per client; 0 = unlimited.
     pub max_subscriptions: usize,
+    /// How a shared subscription group picks a member: `round-robin`, `random` or
+    /// `sticky-by-publisher`.
+    pub shared_strategy: crate::partition_api::SharedStrategy,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -259,6 +262,7 @@ impl Default for SessionSettings {
         SessionSettings {
             max_queued_messages: 100_000,
             queue_qos0_offline: false,
+            shared_strategy: Default::default(),
             max_subscriptions: 0,
         }
     }
@@ -285,6 +289,7 @@ pub struct Overrides {
     pub max_queued_messages: Option<usize>,
     pub max_subscriptions: Option<usize>,
     pub queue_qos0_offline: Option<bool>,
+    pub shared_strategy: Option<crate::partition_api::SharedStrategy>,
     pub log_level: Option<String>,
     pub node_id: Option<u64>,
     pub grpc_listen: Option<SocketAddr>,
@@ -353,6 +358,7 @@ impl Settings {
         set!(self.session.max_queued_messages, o.max_queued_messages);
         set!(self.session.max_subscriptions, o.max_subscriptions);
         set!(self.session.queue_qos0_offline, o.queue_qos0_offline);
+        set!(self.session.shared_strategy, o.shared_strategy);
         set!(self.log.level, o.log_level);
         set!(self.cluster.node_id, o.node_id);
         set!(self.cluster.grpc_listen, o.grpc_listen);

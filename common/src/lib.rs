@@ -9,6 +9,7 @@ pub mod message;
 pub mod partition_api;
 pub mod retained_index;
 pub mod session_api;
+pub mod shared_dispatch;
 pub mod topic;
 pub mod trie;
 pub mod types;

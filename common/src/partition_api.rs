@@ -13,6 +13,74 @@ use crate::session_api::{AckKind, SubscribeRequest, SubscriptionOptions, Will};
 use crate::{Message, ProtocolVersion, ReasonCode};
 use serde::{Deserialize, Serialize};
 
+/// How a shared subscription group picks the member that gets a message (§4.8.2). Part of
+/// the deterministic configuration of a partition: every replica must pick the same member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SharedStrategy {
+    /// Members in turn.
+    #[default]
+    RoundRobin,
+    /// A member chosen by a hash of the log index (the same on every replica).
+    Random,
+    /// The same member for every message of one publisher while membership is unchanged.
+    StickyByPublisher,
+}
+
+impl std::str::FromStr for SharedStrategy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "round-robin" | "round_robin" => Ok(SharedStrategy::RoundRobin),
+            "random" => Ok(SharedStrategy::Random),
+            "sticky-by-publisher" | "sticky_by_publisher" | "sticky" => {
+                Ok(SharedStrategy::StickyByPublisher)
+            }
+            other => Err(format!(
+                "unknown shared subscription strategy {other:?} \
+                 (expected round-robin, random or sticky-by-publisher)"
+            )),
+        }
+    }
+}
+
+/// How a member's partition answered a [`Command::SharedDeliver`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HandoffOutcome {
+    /// Queued in the member's session.
+    Accepted,
+    /// The member has a session but no connection, and an online member was asked for.
+    Offline,
+    /// No session, or the session no longer holds this shared subscription: not a member.
+    Gone,
+}
+
+/// A cross-partition step of a shared subscription that a partition asks its runtime to
+/// carry out (see `tiermq_backend::partition::shared` for the protocol, and
+/// [`crate::shared_dispatch`] for the runtime side).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SharedWork {
+    /// Offer `message` to `member` (`SharedDeliver` on its partition); with `seq`, report the
+    /// outcome to the group's partition (`SharedHandoffDone`).
+    Handoff {
+        group: String,
+        seq: Option<u64>,
+        member: Arc<str>,
+        message: Arc<Message>,
+        require_online: bool,
+    },
+    /// Give a departed member's unacknowledged messages back to the group (`SharedEnqueue`),
+    /// then confirm to the member's partition (`SharedReturnDone`).
+    Return {
+        seq: u64,
+        group: String,
+        from: Arc<str>,
+        messages: Vec<Arc<Message>>,
+    },
+    /// A member's session ended: leave the group (`SharedLeave` on the group's partition).
+    Leave { group: String, client_id: Arc<str> },
+}
+
 /// The publisher of an inbound QoS2 message: its session and the packet id it used.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InboundQos2 {
@@ -123,6 +191,35 @@ pub enum Command {
     Tick,
     /// The frontend holding these connections is gone: treat them as abnormally disconnected.
     FrontendLost { frontend_id: u64 },
+    /// On the partition of the group key `$share/<group>/<filter>`: `client_id` is a member.
+    SharedJoin { group: String, client_id: Arc<str> },
+    /// On the group's partition: `client_id` is no longer a member.
+    SharedLeave { group: String, client_id: Arc<str> },
+    /// On the member's partition: queue `message` for this member of `group` (the session's
+    /// own subscription decides QoS, retain and subscription id). With `require_online` an
+    /// offline member refuses it, so the group can try a connected one first.
+    SharedDeliver {
+        client_id: Arc<str>,
+        group: String,
+        message: Arc<Message>,
+        require_online: bool,
+    },
+    /// On the group's partition: how the member answered handoff `seq`.
+    SharedHandoffDone {
+        group: String,
+        seq: u64,
+        member: Arc<str>,
+        outcome: HandoffOutcome,
+    },
+    /// On the group's partition: messages a member did not acknowledge before it
+    /// disconnected, to be handed to another member.
+    SharedEnqueue {
+        group: String,
+        from: Arc<str>,
+        messages: Vec<Arc<Message>>,
+    },
+    /// On the member's partition: the group has taken back return batch `seq`.
+    SharedReturnDone { seq: u64 },
 }
 
 impl Command {
@@ -130,7 +227,12 @@ impl Command {
     /// Acks and ticks may be lost in a crash (the message is redelivered, time ticks again).
     pub fn needs_durability(&self) -> bool {
         match self {
-            Command::Ack { .. } | Command::Tick => false,
+            // Losing one of these in a crash re-runs a handoff: a duplicate, never a loss.
+            Command::Ack { .. }
+            | Command::Tick
+            | Command::SharedHandoffDone { .. }
+            | Command::SharedReturnDone { .. } => false,
+            Command::SharedDeliver { message, .. } => message.qos != crate::QoS::AtMostOnce,
             // QoS0 is logged only to queue it for offline sessions; it is never acknowledged.
             Command::Publish { message, .. } => message.qos != crate::QoS::AtMostOnce,
             _ => true,
@@ -162,6 +264,7 @@ pub enum Reply {
     Released {
         found: bool,
     },
+    SharedDelivered(HandoffOutcome),
     Done,
     /// The command named a connection that is no longer the session's current one.
     Fenced,

@@ -18,6 +18,15 @@ use tokio::sync::mpsc;
 use crate::message::Message;
 use crate::types::{ProtocolVersion, QoS, ReasonCode};
 
+/// Frontend ids from here up belong to the backends' own cluster clients (wills, shared
+/// subscription steps): `INTERNAL_FRONTEND_IDS + node id`. They hold no MQTT connections.
+pub const INTERNAL_FRONTEND_IDS: u64 = u64::MAX - 0xFFFF;
+
+/// Whether `frontend_id` is a backend's own cluster client rather than a frontend.
+pub fn is_internal_frontend(frontend_id: u64) -> bool {
+    frontend_id >= INTERNAL_FRONTEND_IDS
+}
+
 /// A connected session as the partitions know it: client id plus the epoch of the connection.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct SessionRef {

@@ -320,7 +320,7 @@ where
                 retain_available: Some(config.retain_available),
                 wildcard_subscription_available: Some(true),
                 subscription_identifiers_available: Some(true),
-                shared_subscription_available: Some(false),
+                shared_subscription_available: Some(true),
                 assigned_client_identifier: assigned,
                 server_keep_alive,
                 response_information: match (&config.response_information, request_response) {
@@ -731,6 +731,18 @@ where
         if subscription_id == Some(0) {
             return self
                 .protocol_error(ReasonCode::PROTOCOL_ERROR, "subscription identifier 0")
+                .await;
+        }
+        // §3.8.3.1: No Local on a shared subscription is a Protocol Error.
+        if s.filters
+            .iter()
+            .any(|(f, o)| o.no_local && topic::is_shared(f))
+        {
+            return self
+                .protocol_error(
+                    ReasonCode::PROTOCOL_ERROR,
+                    "no local on a shared subscription",
+                )
                 .await;
         }
         let requests: Vec<SubscribeRequest> = s

@@ -26,6 +26,7 @@ use tiermq_common::session_api::{
     AckKind, ConnectRequest, Connected, DisconnectRequest, Published, ServiceError, ServiceResult,
     SessionEvent, SessionRef, SessionService, SubscribeRequest,
 };
+use tiermq_common::shared_dispatch::{update_memberships, PartitionCaller};
 use tiermq_common::trie::TopicTrie;
 use tiermq_common::{Message, QoS, ReasonCode};
 use tokio::sync::{mpsc, oneshot};
@@ -708,6 +709,20 @@ impl ClusterClient {
     }
 }
 
+impl PartitionCaller for ClusterClient {
+    fn partition_count(&self) -> u32 {
+        self.inner.partitions
+    }
+
+    fn call_partition(
+        &self,
+        partition: u32,
+        command: Command,
+    ) -> impl Future<Output = ServiceResult<Reply>> + Send + 'static {
+        self.command(partition, &command)
+    }
+}
+
 fn reply_error(reply: Reply) -> ServiceError {
     match reply {
         Reply::Fenced => ServiceError::SessionTakenOver,
@@ -775,16 +790,21 @@ impl SessionService for ClusterClient {
         else {
             return Err(reply_error(reply));
         };
+        // A shared subscription's group lives in the partition of its key: join it there.
+        update_memberships(self, &session.client_id, &filters, &reason_codes, true).await?;
         {
             // Read your own subscription: publishes through this frontend see it at once,
             // before the route watch reports it.
             let mut routes = self.inner.routes.write().unwrap_or_else(|e| e.into_inner());
             for (filter, code) in filters.iter().zip(&reason_codes) {
                 if !code.is_error() {
-                    if let Ok((None, f)) = tiermq_common::topic::parse_subscription(filter) {
-                        routes.trie.insert(f, home, ());
-                        routes.filters[home as usize].insert(f.to_string());
-                    }
+                    let (p, f) = match tiermq_common::topic::parse_subscription(filter) {
+                        Ok((None, f)) => (home, f),
+                        Ok((Some(_), f)) => (self.partition_of(filter), f),
+                        Err(_) => continue,
+                    };
+                    routes.trie.insert(f, p, ());
+                    routes.filters[p as usize].insert(f.to_string());
                 }
             }
         }
@@ -834,20 +854,21 @@ impl SessionService for ClusterClient {
         filters: Vec<String>,
     ) -> ServiceResult<Vec<ReasonCode>> {
         let home = self.partition_of(&session.client_id);
-        match self
+        let reply = self
             .command(
                 home,
                 &Command::Unsubscribe {
                     client_id: session.client_id.clone(),
                     epoch: session.epoch,
-                    filters,
+                    filters: filters.clone(),
                 },
             )
-            .await?
-        {
-            Reply::Unsubscribed(codes) => Ok(codes),
-            other => Err(reply_error(other)),
-        }
+            .await?;
+        let Reply::Unsubscribed(codes) = reply else {
+            return Err(reply_error(reply));
+        };
+        update_memberships(self, &session.client_id, &filters, &codes, false).await?;
+        Ok(codes)
     }
 
     fn publish(
@@ -1085,18 +1106,20 @@ async fn route_watch(inner: std::sync::Weak<Inner>, node: u64, addr: String) {
         if let Ok(mut stream) = stream {
             while let Ok(Some(u)) = stream.message().await {
                 let seq = u.seq;
+                tracing::trace!(node, seq, partition = u.partition, "route update");
                 match inner.upgrade() {
                     Some(inner) => apply_route_update(&inner, node, u),
                     None => return,
                 }
                 if let Some(acker) = acker.as_mut() {
-                    let _ = acker
+                    let r = acker
                         .ack_routes(RoutesAck {
                             version: API_VERSION,
                             watcher_id,
                             seq,
                         })
                         .await;
+                    tracing::trace!(node, seq, ok = r.is_ok(), "route update acknowledged");
                 }
             }
         }

@@ -23,4 +23,6 @@ pub enum Effect {
     RouteAdded { filter: String },
     /// This partition has no subscription left on `filter`.
     RouteRemoved { filter: String },
+    /// A cross-partition step of a shared subscription (`tiermq_common::shared_dispatch`).
+    Shared(SharedWork),
 }

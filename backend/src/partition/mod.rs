@@ -8,6 +8,7 @@
 
 pub mod command;
 pub mod session;
+pub mod shared;
 #[cfg(test)]
 mod tests;
 
@@ -21,7 +22,7 @@ use tiermq_common::topic;
 use tiermq_common::trie::TopicTrie;
 use tiermq_common::{Message, ProtocolVersion, QoS, ReasonCode};
 
-use command::{Command, Effect, Entry, Reply, RetainedForSubscription};
+use command::{Command, Effect, Entry, Reply, RetainedForSubscription, SharedWork};
 use session::{Attachment, QueuedMessage, Session, SessionLimits, StoredSubscription};
 
 pub use session::SessionLimits as Limits;
@@ -31,6 +32,8 @@ pub use session::SessionLimits as Limits;
 pub struct Dirty {
     pub sessions: HashSet<Arc<str>>,
     pub retained: HashSet<String>,
+    /// The shared-subscription state (groups, handoffs, returns), written whole.
+    pub shared: bool,
 }
 
 /// The state of one partition.
@@ -40,6 +43,10 @@ pub struct Partition {
     /// Non-shared subscriptions of this partition's sessions: filter -> client id -> options.
     subscriptions: TopicTrie<Arc<str>, StoredSubscription>,
     retained: TopicTree<Arc<Message>>,
+    /// Shared subscription groups whose key hashes here, with their handoffs in progress.
+    shared: shared::SharedState,
+    /// The groups' filters: filter -> group key (`$share/<group>/<filter>`).
+    shared_filters: TopicTrie<String, ()>,
     /// Sessions with a pending delayed will, by due time.
     will_timers: BTreeSet<(u64, Arc<str>)>,
     /// Offline sessions by expiry time.
@@ -56,6 +63,7 @@ pub struct PartitionImage {
     pub applied_index: u64,
     pub sessions: Vec<Session>,
     pub retained: Vec<Arc<Message>>,
+    pub shared: shared::SharedState,
 }
 
 impl Partition {
@@ -65,6 +73,8 @@ impl Partition {
             sessions: HashMap::new(),
             subscriptions: TopicTrie::new(),
             retained: TopicTree::new(),
+            shared: shared::SharedState::default(),
+            shared_filters: TopicTrie::new(),
             will_timers: BTreeSet::new(),
             expiry_timers: BTreeSet::new(),
             retained_expiry: BTreeSet::new(),
@@ -83,6 +93,10 @@ impl Partition {
         for s in image.sessions {
             p.install_session(s);
         }
+        for (key, group) in &image.shared.groups {
+            p.shared_filters.insert(&group.filter, key.clone(), ());
+        }
+        p.shared = image.shared;
         p
     }
 
@@ -111,6 +125,7 @@ impl Partition {
             applied_index: self.applied_index,
             sessions,
             retained,
+            shared: self.shared.clone(),
         }
     }
 
@@ -192,6 +207,9 @@ impl Partition {
         for (filter, _, _) in self.subscriptions.iter() {
             set.insert(filter.to_string());
         }
+        for group in self.shared.groups.values() {
+            set.insert(group.filter.clone());
+        }
         set.into_iter().collect()
     }
 
@@ -204,6 +222,7 @@ impl Partition {
     pub fn restore_dirty(&mut self, dirty: Dirty) {
         self.dirty.sessions.extend(dirty.sessions);
         self.dirty.retained.extend(dirty.retained);
+        self.dirty.shared |= dirty.shared;
     }
 
     pub fn retained_message(&self, topic: &str) -> Option<&Arc<Message>> {
@@ -227,7 +246,10 @@ impl Partition {
     ) -> (bool, Vec<Effect>) {
         let mut effects = Vec::new();
         let targets = self.match_subscribers(message, publisher);
-        let matched = !targets.is_empty();
+        let mut matched = !targets.is_empty();
+        let before = effects.len();
+        self.deliver_qos0_shared(message, &mut effects);
+        matched |= effects.len() > before;
         for (client_id, t) in targets {
             let Some(s) = self.sessions.get(&client_id) else {
                 continue;
@@ -328,6 +350,7 @@ impl Partition {
                         message,
                         publisher.as_deref(),
                         store_retained,
+                        index,
                         now,
                         &mut effects,
                     )
@@ -411,6 +434,37 @@ impl Partition {
                 }
                 Reply::Done
             }
+            Command::SharedJoin { group, client_id } => {
+                self.shared_join(group, client_id, &mut effects)
+            }
+            Command::SharedLeave { group, client_id } => {
+                self.shared_leave(&group, &client_id, &mut effects)
+            }
+            Command::SharedDeliver {
+                client_id,
+                group,
+                message,
+                require_online,
+            } => self.shared_deliver(
+                &client_id,
+                &group,
+                message,
+                require_online,
+                now,
+                &mut effects,
+            ),
+            Command::SharedHandoffDone {
+                group: _,
+                seq,
+                member,
+                outcome,
+            } => self.shared_handoff_done(seq, &member, outcome, &mut effects),
+            Command::SharedEnqueue {
+                group,
+                from,
+                messages,
+            } => self.shared_enqueue(group, &from, messages, index, &mut effects),
+            Command::SharedReturnDone { seq } => self.shared_return_done(seq),
         };
         (reply, effects)
     }
@@ -544,6 +598,9 @@ impl Partition {
             });
         }
         self.dirty.sessions.insert(client_id.clone());
+        // Shared-subscription messages this member did not acknowledge go to another member
+        // now, rather than wait for it to come back (§4.8.2 allows both).
+        self.return_shared(client_id, effects);
         if expiry == 0 {
             self.remove_session(client_id, effects);
         } else if expiry != u32::MAX {
@@ -557,12 +614,20 @@ impl Partition {
     }
 
     fn remove_session(&mut self, client_id: &Arc<str>, effects: &mut Vec<Effect>) {
+        self.return_shared(client_id, effects);
         let Some(s) = self.sessions.remove(client_id) else {
             return;
         };
         for filter in s.subscriptions.keys() {
+            if topic::is_shared(filter) {
+                effects.push(Effect::Shared(SharedWork::Leave {
+                    group: filter.clone(),
+                    client_id: client_id.clone(),
+                }));
+                continue;
+            }
             self.subscriptions.remove(filter, client_id);
-            if !self.subscriptions.contains_filter(filter) {
+            if !self.has_route(filter) {
                 effects.push(Effect::RouteRemoved {
                     filter: filter.clone(),
                 });
@@ -599,8 +664,28 @@ impl Partition {
                     reason_codes.push(e.reason_code());
                     continue;
                 }
-                Ok((Some(_group), _)) => {
-                    reason_codes.push(ReasonCode::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED);
+                Ok((Some(group), f)) => {
+                    // The membership is kept here, with the session (so it ends with it);
+                    // the group itself lives in the partition of its key, which the caller
+                    // joins next. Retained messages are not sent on a shared subscribe
+                    // (§4.8.2).
+                    let key = format!("{}{group}/{f}", topic::SHARE_PREFIX);
+                    let is_new = !session.subscriptions.contains_key(&key);
+                    if is_new
+                        && limits.max_subscriptions > 0
+                        && session.subscriptions.len() >= limits.max_subscriptions
+                    {
+                        reason_codes.push(ReasonCode::QUOTA_EXCEEDED);
+                        continue;
+                    }
+                    session.subscriptions.insert(
+                        key,
+                        StoredSubscription {
+                            options: req.options,
+                            subscription_id: req.subscription_id,
+                        },
+                    );
+                    reason_codes.push(ReasonCode(req.options.qos.as_u8()));
                     continue;
                 }
                 Ok((None, f)) => f.to_string(),
@@ -618,7 +703,8 @@ impl Partition {
                 subscription_id: req.subscription_id,
             };
             session.subscriptions.insert(filter.clone(), stored);
-            let had_route = self.subscriptions.contains_filter(&filter);
+            let had_route = self.subscriptions.contains_filter(&filter)
+                || self.shared_filters.contains_filter(&filter);
             self.subscriptions
                 .insert(&filter, client_id.clone(), stored);
             if !had_route {
@@ -672,8 +758,12 @@ impl Partition {
         for f in filters {
             let filter = match topic::parse_subscription(&f) {
                 Ok((None, f)) => f.to_string(),
-                Ok((Some(_), _)) => {
-                    codes.push(ReasonCode::NO_SUBSCRIPTION_EXISTED);
+                Ok((Some(group), f)) => {
+                    let key = format!("{}{group}/{f}", topic::SHARE_PREFIX);
+                    codes.push(match session.subscriptions.remove(&key) {
+                        Some(_) => ReasonCode::SUCCESS,
+                        None => ReasonCode::NO_SUBSCRIPTION_EXISTED,
+                    });
                     continue;
                 }
                 Err(e) => {
@@ -683,7 +773,9 @@ impl Partition {
             };
             if session.subscriptions.remove(&filter).is_some() {
                 self.subscriptions.remove(&filter, client_id);
-                if !self.subscriptions.contains_filter(&filter) {
+                if !self.subscriptions.contains_filter(&filter)
+                    && !self.shared_filters.contains_filter(&filter)
+                {
                     effects.push(Effect::RouteRemoved {
                         filter: filter.clone(),
                     });
@@ -737,6 +829,7 @@ impl Partition {
         message: Arc<Message>,
         publisher: Option<&str>,
         store_retained: bool,
+        index: u64,
         now: u64,
         effects: &mut Vec<Effect>,
     ) -> Reply {
@@ -750,7 +843,8 @@ impl Partition {
             self.dirty.retained.insert(topic);
         }
         let targets = self.match_subscribers(&message, publisher);
-        let matched = !targets.is_empty();
+        let mut matched = !targets.is_empty();
+        matched |= self.publish_shared(&message, publisher, index, effects);
         for (client_id, t) in targets {
             let Some(s) = self.sessions.get_mut(&client_id) else {
                 continue;
@@ -761,6 +855,7 @@ impl Partition {
                     qos: t.qos,
                     retain: t.retain,
                     subscription_ids: t.subscription_ids,
+                    shared: None,
                 },
                 now,
                 &self.limits,
@@ -859,6 +954,7 @@ fn enqueue_retained(
                 // Retained messages sent because of a subscribe keep RETAIN=1 (§3.3.1.3).
                 retain: true,
                 subscription_ids: r.subscription_id.into_iter().collect(),
+                shared: None,
             },
             now,
             limits,

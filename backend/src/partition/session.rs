@@ -35,6 +35,9 @@ pub struct QueuedMessage {
     pub qos: QoS,
     pub retain: bool,
     pub subscription_ids: Vec<u32>,
+    /// The shared subscription (`$share/<group>/<filter>`) that handed this message over:
+    /// if the member leaves without acknowledging it, it goes back to the group.
+    pub shared: Option<Arc<str>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,6 +67,8 @@ pub struct SessionLimits {
     pub queue_qos0_offline: bool,
     /// Subscriptions per client; 0 means unlimited.
     pub max_subscriptions: usize,
+    /// How shared subscription groups pick a member.
+    pub shared_strategy: tiermq_common::partition_api::SharedStrategy,
 }
 
 impl Default for SessionLimits {
@@ -72,6 +77,7 @@ impl Default for SessionLimits {
             max_queued_messages: 100_000,
             queue_qos0_offline: false,
             max_subscriptions: 0,
+            shared_strategy: Default::default(),
         }
     }
 }
@@ -274,6 +280,25 @@ impl Session {
             }
             _ => false,
         }
+    }
+
+    /// Removes the shared-subscription messages not yet acknowledged (QoS2 ones already
+    /// PUBREC'd stay: the client has them), grouped by their group in delivery order.
+    pub fn take_shared_unacked(&mut self) -> BTreeMap<String, Vec<Arc<Message>>> {
+        let mut out: BTreeMap<String, Vec<Arc<Message>>> = BTreeMap::new();
+        let mut take = |item: &QueuedMessage| match &item.shared {
+            Some(group) if item.qos != QoS::AtMostOnce => {
+                out.entry(group.to_string())
+                    .or_default()
+                    .push(item.message.clone());
+                false
+            }
+            _ => true,
+        };
+        self.inflight
+            .retain(|i| i.state == InflightState::Released || take(&i.item));
+        self.queue.retain(|q| take(q));
+        out
     }
 
     /// The next packet id not in flight, wrapping from 65535 to 1 (0 is not a packet id).

@@ -532,11 +532,11 @@ fn subscribe_reason_codes() {
             ReasonCode::TOPIC_FILTER_INVALID,
             ReasonCode::TOPIC_FILTER_INVALID,
             ReasonCode::TOPIC_FILTER_INVALID,
-            ReasonCode::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED,
+            ReasonCode::GRANTED_QOS_1,
             ReasonCode::TOPIC_FILTER_INVALID,
         ]
     );
-    assert_eq!(h.p.session("a").unwrap().subscriptions.len(), 3);
+    assert_eq!(h.p.session("a").unwrap().subscriptions.len(), 4);
 }
 
 #[test]
@@ -1474,18 +1474,12 @@ fn image_bytes(p: &Partition) -> Vec<u8> {
     let mut image = p.image();
     image.sessions.sort_by(|a, b| a.client_id.cmp(&b.client_id));
     image.retained.sort_by(|a, b| a.topic.cmp(&b.topic));
-    postcard::to_stdvec(&(image.applied_index, &image.sessions, &image.retained)).unwrap()
+    postcard::to_stdvec(&image).unwrap()
 }
 
 fn roundtrip(image: PartitionImage) -> PartitionImage {
-    let bytes =
-        postcard::to_stdvec(&(image.applied_index, &image.sessions, &image.retained)).unwrap();
-    let (applied_index, sessions, retained) = postcard::from_bytes(&bytes).unwrap();
-    PartitionImage {
-        applied_index,
-        sessions,
-        retained,
-    }
+    let bytes = postcard::to_stdvec(&image).unwrap();
+    postcard::from_bytes(&bytes).unwrap()
 }
 
 #[test]
@@ -1536,7 +1530,8 @@ fn restore_keeps_timers_subscriptions_and_retained() {
 
 const CLIENTS: [&str; 3] = ["a", "b", "c"];
 const TOPICS: [&str; 4] = ["t/1", "t/2", "u/1", "$s/1"];
-const FILTERS: [&str; 6] = ["t/1", "t/+", "#", "u/1", "t/#", "+/1"];
+const FILTERS: [&str; 7] = ["t/1", "t/+", "#", "u/1", "t/#", "+/1", "$share/g/t/+"];
+const GROUP: &str = "$share/g/t/+";
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -1591,6 +1586,26 @@ enum Op {
     Advance(u64),
     Tick,
     FrontendLost(u64),
+    SharedJoin {
+        c: usize,
+        leave: bool,
+    },
+    SharedDeliver {
+        c: usize,
+        qos: u8,
+        require_online: bool,
+    },
+    SharedDone {
+        c: usize,
+        seq: u64,
+        outcome: u8,
+    },
+    SharedEnqueue {
+        c: usize,
+    },
+    SharedReturnDone {
+        seq: u64,
+    },
 }
 
 fn qos(q: u8) -> QoS {
@@ -1627,6 +1642,14 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         2 => (0u64..4000).prop_map(Op::Advance),
         2 => Just(Op::Tick),
         1 => (0u64..2).prop_map(Op::FrontendLost),
+        2 => (c.clone(), prop::bool::weighted(0.2))
+            .prop_map(|(c, leave)| Op::SharedJoin { c, leave }),
+        2 => (c.clone(), 0u8..3, any::<bool>())
+            .prop_map(|(c, qos, require_online)| Op::SharedDeliver { c, qos, require_online }),
+        2 => (c.clone(), 1u64..6, 0u8..3)
+            .prop_map(|(c, seq, outcome)| Op::SharedDone { c, seq, outcome }),
+        1 => c.clone().prop_map(|c| Op::SharedEnqueue { c }),
+        1 => (1u64..6).prop_map(|seq| Op::SharedReturnDone { seq }),
     ]
 }
 
@@ -1782,6 +1805,40 @@ impl Driver {
             }
             Op::Tick => Command::Tick,
             Op::FrontendLost(f) => Command::FrontendLost { frontend_id: f },
+            Op::SharedJoin { c, leave: false } => Command::SharedJoin {
+                group: GROUP.into(),
+                client_id: CLIENTS[c].into(),
+            },
+            Op::SharedJoin { c, leave: true } => Command::SharedLeave {
+                group: GROUP.into(),
+                client_id: CLIENTS[c].into(),
+            },
+            Op::SharedDeliver {
+                c,
+                qos: q,
+                require_online,
+            } => Command::SharedDeliver {
+                client_id: CLIENTS[c].into(),
+                group: GROUP.into(),
+                message: Arc::new(Message::new("t/1", "s", qos(q), false)),
+                require_online,
+            },
+            Op::SharedDone { c, seq, outcome } => Command::SharedHandoffDone {
+                group: GROUP.into(),
+                seq,
+                member: CLIENTS[c].into(),
+                outcome: [
+                    super::command::HandoffOutcome::Accepted,
+                    super::command::HandoffOutcome::Offline,
+                    super::command::HandoffOutcome::Gone,
+                ][usize::from(outcome % 3)],
+            },
+            Op::SharedEnqueue { c } => Command::SharedEnqueue {
+                group: GROUP.into(),
+                from: CLIENTS[c].into(),
+                messages: vec![Arc::new(Message::new("t/2", "r", QoS::AtLeastOnce, false))],
+            },
+            Op::SharedReturnDone { seq } => Command::SharedReturnDone { seq },
         };
         Some(Entry {
             now_ms: self.now,
@@ -1822,7 +1879,12 @@ proptest! {
         ops in prop::collection::vec(op_strategy(), 1..150),
         split in 0usize..150,
     ) {
-        let limits = SessionLimits { max_queued_messages: 4, queue_qos0_offline: true, max_subscriptions: 4 };
+        let limits = SessionLimits {
+            max_queued_messages: 4,
+            queue_qos0_offline: true,
+            max_subscriptions: 4,
+            shared_strategy: super::command::SharedStrategy::Random,
+        };
         let mut a = Partition::new(limits);
         let mut b = Partition::new(limits);
         let mut driver = Driver { now: T0, epochs: vec![0; CLIENTS.len()] };
@@ -1856,5 +1918,328 @@ proptest! {
             prop_assert_eq!(&got, expected);
         }
         prop_assert_eq!(image_bytes(&c), image_bytes(&a));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shared subscriptions (one partition holds both the group and the members, as standalone
+// with one partition does; the steps between them are run by `run_shared`)
+// ---------------------------------------------------------------------------------------------
+
+mod shared {
+    use super::*;
+    use crate::partition::command::{HandoffOutcome, SharedStrategy, SharedWork};
+
+    const G: &str = "$share/g/t/+";
+
+    impl H {
+        /// Carries out shared-subscription work like a runtime would, to completion, and
+        /// returns every other effect (deliveries, routes) in order.
+        fn run_shared(&mut self, effects: Vec<Effect>) -> Vec<Effect> {
+            let mut out = Vec::new();
+            let mut work: std::collections::VecDeque<Effect> = effects.into();
+            while let Some(e) = work.pop_front() {
+                let Effect::Shared(w) = e else {
+                    out.push(e);
+                    continue;
+                };
+                match w {
+                    SharedWork::Handoff {
+                        group,
+                        seq,
+                        member,
+                        message,
+                        require_online,
+                    } => {
+                        let (r, fx) = self.apply(Command::SharedDeliver {
+                            client_id: member.clone(),
+                            group: group.clone(),
+                            message,
+                            require_online,
+                        });
+                        work.extend(fx);
+                        let outcome = match r {
+                            Reply::SharedDelivered(o) => o,
+                            other => panic!("shared deliver: {other:?}"),
+                        };
+                        if let Some(seq) = seq {
+                            let (_, fx) = self.apply(Command::SharedHandoffDone {
+                                group,
+                                seq,
+                                member,
+                                outcome,
+                            });
+                            work.extend(fx);
+                        }
+                    }
+                    SharedWork::Return {
+                        seq,
+                        group,
+                        from,
+                        messages,
+                    } => {
+                        let (_, fx) = self.apply(Command::SharedEnqueue {
+                            group,
+                            from,
+                            messages,
+                        });
+                        work.extend(fx);
+                        let (_, fx) = self.apply(Command::SharedReturnDone { seq });
+                        work.extend(fx);
+                    }
+                    SharedWork::Leave { group, client_id } => {
+                        let (_, fx) = self.apply(Command::SharedLeave { group, client_id });
+                        work.extend(fx);
+                    }
+                }
+            }
+            out
+        }
+
+        /// SUBSCRIBE to the group from `id`'s session, then join it (what the router does).
+        fn join(&mut self, id: &str, epoch: u64, qos: QoS) -> Vec<Effect> {
+            let mut fx = self.subscribe(id, epoch, G, qos);
+            let (r, more) = self.apply(Command::SharedJoin {
+                group: G.into(),
+                client_id: id.into(),
+            });
+            assert_eq!(r, Reply::Done);
+            fx.extend(more);
+            fx
+        }
+
+        fn publish_shared(&mut self, payload: &str, qos: QoS) -> Vec<Effect> {
+            let fx = self.publish("t/1", payload, qos);
+            self.run_shared(fx)
+        }
+    }
+
+    #[test]
+    fn a_group_gets_each_message_once_in_turn() {
+        let mut h = H::new();
+        let a = h.online("a");
+        let b = h.online("b");
+        let c = h.online("c");
+        assert_eq!(routes_added(&h.join("a", a, QoS::AtLeastOnce)), vec!["t/+"]);
+        assert!(routes_added(&h.join("b", b, QoS::AtLeastOnce)).is_empty());
+        h.join("c", c, QoS::AtLeastOnce);
+        let mut got = std::collections::BTreeMap::<String, Vec<String>>::new();
+        for i in 0..6 {
+            let fx = h.publish_shared(&i.to_string(), QoS::AtLeastOnce);
+            let mut receivers = 0;
+            for id in ["a", "b", "c"] {
+                let ds = deliveries(&fx, id);
+                receivers += ds.len();
+                got.entry(id.into()).or_default().extend(payloads(&ds));
+            }
+            assert_eq!(receivers, 1, "message {i} goes to exactly one member");
+        }
+        for id in ["a", "b", "c"] {
+            assert_eq!(got[id].len(), 2, "round robin: {got:?}");
+        }
+        assert!(h.p.shared_work().is_empty(), "every handoff finished");
+    }
+
+    #[test]
+    fn plain_subscribers_and_groups_both_get_the_message() {
+        let mut h = H::new();
+        let a = h.online("a");
+        let p = h.online("p");
+        h.join("a", a, QoS::AtLeastOnce);
+        h.subscribe("p", p, "t/#", QoS::AtLeastOnce);
+        let fx = h.publish_shared("x", QoS::AtLeastOnce);
+        assert_eq!(payloads(&deliveries(&fx, "a")), vec!["x"]);
+        assert_eq!(payloads(&deliveries(&fx, "p")), vec!["x"]);
+    }
+
+    #[test]
+    fn granted_qos_and_subscription_id_come_from_the_members_subscription() {
+        let mut h = H::new();
+        let a = h.online("a");
+        h.subscribe_reqs("a", a, vec![sub_with(G, opts(QoS::AtMostOnce), Some(7))]);
+        h.apply(Command::SharedJoin {
+            group: G.into(),
+            client_id: "a".into(),
+        });
+        let fx = h.publish_shared("x", QoS::ExactlyOnce);
+        let ds = deliveries(&fx, "a");
+        assert_eq!(ds.len(), 1);
+        assert_eq!(ds[0].qos, QoS::AtMostOnce);
+        assert_eq!(ds[0].subscription_ids, vec![7]);
+    }
+
+    #[test]
+    fn connected_members_are_preferred_and_offline_ones_still_queue() {
+        let mut h = H::new();
+        let a = h.online("a");
+        let b = h.online("b");
+        h.join("a", a, QoS::AtLeastOnce);
+        h.join("b", b, QoS::AtLeastOnce);
+        h.drop_conn("b", b); // persistent: stays a member, offline
+        for i in 0..4 {
+            let fx = h.publish_shared(&i.to_string(), QoS::AtLeastOnce);
+            assert_eq!(
+                deliveries(&fx, "a").len(),
+                1,
+                "a is the only connected member"
+            );
+        }
+        assert_eq!(h.queued("b"), 0);
+        h.drop_conn("a", a);
+        // Nobody connected: the message waits in a member's session.
+        h.publish_shared("later", QoS::AtLeastOnce);
+        let queued = h.queued("a") + h.queued("b");
+        assert_eq!(queued, 1);
+    }
+
+    #[test]
+    fn unacked_messages_of_a_departed_member_go_to_another_member() {
+        let mut h = H::new();
+        let a = h.online("a");
+        let b = h.online("b");
+        h.join("a", a, QoS::AtLeastOnce);
+        h.join("b", b, QoS::AtLeastOnce);
+        let mut to_a = Vec::new();
+        for i in 0..4 {
+            let fx = h.publish_shared(&i.to_string(), QoS::AtLeastOnce);
+            to_a.extend(payloads(&deliveries(&fx, "a")));
+        }
+        assert_eq!(to_a.len(), 2);
+        // a acknowledges nothing and its connection drops.
+        let fx = h.drop_conn("a", a);
+        let fx = h.run_shared(fx);
+        assert_eq!(payloads(&deliveries(&fx, "b")), to_a, "in order, to b");
+        assert!(h.p.session("a").unwrap().inflight.is_empty());
+        assert!(h.p.shared_work().is_empty());
+    }
+
+    #[test]
+    fn acknowledged_messages_are_not_returned() {
+        let mut h = H::new();
+        let a = h.online("a");
+        let b = h.online("b");
+        h.join("a", a, QoS::AtLeastOnce);
+        h.join("b", b, QoS::AtLeastOnce);
+        let fx = h.publish_shared("x", QoS::AtLeastOnce);
+        let (id, epoch) = if deliveries(&fx, "a").is_empty() {
+            ("b", b)
+        } else {
+            ("a", a)
+        };
+        let d = &deliveries(&fx, id)[0];
+        h.ack(id, epoch, AckCmd::PubAck, d.packet_id.unwrap());
+        let fx = h.drop_conn(id, epoch);
+        let fx = h.run_shared(fx);
+        assert!(deliveries(&fx, "a").is_empty() && deliveries(&fx, "b").is_empty());
+    }
+
+    #[test]
+    fn a_session_that_ends_leaves_the_group() {
+        let mut h = H::new();
+        let (a, _, _) = h.connect("a", conn().expiry(0));
+        h.join("a", a, QoS::AtLeastOnce);
+        let fx = h.drop_conn("a", a);
+        let fx = h.run_shared(fx);
+        assert_eq!(routes_removed(&fx), vec!["t/+"]);
+        assert!(h.p.shared_groups().is_empty());
+        let (matched, _) = h.publish_msg(Message::new("t/1", "x", QoS::AtLeastOnce, false), None);
+        assert!(!matched);
+    }
+
+    #[test]
+    fn a_member_without_a_session_is_skipped_and_dropped_from_the_group() {
+        let mut h = H::new();
+        let b = h.online("b");
+        h.join("b", b, QoS::AtLeastOnce);
+        // "ghost" joined, but its session is gone (its leave was lost).
+        h.apply(Command::SharedJoin {
+            group: G.into(),
+            client_id: "ghost".into(),
+        });
+        for i in 0..3 {
+            let fx = h.publish_shared(&i.to_string(), QoS::AtLeastOnce);
+            assert_eq!(deliveries(&fx, "b").len(), 1);
+        }
+        let members: Vec<String> = h.p.shared_groups()[G]
+            .members
+            .iter()
+            .map(|m| m.to_string())
+            .collect();
+        assert_eq!(members, vec!["b"]);
+    }
+
+    #[test]
+    fn retained_messages_are_not_sent_on_a_shared_subscribe() {
+        let mut h = H::new();
+        h.retain("t/1", "old", QoS::AtLeastOnce);
+        let a = h.online("a");
+        let fx = h.join("a", a, QoS::AtLeastOnce);
+        assert!(deliveries(&fx, "a").is_empty());
+    }
+
+    #[test]
+    fn sticky_strategy_keeps_a_publisher_on_one_member() {
+        let mut h = H::with_limits(SessionLimits {
+            shared_strategy: SharedStrategy::StickyByPublisher,
+            ..Default::default()
+        });
+        for id in ["a", "b", "c"] {
+            let e = h.online(id);
+            h.join(id, e, QoS::AtMostOnce);
+        }
+        let mut receivers = std::collections::BTreeSet::new();
+        for i in 0..6 {
+            let m = Message::new("t/1", i.to_string(), QoS::AtLeastOnce, false);
+            let (_, fx) = h.publish_msg(m, Some("pub-1"));
+            let fx = h.run_shared(fx);
+            for id in ["a", "b", "c"] {
+                if !deliveries(&fx, id).is_empty() {
+                    receivers.insert(id);
+                }
+            }
+        }
+        assert_eq!(receivers.len(), 1);
+    }
+
+    #[test]
+    fn pending_handoffs_survive_a_snapshot_and_are_carried_out_again() {
+        let mut h = H::new();
+        let a = h.online("a");
+        h.join("a", a, QoS::AtLeastOnce);
+        // Published, but the handoff is not carried out (the runtime crashed).
+        let fx = h.publish("t/1", "x", QoS::AtLeastOnce);
+        assert!(matches!(
+            fx.as_slice(),
+            [Effect::Shared(SharedWork::Handoff { .. })]
+        ));
+        let image = roundtrip(h.p.image());
+        let restored = Partition::restore(SessionLimits::default(), image);
+        let work = restored.shared_work();
+        assert_eq!(work.len(), 1);
+        h.p = restored;
+        let fx = h.run_shared(work.into_iter().map(Effect::Shared).collect());
+        assert_eq!(payloads(&deliveries(&fx, "a")), vec!["x"]);
+        assert!(h.p.shared_work().is_empty());
+        // A late answer to the same handoff changes nothing.
+        let (r, fx) = h.apply(Command::SharedHandoffDone {
+            group: G.into(),
+            seq: 1,
+            member: "a".into(),
+            outcome: HandoffOutcome::Offline,
+        });
+        assert_eq!(r, Reply::Done);
+        assert!(fx.is_empty());
+    }
+
+    #[test]
+    fn unsubscribing_from_the_group_is_reported() {
+        let mut h = H::new();
+        let a = h.online("a");
+        h.join("a", a, QoS::AtLeastOnce);
+        let (codes, _) = h.unsubscribe("a", a, &[G, G]);
+        assert_eq!(
+            codes,
+            vec![ReasonCode::SUCCESS, ReasonCode::NO_SUBSCRIPTION_EXISTED]
+        );
     }
 }

@@ -198,6 +198,28 @@ struct Watcher {
     id: u64,
     tx: mpsc::UnboundedSender<RouteChange>,
     acked: u64,
+    /// The last update sent to this watcher. Sequence numbers are global, but a snapshot
+    /// goes only to the watcher that joined: the others never see (nor ack) its numbers.
+    sent: u64,
+}
+
+impl Watcher {
+    /// Whether it has applied every update up to `seq` that was sent to it.
+    fn has_acked(&self, seq: u64) -> bool {
+        self.acked >= seq.min(self.sent)
+    }
+}
+
+/// Work a leader hands to the node's cluster client: it involves other partitions.
+#[derive(Debug)]
+pub enum LeaderWork {
+    /// A fired will, to publish.
+    Will(tiermq_common::Message),
+    /// A shared-subscription step emitted by partition `origin`.
+    Shared {
+        origin: u32,
+        work: tiermq_common::partition_api::SharedWork,
+    },
 }
 
 /// What a node's driver shares with the services that serve frontends: event streams per
@@ -207,7 +229,7 @@ pub struct ClusterHub {
     frontends: std::sync::Mutex<HashMap<u64, mpsc::UnboundedSender<FrontendEvent>>>,
     routes: std::sync::Mutex<RouteWatchers>,
     route_acks: tokio::sync::Notify,
-    wills: std::sync::Mutex<Option<mpsc::UnboundedSender<tiermq_common::Message>>>,
+    wills: std::sync::Mutex<Option<mpsc::UnboundedSender<LeaderWork>>>,
 }
 
 #[derive(Default)]
@@ -221,8 +243,9 @@ impl ClusterHub {
         Arc::new(ClusterHub::default())
     }
 
-    /// Where wills fired by partitions this node leads are handed for publishing.
-    pub fn set_will_sink(&self, tx: mpsc::UnboundedSender<tiermq_common::Message>) {
+    /// Where work for other partitions goes — wills fired and shared-subscription steps of the
+    /// partitions this node leads — to be carried out through a cluster client.
+    pub fn set_will_sink(&self, tx: mpsc::UnboundedSender<LeaderWork>) {
         *self.wills.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
     }
 
@@ -266,7 +289,11 @@ impl ClusterHub {
         let mut r = self.routes.lock().unwrap_or_else(|e| e.into_inner());
         r.seq += 1;
         change.seq = r.seq;
-        r.watchers.retain(|w| w.tx.send(change.clone()).is_ok());
+        let seq = r.seq;
+        r.watchers.retain_mut(|w| {
+            w.sent = seq;
+            w.tx.send(change.clone()).is_ok()
+        });
         drop(r);
         self.route_acks.notify_waiters();
     }
@@ -286,7 +313,12 @@ impl ClusterHub {
         // Its snapshot covers everything so far; nothing to wait for from it yet.
         let acked = r.seq;
         r.watchers.retain(|w| w.id != id);
-        r.watchers.push(Watcher { id, tx, acked });
+        r.watchers.push(Watcher {
+            id,
+            tx,
+            acked,
+            sent: acked,
+        });
     }
 
     /// A watcher applied every update up to `seq`.
@@ -315,19 +347,31 @@ impl ClusterHub {
             {
                 let mut r = self.routes.lock().unwrap_or_else(|e| e.into_inner());
                 r.watchers.retain(|w| !w.tx.is_closed());
-                if r.watchers.iter().all(|w| w.acked >= seq) {
+                if r.watchers.iter().all(|w| w.has_acked(seq)) {
                     return true;
                 }
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                let r = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+                let behind: Vec<(u64, u64)> = r
+                    .watchers
+                    .iter()
+                    .filter(|w| !w.has_acked(seq))
+                    .map(|w| (w.id, w.acked))
+                    .collect();
+                debug!(seq, ?behind, "route watchers behind");
                 return false;
             }
         }
     }
 
     fn publish_will(&self, message: tiermq_common::Message) {
+        self.hand_over(LeaderWork::Will(message));
+    }
+
+    fn hand_over(&self, work: LeaderWork) {
         if let Some(tx) = &*self.wills.lock().unwrap_or_else(|e| e.into_inner()) {
-            let _ = tx.send(message);
+            let _ = tx.send(work);
         }
     }
 }
@@ -668,6 +712,10 @@ impl Group {
                     }
                 }
                 Effect::PublishWill { message } => hub.publish_will(message),
+                Effect::Shared(work) => hub.hand_over(LeaderWork::Shared {
+                    origin: self.partition,
+                    work,
+                }),
                 Effect::RouteAdded { filter } => hub.broadcast_route(RouteChange {
                     partition: self.partition,
                     leader: true,
@@ -1230,6 +1278,13 @@ impl Driver {
                 for f in g.sm.attached_frontends() {
                     let fx = g.sm.replay_for_frontend(f, now);
                     g.dispatch(fx, None, None, &self.hub);
+                }
+                // Shared-subscription steps the old leader may not have finished.
+                for work in g.sm.shared_work() {
+                    self.hub.hand_over(LeaderWork::Shared {
+                        origin: g.partition,
+                        work,
+                    });
                 }
             }
             g.was_leader = leading;
