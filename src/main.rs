@@ -94,6 +94,10 @@ struct BrokerArgs {
     replication: Option<usize>,
     /// (frontend) Backend gRPC addresses, comma separated, e.g. `b1:7000,b2:7000`.
     #[arg(long, env = "TIERMQ_BACKENDS", value_delimiter = ',')]
+    /// A full session queue: drop-oldest, or refuse-new (v5 publishers get 0x97)
+    /// [default: drop-oldest].
+    #[arg(long, env = "TIERMQ_QUEUE_FULL_POLICY")]
+    queue_full_policy: Option<tiermq_common::partition_api::QueueFullPolicy>,
     backends: Option<Vec<String>>,
     /// (frontend) Frontend id; 0 draws a random one [default: 0].
     #[arg(long, env = "TIERMQ_FRONTEND_ID")]
@@ -173,6 +177,7 @@ fn main() -> ExitCode {
             },
         ),
     }
+            queue_full_policy: self.queue_full_policy,
 }
 
 /// Loads settings (exit 2 with a message when invalid), sets up logging and the runtime, and

@@ -89,6 +89,7 @@ impl Standalone {
         let state = StandaloneState::default();
         let endpoint = node_metrics::standalone(&node_metrics, state.clone());
         let metrics = metrics_http::start(&settings.metrics, endpoint).await?;
+            queue_full: s.session.queue_full_policy,
         let dir = &settings.storage.data_dir;
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create data folder {}", dir.display()))?;

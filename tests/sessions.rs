@@ -75,6 +75,53 @@ async fn v5_offline_queue_is_delivered_in_order() {
     assert_eq!(&sub.recv_publish().await.payload[..], b"n-1");
 }
 
+/// `max_queued_messages` with each policy: drop-oldest keeps the newest (publisher sees
+/// success), refuse-new keeps the oldest and a v5 publisher sees 0x97 Quota exceeded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_offline_queue_follows_the_configured_policy() {
+    use tiermq_common::partition_api::QueueFullPolicy;
+    for policy in [QueueFullPolicy::DropOldest, QueueFullPolicy::RefuseNew] {
+        let b = start_broker_with(|s| {
+            s.session.max_queued_messages = 3;
+            s.session.queue_full_policy = policy;
+        })
+        .await;
+        let (mut sub, _) = Raw::connect(b.addr, V5, "full", persistent(300)).await;
+        sub.subscribe("full/t", sub_opts(QoS::AtLeastOnce)).await;
+        sub.disconnect(ReasonCode::NORMAL_DISCONNECTION).await;
+        let mut publ = Raw::v5(b.addr, "full-pub").await;
+        publish_n(&mut publ, "full/t", "m", 3, ReasonCode::SUCCESS).await;
+        let over = match policy {
+            QueueFullPolicy::DropOldest => ReasonCode::SUCCESS,
+            QueueFullPolicy::RefuseNew => ReasonCode::QUOTA_EXCEEDED,
+        };
+        for i in 4..=5u16 {
+            let ack = publ
+                .publish_qos1(publish_packet(
+                    "full/t",
+                    QoS::AtLeastOnce,
+                    Some(i),
+                    format!("m-{i}").as_bytes(),
+                ))
+                .await;
+            assert_eq!(ack.reason_code, over, "{policy:?}");
+        }
+        let (mut sub, _) = Raw::connect(b.addr, V5, "full", persistent(300)).await;
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            let p = sub.recv_publish().await;
+            sub.puback(p.packet_id.unwrap()).await;
+            got.push(String::from_utf8_lossy(&p.payload).into_owned());
+        }
+        sub.expect_silence().await;
+        let expected = match policy {
+            QueueFullPolicy::DropOldest => ["m-3", "m-4", "m-5"],
+            QueueFullPolicy::RefuseNew => ["m-1", "m-2", "m-3"],
+        };
+        assert_eq!(got, expected, "{policy:?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn v3_offline_queue_is_delivered_in_order() {
     let b = start_broker().await;

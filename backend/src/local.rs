@@ -287,6 +287,7 @@ impl LocalBroker {
             return futures::future::Either::Left(std::future::ready(Ok(Published {
                 matched,
                 duplicate: false,
+                refused: false,
             })));
         }
         let inbound = inbound.map(|(session, packet_id)| {
@@ -332,13 +333,16 @@ impl LocalBroker {
         futures::future::Either::Right(async move {
             let mut matched = false;
             let mut duplicate = false;
+            let mut refused = false;
             let mut collect = |reply: Reply| match reply {
                 Reply::Published {
                     matched: m,
                     duplicate: d,
+                    refused: r,
                 } => {
                     matched |= m;
                     duplicate |= d;
+                    refused |= r;
                     Ok(())
                 }
                 other => Err(reply_error(other)),
@@ -352,6 +356,7 @@ impl LocalBroker {
                         return Ok(Published {
                             matched: true,
                             duplicate: true,
+                            refused: false,
                         })
                     }
                     Reply::Qos2Received { duplicate: false } => {}
@@ -367,7 +372,11 @@ impl LocalBroker {
                     collect(rx.await.map_err(|_| ServiceError::ShuttingDown)?)?;
                 }
             }
-            Ok(Published { matched, duplicate })
+            Ok(Published {
+                matched,
+                duplicate,
+                refused,
+            })
         })
     }
 

@@ -377,6 +377,9 @@ impl Settings {
         let invalid = |name, message: &str| {
             Err(ConfigError::Invalid {
                 name,
+    /// A full queue (`max_queued_messages`): `drop-oldest` keeps the newest messages,
+    /// `refuse-new` keeps the queue and answers a v5 publisher 0x97 Quota exceeded.
+    pub queue_full_policy: crate::partition_api::QueueFullPolicy,
                 message: message.to_string(),
             })
         };
@@ -424,6 +427,7 @@ mod tests {
         let mut s2 = s.clone();
         s2.apply(&Overrides {
             listen: Some("127.0.0.1:3883".parse().unwrap()),
+            queue_full_policy: Default::default(),
             ..Overrides::default()
         });
         assert_eq!(s2.mqtt.listen.port(), 3883);
@@ -451,6 +455,7 @@ mod tests {
         assert_eq!(default.addr, DEFAULT_METRICS_LISTEN.parse().unwrap());
         assert!(!default.explicit);
         let s = Settings::from_toml("[metrics]\nlisten = \"127.0.0.1:0\"").unwrap();
+    pub queue_full_policy: Option<crate::partition_api::QueueFullPolicy>,
         assert!(s.metrics.listen().unwrap().unwrap().explicit);
         let s = Settings::from_toml("[metrics]\nlisten = \"\"").unwrap();
         assert_eq!(s.metrics.listen().unwrap(), None);
@@ -484,3 +489,4 @@ mod tests {
         ));
     }
 }
+        set!(self.session.queue_full_policy, o.queue_full_policy);

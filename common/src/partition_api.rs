@@ -44,6 +44,32 @@ impl std::str::FromStr for SharedStrategy {
     }
 }
 
+/// What a session does with a new message when its queue already holds
+/// `max_queued_messages` (deterministic configuration of a partition, like the limit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum QueueFullPolicy {
+    /// Keep the newest: the oldest queued message is dropped (as Mosquitto does).
+    #[default]
+    DropOldest,
+    /// Keep what is queued: the new message is not queued for that session, and a v5
+    /// publisher gets PUBACK/PUBREC 0x97 Quota exceeded (other subscribers still got it).
+    RefuseNew,
+}
+
+impl std::str::FromStr for QueueFullPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "drop-oldest" | "drop_oldest" => Ok(QueueFullPolicy::DropOldest),
+            "refuse-new" | "refuse_new" => Ok(QueueFullPolicy::RefuseNew),
+            other => Err(format!(
+                "unknown queue policy {other:?} (expected drop-oldest or refuse-new)"
+            )),
+        }
+    }
+}
+
 /// How a member's partition answered a [`Command::SharedDeliver`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum HandoffOutcome {
@@ -257,6 +283,8 @@ pub enum Reply {
         matched: bool,
         /// Inbound QoS2 whose packet id was already recorded: not delivered again.
         duplicate: bool,
+        /// At least one session's queue was full and refused it (`QueueFullPolicy::RefuseNew`).
+        refused: bool,
     },
     Qos2Received {
         duplicate: bool,

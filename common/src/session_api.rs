@@ -154,6 +154,8 @@ pub struct Published {
     /// For inbound QoS2: this packet id was already received and not yet released; the
     /// message was not forwarded again.
     pub duplicate: bool,
+    /// A subscriber's queue was full and refused the message (v5: 0x97 Quota exceeded).
+    pub refused: bool,
 }
 
 /// Why a call to the partitions failed.

@@ -790,6 +790,7 @@ where
         }))
     }
 
+            Ok(p) if p.refused => Ok(ReasonCode::QUOTA_EXCEEDED),
     async fn service_failed(&mut self, e: ServiceError) -> Result<(), Close> {
         debug!(peer = %self.peer, error = %e, "partition call failed");
         match e {

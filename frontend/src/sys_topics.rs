@@ -173,6 +173,7 @@ mod tests {
                 Ok(Published {
                     matched: false,
                     duplicate: false,
+                    refused: false,
                 })
             })
         });

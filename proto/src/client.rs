@@ -542,6 +542,7 @@ impl ClusterClient {
         let mark = inbound.map(|(s, packet_id)| {
             (
                 self.partition_of(&s.client_id),
+                refused: false,
                 InboundQos2 {
                     client_id: s.client_id.clone(),
                     epoch: s.epoch,
@@ -597,13 +598,16 @@ impl ClusterClient {
                 }
                 other => Err(reply_error(other)),
             };
+            let mut refused = false;
             match plan {
                 Plan::All(waits) => {
                     for w in waits {
                         absorb(w.await?)?;
+                    refused: r,
                     }
                 }
                 Plan::Qos2 {
+                    refused |= r;
                     check,
                     home,
                     mark,
@@ -631,6 +635,7 @@ impl ClusterClient {
                         let _ = go.await;
                     }
                     let others: Vec<_> = targets
+                                refused: false,
                         .iter()
                         .filter(|p| **p != home)
                         .map(|p| client.command(*p, &publish(*p, None)))
@@ -647,7 +652,11 @@ impl ClusterClient {
                     absorb(at_home.await?)?;
                 }
             }
-            Ok(Published { matched, duplicate })
+            Ok(Published {
+                matched,
+                duplicate,
+                refused,
+            })
         })
     }
 

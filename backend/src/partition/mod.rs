@@ -344,6 +344,7 @@ impl Partition {
                     Reply::Published {
                         matched: true,
                         duplicate: true,
+                        refused: false,
                     }
                 } else {
                     self.publish(
@@ -845,11 +846,12 @@ impl Partition {
         let targets = self.match_subscribers(&message, publisher);
         let mut matched = !targets.is_empty();
         matched |= self.publish_shared(&message, publisher, index, effects);
+        let mut refused = false;
         for (client_id, t) in targets {
             let Some(s) = self.sessions.get_mut(&client_id) else {
                 continue;
             };
-            s.enqueue(
+            refused |= !s.enqueue(
                 QueuedMessage {
                     message: message.clone(),
                     qos: t.qos,
@@ -868,6 +870,7 @@ impl Partition {
         Reply::Published {
             matched,
             duplicate: false,
+            refused,
         }
     }
 
@@ -947,7 +950,9 @@ fn enqueue_retained(
     effects: &mut Vec<Effect>,
 ) {
     for m in &r.messages {
-        session.enqueue(
+        // Retained messages on subscribe: the subscriber asked for them; a full queue simply
+        // does not take them (nobody to answer 0x97 to).
+        let _ = session.enqueue(
             QueuedMessage {
                 message: m.clone(),
                 qos: m.qos.min(r.options.qos),

@@ -69,6 +69,8 @@ pub struct SessionLimits {
     pub max_subscriptions: usize,
     /// How shared subscription groups pick a member.
     pub shared_strategy: tiermq_common::partition_api::SharedStrategy,
+    /// What a full queue does with a new message.
+    pub queue_full: tiermq_common::partition_api::QueueFullPolicy,
 }
 
 impl Default for SessionLimits {
@@ -78,6 +80,7 @@ impl Default for SessionLimits {
             queue_qos0_offline: false,
             max_subscriptions: 0,
             shared_strategy: Default::default(),
+            queue_full: Default::default(),
         }
     }
 }
@@ -133,24 +136,31 @@ impl Session {
         self.attachment.map(|a| a.epoch)
     }
 
-    /// Adds a matched message for this session and sends what the window allows.
+    /// Adds a matched message for this session and sends what the window allows. Returns
+    /// false when the queue was full and the policy refused the message.
     pub fn enqueue(
         &mut self,
         item: QueuedMessage,
         now_ms: u64,
         limits: &SessionLimits,
         effects: &mut Vec<Effect>,
-    ) {
+    ) -> bool {
         if item.qos == QoS::AtMostOnce {
             if let Some(epoch) = self.epoch() {
                 // QoS0 to an online session goes straight out; it is never queued in order
                 // with QoS1/2 because it carries no packet id and no ack.
                 effects.push(self.delivery(epoch, None, false, &item, now_ms));
-                return;
+                return true;
             }
             if !limits.queue_qos0_offline || self.expiry_secs == 0 {
-                return;
+                return true;
             }
+        }
+        if limits.queue_full == tiermq_common::partition_api::QueueFullPolicy::RefuseNew
+            && self.queue.len() >= limits.max_queued_messages
+        {
+            self.dropped += 1;
+            return false;
         }
         self.queue.push_back(item);
         self.pump(now_ms, effects);
@@ -159,6 +169,7 @@ impl Session {
             self.queue.pop_front();
             self.dropped += 1;
         }
+        true
     }
 
     /// Moves queued messages into the in-flight window while the client's Receive Maximum

@@ -441,7 +441,7 @@ impl Partition {
         }
         let qos = message.qos.min(sub.options.qos);
         let retain = message.retain && sub.options.retain_as_published;
-        session.enqueue(
+        let queued = session.enqueue(
             QueuedMessage {
                 message,
                 qos,
@@ -453,6 +453,10 @@ impl Partition {
             &limits,
             effects,
         );
+        if !queued {
+            // Its queue is full (refuse-new policy): another member may have room.
+            return Reply::SharedDelivered(HandoffOutcome::Offline);
+        }
         if qos != QoS::AtMostOnce {
             self.dirty.sessions.insert(client_id.clone());
         }

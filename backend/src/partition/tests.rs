@@ -1428,6 +1428,40 @@ fn max_queued_messages_drops_oldest() {
 }
 
 #[test]
+fn max_queued_messages_refuse_new_keeps_the_queue_and_tells_the_publisher() {
+    let mut h = H::with_limits(SessionLimits {
+        max_queued_messages: 3,
+        queue_full: super::command::QueueFullPolicy::RefuseNew,
+        ..Default::default()
+    });
+    let a = h.online("a");
+    let b = h.online("b");
+    h.subscribe("a", a, "t", QoS::AtLeastOnce);
+    h.subscribe("b", b, "t", QoS::AtLeastOnce);
+    h.drop_conn("a", a);
+    let mut refused = Vec::new();
+    for i in 0..5 {
+        let (r, _) = h.apply(Command::Publish {
+            message: Arc::new(Message::new("t", format!("m{i}"), QoS::AtLeastOnce, false)),
+            publisher: None,
+            store_retained: false,
+            inbound_qos2: None,
+        });
+        match r {
+            Reply::Published { refused: r, .. } => refused.push(r),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(refused, vec![false, false, false, true, true]);
+    assert_eq!(h.queued("a"), 3);
+    assert_eq!(h.p.session("a").unwrap().dropped, 2);
+    // The other subscriber, with room, got all five.
+    assert_eq!(h.inflight_ids("b").len(), 5);
+    let (_, _, e) = h.connect("a", conn());
+    assert_eq!(payloads(&deliveries(&e, "a")), vec!["m0", "m1", "m2"]);
+}
+
+#[test]
 fn max_queued_messages_counts_only_beyond_the_window() {
     let mut h = H::with_limits(SessionLimits {
         max_queued_messages: 0,
@@ -1884,6 +1918,7 @@ proptest! {
             queue_qos0_offline: true,
             max_subscriptions: 4,
             shared_strategy: super::command::SharedStrategy::Random,
+            queue_full: super::command::QueueFullPolicy::RefuseNew,
         };
         let mut a = Partition::new(limits);
         let mut b = Partition::new(limits);
