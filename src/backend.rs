@@ -29,6 +29,8 @@ pub struct BackendNode {
     shutdown: CancellationToken,
     server: JoinHandle<()>,
     metrics: Option<MetricsServer>,
+    /// How long a graceful stop waits for leadership to move away (0: no transfer).
+    leader_transfer: std::time::Duration,
 }
 
 impl BackendNode {
@@ -110,6 +112,7 @@ impl BackendNode {
             shutdown,
             server,
             metrics,
+            leader_transfer: std::time::Duration::from_secs(cluster.leader_transfer_secs),
         })
     }
 
@@ -124,6 +127,17 @@ impl BackendNode {
 
     /// Stops serving, checkpoints every group and releases the data folder.
     pub async fn shutdown(self) {
+        if !self.leader_transfer.is_zero() {
+            // Still serving: followers take over now, instead of after an election timeout
+            // once this node is gone.
+            let started = std::time::Instant::now();
+            let left = self.handle.transfer_leadership(self.leader_transfer).await;
+            info!(
+                still_leading = left.len(),
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "leadership handed over before stopping"
+            );
+        }
         self.shutdown.cancel();
         // Long-lived streams (peers' Raft streams, frontends' event and route streams) do not
         // end on their own, so a graceful stop of the server would wait forever: give calls in

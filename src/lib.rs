@@ -2,6 +2,7 @@
 //! Tests use it to start brokers in-process.
 
 pub mod backend;
+pub mod backend_drain;
 pub mod bench;
 pub mod check;
 pub mod cluster_cli;

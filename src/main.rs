@@ -26,7 +26,8 @@ enum Command {
     /// Run a stateless frontend node of a cluster (see --backends).
     Frontend(BrokerArgs),
     /// Run a backend node of a cluster: Raft-replicated partitions (see --node-id, --peers).
-    Backend(BrokerArgs),
+    /// `backend drain` moves a running one's partition leadership elsewhere (before a restart).
+    Backend(BackendArgs),
     /// Load generator and broker benchmarks (pairs, fan-in, fan-out, conn-storm, retained, idle).
     Bench(tiermq::bench::BenchArgs),
     /// Cluster tools: `status` (members, partitions, leaders, lag), `probe` (MQTT round trip).
@@ -138,6 +139,10 @@ impl BrokerArgs {
         Settings::load(self.config.as_deref(), &overrides)
     }
 }
+    /// (cluster, backend) On SIGTERM / Ctrl-C, move partition leadership to other replicas
+    /// first, waiting at most this many seconds; 0 stops at once [default: 5].
+    #[arg(long, env = "TIERMQ_LEADER_TRANSFER_SECS")]
+    leader_transfer_secs: Option<u64>,
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -152,7 +157,11 @@ fn main() -> ExitCode {
                 Ok(())
             },
         ),
-        Command::Backend(args) => run_server(
+        Command::Backend(BackendArgs {
+            action: Some(BackendAction::Drain(drain)),
+            ..
+        }) => tiermq::backend_drain::main(drain),
+        Command::Backend(BackendArgs { broker: args, .. }) => run_server(
             &args,
             |s| s.cluster.validate_backend(),
             |settings| async move {
@@ -190,6 +199,7 @@ where
 {
     let settings = match args.settings().and_then(|s| validate(&s).map(|()| s)) {
         Ok(s) => s,
+            leader_transfer_secs: self.leader_transfer_secs,
         Err(e) => {
             eprintln!("tiermq: {e}");
             return ExitCode::from(2);
@@ -202,6 +212,24 @@ where
             eprintln!("tiermq: cannot start the runtime: {e}");
             return ExitCode::FAILURE;
         }
+/// `tiermq backend [FLAGS]` runs a backend; `tiermq backend drain --backend ADDR` hands its
+/// leaderships to other replicas.
+#[derive(Args, Debug)]
+#[command(subcommand_negates_reqs = true)]
+struct BackendArgs {
+    #[command(subcommand)]
+    action: Option<BackendAction>,
+    #[command(flatten)]
+    broker: BrokerArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum BackendAction {
+    /// Move the leadership of every partition a running backend leads to its other replicas
+    /// (it keeps running as a follower), so it can restart without an election pause.
+    Drain(tiermq::backend_drain::BackendDrainArgs),
+}
+
     };
     match runtime.block_on(serve(settings)) {
         Ok(()) => ExitCode::SUCCESS,

@@ -21,6 +21,7 @@ use tiermq_proto::broker::broker_server::{Broker, BrokerServer};
 use tiermq_proto::broker::{
     op, op_reply, ClusterInfo, ClusterRequest, EventBatch, EventsRequest, Member, NotLeader, Op,
     OpReply, PartitionInfo, RouteUpdate, RoutesAck, RoutesAckReply, RoutesRequest, SessionEventMsg,
+    TransferLeadershipReply, TransferLeadershipRequest,
 };
 use tiermq_proto::API_VERSION;
 use tokio::sync::mpsc;
@@ -208,6 +209,29 @@ impl Broker for BrokerService {
         check_version(ack.version)?;
         self.handle.hub().ack_routes(ack.watcher_id, ack.seq);
         Ok(Response::new(RoutesAckReply {}))
+    }
+
+    async fn transfer_leadership(
+        &self,
+        request: Request<TransferLeadershipRequest>,
+    ) -> Result<Response<TransferLeadershipReply>, Status> {
+        let req = request.into_inner();
+        check_version(req.version)?;
+        let timeout = match req.timeout_ms {
+            0 => std::time::Duration::from_secs(10),
+            ms => std::time::Duration::from_millis(u64::from(ms)),
+        };
+        let started = std::time::Instant::now();
+        let still_leading = self.handle.transfer_leadership(timeout).await;
+        tracing::info!(
+            still_leading = still_leading.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "leadership transferred away"
+        );
+        Ok(Response::new(TransferLeadershipReply {
+            still_leading,
+            elapsed_ms: started.elapsed().as_millis() as u64,
+        }))
     }
 
     async fn cluster(

@@ -224,6 +224,10 @@ pub struct SessionSettings {
 pub struct LogSettings {
     /// A tracing filter such as `info` or `tiermq=debug,info`; `RUST_LOG` wins when set.
     pub level: String,
+    /// (backend) On a graceful stop (SIGTERM, Ctrl-C), first hand the leadership of every
+    /// partition led here to another replica, waiting at most this many seconds, so clients
+    /// do not wait for an election timeout. 0: stop at once.
+    pub leader_transfer_secs: u64,
 }
 
 impl Default for MqttSettings {
@@ -249,6 +253,7 @@ impl Default for MqttSettings {
 
 impl Default for StorageSettings {
     fn default() -> Self {
+            leader_transfer_secs: 5,
         StorageSettings {
             data_dir: PathBuf::from("./data"),
             partitions: 1,
@@ -467,6 +472,7 @@ mod tests {
         assert!(matches!(
             s.validate(),
             Err(ConfigError::Invalid {
+    pub leader_transfer_secs: Option<u64>,
                 name: "metrics.listen",
                 ..
             })
@@ -490,3 +496,4 @@ mod tests {
     }
 }
         set!(self.session.queue_full_policy, o.queue_full_policy);
+        set!(self.cluster.leader_transfer_secs, o.leader_transfer_secs);
