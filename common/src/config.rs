@@ -364,12 +364,14 @@ impl Settings {
         set!(self.session.max_subscriptions, o.max_subscriptions);
         set!(self.session.queue_qos0_offline, o.queue_qos0_offline);
         set!(self.session.shared_strategy, o.shared_strategy);
+        set!(self.session.queue_full_policy, o.queue_full_policy);
         set!(self.log.level, o.log_level);
         set!(self.cluster.node_id, o.node_id);
         set!(self.cluster.grpc_listen, o.grpc_listen);
         set!(self.cluster.peers, o.peers);
         set!(self.cluster.partitions, o.cluster_partitions);
         set!(self.cluster.replication, o.replication);
+        set!(self.cluster.leader_transfer_secs, o.leader_transfer_secs);
         set!(self.cluster.backends, o.backends);
         set!(self.cluster.frontend_id, o.frontend_id);
         if let Some(listen) = &o.metrics_listen {
@@ -495,5 +497,3 @@ mod tests {
         ));
     }
 }
-        set!(self.session.queue_full_policy, o.queue_full_policy);
-        set!(self.cluster.leader_transfer_secs, o.leader_transfer_secs);
