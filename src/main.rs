@@ -75,6 +75,10 @@ struct BrokerArgs {
     /// sticky-by-publisher [default: round-robin].
     #[arg(long, env = "TIERMQ_SHARED_STRATEGY")]
     shared_strategy: Option<tiermq_common::partition_api::SharedStrategy>,
+    /// A full session queue: drop-oldest, or refuse-new (v5 publishers get 0x97)
+    /// [default: drop-oldest].
+    #[arg(long, env = "TIERMQ_QUEUE_FULL_POLICY")]
+    queue_full_policy: Option<tiermq_common::partition_api::QueueFullPolicy>,
     /// Log filter, e.g. `info` or `debug`; RUST_LOG wins when set [default: info].
     #[arg(long, env = "TIERMQ_LOG")]
     log_level: Option<String>,
@@ -95,10 +99,6 @@ struct BrokerArgs {
     replication: Option<usize>,
     /// (frontend) Backend gRPC addresses, comma separated, e.g. `b1:7000,b2:7000`.
     #[arg(long, env = "TIERMQ_BACKENDS", value_delimiter = ',')]
-    /// A full session queue: drop-oldest, or refuse-new (v5 publishers get 0x97)
-    /// [default: drop-oldest].
-    #[arg(long, env = "TIERMQ_QUEUE_FULL_POLICY")]
-    queue_full_policy: Option<tiermq_common::partition_api::QueueFullPolicy>,
     backends: Option<Vec<String>>,
     /// (frontend) Frontend id; 0 draws a random one [default: 0].
     #[arg(long, env = "TIERMQ_FRONTEND_ID")]
@@ -107,6 +107,10 @@ struct BrokerArgs {
     /// [default: 127.0.0.1:9464, skipped with a warning when taken].
     #[arg(long, env = "TIERMQ_METRICS_LISTEN")]
     metrics_listen: Option<String>,
+    /// (cluster, backend) On SIGTERM / Ctrl-C, move partition leadership to other replicas
+    /// first, waiting at most this many seconds; 0 stops at once [default: 5].
+    #[arg(long, env = "TIERMQ_LEADER_TRANSFER_SECS")]
+    leader_transfer_secs: Option<u64>,
     /// Seconds between `$SYS` statistics messages; 0 disables them [default: 10].
     #[arg(long, env = "TIERMQ_SYS_INTERVAL_SECS")]
     sys_interval_secs: Option<u64>,
@@ -125,6 +129,7 @@ impl BrokerArgs {
             max_subscriptions: self.max_subscriptions,
             queue_qos0_offline: self.queue_qos0_offline,
             shared_strategy: self.shared_strategy,
+            queue_full_policy: self.queue_full_policy,
             log_level: self.log_level.clone(),
             node_id: self.node_id,
             grpc_listen: self.grpc_listen,
@@ -134,15 +139,30 @@ impl BrokerArgs {
             backends: self.backends.clone(),
             frontend_id: self.frontend_id,
             metrics_listen: self.metrics_listen.clone(),
+            leader_transfer_secs: self.leader_transfer_secs,
             sys_interval_secs: self.sys_interval_secs,
         };
         Settings::load(self.config.as_deref(), &overrides)
     }
 }
-    /// (cluster, backend) On SIGTERM / Ctrl-C, move partition leadership to other replicas
-    /// first, waiting at most this many seconds; 0 stops at once [default: 5].
-    #[arg(long, env = "TIERMQ_LEADER_TRANSFER_SECS")]
-    leader_transfer_secs: Option<u64>,
+
+/// `tiermq backend [FLAGS]` runs a backend; `tiermq backend drain --backend ADDR` hands its
+/// leaderships to other replicas.
+#[derive(Args, Debug)]
+#[command(subcommand_negates_reqs = true)]
+struct BackendArgs {
+    #[command(subcommand)]
+    action: Option<BackendAction>,
+    #[command(flatten)]
+    broker: BrokerArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum BackendAction {
+    /// Move the leadership of every partition a running backend leads to its other replicas
+    /// (it keeps running as a follower), so it can restart without an election pause.
+    Drain(tiermq::backend_drain::BackendDrainArgs),
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -186,7 +206,6 @@ fn main() -> ExitCode {
             },
         ),
     }
-            queue_full_policy: self.queue_full_policy,
 }
 
 /// Loads settings (exit 2 with a message when invalid), sets up logging and the runtime, and
@@ -199,7 +218,6 @@ where
 {
     let settings = match args.settings().and_then(|s| validate(&s).map(|()| s)) {
         Ok(s) => s,
-            leader_transfer_secs: self.leader_transfer_secs,
         Err(e) => {
             eprintln!("tiermq: {e}");
             return ExitCode::from(2);
@@ -212,24 +230,6 @@ where
             eprintln!("tiermq: cannot start the runtime: {e}");
             return ExitCode::FAILURE;
         }
-/// `tiermq backend [FLAGS]` runs a backend; `tiermq backend drain --backend ADDR` hands its
-/// leaderships to other replicas.
-#[derive(Args, Debug)]
-#[command(subcommand_negates_reqs = true)]
-struct BackendArgs {
-    #[command(subcommand)]
-    action: Option<BackendAction>,
-    #[command(flatten)]
-    broker: BrokerArgs,
-}
-
-#[derive(Subcommand, Debug)]
-enum BackendAction {
-    /// Move the leadership of every partition a running backend leads to its other replicas
-    /// (it keeps running as a follower), so it can restart without an election pause.
-    Drain(tiermq::backend_drain::BackendDrainArgs),
-}
-
     };
     match runtime.block_on(serve(settings)) {
         Ok(()) => ExitCode::SUCCESS,

@@ -65,6 +65,7 @@ pub fn local_config(s: &Settings) -> LocalConfig {
             queue_qos0_offline: s.session.queue_qos0_offline,
             max_subscriptions: s.session.max_subscriptions,
             shared_strategy: s.session.shared_strategy,
+            queue_full: s.session.queue_full_policy,
         },
         checkpoint_entries: s.storage.checkpoint_entries,
         ..LocalConfig::default()
@@ -89,7 +90,6 @@ impl Standalone {
         let state = StandaloneState::default();
         let endpoint = node_metrics::standalone(&node_metrics, state.clone());
         let metrics = metrics_http::start(&settings.metrics, endpoint).await?;
-            queue_full: s.session.queue_full_policy,
         let dir = &settings.storage.data_dir;
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create data folder {}", dir.display()))?;

@@ -75,6 +75,10 @@ pub struct ClusterSettings {
     pub partitions: u32,
     /// Replicas per partition (Raft group size).
     pub replication: usize,
+    /// (backend) On a graceful stop (SIGTERM, Ctrl-C), first hand the leadership of every
+    /// partition led here to another replica, waiting at most this many seconds, so clients
+    /// do not wait for an election timeout. 0: stop at once.
+    pub leader_transfer_secs: u64,
     /// (frontend) Backend gRPC addresses to learn the cluster from, `host:port`.
     pub backends: Vec<String>,
     /// (frontend) This frontend's id; 0 draws a random one at start, so a restarted frontend
@@ -90,6 +94,7 @@ impl Default for ClusterSettings {
             peers: Vec::new(),
             partitions: 16,
             replication: 3,
+            leader_transfer_secs: 5,
             backends: Vec::new(),
             frontend_id: 0,
         }
@@ -217,6 +222,9 @@ pub struct SessionSettings {
     /// How a shared subscription group picks a member: `round-robin`, `random` or
     /// `sticky-by-publisher`.
     pub shared_strategy: crate::partition_api::SharedStrategy,
+    /// A full queue (`max_queued_messages`): `drop-oldest` keeps the newest messages,
+    /// `refuse-new` keeps the queue and answers a v5 publisher 0x97 Quota exceeded.
+    pub queue_full_policy: crate::partition_api::QueueFullPolicy,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -224,10 +232,6 @@ pub struct SessionSettings {
 pub struct LogSettings {
     /// A tracing filter such as `info` or `tiermq=debug,info`; `RUST_LOG` wins when set.
     pub level: String,
-    /// (backend) On a graceful stop (SIGTERM, Ctrl-C), first hand the leadership of every
-    /// partition led here to another replica, waiting at most this many seconds, so clients
-    /// do not wait for an election timeout. 0: stop at once.
-    pub leader_transfer_secs: u64,
 }
 
 impl Default for MqttSettings {
@@ -253,7 +257,6 @@ impl Default for MqttSettings {
 
 impl Default for StorageSettings {
     fn default() -> Self {
-            leader_transfer_secs: 5,
         StorageSettings {
             data_dir: PathBuf::from("./data"),
             partitions: 1,
@@ -268,6 +271,7 @@ impl Default for SessionSettings {
             max_queued_messages: 100_000,
             queue_qos0_offline: false,
             shared_strategy: Default::default(),
+            queue_full_policy: Default::default(),
             max_subscriptions: 0,
         }
     }
@@ -295,12 +299,14 @@ pub struct Overrides {
     pub max_subscriptions: Option<usize>,
     pub queue_qos0_offline: Option<bool>,
     pub shared_strategy: Option<crate::partition_api::SharedStrategy>,
+    pub queue_full_policy: Option<crate::partition_api::QueueFullPolicy>,
     pub log_level: Option<String>,
     pub node_id: Option<u64>,
     pub grpc_listen: Option<SocketAddr>,
     pub peers: Option<Vec<String>>,
     pub cluster_partitions: Option<u32>,
     pub replication: Option<usize>,
+    pub leader_transfer_secs: Option<u64>,
     pub backends: Option<Vec<String>>,
     pub frontend_id: Option<u64>,
     /// `Some("")` disables the metrics endpoint.
@@ -384,9 +390,6 @@ impl Settings {
         let invalid = |name, message: &str| {
             Err(ConfigError::Invalid {
                 name,
-    /// A full queue (`max_queued_messages`): `drop-oldest` keeps the newest messages,
-    /// `refuse-new` keeps the queue and answers a v5 publisher 0x97 Quota exceeded.
-    pub queue_full_policy: crate::partition_api::QueueFullPolicy,
                 message: message.to_string(),
             })
         };
@@ -434,7 +437,6 @@ mod tests {
         let mut s2 = s.clone();
         s2.apply(&Overrides {
             listen: Some("127.0.0.1:3883".parse().unwrap()),
-            queue_full_policy: Default::default(),
             ..Overrides::default()
         });
         assert_eq!(s2.mqtt.listen.port(), 3883);
@@ -462,7 +464,6 @@ mod tests {
         assert_eq!(default.addr, DEFAULT_METRICS_LISTEN.parse().unwrap());
         assert!(!default.explicit);
         let s = Settings::from_toml("[metrics]\nlisten = \"127.0.0.1:0\"").unwrap();
-    pub queue_full_policy: Option<crate::partition_api::QueueFullPolicy>,
         assert!(s.metrics.listen().unwrap().unwrap().explicit);
         let s = Settings::from_toml("[metrics]\nlisten = \"\"").unwrap();
         assert_eq!(s.metrics.listen().unwrap(), None);
@@ -474,7 +475,6 @@ mod tests {
         assert!(matches!(
             s.validate(),
             Err(ConfigError::Invalid {
-    pub leader_transfer_secs: Option<u64>,
                 name: "metrics.listen",
                 ..
             })

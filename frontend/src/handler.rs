@@ -684,6 +684,7 @@ where
     /// A publish (or release) became durable: acknowledge it to the client.
     fn on_durable(&mut self, done: Outgoing) -> Result<(), Close> {
         let publish_code = |r: &ServiceResult<Published>| match r {
+            Ok(p) if p.refused => Ok(ReasonCode::QUOTA_EXCEEDED),
             Ok(p) if !p.matched => Ok(ReasonCode::NO_MATCHING_SUBSCRIBERS),
             Ok(_) => Ok(ReasonCode::SUCCESS),
             Err(ServiceError::QuotaExceeded(_)) => Ok(ReasonCode::QUOTA_EXCEEDED),
@@ -790,7 +791,6 @@ where
         }))
     }
 
-            Ok(p) if p.refused => Ok(ReasonCode::QUOTA_EXCEEDED),
     async fn service_failed(&mut self, e: ServiceError) -> Result<(), Close> {
         debug!(peer = %self.peer, error = %e, "partition call failed");
         match e {

@@ -531,6 +531,7 @@ impl ClusterClient {
             return futures::future::Either::Left(std::future::ready(Ok(Published {
                 matched,
                 duplicate: false,
+                refused: false,
             })));
         }
         let publish = move |p: u32, mark: Option<InboundQos2>| Command::Publish {
@@ -542,7 +543,6 @@ impl ClusterClient {
         let mark = inbound.map(|(s, packet_id)| {
             (
                 self.partition_of(&s.client_id),
-                refused: false,
                 InboundQos2 {
                     client_id: s.client_id.clone(),
                     epoch: s.epoch,
@@ -587,27 +587,27 @@ impl ClusterClient {
         futures::future::Either::Right(async move {
             let mut matched = false;
             let mut duplicate = false;
+            let mut refused = false;
             let mut absorb = |r: Reply| match r {
                 Reply::Published {
                     matched: m,
                     duplicate: d,
+                    refused: r,
                 } => {
                     matched |= m;
                     duplicate |= d;
+                    refused |= r;
                     Ok(())
                 }
                 other => Err(reply_error(other)),
             };
-            let mut refused = false;
             match plan {
                 Plan::All(waits) => {
                     for w in waits {
                         absorb(w.await?)?;
-                    refused: r,
                     }
                 }
                 Plan::Qos2 {
-                    refused |= r;
                     check,
                     home,
                     mark,
@@ -624,6 +624,7 @@ impl ClusterClient {
                             return Ok(Published {
                                 matched: true,
                                 duplicate: true,
+                                refused: false,
                             })
                         }
                         Reply::Qos2Received { duplicate: false } => {}
@@ -635,7 +636,6 @@ impl ClusterClient {
                         let _ = go.await;
                     }
                     let others: Vec<_> = targets
-                                refused: false,
                         .iter()
                         .filter(|p| **p != home)
                         .map(|p| client.command(*p, &publish(*p, None)))
