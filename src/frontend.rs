@@ -10,18 +10,19 @@ use anyhow::Context;
 use tiermq_common::config::Settings;
 use tiermq_frontend::metrics::FrontendMetrics;
 use tiermq_frontend::sys_topics::SysTopics;
+use tiermq_frontend::ListenerSet;
 use tiermq_proto::client::ClusterClient;
-use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::metrics_http::{self, MetricsServer};
 use crate::node_metrics;
-use crate::standalone::frontend_config;
+use crate::standalone::{bind_listeners, frontend_config, tls_poll};
 
 pub struct FrontendNode {
     local_addr: SocketAddr,
+    listeners: ListenerSet,
     shutdown: CancellationToken,
     listener: JoinHandle<()>,
     pub frontend_id: u64,
@@ -52,19 +53,17 @@ impl FrontendNode {
                 .await
                 .map_err(|e| anyhow::anyhow!(e))
                 .context("cannot reach the backends")?;
-        let listener = TcpListener::bind(settings.mqtt.listen)
-            .await
-            .with_context(|| format!("cannot listen on {}", settings.mqtt.listen))?;
-        let local_addr = listener.local_addr()?;
+        let (bound, listeners, local_addr) = bind_listeners(settings).await?;
         let mut config = frontend_config(settings);
         config.frontend_id = frontend_id;
         config.metrics = node_metrics.clone();
         let shutdown = CancellationToken::new();
         let client = Arc::new(client);
-        let listener = tokio::spawn(tiermq_frontend::serve(
-            listener,
+        let listener = tokio::spawn(tiermq_frontend::serve_listeners(
+            bound,
             client.clone(),
             Arc::new(config),
+            tls_poll(settings),
             shutdown.clone(),
         ));
         let sys_topics = (settings.mqtt.sys_interval_secs > 0).then(|| {
@@ -84,6 +83,7 @@ impl FrontendNode {
         info!(mqtt = %local_addr, frontend_id, "tiermq frontend running");
         Ok(FrontendNode {
             local_addr,
+            listeners,
             shutdown,
             listener,
             frontend_id,
@@ -94,6 +94,11 @@ impl FrontendNode {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Every client listener with its bound address; reloads TLS certificates.
+    pub fn listeners(&self) -> &ListenerSet {
+        &self.listeners
     }
 
     /// Where `/metrics` and `/healthz` are served, if anywhere.

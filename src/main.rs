@@ -114,6 +114,27 @@ struct BrokerArgs {
     /// Seconds between `$SYS` statistics messages; 0 disables them [default: 10].
     #[arg(long, env = "TIERMQ_SYS_INTERVAL_SECS")]
     sys_interval_secs: Option<u64>,
+    /// Also listen for MQTT over TLS on this `host:port` (needs --tls-cert, --tls-key).
+    /// `[[listeners]]` in the config file gives the full form.
+    #[arg(long, env = "TIERMQ_TLS_LISTEN")]
+    tls_listen: Option<SocketAddr>,
+    /// PEM certificate chain (leaf first) of --tls-listen / --wss-listen.
+    #[arg(long, env = "TIERMQ_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-listen / --wss-listen.
+    #[arg(long, env = "TIERMQ_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// PEM CA certificates: --tls-listen / --wss-listen then require client certificates
+    /// signed by them (mTLS).
+    #[arg(long, env = "TIERMQ_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// Also listen for MQTT over WebSocket on this `host:port` (path /mqtt).
+    #[arg(long, env = "TIERMQ_WS_LISTEN")]
+    ws_listen: Option<SocketAddr>,
+    /// Also listen for MQTT over secure WebSocket on this `host:port` (path /mqtt, the
+    /// --tls-cert/--tls-key files).
+    #[arg(long, env = "TIERMQ_WSS_LISTEN")]
+    wss_listen: Option<SocketAddr>,
 }
 
 impl BrokerArgs {
@@ -141,6 +162,12 @@ impl BrokerArgs {
             metrics_listen: self.metrics_listen.clone(),
             leader_transfer_secs: self.leader_transfer_secs,
             sys_interval_secs: self.sys_interval_secs,
+            tls_listen: self.tls_listen,
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
+            tls_ca: self.tls_ca.clone(),
+            ws_listen: self.ws_listen,
+            wss_listen: self.wss_listen,
         };
         Settings::load(self.config.as_deref(), &overrides)
     }

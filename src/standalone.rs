@@ -13,8 +13,7 @@ use tiermq_common::config::Settings;
 use tiermq_common::QoS;
 use tiermq_frontend::metrics::FrontendMetrics;
 use tiermq_frontend::sys_topics::SysTopics;
-use tiermq_frontend::FrontendConfig;
-use tokio::net::TcpListener;
+use tiermq_frontend::{FrontendConfig, ListenerSet};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -25,6 +24,8 @@ use crate::node_metrics::{self, RetainedCount, StandaloneState};
 /// A running standalone broker.
 pub struct Standalone {
     local_addr: SocketAddr,
+    /// Boxed: tests keep brokers in enums, where size counts.
+    listeners: Box<ListenerSet>,
     shutdown: CancellationToken,
     listener: JoinHandle<()>,
     broker: LocalBroker,
@@ -55,6 +56,28 @@ pub fn frontend_config(s: &Settings) -> FrontendConfig {
         // A fresh set per node; the node's metrics endpoint registers it.
         metrics: Default::default(),
     }
+}
+
+/// Opens the configured client listeners (TLS files are read first, so a missing file is
+/// reported before any port is taken). Returns them, what the node keeps of them, and the
+/// first one's address.
+pub async fn bind_listeners(
+    s: &Settings,
+) -> anyhow::Result<(Vec<tiermq_frontend::Listener>, ListenerSet, SocketAddr)> {
+    let bound = tiermq_frontend::bind_all(&s.effective_listeners()).await?;
+    let set = ListenerSet::of(&bound);
+    let first = set
+        .listeners
+        .first()
+        .map(|l| l.addr)
+        .context("no client listener configured")?;
+    Ok((bound, set, first))
+}
+
+/// How often TLS certificate files are checked for changes (None: only SIGHUP).
+pub fn tls_poll(s: &Settings) -> Option<Duration> {
+    (s.mqtt.tls_reload_interval_secs > 0)
+        .then(|| Duration::from_secs(s.mqtt.tls_reload_interval_secs))
 }
 
 pub fn local_config(s: &Settings) -> LocalConfig {
@@ -95,18 +118,16 @@ impl Standalone {
             .with_context(|| format!("cannot create data folder {}", dir.display()))?;
         let broker = LocalBroker::open(dir, local_config(settings))
             .with_context(|| format!("cannot open data folder {}", dir.display()))?;
-        let listener = TcpListener::bind(settings.mqtt.listen)
-            .await
-            .with_context(|| format!("cannot listen on {}", settings.mqtt.listen))?;
-        let local_addr = listener.local_addr()?;
+        let (bound, listeners, local_addr) = bind_listeners(settings).await?;
         let shutdown = CancellationToken::new();
         let mut config = frontend_config(settings);
         config.metrics = node_metrics.clone();
         frontend(&mut config);
-        let listener = tokio::spawn(tiermq_frontend::serve(
-            listener,
+        let listener = tokio::spawn(tiermq_frontend::serve_listeners(
+            bound,
             Arc::new(broker.clone()),
             Arc::new(config),
+            tls_poll(settings),
             shutdown.clone(),
         ));
         let retained = RetainedCount::new(broker.clone());
@@ -129,6 +150,7 @@ impl Standalone {
         info!(mqtt = %local_addr, data = %dir.display(), "tiermq standalone running");
         Ok(Standalone {
             local_addr,
+            listeners: Box::new(listeners),
             shutdown,
             listener,
             broker,
@@ -137,8 +159,14 @@ impl Standalone {
         })
     }
 
+    /// The address of the first listener (the TCP one unless `[[listeners]]` says otherwise).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Every client listener with its bound address; reloads TLS certificates.
+    pub fn listeners(&self) -> &ListenerSet {
+        &self.listeners
     }
 
     pub fn broker(&self) -> &LocalBroker {

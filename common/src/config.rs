@@ -20,6 +20,155 @@ pub struct Settings {
     pub cluster: ClusterSettings,
     pub log: LogSettings,
     pub metrics: MetricsSettings,
+    /// Client listeners (`[[listeners]]`). Empty: one plain TCP listener on `mqtt.listen`.
+    pub listeners: Vec<ListenerSettings>,
+}
+
+/// What a client listener speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerKind {
+    /// MQTT over TCP.
+    Tcp,
+    /// MQTT over TLS.
+    Tls,
+    /// MQTT over WebSocket (binary messages, subprotocol `mqtt`).
+    Ws,
+    /// MQTT over WebSocket over TLS.
+    Wss,
+}
+
+impl ListenerKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ListenerKind::Tcp => "tcp",
+            ListenerKind::Tls => "tls",
+            ListenerKind::Ws => "ws",
+            ListenerKind::Wss => "wss",
+        }
+    }
+
+    pub fn is_tls(self) -> bool {
+        matches!(self, ListenerKind::Tls | ListenerKind::Wss)
+    }
+
+    pub fn is_websocket(self) -> bool {
+        matches!(self, ListenerKind::Ws | ListenerKind::Wss)
+    }
+}
+
+impl std::fmt::Display for ListenerKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The WebSocket path unless configured.
+pub const DEFAULT_WS_PATH: &str = "/mqtt";
+
+/// One client listener, as `[[listeners]]` spells it.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerSettings {
+    /// Carried into every connection (logs; per-listener settings such as authentication
+    /// will key on it). Default: `kind:address`, e.g. `tls:0.0.0.0:8883`.
+    #[serde(default)]
+    pub name: Option<String>,
+    pub kind: ListenerKind,
+    /// `host:port` to listen on.
+    pub listen: SocketAddr,
+    /// (tls, wss) PEM certificate chain, leaf first.
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    /// (tls, wss) PEM private key.
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// (tls, wss) PEM CA certificates that client certificates must chain to (mTLS).
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// (tls, wss) Refuse clients without a valid certificate; needs `ca`. Default: true when
+    /// `ca` is set.
+    #[serde(default)]
+    pub require_client_cert: Option<bool>,
+    /// (ws, wss) The HTTP path of the upgrade request [default: /mqtt].
+    #[serde(default)]
+    pub path: Option<String>,
+}
+
+impl ListenerSettings {
+    /// A listener of `kind` on `listen` with nothing else set.
+    pub fn new(kind: ListenerKind, listen: SocketAddr) -> ListenerSettings {
+        ListenerSettings {
+            name: None,
+            kind,
+            listen,
+            cert: None,
+            key: None,
+            ca: None,
+            require_client_cert: None,
+            path: None,
+        }
+    }
+
+    /// The configured name, or `kind:address`.
+    pub fn name(&self) -> String {
+        match &self.name {
+            Some(n) => n.clone(),
+            None => format!("{}:{}", self.kind, self.listen),
+        }
+    }
+
+    pub fn ws_path(&self) -> &str {
+        self.path.as_deref().unwrap_or(DEFAULT_WS_PATH)
+    }
+
+    pub fn requires_client_cert(&self) -> bool {
+        self.require_client_cert.unwrap_or(self.ca.is_some())
+    }
+
+    fn check(&self, index: usize) -> Result<(), ConfigError> {
+        let bad = |message: String| ConfigError::Invalid {
+            name: "listeners",
+            message: format!("listener {} ({}): {message}", index + 1, self.name()),
+        };
+        if self.kind.is_tls() {
+            if self.cert.is_none() {
+                return Err(bad(
+                    "a TLS listener needs `cert` (PEM certificate chain)".into()
+                ));
+            }
+            if self.key.is_none() {
+                return Err(bad("a TLS listener needs `key` (PEM private key)".into()));
+            }
+            if self.require_client_cert == Some(true) && self.ca.is_none() {
+                return Err(bad("`require_client_cert` needs `ca`".into()));
+            }
+        } else if self.cert.is_some()
+            || self.key.is_some()
+            || self.ca.is_some()
+            || self.require_client_cert.is_some()
+        {
+            return Err(bad(format!(
+                "`cert`, `key`, `ca` and `require_client_cert` are for kind tls or wss, not {}",
+                self.kind
+            )));
+        }
+        if let Some(path) = &self.path {
+            if !self.kind.is_websocket() {
+                return Err(bad(format!(
+                    "`path` is for kind ws or wss, not {}",
+                    self.kind
+                )));
+            }
+            if !path.starts_with('/') || path.contains(char::is_whitespace) {
+                return Err(bad(format!("`path` must start with `/`, got `{path}`")));
+            }
+        }
+        if matches!(&self.name, Some(n) if n.trim().is_empty()) {
+            return Err(bad("`name` must not be empty".into()));
+        }
+        Ok(())
+    }
 }
 
 /// The per-node HTTP endpoint for Prometheus (`/metrics`) and probes (`/healthz`, `/readyz`).
@@ -197,6 +346,9 @@ pub struct MqttSettings {
     pub max_write_buffer: usize,
     /// Seconds between two rounds of `$SYS/broker/...` statistics; 0 disables them.
     pub sys_interval_secs: u64,
+    /// Seconds between two checks of the TLS listeners' certificate files (a changed file
+    /// reloads the certificate for new connections); 0 reloads only on SIGHUP.
+    pub tls_reload_interval_secs: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -251,6 +403,7 @@ impl Default for MqttSettings {
             response_information: String::new(),
             max_write_buffer: 4 * 1024 * 1024,
             sys_interval_secs: 10,
+            tls_reload_interval_secs: 5,
         }
     }
 }
@@ -312,6 +465,48 @@ pub struct Overrides {
     /// `Some("")` disables the metrics endpoint.
     pub metrics_listen: Option<String>,
     pub sys_interval_secs: Option<u64>,
+    /// A TLS listener on this address (with `tls_cert`, `tls_key`, optional `tls_ca`), in
+    /// addition to the configured listeners.
+    pub tls_listen: Option<SocketAddr>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// CA for client certificates: with it, the flag listeners require client certificates.
+    pub tls_ca: Option<PathBuf>,
+    /// A WebSocket listener (path /mqtt) on this address.
+    pub ws_listen: Option<SocketAddr>,
+    /// A secure WebSocket listener (path /mqtt, the `tls_*` files) on this address.
+    pub wss_listen: Option<SocketAddr>,
+}
+
+impl Overrides {
+    /// The listeners the flags ask for (TLS files go to tls and wss listeners).
+    fn listeners(&self) -> Result<Vec<ListenerSettings>, ConfigError> {
+        let mut out = Vec::new();
+        let tls = |kind, listen| ListenerSettings {
+            cert: self.tls_cert.clone(),
+            key: self.tls_key.clone(),
+            ca: self.tls_ca.clone(),
+            ..ListenerSettings::new(kind, listen)
+        };
+        if let Some(listen) = self.tls_listen {
+            out.push(tls(ListenerKind::Tls, listen));
+        }
+        if let Some(listen) = self.ws_listen {
+            out.push(ListenerSettings::new(ListenerKind::Ws, listen));
+        }
+        if let Some(listen) = self.wss_listen {
+            out.push(tls(ListenerKind::Wss, listen));
+        }
+        let files_given =
+            self.tls_cert.is_some() || self.tls_key.is_some() || self.tls_ca.is_some();
+        if files_given && self.tls_listen.is_none() && self.wss_listen.is_none() {
+            return Err(ConfigError::Invalid {
+                name: "tls",
+                message: "--tls-cert/--tls-key/--tls-ca need --tls-listen or --wss-listen".into(),
+            });
+        }
+        Ok(out)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -344,8 +539,24 @@ impl Settings {
             None => Settings::default(),
         };
         s.apply(overrides);
+        let extra = overrides.listeners()?;
+        if !extra.is_empty() {
+            // Listeners given by flag come on top of what is configured, the default TCP
+            // listener included.
+            s.listeners = s.effective_listeners();
+            s.listeners.extend(extra);
+        }
         s.validate()?;
         Ok(s)
+    }
+
+    /// The client listeners to open: `listeners`, or else one TCP listener on `mqtt.listen`.
+    pub fn effective_listeners(&self) -> Vec<ListenerSettings> {
+        if self.listeners.is_empty() {
+            vec![ListenerSettings::new(ListenerKind::Tcp, self.mqtt.listen)]
+        } else {
+            self.listeners.clone()
+        }
     }
 
     pub fn from_toml(text: &str) -> Result<Settings, String> {
@@ -412,6 +623,29 @@ impl Settings {
             return invalid("session.max_queued_messages", "must be at least 1");
         }
         self.metrics.listen()?;
+        self.validate_listeners()?;
+        Ok(())
+    }
+
+    fn validate_listeners(&self) -> Result<(), ConfigError> {
+        let listeners = self.effective_listeners();
+        let mut names = std::collections::BTreeSet::new();
+        let mut addrs = std::collections::BTreeSet::new();
+        for (i, l) in listeners.iter().enumerate() {
+            l.check(i)?;
+            if !names.insert(l.name()) {
+                return Err(ConfigError::Invalid {
+                    name: "listeners",
+                    message: format!("two listeners are named `{}`", l.name()),
+                });
+            }
+            if l.listen.port() != 0 && !addrs.insert(l.listen) {
+                return Err(ConfigError::Invalid {
+                    name: "listeners",
+                    message: format!("two listeners on {}", l.listen),
+                });
+            }
+        }
         Ok(())
     }
 }
@@ -480,6 +714,94 @@ mod tests {
             })
         ));
         assert_eq!(Settings::default().mqtt.sys_interval_secs, 10);
+    }
+
+    #[test]
+    fn listeners_default_toml_and_flags() {
+        // No listeners: one TCP listener on mqtt.listen.
+        let s = Settings::default();
+        assert_eq!(
+            s.effective_listeners(),
+            vec![ListenerSettings::new(ListenerKind::Tcp, s.mqtt.listen)]
+        );
+        let s = Settings::from_toml(
+            "[[listeners]]\nkind = \"tcp\"\nlisten = \"0.0.0.0:1883\"\n\
+             [[listeners]]\nname = \"devices\"\nkind = \"tls\"\nlisten = \"0.0.0.0:8883\"\n\
+             cert = \"c.pem\"\nkey = \"k.pem\"\nca = \"ca.pem\"\n\
+             [[listeners]]\nkind = \"ws\"\nlisten = \"0.0.0.0:8080\"\npath = \"/ws\"\n",
+        )
+        .unwrap();
+        s.validate().unwrap();
+        assert_eq!(s.listeners.len(), 3);
+        assert_eq!(s.listeners[1].name(), "devices");
+        assert!(s.listeners[1].requires_client_cert());
+        assert_eq!(s.listeners[2].ws_path(), "/ws");
+        assert_eq!(s.listeners[0].name(), "tcp:0.0.0.0:1883");
+        // Flags add to the default TCP listener (moved by --listen).
+        let mut s = Settings::default();
+        let o = Overrides {
+            listen: Some("127.0.0.1:2883".parse().unwrap()),
+            tls_listen: Some("127.0.0.1:8883".parse().unwrap()),
+            tls_cert: Some("c.pem".into()),
+            tls_key: Some("k.pem".into()),
+            ws_listen: Some("127.0.0.1:8080".parse().unwrap()),
+            ..Overrides::default()
+        };
+        s.apply(&o);
+        s.listeners = s.effective_listeners();
+        s.listeners.extend(o.listeners().unwrap());
+        s.validate().unwrap();
+        let kinds: Vec<_> = s
+            .listeners
+            .iter()
+            .map(|l| (l.kind, l.listen.port()))
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![
+                (ListenerKind::Tcp, 2883),
+                (ListenerKind::Tls, 8883),
+                (ListenerKind::Ws, 8080)
+            ]
+        );
+        assert!(!s.listeners[1].requires_client_cert());
+        // TLS files without a TLS listener.
+        let o = Overrides {
+            tls_cert: Some("c.pem".into()),
+            ..Overrides::default()
+        };
+        assert!(Settings::load(None, &o).is_err());
+    }
+
+    #[test]
+    fn bad_listeners_are_refused() {
+        let bad = [
+            "kind = \"tls\"\nlisten = \"0.0.0.0:8883\"\nkey = \"k.pem\"",
+            "kind = \"tls\"\nlisten = \"0.0.0.0:8883\"\ncert = \"c.pem\"",
+            "kind = \"tls\"\nlisten = \"0.0.0.0:8883\"\ncert = \"c\"\nkey = \"k\"\nrequire_client_cert = true",
+            "kind = \"tcp\"\nlisten = \"0.0.0.0:1883\"\ncert = \"c.pem\"",
+            "kind = \"tcp\"\nlisten = \"0.0.0.0:1883\"\npath = \"/mqtt\"",
+            "kind = \"ws\"\nlisten = \"0.0.0.0:8080\"\npath = \"mqtt\"",
+        ];
+        for b in bad {
+            let s = Settings::from_toml(&format!("[[listeners]]\n{b}\n")).unwrap();
+            assert!(
+                matches!(
+                    s.validate(),
+                    Err(ConfigError::Invalid {
+                        name: "listeners",
+                        ..
+                    })
+                ),
+                "{b}"
+            );
+        }
+        assert!(
+            Settings::from_toml("[[listeners]]\nkind = \"quic\"\nlisten = \"0.0.0.0:1\"").is_err()
+        );
+        let twice = "[[listeners]]\nkind = \"tcp\"\nlisten = \"0.0.0.0:1883\"\n\
+                     [[listeners]]\nkind = \"ws\"\nlisten = \"0.0.0.0:1883\"\n";
+        assert!(Settings::from_toml(twice).unwrap().validate().is_err());
     }
 
     #[test]

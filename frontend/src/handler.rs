@@ -40,6 +40,7 @@ use crate::alias::{AliasUse, OutboundAliases};
 use crate::auth::{failure_code, AuthSession, AuthStep};
 use crate::config::FrontendConfig;
 use crate::convert::{message_from_publish, publish_from_delivery, will_from_connect};
+use crate::listener::ConnectionInfo;
 use crate::metrics::{ConnectionMetrics, DropReason};
 use crate::sys_topics::is_sys_topic;
 
@@ -77,10 +78,11 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Serves one client connection until it closes.
+/// Serves one client connection until it closes. `info` tells which listener accepted it,
+/// over which transport and, on TLS with client certificates, whom the certificate names.
 pub async fn serve_connection<S, IO>(
     io: IO,
-    peer: SocketAddr,
+    info: ConnectionInfo,
     service: Arc<S>,
     config: Arc<FrontendConfig>,
     shutdown: CancellationToken,
@@ -88,6 +90,7 @@ pub async fn serve_connection<S, IO>(
     S: SessionService,
     IO: AsyncRead + AsyncWrite + Unpin + Send,
 {
+    let peer = info.peer;
     let mut framed = Framed::new(io, MqttCodec::new(config.max_packet_size));
     // Framed starts with two 8 KiB buffers; most connections are idle most of the time, so
     // start small and let them grow with traffic (the write buffer grows per encoded packet).
@@ -133,7 +136,7 @@ pub async fn serve_connection<S, IO>(
     };
     let accepted = Handler::accept(
         framed,
-        peer,
+        info,
         connect,
         service,
         config,
@@ -152,6 +155,8 @@ pub async fn serve_connection<S, IO>(
 pub struct Handler<S: SessionService, IO> {
     framed: Framed<IO, MqttCodec>,
     peer: SocketAddr,
+    /// The listener, transport and TLS identity of this connection.
+    conn: ConnectionInfo,
     version: ProtocolVersion,
     service: Arc<S>,
     config: Arc<FrontendConfig>,
@@ -181,13 +186,14 @@ where
     /// Validates CONNECT, opens the session and answers CONNACK.
     async fn accept(
         mut framed: Framed<IO, MqttCodec>,
-        peer: SocketAddr,
+        conn: ConnectionInfo,
         connect: Connect,
         service: Arc<S>,
         config: Arc<FrontendConfig>,
         deadline: Instant,
         shutdown: &CancellationToken,
     ) -> Option<Self> {
+        let peer = conn.peer;
         let version = connect.protocol;
         let v5 = version.is_v5();
         let props = &connect.properties;
@@ -345,12 +351,13 @@ where
                 .await;
             return None;
         }
-        debug!(%peer, client_id = %client_id, ?version, session_present = connected.session_present, "connected");
+        debug!(%peer, client_id = %client_id, ?version, session_present = connected.session_present, listener = %conn.listener, tls_identity = ?conn.peer_identity, "connected");
         let metrics = ConnectionMetrics::opened(&config.metrics, version);
         Some(Handler {
             metrics,
             framed,
             peer,
+            conn,
             version,
             service,
             config,
@@ -445,7 +452,7 @@ where
         if let Err(e) = self.service.disconnect(&self.session, req).await {
             debug!(peer = %self.peer, error = %e, "disconnect not recorded");
         }
-        debug!(peer = %self.peer, client_id = %self.session.client_id, "closed");
+        debug!(peer = %self.peer, client_id = %self.session.client_id, listener = %self.conn.listener, "closed");
     }
 
     /// Writes the buffered packets to the socket, then gives back a large write buffer a

@@ -3,7 +3,8 @@
 //! - [`config`]: what a frontend announces and enforces (packet size, receive maximum, ...).
 //! - [`auth`]: enhanced authentication (AUTH packet exchanges) and its method registry.
 //! - [`alias`]: the topic aliases a connection uses towards its client.
-//! - [`listener`]: accepts sockets and runs one [`handler`] task per connection.
+//! - [`listener`]: accepts sockets (TCP, [`tls`], [`ws`]) and runs one [`handler`] task per
+//!   connection.
 //! - [`handler`]: the MQTT protocol for one connection, from CONNECT to close.
 //! - [`convert`]: PUBLISH packets to application messages and back.
 //! - [`metrics`]: the node's counters (Prometheus and `$SYS`), [`metered_io`]: bytes on the wire.
@@ -21,6 +22,10 @@ pub mod listener;
 pub mod metered_io;
 pub mod metrics;
 pub mod sys_topics;
+pub mod tls;
+pub mod ws;
 
 pub use config::FrontendConfig;
-pub use listener::serve;
+pub use listener::{
+    bind_all, serve, serve_listeners, ConnectionInfo, Listener, ListenerInfo, ListenerSet,
+};

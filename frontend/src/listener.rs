@@ -1,43 +1,304 @@
-//! Accepting client sockets.
+//! Accepting client sockets: plain TCP, TLS, WebSocket and WebSocket over TLS, several at once.
+//!
+//! Every listener hands its connections to the same handler ([`crate::handler`]), which is
+//! generic over the byte stream; what differs is only the work before the first MQTT byte (a
+//! TLS handshake, an HTTP upgrade), done in the connection's own task within the connect
+//! timeout, so a slow or hostile handshake never holds up the accept loop.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
+use tiermq_common::config::{ListenerKind, ListenerSettings};
 use tiermq_common::session_api::SessionService;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::FrontendConfig;
 use crate::handler::serve_connection;
 use crate::metered_io::MeteredIo;
 use crate::metrics;
+use crate::tls::{self, TlsFiles, TlsReloader};
+use crate::ws;
 
-/// Accepts MQTT connections on `listener` until `shutdown` is cancelled, then waits for every
-/// connection task to finish (each sends DISCONNECT 0x8B to v5 clients and closes).
+/// What the handler knows about a connection besides its bytes.
+#[derive(Debug, Clone)]
+pub struct ConnectionInfo {
+    pub peer: SocketAddr,
+    /// The listener's name (per-listener settings key on it).
+    pub listener: Arc<str>,
+    pub transport: ListenerKind,
+    /// The verified client certificate's subject CN (or first SAN), on TLS listeners with
+    /// client certificates.
+    pub peer_identity: Option<Arc<str>>,
+}
+
+impl ConnectionInfo {
+    /// A plain TCP connection on an unnamed listener (tests, tools).
+    pub fn tcp(peer: SocketAddr) -> ConnectionInfo {
+        ConnectionInfo {
+            peer,
+            listener: Arc::from("tcp"),
+            transport: ListenerKind::Tcp,
+            peer_identity: None,
+        }
+    }
+}
+
+/// A listener that could not be opened; the message names the listener and the cause (the
+/// file, the address).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenError(pub String);
+
+impl std::fmt::Display for ListenError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ListenError {}
+
+/// A bound listener, ready to [`serve_listeners`].
+pub struct Listener {
+    name: Arc<str>,
+    kind: ListenerKind,
+    socket: TcpListener,
+    local_addr: SocketAddr,
+    tls: Option<Arc<TlsReloader>>,
+    ws_path: Arc<str>,
+}
+
+impl Listener {
+    /// Loads the TLS files (if any) and binds the address.
+    pub async fn bind(s: &ListenerSettings) -> Result<Listener, ListenError> {
+        let name: Arc<str> = Arc::from(s.name());
+        let tls = if s.kind.is_tls() {
+            let (Some(cert), Some(key)) = (&s.cert, &s.key) else {
+                return Err(ListenError(format!(
+                    "listener {name}: a TLS listener needs a certificate and a key"
+                )));
+            };
+            let files = TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                ca: s.ca.clone(),
+                require_client_cert: s.requires_client_cert(),
+            };
+            let reloader = TlsReloader::load(name.clone(), files)
+                .map_err(|e| ListenError(format!("listener {name}: {e}")))?;
+            Some(reloader)
+        } else {
+            None
+        };
+        let socket = TcpListener::bind(s.listen).await.map_err(|e| {
+            ListenError(format!(
+                "listener {name}: cannot listen on {}: {e}",
+                s.listen
+            ))
+        })?;
+        let local_addr = socket
+            .local_addr()
+            .map_err(|e| ListenError(format!("listener {name}: {e}")))?;
+        Ok(Listener {
+            name,
+            kind: s.kind,
+            socket,
+            local_addr,
+            tls,
+            ws_path: Arc::from(s.ws_path()),
+        })
+    }
+
+    /// A plain TCP listener on an already bound socket.
+    pub fn tcp(socket: TcpListener) -> std::io::Result<Listener> {
+        let local_addr = socket.local_addr()?;
+        Ok(Listener {
+            name: Arc::from(format!("tcp:{local_addr}")),
+            kind: ListenerKind::Tcp,
+            socket,
+            local_addr,
+            tls: None,
+            ws_path: Arc::from(""),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn kind(&self) -> ListenerKind {
+        self.kind
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The reloadable TLS configuration of a tls/wss listener.
+    pub fn tls(&self) -> Option<&Arc<TlsReloader>> {
+        self.tls.as_ref()
+    }
+}
+
+/// A listener as the node reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerInfo {
+    pub name: String,
+    pub kind: ListenerKind,
+    pub addr: SocketAddr,
+}
+
+/// What a node keeps of its listeners while they serve: their addresses, and the handles to
+/// reload their TLS certificates.
+#[derive(Debug, Clone, Default)]
+pub struct ListenerSet {
+    pub listeners: Vec<ListenerInfo>,
+    reloaders: Vec<Arc<TlsReloader>>,
+}
+
+impl ListenerSet {
+    pub fn of(listeners: &[Listener]) -> ListenerSet {
+        ListenerSet {
+            listeners: listeners
+                .iter()
+                .map(|l| ListenerInfo {
+                    name: l.name.to_string(),
+                    kind: l.kind,
+                    addr: l.local_addr,
+                })
+                .collect(),
+            reloaders: listeners.iter().filter_map(|l| l.tls.clone()).collect(),
+        }
+    }
+
+    /// The address of the first listener of `kind`.
+    pub fn addr(&self, kind: ListenerKind) -> Option<SocketAddr> {
+        self.listeners
+            .iter()
+            .find(|l| l.kind == kind)
+            .map(|l| l.addr)
+    }
+
+    /// The address of the listener named `name`.
+    pub fn addr_of(&self, name: &str) -> Option<SocketAddr> {
+        self.listeners
+            .iter()
+            .find(|l| l.name == name)
+            .map(|l| l.addr)
+    }
+
+    /// Reads every TLS listener's files again now (what SIGHUP does). New handshakes use the
+    /// new certificates; established connections keep theirs. The first failure is returned
+    /// (that listener keeps its previous certificate; the others are still reloaded).
+    pub fn reload_tls(&self) -> Result<(), tls::TlsError> {
+        let mut first = Ok(());
+        for r in &self.reloaders {
+            if let Err(e) = r.reload() {
+                warn!(listener = r.name(), error = %e, "TLS reload failed; the previous certificate stays in use");
+                if first.is_ok() {
+                    first = Err(tls::TlsError(format!("listener {}: {e}", r.name())));
+                }
+            }
+        }
+        first
+    }
+}
+
+/// Binds every listener; fails on the first that cannot be opened (nothing stays bound).
+pub async fn bind_all(settings: &[ListenerSettings]) -> Result<Vec<Listener>, ListenError> {
+    let mut out = Vec::with_capacity(settings.len());
+    for s in settings {
+        out.push(Listener::bind(s).await?);
+    }
+    Ok(out)
+}
+
+/// Accepts MQTT connections on one plain TCP `listener` until `shutdown` is cancelled, then
+/// waits for every connection task to finish (each sends DISCONNECT 0x8B to v5 clients and
+/// closes).
 pub async fn serve<S: SessionService>(
     listener: TcpListener,
     service: Arc<S>,
     config: Arc<FrontendConfig>,
     shutdown: CancellationToken,
 ) {
-    let tasks = TaskTracker::new();
-    if let Ok(addr) = listener.local_addr() {
-        info!(%addr, "MQTT listener ready");
+    match Listener::tcp(listener) {
+        Ok(l) => serve_listeners(vec![l], service, config, None, shutdown).await,
+        Err(e) => warn!(error = %e, "listener has no address"),
     }
+}
+
+/// Serves every listener until `shutdown`, then waits for all their connections to finish.
+/// TLS certificates reload on SIGHUP and, with `tls_poll`, when their files change.
+pub async fn serve_listeners<S: SessionService>(
+    listeners: Vec<Listener>,
+    service: Arc<S>,
+    config: Arc<FrontendConfig>,
+    tls_poll: Option<Duration>,
+    shutdown: CancellationToken,
+) {
+    let tasks = TaskTracker::new();
+    let reloaders: Vec<_> = listeners.iter().filter_map(|l| l.tls.clone()).collect();
+    let loops = futures::future::join_all(listeners.into_iter().map(|l| {
+        accept_loop(
+            l,
+            service.clone(),
+            config.clone(),
+            shutdown.clone(),
+            tasks.clone(),
+        )
+    }));
+    tokio::join!(loops, tls::watch(reloaders, tls_poll, shutdown.clone()));
+    tasks.close();
+    tasks.wait().await;
+}
+
+struct ListenerCtx {
+    name: Arc<str>,
+    kind: ListenerKind,
+    tls: Option<Arc<TlsReloader>>,
+    ws_path: Arc<str>,
+}
+
+async fn accept_loop<S: SessionService>(
+    listener: Listener,
+    service: Arc<S>,
+    config: Arc<FrontendConfig>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+) {
+    let Listener {
+        name,
+        kind,
+        socket,
+        local_addr,
+        tls,
+        ws_path,
+    } = listener;
+    info!(listener = %name, %kind, addr = %local_addr, "MQTT listener ready");
+    let ctx = Arc::new(ListenerCtx {
+        name,
+        kind,
+        tls,
+        ws_path,
+    });
     loop {
         let accepted = tokio::select! {
-            r = listener.accept() => r,
+            r = socket.accept() => r,
             _ = shutdown.cancelled() => break,
         };
         match accepted {
-            Ok((socket, peer)) => {
-                let _ = socket.set_nodelay(true);
-                let socket = MeteredIo::new(socket, &config.metrics);
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                let stream = MeteredIo::new(stream, &config.metrics);
                 tasks.spawn(metrics::scope(
                     config.metrics.clone(),
-                    serve_connection(
-                        socket,
+                    connection(
+                        ctx.clone(),
+                        stream,
                         peer,
                         service.clone(),
                         config.clone(),
@@ -47,11 +308,106 @@ pub async fn serve<S: SessionService>(
             }
             Err(e) => {
                 // Typically EMFILE: back off instead of spinning.
-                warn!(error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                warn!(listener = %ctx.name, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
     }
-    tasks.close();
-    tasks.wait().await;
+}
+
+/// The largest WebSocket message accepted: a whole maximum-size MQTT packet plus slack for a
+/// client that puts several packets in one message.
+fn ws_limit(config: &FrontendConfig) -> usize {
+    (config.max_packet_size as usize)
+        .saturating_add(64 * 1024)
+        .max(64 * 1024)
+}
+
+/// Runs `step` within the handshake budget (the connect timeout) unless shutdown comes first.
+async fn bounded<T, E: std::fmt::Display>(
+    what: &str,
+    peer: SocketAddr,
+    listener: &str,
+    budget: Duration,
+    shutdown: &CancellationToken,
+    step: impl std::future::Future<Output = Result<T, E>>,
+) -> Option<T> {
+    tokio::select! {
+        r = tokio::time::timeout(budget, step) => match r {
+            Ok(Ok(v)) => Some(v),
+            Ok(Err(e)) => {
+                debug!(%peer, listener, error = %e, "{what} failed");
+                None
+            }
+            Err(_) => {
+                debug!(%peer, listener, "{what} not finished before the connect timeout");
+                None
+            }
+        },
+        _ = shutdown.cancelled() => None,
+    }
+}
+
+async fn connection<S: SessionService>(
+    ctx: Arc<ListenerCtx>,
+    stream: MeteredIo<TcpStream>,
+    peer: SocketAddr,
+    service: Arc<S>,
+    config: Arc<FrontendConfig>,
+    shutdown: CancellationToken,
+) {
+    let mut info = ConnectionInfo {
+        peer,
+        listener: ctx.name.clone(),
+        transport: ctx.kind,
+        peer_identity: None,
+    };
+    let budget = config.connect_timeout;
+    let name = &*ctx.name;
+    match (&ctx.tls, ctx.kind.is_websocket()) {
+        (None, false) => serve_connection(stream, info, service, config, shutdown).await,
+        (None, true) => serve_websocket(stream, &ctx, info, service, config, shutdown).await,
+        (Some(tls), websocket) => {
+            let handshake = tls.acceptor().accept(stream);
+            let Some(stream) =
+                bounded("TLS handshake", peer, name, budget, &shutdown, handshake).await
+            else {
+                return;
+            };
+            info.peer_identity = tls::peer_identity(stream.get_ref().1).map(Arc::from);
+            debug!(%peer, listener = name, identity = ?info.peer_identity, "TLS established");
+            if websocket {
+                serve_websocket(stream, &ctx, info, service, config, shutdown).await
+            } else {
+                serve_connection(stream, info, service, config, shutdown).await
+            }
+        }
+    }
+}
+
+/// The WebSocket upgrade on `stream` (plain or TLS), then MQTT over its binary messages.
+async fn serve_websocket<S, IO>(
+    stream: IO,
+    ctx: &ListenerCtx,
+    info: ConnectionInfo,
+    service: Arc<S>,
+    config: Arc<FrontendConfig>,
+    shutdown: CancellationToken,
+) where
+    S: SessionService,
+    IO: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let upgrade = ws::accept(stream, &ctx.ws_path, ws_limit(&config));
+    let budget = config.connect_timeout;
+    let step = bounded(
+        "WebSocket upgrade",
+        info.peer,
+        &ctx.name,
+        budget,
+        &shutdown,
+        upgrade,
+    );
+    if let Some(io) = step.await {
+        serve_connection(io, info, service, config, shutdown).await
+    }
 }

@@ -97,6 +97,11 @@ impl Broker {
         self.dir.path().join("data")
     }
 
+    /// The running broker (listener addresses, TLS reload).
+    pub fn standalone(&self) -> &Standalone {
+        self.standalone.as_ref().expect("broker running")
+    }
+
     /// The metrics endpoint's address, when the test enabled it.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.standalone.as_ref().and_then(Standalone::metrics_addr)
@@ -270,9 +275,13 @@ pub enum Recv {
     Timeout,
 }
 
+/// Any byte stream [`Raw`] can speak MQTT over (TCP, TLS, WebSocket adapters).
+pub trait RawStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> RawStream for T {}
+
 /// A bare MQTT connection: send any packet or bytes, read packets one by one.
 pub struct Raw {
-    stream: TcpStream,
+    stream: Box<dyn RawStream>,
     buf: BytesMut,
     pub version: ProtocolVersion,
 }
@@ -318,8 +327,13 @@ impl Raw {
             .expect("connect in time")
             .expect("tcp connect");
         stream.set_nodelay(true).unwrap();
+        Raw::over(stream, version)
+    }
+
+    /// A client over an already established stream (TLS, WebSocket); nothing is sent yet.
+    pub fn over(stream: impl RawStream + 'static, version: ProtocolVersion) -> Raw {
         Raw {
-            stream,
+            stream: Box::new(stream),
             buf: BytesMut::new(),
             version,
         }
