@@ -1,11 +1,14 @@
 //! `tiermq cluster`: operator tools for a running cluster.
 //!
-//! * `tiermq cluster status --backend HOST:PORT [--json] [--healthy]`: asks that backend for
-//!   the members and the partition map (the `Cluster` RPC), then asks **every member** the same,
-//!   and prints members (reachable or not), partitions (leader, term, replicas with their
-//!   commit / applied index and lag behind the leader) and the map epoch. Exit 1 when the
-//!   given backend cannot be reached; with `--healthy`, exit 3 unless every member answers
-//!   and every partition has a leader.
+//! * `tiermq cluster status --backend HOST:PORT [--frontends ADMIN,...] [--json] [--healthy]`:
+//!   asks that backend for the members and the partition map (the `Cluster` RPC), then asks
+//!   **every member** the same, and each given frontend's admin endpoint for `/status`; prints
+//!   members (reachable or not), frontends (connections, ready, draining, event streams),
+//!   partitions (leader, term, replicas with their commit / applied index and lag behind the
+//!   leader) and the map epoch. `--json` prints [`ClusterStatus`] (shape `format` 1, see
+//!   docs/operations.md). Exit 1 when the given backend cannot be reached; with `--healthy`,
+//!   exit 3 unless every member answers, every partition has a leader and every given
+//!   frontend answers and is ready (or draining).
 //! * `tiermq cluster probe --frontends A,B,...`: a real MQTT round trip through the cluster:
 //!   one subscriber per frontend, one QoS1 publish through each frontend, and every subscriber
 //!   must receive every message. Exit 0 when it does, 1 otherwise. Scripts use it to wait
@@ -49,6 +52,10 @@ pub struct StatusArgs {
     /// A backend's gRPC address; the other members are found through it.
     #[arg(long, env = "TIERMQ_BACKEND", default_value = "127.0.0.1:7000")]
     pub backend: String,
+    /// Frontends' metrics/admin endpoints (their `--metrics-listen`), comma separated, e.g.
+    /// 127.0.0.1:9465,127.0.0.1:9466: adds their connection counts, readiness and drain state.
+    #[arg(long, env = "TIERMQ_FRONTEND_ADMINS", value_delimiter = ',')]
+    pub frontends: Vec<String>,
     /// Print JSON instead of tables.
     #[arg(long)]
     pub json: bool,
@@ -102,7 +109,7 @@ pub fn main(args: ClusterArgs) -> ExitCode {
 }
 
 async fn status_main(a: StatusArgs) -> ExitCode {
-    let status = match collect(&a.backend, a.timeout).await {
+    let status = match collect_with_frontends(&a.backend, &a.frontends, a.timeout).await {
         Ok(s) => s,
         Err(e) => {
             eprintln!(
@@ -136,9 +143,15 @@ async fn status_main(a: StatusArgs) -> ExitCode {
 // Status
 // ---------------------------------------------------------------------------------------------
 
+/// Version of the `--json` shape. Fields are only ever added; a change to existing ones
+/// raises it.
+pub const STATUS_FORMAT: u32 = 1;
+
 /// The cluster as its members report it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct ClusterStatus {
+    /// [`STATUS_FORMAT`].
+    pub format: u32,
     /// The address that was asked first.
     pub asked: String,
     /// The node id behind it.
@@ -148,6 +161,9 @@ pub struct ClusterStatus {
     pub partitions: u32,
     pub replication: u32,
     pub members: Vec<MemberStatus>,
+    /// Frontends: every one given with `--frontends` and every one a member has an event
+    /// stream from.
+    pub frontends: Vec<FrontendStatus>,
     pub partition_status: Vec<PartitionStatus>,
     /// Every member answered and every partition has a leader.
     pub healthy: bool,
@@ -155,13 +171,13 @@ pub struct ClusterStatus {
     pub problems: Vec<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct MemberStatus {
     pub id: u64,
     pub addr: String,
     pub reachable: bool,
     /// Why it is not reachable.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     /// Partitions this member leads (as it says itself).
     pub leads: u32,
@@ -171,7 +187,46 @@ pub struct MemberStatus {
     pub frontends: Vec<u64>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+/// A frontend as its admin endpoint (`/status`) and the members' event streams show it.
+/// Every key is always present; `null` where the source was not asked or did not answer.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct FrontendStatus {
+    /// Frontend id (0 when its admin endpoint did not answer and no member knows it).
+    pub id: u64,
+    /// The admin endpoint asked (`--frontends`), if any.
+    pub admin: Option<String>,
+    /// Whether the admin endpoint answered; `null` when none was given for this frontend.
+    pub reachable: Option<bool>,
+    /// MQTT connections open on it now.
+    pub connections: Option<u64>,
+    pub ready: Option<bool>,
+    /// Why not ready, in words.
+    pub not_ready: Option<String>,
+    pub draining: Option<bool>,
+    /// Members this frontend has an open event stream to.
+    pub event_streams: Vec<u64>,
+    /// Why the admin endpoint did not answer.
+    pub error: Option<String>,
+}
+
+impl FrontendStatus {
+    /// A frontend known only by id (and the members it streams from).
+    fn unknown(id: u64, event_streams: Vec<u64>) -> FrontendStatus {
+        FrontendStatus {
+            id,
+            admin: None,
+            reachable: None,
+            connections: None,
+            ready: None,
+            not_ready: None,
+            draining: None,
+            event_streams,
+            error: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct PartitionStatus {
     pub partition: u32,
     /// The replica that says it leads, with the highest term; 0: none.
@@ -180,7 +235,7 @@ pub struct PartitionStatus {
     pub replicas: Vec<ReplicaStatus>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct ReplicaStatus {
     pub node: u64,
     pub reachable: bool,
@@ -216,6 +271,110 @@ async fn cluster_info(addr: &str, timeout: Duration) -> anyhow::Result<ClusterIn
 /// Asks `backend`, then every member it lists (concurrently), and merges what they say.
 /// Fails only when `backend` itself does not answer.
 pub async fn collect(backend: &str, timeout: Duration) -> anyhow::Result<ClusterStatus> {
+    collect_with_frontends(backend, &[], timeout).await
+}
+
+/// [`collect`], plus `/status` from each frontend admin endpoint in `frontends`.
+pub async fn collect_with_frontends(
+    backend: &str,
+    frontends: &[String],
+    timeout: Duration,
+) -> anyhow::Result<ClusterStatus> {
+    let (status, admins) = futures::join!(
+        collect_members(backend, timeout),
+        futures::future::join_all(frontends.iter().map(|a| frontend_admin(a, timeout)))
+    );
+    let mut status = status?;
+    add_frontends(&mut status, admins);
+    Ok(status)
+}
+
+/// One frontend's `/status`, or why not.
+async fn frontend_admin(
+    admin: &str,
+    timeout: Duration,
+) -> (String, Result<serde_json::Value, String>) {
+    let answer = match crate::metrics_http::call(admin, "GET", "/status", timeout).await {
+        Ok((200, body)) => serde_json::from_str(&body).map_err(|e| format!("bad /status: {e}")),
+        Ok((code, body)) => Err(format!("/status answered {code}: {}", body.trim())),
+        Err(e) => Err(format!("{e:#}")),
+    };
+    (admin.to_string(), answer)
+}
+
+/// Merges the frontends the admin endpoints describe with those the members see.
+fn add_frontends(
+    status: &mut ClusterStatus,
+    admins: Vec<(String, Result<serde_json::Value, String>)>,
+) {
+    let streams = |id: u64| -> Vec<u64> {
+        status
+            .members
+            .iter()
+            .filter(|m| m.frontends.contains(&id))
+            .map(|m| m.id)
+            .collect()
+    };
+    let mut out: Vec<FrontendStatus> = Vec::new();
+    for (admin, answer) in admins {
+        let f = match answer {
+            Ok(v) => {
+                let id = v.get("frontend_id").and_then(|x| x.as_u64()).unwrap_or(0);
+                FrontendStatus {
+                    id,
+                    admin: Some(admin),
+                    reachable: Some(true),
+                    connections: v.get("connections").and_then(|x| x.as_u64()),
+                    ready: v.get("ready").and_then(|x| x.as_bool()),
+                    not_ready: v
+                        .get("not_ready")
+                        .and_then(|x| x.as_str())
+                        .map(str::to_string),
+                    draining: v.get("draining").and_then(|x| x.as_bool()),
+                    event_streams: streams(id),
+                    error: None,
+                }
+            }
+            Err(e) => FrontendStatus {
+                admin: Some(admin),
+                reachable: Some(false),
+                error: Some(e),
+                ..FrontendStatus::unknown(0, Vec::new())
+            },
+        };
+        out.push(f);
+    }
+    let mut seen: Vec<u64> = status
+        .members
+        .iter()
+        .flat_map(|m| m.frontends.iter().copied())
+        .collect();
+    seen.sort_unstable();
+    seen.dedup();
+    for id in seen {
+        if !out.iter().any(|f| f.id == id) {
+            out.push(FrontendStatus::unknown(id, streams(id)));
+        }
+    }
+    for f in &out {
+        let name = f.admin.clone().unwrap_or_else(|| format!("{:016x}", f.id));
+        if f.reachable == Some(false) {
+            status.problems.push(format!(
+                "frontend admin {name} unreachable: {}",
+                f.error.as_deref().unwrap_or("")
+            ));
+        } else if f.ready == Some(false) && f.draining != Some(true) {
+            status.problems.push(format!(
+                "frontend {name} not ready: {}",
+                f.not_ready.as_deref().unwrap_or("")
+            ));
+        }
+    }
+    status.healthy = status.problems.is_empty();
+    status.frontends = out;
+}
+
+async fn collect_members(backend: &str, timeout: Duration) -> anyhow::Result<ClusterStatus> {
     let first = cluster_info(backend, timeout).await?;
     let answers = futures::future::join_all(first.members.iter().map(|m| {
         let addr = m.addr.clone();
@@ -359,6 +518,8 @@ fn merge(
         ));
     }
     ClusterStatus {
+        format: STATUS_FORMAT,
+        frontends: Vec::new(),
         asked: asked.to_string(),
         asked_node: first.node_id,
         epoch: first.epoch,
@@ -406,13 +567,7 @@ impl ClusterStatus {
         let _ = writeln!(out, "(asked node {} at {})", self.asked_node, self.asked);
         let _ = writeln!(out);
         let _ = writeln!(out, "MEMBERS");
-        let addr_w = self
-            .members
-            .iter()
-            .map(|m| m.addr.len())
-            .max()
-            .unwrap_or(0)
-            .max(7);
+        let addr_w = column_width(self.members.iter().map(|m| m.addr.len()), 7);
         let _ = writeln!(
             out,
             "  {:>4}  {:<addr_w$}  {:<9}  {:>5}  {:>5}",
@@ -442,22 +597,56 @@ impl ClusterStatus {
             let _ = writeln!(out);
         }
         let _ = writeln!(out);
-        let mut frontends: Vec<u64> = self
-            .members
-            .iter()
-            .flat_map(|m| m.frontends.iter().copied())
-            .collect();
-        frontends.sort_unstable();
-        frontends.dedup();
-        let _ = writeln!(out, "FRONTENDS ({} connected)", frontends.len());
-        for f in &frontends {
-            let on: Vec<String> = self
-                .members
+        let _ = writeln!(
+            out,
+            "FRONTENDS ({} known; CONNS = MQTT connections open, STREAMS = members with its event stream)",
+            self.frontends.len()
+        );
+        let admin_w = column_width(
+            self.frontends
                 .iter()
-                .filter(|m| m.frontends.contains(f))
-                .map(|m| m.id.to_string())
-                .collect();
-            let _ = writeln!(out, "  {f:016x}  event streams to members {}", on.join(","));
+                .filter_map(|f| f.admin.as_ref().map(String::len)),
+            5,
+        );
+        let _ = writeln!(
+            out,
+            "  {:<16}  {:<admin_w$}  {:>6}  {:<5}  {:<8}  STREAMS",
+            "ID", "ADMIN", "CONNS", "READY", "DRAINING"
+        );
+        let yes_no = |b: Option<bool>| match b {
+            Some(true) => "yes",
+            Some(false) => "NO",
+            None => "-",
+        };
+        for f in &self.frontends {
+            let id = if f.id == 0 {
+                "?".to_string()
+            } else {
+                format!("{:016x}", f.id)
+            };
+            let streams: Vec<String> = f.event_streams.iter().map(u64::to_string).collect();
+            let _ = write!(
+                out,
+                "  {:<16}  {:<admin_w$}  {:>6}  {:<5}  {:<8}  {}",
+                id,
+                f.admin.as_deref().unwrap_or("-"),
+                f.connections.map_or("-".to_string(), |c| c.to_string()),
+                yes_no(f.ready),
+                match f.draining {
+                    Some(true) => "DRAINING",
+                    Some(false) => "no",
+                    None => "-",
+                },
+                if streams.is_empty() {
+                    "-".to_string()
+                } else {
+                    streams.join(",")
+                }
+            );
+            if let Some(e) = f.error.as_ref().or(f.not_ready.as_ref()) {
+                let _ = write!(out, "  ({e})");
+            }
+            let _ = writeln!(out);
         }
         let _ = writeln!(out);
         let _ = writeln!(
@@ -504,6 +693,11 @@ impl ClusterStatus {
         }
         out
     }
+}
+
+/// The widest of `widths`, at least `min` (the heading).
+fn column_width(widths: impl Iterator<Item = usize>, min: usize) -> usize {
+    widths.max().unwrap_or(0).max(min)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -3,18 +3,19 @@
 //! [`ClusterClient`].
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context;
 use tiermq_common::config::Settings;
+use tiermq_frontend::drain::Drain;
 use tiermq_frontend::metrics::FrontendMetrics;
 use tiermq_frontend::sys_topics::SysTopics;
 use tiermq_frontend::ListenerSet;
 use tiermq_proto::client::ClusterClient;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::metrics_http::{self, MetricsServer};
 use crate::node_metrics;
@@ -28,6 +29,17 @@ pub struct FrontendNode {
     pub frontend_id: u64,
     metrics: Option<MetricsServer>,
     sys_topics: Option<JoinHandle<()>>,
+    drain: Drain,
+    drain_timeout: Duration,
+}
+
+/// How a drain ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrainOutcome {
+    /// Every connection left.
+    Drained,
+    /// The drain timeout passed with `left` connections still open (they got 0x8B).
+    TimedOut { left: usize },
 }
 
 impl FrontendNode {
@@ -46,17 +58,26 @@ impl FrontendNode {
         };
         // Up before the backends are reached, so /healthz answers while the frontend waits.
         let node_metrics = Arc::new(FrontendMetrics::new());
-        let metrics =
-            metrics_http::start(&settings.metrics, node_metrics::frontend(&node_metrics)).await?;
+        let drain = Drain::new(&cluster.server_references, cluster.drain_rate);
+        let known_client = Arc::new(OnceLock::new());
+        let admin = node_metrics::FrontendState {
+            frontend_id,
+            metrics: node_metrics.clone(),
+            drain: drain.clone(),
+            client: known_client.clone(),
+        };
+        let metrics = metrics_http::start(&settings.metrics, node_metrics::frontend(admin)).await?;
         let client =
             ClusterClient::connect(&cluster.backends, frontend_id, Duration::from_secs(60))
                 .await
                 .map_err(|e| anyhow::anyhow!(e))
                 .context("cannot reach the backends")?;
+        let _ = known_client.set(client.clone());
         let (bound, listeners, local_addr) = bind_listeners(settings).await?;
         let mut config = frontend_config(settings);
         config.frontend_id = frontend_id;
         config.metrics = node_metrics.clone();
+        config.drain = drain.clone();
         let shutdown = CancellationToken::new();
         let client = Arc::new(client);
         let listener = tokio::spawn(tiermq_frontend::serve_listeners(
@@ -89,7 +110,42 @@ impl FrontendNode {
             frontend_id,
             metrics,
             sys_topics,
+            drain,
+            drain_timeout: Duration::from_secs(cluster.drain_timeout_secs),
         })
+    }
+
+    /// The node's drain signal (`POST /drain` and the signals start it).
+    pub fn drain_signal(&self) -> Drain {
+        self.drain.clone()
+    }
+
+    /// Drains (see [`tiermq_frontend::drain`]): stops accepting, moves every client away,
+    /// waits for the last connection (at most the drain timeout), then stops the node.
+    pub async fn drain(self) -> DrainOutcome {
+        if self.drain.start() {
+            info!(
+                connections = self.drain.connections(),
+                server_reference = self.drain.server_reference().unwrap_or(""),
+                "draining"
+            );
+        }
+        let outcome = match tokio::time::timeout(self.drain_timeout, self.drain.idle()).await {
+            Ok(()) => DrainOutcome::Drained,
+            Err(_) => DrainOutcome::TimedOut {
+                left: self.drain.connections(),
+            },
+        };
+        match outcome {
+            DrainOutcome::Drained => info!("drained: no connection left"),
+            DrainOutcome::TimedOut { left } => warn!(
+                left,
+                timeout = ?self.drain_timeout,
+                "drain timeout: closing the connections left (DISCONNECT 0x8B)"
+            ),
+        }
+        self.shutdown().await;
+        outcome
     }
 
     pub fn local_addr(&self) -> SocketAddr {

@@ -7,6 +7,8 @@
 //!   replicates has a known leader (so a quorum of its replicas is up).
 //!   `--leader-of KEY` prints the node id leading the partition of KEY (a client id), as this
 //!   node sees it; `--leaders` prints `partition leader` for every partition.
+//! * `--http ADDR` (any node's metrics endpoint, `--metrics-listen`): `GET /healthz`, or
+//!   `GET /readyz` with `--ready`; healthy on `200`. For images without curl.
 //!
 //! Exit status 0 when healthy, 1 otherwise (with the reason on stderr).
 
@@ -26,11 +28,18 @@ use crate::bench::parse_duration;
 #[derive(Args, Debug, Clone)]
 pub struct HealthArgs {
     /// Probe an MQTT listener (frontend / standalone), e.g. 127.0.0.1:1883.
-    #[arg(long, conflicts_with = "grpc")]
+    #[arg(long, conflicts_with_all = ["grpc", "http"])]
     pub mqtt: Option<String>,
     /// Probe a backend's gRPC listener, e.g. 127.0.0.1:7000.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "http")]
     pub grpc: Option<String>,
+    /// Probe a node's metrics endpoint (`--metrics-listen`), e.g. 127.0.0.1:9464: GET
+    /// /healthz (liveness), or /readyz with --ready.
+    #[arg(long)]
+    pub http: Option<String>,
+    /// With --http: ask /readyz (ready to serve) instead of /healthz (alive).
+    #[arg(long, requires = "http")]
+    pub ready: bool,
     /// With --grpc: print the node id leading the partition of this key (a client id).
     #[arg(long, requires = "grpc")]
     pub leader_of: Option<String>,
@@ -76,6 +85,9 @@ pub fn main(args: HealthArgs) -> ExitCode {
 }
 
 async fn probe(args: &HealthArgs) -> anyhow::Result<String> {
+    if let Some(addr) = &args.http {
+        return probe_http(addr, args.ready, args.timeout).await;
+    }
     match (&args.mqtt, &args.grpc) {
         (Some(addr), _) => probe_mqtt(addr, args.timeout).await,
         (None, Some(addr)) => {
@@ -103,7 +115,7 @@ async fn probe(args: &HealthArgs) -> anyhow::Result<String> {
             }
             backend_verdict(&info)
         }
-        (None, None) => bail!("give --mqtt ADDR or --grpc ADDR"),
+        (None, None) => bail!("give --mqtt ADDR, --grpc ADDR or --http ADDR"),
     }
 }
 
@@ -152,6 +164,17 @@ async fn cluster_info(addr: &str) -> anyhow::Result<ClusterInfo> {
         .map_err(|e| anyhow::anyhow!("Cluster call failed: {}", e.message()))?
         .into_inner();
     Ok(info)
+}
+
+async fn probe_http(addr: &str, ready: bool, timeout: Duration) -> anyhow::Result<String> {
+    let path = if ready { "/readyz" } else { "/healthz" };
+    let (code, body) = crate::metrics_http::call(addr, "GET", path, timeout).await?;
+    let body = body.trim();
+    if code == 200 {
+        Ok(format!("{body}: {path} on {addr}"))
+    } else {
+        bail!("{path} on {addr} answered {code}: {body}")
+    }
 }
 
 async fn probe_mqtt(addr: &str, timeout: Duration) -> anyhow::Result<String> {

@@ -23,8 +23,9 @@ struct Cli {
 enum Command {
     /// Run frontend and partitions in one process, data in a local folder (the default setup).
     Standalone(BrokerArgs),
-    /// Run a stateless frontend node of a cluster (see --backends).
-    Frontend(BrokerArgs),
+    /// Run a stateless frontend node of a cluster (see --backends); `frontend drain` drains a
+    /// running one. SIGTERM / SIGUSR1 drain it too, Ctrl-C stops it at once.
+    Frontend(FrontendArgs),
     /// Run a backend node of a cluster: Raft-replicated partitions (see --node-id, --peers).
     /// `backend drain` moves a running one's partition leadership elsewhere (before a restart).
     Backend(BackendArgs),
@@ -34,8 +35,27 @@ enum Command {
     Cluster(tiermq::cluster_cli::ClusterArgs),
     /// Durability checker: numbered QoS1/2 messages in, every loss / duplicate / reorder out.
     Check(tiermq::check::CheckArgs),
-    /// Health probe for containers: MQTT CONNECT round trip (--mqtt) or backend Cluster call (--grpc).
+    /// Health probe for containers: MQTT CONNECT round trip (--mqtt), backend Cluster call
+    /// (--grpc), or a node's /healthz or /readyz (--http [--ready]).
     Health(tiermq::health::HealthArgs),
+}
+
+/// `tiermq frontend [FLAGS]` runs a frontend; `tiermq frontend drain --admin ADDR` drains one.
+#[derive(Args, Debug)]
+#[command(subcommand_negates_reqs = true)]
+struct FrontendArgs {
+    #[command(subcommand)]
+    action: Option<FrontendAction>,
+    #[command(flatten)]
+    broker: BrokerArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum FrontendAction {
+    /// Ask a running frontend to drain (POST /drain on its metrics endpoint): it stops
+    /// accepting, sends MQTT 5 clients DISCONNECT 0x9C with the Server Reference, closes
+    /// MQTT 3.1.1 clients at --drain-rate per second, and exits once they are gone.
+    Drain(tiermq::drain_cli::DrainArgs),
 }
 
 /// Settings come from defaults, then `--config FILE`, then `TIERMQ_*` variables, then flags.
@@ -103,6 +123,18 @@ struct BrokerArgs {
     /// (frontend) Frontend id; 0 draws a random one [default: 0].
     #[arg(long, env = "TIERMQ_FRONTEND_ID")]
     frontend_id: Option<u64>,
+    /// (frontend) Where clients go when this frontend drains, `host:port` comma separated:
+    /// the Server Reference of DISCONNECT 0x9C [default: none].
+    #[arg(long, env = "TIERMQ_SERVER_REFERENCES", value_delimiter = ',')]
+    server_references: Option<Vec<String>>,
+    /// (frontend) MQTT 3.1.1 connections closed per second while draining; 0 = all at once
+    /// [default: 500].
+    #[arg(long, env = "TIERMQ_DRAIN_RATE")]
+    drain_rate: Option<u32>,
+    /// (frontend) Seconds a drain waits for the connections to leave before closing the
+    /// rest [default: 30].
+    #[arg(long, env = "TIERMQ_DRAIN_TIMEOUT_SECS")]
+    drain_timeout_secs: Option<u64>,
     /// Prometheus metrics and health endpoint `host:port`; empty disables it
     /// [default: 127.0.0.1:9464, skipped with a warning when taken].
     #[arg(long, env = "TIERMQ_METRICS_LISTEN")]
@@ -159,6 +191,9 @@ impl BrokerArgs {
             replication: self.replication,
             backends: self.backends.clone(),
             frontend_id: self.frontend_id,
+            server_references: self.server_references.clone(),
+            drain_rate: self.drain_rate,
+            drain_timeout_secs: self.drain_timeout_secs,
             metrics_listen: self.metrics_listen.clone(),
             leader_transfer_secs: self.leader_transfer_secs,
             sys_interval_secs: self.sys_interval_secs,
@@ -222,13 +257,27 @@ fn main() -> ExitCode {
         Command::Cluster(args) => tiermq::cluster_cli::main(args),
         Command::Check(args) => tiermq::check::main(args),
         Command::Health(args) => tiermq::health::main(args),
-        Command::Frontend(args) => run_server(
+        Command::Frontend(FrontendArgs {
+            action: Some(FrontendAction::Drain(drain)),
+            ..
+        }) => tiermq::drain_cli::main(drain),
+        Command::Frontend(FrontendArgs { broker: args, .. }) => run_server(
             &args,
             |s| s.cluster.validate_frontend(),
             |settings| async move {
                 let node = tiermq::frontend::FrontendNode::start(&settings).await?;
-                wait_for_signal().await;
-                node.shutdown().await;
+                match wait_for_frontend_stop(&node.drain_signal()).await {
+                    FrontendStop::Now => node.shutdown().await,
+                    FrontendStop::Drain => {
+                        // A Ctrl-C during the drain stops at once (the rest is dropped).
+                        tokio::select! {
+                            _ = node.drain() => {}
+                            _ = tokio::signal::ctrl_c() => {
+                                tracing::warn!("interrupted: stopping without finishing the drain");
+                            }
+                        }
+                    }
+                }
                 Ok(())
             },
         ),
@@ -264,6 +313,36 @@ where
             eprintln!("tiermq: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+enum FrontendStop {
+    /// Ctrl-C: stop now (DISCONNECT 0x8B).
+    Now,
+    /// SIGTERM, SIGUSR1 or `POST /drain`: move the clients away first.
+    Drain,
+}
+
+/// Waits for what ends a frontend: Ctrl-C stops it; SIGTERM (what `docker stop` and
+/// orchestrators send), SIGUSR1 and a drain started through the endpoint drain it.
+async fn wait_for_frontend_stop(drain: &tiermq_frontend::drain::Drain) -> FrontendStop {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let term = signal(SignalKind::terminate());
+        let usr1 = signal(SignalKind::user_defined1());
+        if let (Ok(mut term), Ok(mut usr1)) = (term, usr1) {
+            return tokio::select! {
+                _ = tokio::signal::ctrl_c() => FrontendStop::Now,
+                _ = term.recv() => FrontendStop::Drain,
+                _ = usr1.recv() => FrontendStop::Drain,
+                _ = drain.started() => FrontendStop::Drain,
+            };
+        }
+    }
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => FrontendStop::Now,
+        _ = drain.started() => FrontendStop::Drain,
     }
 }
 

@@ -3,7 +3,13 @@
 //! - `GET /metrics`: every `tiermq_*` series in the OpenMetrics text format Prometheus reads;
 //! - `GET /healthz`: `200 ok` as long as the process runs (a liveness probe);
 //! - `GET /readyz`: `200 ok` when the node does its job, `503` with the reason when not; a
-//!   role that cannot tell honestly has no readiness check and answers `404`.
+//!   role that cannot tell honestly has no readiness check and answers `404`;
+//! - `GET /status` (frontend): a small JSON object — frontend id, connections by protocol,
+//!   draining, ready — that `tiermq cluster status --frontends` shows;
+//! - `POST /drain` (frontend): starts draining (`202`; `200` when already draining); the
+//!   process exits once its clients are gone. `tiermq frontend drain --admin ADDR` calls it.
+//!
+//! [`call`] is the matching client (`tiermq health --http`, `tiermq frontend drain`).
 //!
 //! It is deliberately small — plain hyper 1 (already in the tree through tonic), one request
 //! per connection, a deadline per connection — because it must never be what takes a broker
@@ -41,6 +47,24 @@ pub struct Endpoint {
     pub refresh: Option<Hook<()>>,
     /// `/readyz`: `Ok` when ready, `Err(why)` when not; `None` where there is no honest check.
     pub readiness: Option<Hook<Result<(), String>>>,
+    /// `GET /status`: a JSON document; `None`: 404.
+    pub status: Option<Hook<String>>,
+    /// `POST /drain`: starts a drain, `Ok(text)` when this call started it, `Err(text)` when
+    /// it was already running; `None`: 404.
+    pub drain: Option<Hook<Result<String, String>>>,
+}
+
+impl Endpoint {
+    /// An endpoint with `registry` only: no refresh, readiness, status or drain.
+    pub fn new(registry: Registry) -> Endpoint {
+        Endpoint {
+            registry,
+            refresh: None,
+            readiness: None,
+            status: None,
+            drain: None,
+        }
+    }
 }
 
 /// How long one HTTP connection may live, request and answer included.
@@ -145,10 +169,34 @@ async fn accept_loop(listener: TcpListener, endpoint: Arc<Endpoint>, shutdown: C
 }
 
 async fn answer(endpoint: &Endpoint, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.uri().path() == "/drain" {
+        return match (&endpoint.drain, req.method()) {
+            (None, _) => text(
+                StatusCode::NOT_FOUND,
+                "no drain on this node (frontends only)\n".into(),
+            ),
+            (Some(drain), &Method::POST) => match drain().await {
+                Ok(msg) => text(StatusCode::ACCEPTED, format!("{msg}\n")),
+                Err(msg) => text(StatusCode::OK, format!("{msg}\n")),
+            },
+            (Some(_), _) => text(StatusCode::METHOD_NOT_ALLOWED, "POST /drain\n".into()),
+        };
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into());
     }
     match req.uri().path() {
+        "/status" => match &endpoint.status {
+            None => text(StatusCode::NOT_FOUND, "no status on this node\n".into()),
+            Some(status) => {
+                let mut response = text(StatusCode::OK, status().await);
+                response.headers_mut().insert(
+                    CONTENT_TYPE,
+                    hyper::header::HeaderValue::from_static("application/json"),
+                );
+                response
+            }
+        },
         "/metrics" => {
             if let Some(refresh) = &endpoint.refresh {
                 refresh().await;
@@ -181,7 +229,7 @@ async fn answer(endpoint: &Endpoint, req: Request<Incoming>) -> Response<Full<By
         },
         _ => text(
             StatusCode::NOT_FOUND,
-            "try /metrics, /healthz or /readyz\n".into(),
+            "try /metrics, /healthz, /readyz, /status or POST /drain\n".into(),
         ),
     }
 }
@@ -194,4 +242,46 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
         hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     response
+}
+
+/// One HTTP/1.1 request to a node's endpoint (`addr` = `host:port`): returns the status code
+/// and the body. Small on purpose — it speaks only to [`MetricsServer`], which answers with a
+/// `Content-Length` body and closes — so that `tiermq health --http` works in images
+/// without curl.
+pub async fn call(
+    addr: &str,
+    method: &str,
+    path: &str,
+    timeout: Duration,
+) -> anyhow::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("cannot connect to {addr}"))?;
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).await?;
+        let mut raw = Vec::new();
+        stream
+            .take(4 * 1024 * 1024)
+            .read_to_end(&mut raw)
+            .await
+            .context("reading the answer")?;
+        let text = String::from_utf8_lossy(&raw);
+        let (head, body) = text
+            .split_once("\r\n\r\n")
+            .context("incomplete HTTP answer")?;
+        let code = head
+            .lines()
+            .next()
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|c| c.parse::<u16>().ok())
+            .with_context(|| format!("not an HTTP answer: {:?}", head.lines().next()))?;
+        Ok::<_, anyhow::Error>((code, body.to_string()))
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer from {addr} within {timeout:?}")))
 }

@@ -4,9 +4,9 @@
 //! - standalone: the frontend counters, the log's entries and flushes (atomics the partition
 //!   tasks already keep), and the retained message count (asked from the partition tasks, at
 //!   most every few seconds — see [`RetainedCount`]); ready once the MQTT listener serves;
-//! - frontend: the frontend counters; no readiness check (the cluster client does not expose
-//!   whether it reaches a leader of every partition, and a check that only says "started"
-//!   would claim more than it knows);
+//! - frontend: the frontend counters and `tiermq_draining`; ready when its cluster client has
+//!   an open route stream from the leader of every partition and it is not draining; `/status`
+//!   (id, connections, draining, ready) and `POST /drain`;
 //! - backend: per Raft group this node replicates — leader, term, commit/applied/last index,
 //!   snapshot index — the driver's counters, the map epoch and the attached frontends; ready
 //!   when every group it replicates knows a leader.
@@ -24,7 +24,9 @@ use prometheus_client::registry::Registry;
 use tiermq_backend::local::LocalBroker;
 use tiermq_backend::placement::PartitionMap;
 use tiermq_backend::raft::node::RaftHandle;
+use tiermq_frontend::drain::Drain;
 use tiermq_frontend::metrics::FrontendMetrics;
+use tiermq_proto::client::ClusterClient;
 
 use crate::metrics_http::{Endpoint, Hook};
 
@@ -138,20 +140,102 @@ pub fn standalone(frontend: &FrontendMetrics, broker: StandaloneState) -> Endpoi
         })
     });
     Endpoint {
-        registry,
-        refresh: Some(refresh),
         readiness: Some(readiness),
+        refresh: Some(refresh),
+        ..Endpoint::new(registry)
+    }
+}
+
+/// What a cluster frontend's endpoint reads besides its counters.
+#[derive(Clone)]
+pub struct FrontendState {
+    pub frontend_id: u64,
+    pub metrics: Arc<FrontendMetrics>,
+    pub drain: Drain,
+    /// Set once the backends answered (the endpoint is up before that).
+    pub client: Arc<OnceLock<ClusterClient>>,
+}
+
+impl FrontendState {
+    /// `Ok` when the frontend can serve every client: it knows a live leader for every
+    /// partition (an open route stream from it) and is not draining.
+    pub fn readiness(&self) -> Result<(), String> {
+        if self.drain.is_draining() {
+            return Err("draining".into());
+        }
+        let Some(client) = self.client.get() else {
+            return Err("connecting to the backends".into());
+        };
+        let unknown = client.partitions_without_leader();
+        if unknown.is_empty() {
+            Ok(())
+        } else {
+            let list: Vec<String> = unknown.iter().map(u32::to_string).collect();
+            Err(format!(
+                "no known leader for partition(s) {}",
+                list.join(",")
+            ))
+        }
+    }
+
+    /// The `/status` document (its shape is documented in docs/operations.md).
+    pub fn status_json(&self) -> String {
+        let ready = self.readiness();
+        serde_json::json!({
+            "role": "frontend",
+            "frontend_id": self.frontend_id,
+            "connections": self.metrics.connected(),
+            "connection_tasks": self.drain.connections(),
+            "draining": self.drain.is_draining(),
+            "ready": ready.is_ok(),
+            "not_ready": ready.err(),
+        })
+        .to_string()
     }
 }
 
 /// A cluster frontend's endpoint.
-pub fn frontend(frontend: &FrontendMetrics) -> Endpoint {
+pub fn frontend(state: FrontendState) -> Endpoint {
     let mut registry = Registry::with_prefix(PREFIX);
-    frontend.register(&mut registry);
+    state.metrics.register(&mut registry);
+    let draining = Gauge::<i64>::default();
+    registry.register(
+        "draining",
+        "1 while this frontend drains (stops accepting, moves its clients away)",
+        draining.clone(),
+    );
+    let for_refresh = state.drain.clone();
+    let refresh: Hook<()> = Arc::new(move || {
+        draining.set(i64::from(for_refresh.is_draining()));
+        Box::pin(async {})
+    });
+    let for_ready = state.clone();
+    let readiness: Hook<Result<(), String>> = Arc::new(move || {
+        let r = for_ready.readiness();
+        Box::pin(async move { r })
+    });
+    let for_status = state.clone();
+    let status: Hook<String> = Arc::new(move || {
+        let s = for_status.status_json();
+        Box::pin(async move { s })
+    });
+    let drain: Hook<Result<String, String>> = Arc::new(move || {
+        let started = state.drain.start();
+        let left = state.drain.connections();
+        Box::pin(async move {
+            if started {
+                Ok(format!("draining: {left} connection(s) to move"))
+            } else {
+                Err(format!("already draining: {left} connection(s) left"))
+            }
+        })
+    });
     Endpoint {
-        registry,
-        refresh: None,
-        readiness: None,
+        refresh: Some(refresh),
+        readiness: Some(readiness),
+        status: Some(status),
+        drain: Some(drain),
+        ..Endpoint::new(registry)
     }
 }
 
@@ -299,8 +383,8 @@ pub fn backend(handle: RaftHandle, map: &PartitionMap) -> Endpoint {
         })
     });
     Endpoint {
-        registry,
         refresh: Some(refresh),
         readiness: Some(readiness),
+        ..Endpoint::new(registry)
     }
 }

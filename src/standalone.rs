@@ -55,6 +55,8 @@ pub fn frontend_config(s: &Settings) -> FrontendConfig {
         authenticators: Default::default(),
         // A fresh set per node; the node's metrics endpoint registers it.
         metrics: Default::default(),
+        // A cluster frontend sets its own (server references, pacing); see src/frontend.rs.
+        drain: Default::default(),
     }
 }
 

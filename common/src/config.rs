@@ -233,6 +233,16 @@ pub struct ClusterSettings {
     /// (frontend) This frontend's id; 0 draws a random one at start, so a restarted frontend
     /// is a new one and the sessions of the old one are released (their wills fire).
     pub frontend_id: u64,
+    /// (frontend) Where clients go when this frontend drains: `host:port` of other
+    /// frontends (or a load balancer), sent to MQTT 5 clients as the Server Reference of
+    /// DISCONNECT 0x9C Use another server. Empty: 0x9C without a reference.
+    pub server_references: Vec<String>,
+    /// (frontend) MQTT 3.1.1 connections closed per second while draining (they cannot be
+    /// told where to go, so their reconnects are spread out); 0 closes them all at once.
+    pub drain_rate: u32,
+    /// (frontend) A drain gives up waiting for connections to leave after this many seconds;
+    /// those left get DISCONNECT 0x8B and the process exits.
+    pub drain_timeout_secs: u64,
 }
 
 impl Default for ClusterSettings {
@@ -246,6 +256,9 @@ impl Default for ClusterSettings {
             leader_transfer_secs: 5,
             backends: Vec::new(),
             frontend_id: 0,
+            server_references: Vec::new(),
+            drain_rate: 500,
+            drain_timeout_secs: 30,
         }
     }
 }
@@ -462,6 +475,9 @@ pub struct Overrides {
     pub leader_transfer_secs: Option<u64>,
     pub backends: Option<Vec<String>>,
     pub frontend_id: Option<u64>,
+    pub server_references: Option<Vec<String>>,
+    pub drain_rate: Option<u32>,
+    pub drain_timeout_secs: Option<u64>,
     /// `Some("")` disables the metrics endpoint.
     pub metrics_listen: Option<String>,
     pub sys_interval_secs: Option<u64>,
@@ -591,6 +607,9 @@ impl Settings {
         set!(self.cluster.leader_transfer_secs, o.leader_transfer_secs);
         set!(self.cluster.backends, o.backends);
         set!(self.cluster.frontend_id, o.frontend_id);
+        set!(self.cluster.server_references, o.server_references);
+        set!(self.cluster.drain_rate, o.drain_rate);
+        set!(self.cluster.drain_timeout_secs, o.drain_timeout_secs);
         if let Some(listen) = &o.metrics_listen {
             self.metrics.listen = Some(listen.clone());
         }

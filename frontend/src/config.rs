@@ -6,6 +6,7 @@ use std::time::Duration;
 use tiermq_common::QoS;
 
 use crate::auth::Authenticators;
+use crate::drain::Drain;
 use crate::metrics::FrontendMetrics;
 
 #[derive(Debug, Clone)]
@@ -40,6 +41,9 @@ pub struct FrontendConfig {
     pub authenticators: Authenticators,
     /// The node's counters, shared by every connection (and the metrics endpoint).
     pub metrics: Arc<FrontendMetrics>,
+    /// The node's drain signal, Server Reference and close pacing (shared by every
+    /// connection and the listener).
+    pub drain: Drain,
 }
 
 impl Default for FrontendConfig {
@@ -60,6 +64,7 @@ impl Default for FrontendConfig {
             max_write_buffer: 4 * 1024 * 1024,
             authenticators: Authenticators::default(),
             metrics: Arc::default(),
+            drain: Drain::default(),
         }
     }
 }

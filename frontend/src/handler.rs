@@ -69,7 +69,13 @@ enum Close {
     Fenced,
     /// The server is shutting down.
     Shutdown,
+    /// The frontend drains: the client should use another server; its session stays.
+    Drain,
 }
+
+/// How long a draining connection waits for the partitions to answer the publishes it
+/// already passed on, so their PUBACKs still go out before the close.
+const DRAIN_ACK_WAIT: Duration = Duration::from_secs(2);
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -91,6 +97,8 @@ pub async fn serve_connection<S, IO>(
     IO: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let peer = info.peer;
+    // A drain waits for this to drop, whatever listener the connection came from.
+    let _tracked = config.drain.track();
     let mut framed = Framed::new(io, MqttCodec::new(config.max_packet_size));
     // Framed starts with two 8 KiB buffers; most connections are idle most of the time, so
     // start small and let them grow with traffic (the write buffer grows per encoded packet).
@@ -295,6 +303,24 @@ where
                 (Some(session), data)
             }
         };
+        if config.drain.is_draining() {
+            // The listener no longer accepts, but this CONNECT was already on its way.
+            debug!(%peer, "CONNECT while draining: use another server");
+            crate::metrics::connection_refused(ReasonCode::USE_ANOTHER_SERVER);
+            let _ = framed
+                .send(&Packet::ConnAck(ConnAck {
+                    session_present: false,
+                    reason_code: ReasonCode::USE_ANOTHER_SERVER,
+                    properties: ConnAckProperties {
+                        server_reference: v5
+                            .then(|| config.drain.server_reference().map(str::to_string))
+                            .flatten(),
+                        ..ConnAckProperties::default()
+                    },
+                }))
+                .await;
+            return None;
+        }
         let req = ConnectRequest {
             client_id: client_id.clone(),
             protocol: version,
@@ -380,6 +406,11 @@ where
         let far = Duration::from_secs(86_400 * 365);
         let keep_alive_timer = sleep_until(self.last_packet + self.keep_alive.unwrap_or(far));
         tokio::pin!(keep_alive_timer);
+        // Drain: v5 leaves at once (told where to go); v3.1.1 is served until its paced turn.
+        let drain = self.config.drain.clone();
+        let mut drain_turn = false;
+        let drain_timer = sleep_until(Instant::now() + far);
+        tokio::pin!(drain_timer);
         loop {
             let step = tokio::select! {
                 packet = self.framed.next() => match packet {
@@ -418,6 +449,16 @@ where
                     self.send_disconnect(ReasonCode::SERVER_SHUTTING_DOWN).await;
                     Err(Close::Shutdown)
                 }
+                _ = drain.started(), if !drain_turn => {
+                    if self.version.is_v5() {
+                        Err(Close::Drain)
+                    } else {
+                        drain_turn = true;
+                        drain_timer.as_mut().reset(drain.reserve_slot());
+                        Ok(())
+                    }
+                }
+                _ = &mut drain_timer, if drain_turn => Err(Close::Drain),
             };
             if let Err(close) = step {
                 let _ = self.flush().await;
@@ -447,12 +488,56 @@ where
             Close::Client(req) => req,
             Close::Abnormal | Close::Shutdown => DisconnectRequest::ABNORMAL,
             Close::Fenced => return,
+            Close::Drain => return self.drained().await,
         };
         // Publishes already submitted stay durable; their acks are simply not sent.
         if let Err(e) = self.service.disconnect(&self.session, req).await {
             debug!(peer = %self.peer, error = %e, "disconnect not recorded");
         }
         debug!(peer = %self.peer, client_id = %self.session.client_id, listener = %self.conn.listener, "closed");
+    }
+
+    /// Moves the client to another server: answers the publishes the partitions already
+    /// have (bounded by [`DRAIN_ACK_WAIT`]), records a disconnect that keeps the session and
+    /// discards the will, and only then sends DISCONNECT 0x9C Use another server with the
+    /// Server Reference (v5) and closes. The session is detached before the client hears
+    /// anything, so its reconnect elsewhere is a plain resume, not a takeover.
+    ///
+    /// Why the will does not fire: §3.1.2.5 lists "the Server closes the Network Connection
+    /// without first receiving a DISCONNECT 0x00" among the cases that publish it, but a
+    /// drain is a planned move the server announces, and the client is expected back within
+    /// seconds on another frontend; firing every client's will at each rolling upgrade would
+    /// tell will subscribers that devices died when they did not. 3.1.1 (§3.1.2.5) lists only
+    /// network errors, keep alive, a client close without DISCONNECT and protocol errors.
+    async fn drained(&mut self) {
+        let deadline = Instant::now() + DRAIN_ACK_WAIT;
+        while !self.pending.is_empty() {
+            match tokio::time::timeout_at(deadline, self.pending.next()).await {
+                Ok(Some(done)) => {
+                    if self.on_durable(done).is_err() {
+                        break;
+                    }
+                }
+                _ => break,
+            }
+        }
+        let keep_session = DisconnectRequest {
+            normal: true,
+            with_will: false,
+            session_expiry_secs: None,
+        };
+        if let Err(e) = self.service.disconnect(&self.session, keep_session).await {
+            debug!(peer = %self.peer, error = %e, "drain disconnect not recorded");
+        }
+        if self.version.is_v5() {
+            let mut packet = Disconnect::with_reason(ReasonCode::USE_ANOTHER_SERVER);
+            packet.properties.server_reference =
+                self.config.drain.server_reference().map(str::to_string);
+            let _ = self.feed(Packet::Disconnect(packet));
+        }
+        let _ = self.flush().await;
+        let _ = tokio::io::AsyncWriteExt::shutdown(self.framed.get_mut()).await;
+        debug!(peer = %self.peer, client_id = %self.session.client_id, "drained");
     }
 
     /// Writes the buffered packets to the socket, then gives back a large write buffer a

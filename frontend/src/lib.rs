@@ -6,6 +6,7 @@
 //! - [`listener`]: accepts sockets (TCP, [`tls`], [`ws`]) and runs one [`handler`] task per
 //!   connection.
 //! - [`handler`]: the MQTT protocol for one connection, from CONNECT to close.
+//! - [`drain`]: the drain signal (stop accepting, move clients to another frontend).
 //! - [`convert`]: PUBLISH packets to application messages and back.
 //! - [`metrics`]: the node's counters (Prometheus and `$SYS`), [`metered_io`]: bytes on the wire.
 //! - [`sys_topics`]: the task that publishes `$SYS/broker/...`.
@@ -17,6 +18,7 @@ pub mod alias;
 pub mod auth;
 pub mod config;
 pub mod convert;
+pub mod drain;
 pub mod handler;
 pub mod listener;
 pub mod metered_io;

@@ -289,6 +289,8 @@ async fn accept_loop<S: SessionService>(
         let accepted = tokio::select! {
             r = socket.accept() => r,
             _ = shutdown.cancelled() => break,
+            // Draining: no new sockets; the open connections move away on their own.
+            _ = config.drain.started() => break,
         };
         match accepted {
             Ok((stream, peer)) => {

@@ -219,6 +219,17 @@ impl ClusterClient {
         self.inner.partitions
     }
 
+    /// Partitions whose leader this client does not currently know: no open route stream from
+    /// a node that says it leads them (never heard of one, or its stream broke, or it said it
+    /// no longer leads). Empty when every partition has a known, reachable leader — what a
+    /// frontend's readiness check asks.
+    pub fn partitions_without_leader(&self) -> Vec<u32> {
+        let routes = self.inner.routes.read().unwrap_or_else(|e| e.into_inner());
+        (0..self.inner.partitions)
+            .filter(|&p| routes.known_from[p as usize].is_none())
+            .collect()
+    }
+
     /// Publishes a will (or any message without a publishing session).
     pub fn publish_message(
         &self,

@@ -90,6 +90,9 @@ pub struct Node {
     pub id: usize,
     /// gRPC address (backend) or MQTT address (frontend).
     pub addr: SocketAddr,
+    /// Metrics/admin endpoint (`--metrics-listen`): /metrics, /healthz, /readyz, /status,
+    /// POST /drain.
+    pub admin: SocketAddr,
     pub log: PathBuf,
     args: Vec<String>,
     child: Option<Child>,
@@ -107,6 +110,8 @@ impl Node {
         let err = out.try_clone().unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_tiermq"));
         cmd.args(&self.args)
+            .arg("--metrics-listen")
+            .arg(self.admin.to_string())
             .env("TIERMQ_LOG", "info,slog=warn")
             .env_remove("RUST_LOG")
             .env_remove("TIERMQ_CONFIG")
@@ -133,6 +138,49 @@ impl Node {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Sends `signal` (e.g. `libc::SIGTERM`) to the process, if it runs.
+    pub fn signal(&self, signal: i32) {
+        if let Some(pid) = self.pid() {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe {
+                libc::kill(pid as i32, signal);
+            }
+        }
+    }
+
+    /// Waits (at most `within`) for the process to exit on its own and reaps it; its exit
+    /// status, or `None` when it still runs.
+    pub async fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    self.child = None;
+                    return Some(status);
+                }
+            } else {
+                return None;
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A node that exited because its metrics port was taken meanwhile (ports are picked
+    /// free, then bound by the child later) starts again on another one.
+    fn retry_admin_port(&mut self) -> bool {
+        let taken = format!("cannot listen for metrics on {}", self.admin);
+        if self.starts > 3 || !self.log_text().contains(&taken) {
+            return false;
+        }
+        self.kill9();
+        self.admin = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        self.spawn();
+        true
     }
 
     pub fn log_text(&self) -> String {
@@ -230,6 +278,7 @@ impl ProcCluster {
                 role: Role::Backend,
                 id: i + 1,
                 addr: *addr,
+                admin: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
                 log: root.join(format!("backend-{}.log", i + 1)),
                 args: vec![
                     "backend".into(),
@@ -250,13 +299,23 @@ impl ProcCluster {
                 starts: 0,
             })
             .collect();
+        let fe_addrs: Vec<SocketAddr> = (0..opts.frontends)
+            .map(|_| format!("127.0.0.1:{}", free_port()).parse().unwrap())
+            .collect();
         let frontends: Vec<Node> = (0..opts.frontends)
             .map(|i| {
-                let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+                let addr = fe_addrs[i];
+                // A draining frontend sends its v5 clients to the others.
+                let others: Vec<String> = fe_addrs
+                    .iter()
+                    .filter(|a| **a != addr)
+                    .map(|a| a.to_string())
+                    .collect();
                 Node {
                     role: Role::Frontend,
                     id: i + 1,
                     addr,
+                    admin: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
                     log: root.join(format!("frontend-{}.log", i + 1)),
                     args: vec![
                         "frontend".into(),
@@ -264,6 +323,8 @@ impl ProcCluster {
                         addr.to_string(),
                         "--backends".into(),
                         seeds.clone(),
+                        "--server-references".into(),
+                        others.join(","),
                     ],
                     child: None,
                     starts: 0,
@@ -303,6 +364,16 @@ impl ProcCluster {
         self.frontends[i].addr
     }
 
+    /// Metrics/admin endpoint of frontend `i` (0-based).
+    pub fn fe_admin(&self, i: usize) -> SocketAddr {
+        self.frontends[i].admin
+    }
+
+    /// Metrics/admin endpoint of backend `i` (0-based).
+    pub fn be_admin(&self, i: usize) -> SocketAddr {
+        self.backends[i].admin
+    }
+
     pub fn fe_addrs(&self) -> Vec<SocketAddr> {
         self.frontends.iter().map(|f| f.addr).collect()
     }
@@ -333,7 +404,7 @@ impl ProcCluster {
     fn check_alive(&mut self) {
         let mut dead = Vec::new();
         for n in self.backends.iter_mut().chain(self.frontends.iter_mut()) {
-            if n.child.is_some() && !n.running() {
+            if n.child.is_some() && !n.running() && !n.retry_admin_port() {
                 dead.push(n.name());
             }
         }
