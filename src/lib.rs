@@ -12,4 +12,5 @@ pub mod health;
 pub mod logging;
 pub mod metrics_http;
 pub mod node_metrics;
+pub mod passwd_cli;
 pub mod standalone;

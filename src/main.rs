@@ -38,6 +38,9 @@ enum Command {
     /// Health probe for containers: MQTT CONNECT round trip (--mqtt), backend Cluster call
     /// (--grpc), or a node's /healthz or /readyz (--http [--ready]).
     Health(tiermq::health::HealthArgs),
+    /// Manage the password file (`--password-file`): add, remove, list, check users; the
+    /// password is read from standard input and stored as an argon2id hash.
+    Passwd(tiermq::passwd_cli::PasswdArgs),
 }
 
 /// `tiermq frontend [FLAGS]` runs a frontend; `tiermq frontend drain --admin ADDR` drains one.
@@ -139,6 +142,13 @@ struct BrokerArgs {
     /// [default: 127.0.0.1:9464, skipped with a warning when taken].
     #[arg(long, env = "TIERMQ_METRICS_LISTEN")]
     metrics_listen: Option<String>,
+    /// Password file for CONNECT user names/passwords (`tiermq passwd`) [default: none].
+    #[arg(long, env = "TIERMQ_PASSWORD_FILE")]
+    password_file: Option<PathBuf>,
+    /// Let clients in without a user name [default: true without a password file, false
+    /// with one].
+    #[arg(long, env = "TIERMQ_ALLOW_ANONYMOUS")]
+    allow_anonymous: Option<bool>,
     /// (cluster, backend) On SIGTERM / Ctrl-C, move partition leadership to other replicas
     /// first, waiting at most this many seconds; 0 stops at once [default: 5].
     #[arg(long, env = "TIERMQ_LEADER_TRANSFER_SECS")]
@@ -195,6 +205,8 @@ impl BrokerArgs {
             drain_rate: self.drain_rate,
             drain_timeout_secs: self.drain_timeout_secs,
             metrics_listen: self.metrics_listen.clone(),
+            password_file: self.password_file.clone(),
+            allow_anonymous: self.allow_anonymous,
             leader_transfer_secs: self.leader_transfer_secs,
             sys_interval_secs: self.sys_interval_secs,
             tls_listen: self.tls_listen,
@@ -257,6 +269,7 @@ fn main() -> ExitCode {
         Command::Cluster(args) => tiermq::cluster_cli::main(args),
         Command::Check(args) => tiermq::check::main(args),
         Command::Health(args) => tiermq::health::main(args),
+        Command::Passwd(args) => tiermq::passwd_cli::main(args),
         Command::Frontend(FrontendArgs {
             action: Some(FrontendAction::Drain(drain)),
             ..

@@ -2,6 +2,7 @@
 //! local folder. The frontend talks to the partitions through the same `SessionService`
 //! interface a cluster frontend uses over gRPC.
 
+use tiermq_frontend::passwd::{PasswordAuth, PasswordFile};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,6 +34,20 @@ pub struct Standalone {
     sys_topics: Option<JoinHandle<()>>,
 }
 
+/// The username/password check `mqtt.password_file` asks for (read and checked now, so a bad
+/// file stops the start with its line number).
+pub fn password_auth(s: &Settings) -> anyhow::Result<Option<PasswordAuth>> {
+    let Some(path) = &s.mqtt.password_file else {
+        return Ok(None);
+    };
+    let file = PasswordFile::load(path)?;
+    Ok(Some(PasswordAuth {
+        file: std::sync::Arc::new(file),
+        allow_anonymous: s.mqtt.allow_anonymous.unwrap_or(false),
+        failure_delay: Duration::from_millis(s.mqtt.auth_failure_delay_ms),
+    }))
+}
+
 pub fn frontend_config(s: &Settings) -> FrontendConfig {
     let m = &s.mqtt;
     FrontendConfig {
@@ -49,6 +64,8 @@ pub fn frontend_config(s: &Settings) -> FrontendConfig {
         maximum_qos: QoS::from_u8(m.maximum_qos).unwrap_or(QoS::ExactlyOnce),
         response_information: (!m.response_information.is_empty())
             .then(|| m.response_information.clone()),
+        // Loaded by `password_auth`, which can fail.
+        password_auth: None,
         max_write_buffer: m.max_write_buffer,
         // Methods are code, not settings: a binary (or a test) registers them through
         // `Standalone::start_with`.
@@ -123,6 +140,7 @@ impl Standalone {
         let (bound, listeners, local_addr) = bind_listeners(settings).await?;
         let shutdown = CancellationToken::new();
         let mut config = frontend_config(settings);
+        config.password_auth = password_auth(settings)?;
         config.metrics = node_metrics.clone();
         frontend(&mut config);
         let listener = tokio::spawn(tiermq_frontend::serve_listeners(

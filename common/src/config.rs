@@ -359,6 +359,12 @@ pub struct MqttSettings {
     pub max_write_buffer: usize,
     /// Seconds between two rounds of `$SYS/broker/...` statistics; 0 disables them.
     pub sys_interval_secs: u64,
+    /// Users and argon2id password hashes (`tiermq passwd`); unset: no password check.
+    pub password_file: Option<PathBuf>,
+    /// Let clients in without a user name. Default: yes without a password file, no with one.
+    pub allow_anonymous: Option<bool>,
+    /// Milliseconds to wait before refusing wrong credentials (slows down guessing).
+    pub auth_failure_delay_ms: u64,
     /// Seconds between two checks of the TLS listeners' certificate files (a changed file
     /// reloads the certificate for new connections); 0 reloads only on SIGHUP.
     pub tls_reload_interval_secs: u64,
@@ -416,6 +422,9 @@ impl Default for MqttSettings {
             response_information: String::new(),
             max_write_buffer: 4 * 1024 * 1024,
             sys_interval_secs: 10,
+            password_file: None,
+            allow_anonymous: None,
+            auth_failure_delay_ms: 1000,
             tls_reload_interval_secs: 5,
         }
     }
@@ -481,6 +490,8 @@ pub struct Overrides {
     /// `Some("")` disables the metrics endpoint.
     pub metrics_listen: Option<String>,
     pub sys_interval_secs: Option<u64>,
+    pub password_file: Option<PathBuf>,
+    pub allow_anonymous: Option<bool>,
     /// A TLS listener on this address (with `tls_cert`, `tls_key`, optional `tls_ca`), in
     /// addition to the configured listeners.
     pub tls_listen: Option<SocketAddr>,
@@ -614,6 +625,12 @@ impl Settings {
             self.metrics.listen = Some(listen.clone());
         }
         set!(self.mqtt.sys_interval_secs, o.sys_interval_secs);
+        if let Some(f) = &o.password_file {
+            self.mqtt.password_file = Some(f.clone());
+        }
+        if let Some(a) = o.allow_anonymous {
+            self.mqtt.allow_anonymous = Some(a);
+        }
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {

@@ -34,6 +34,8 @@ pub struct FrontendConfig {
     /// Response Information sent when a client asks for it (prefix; the client id is
     /// appended). None: not offered.
     pub response_information: Option<String>,
+    /// Username/password check at CONNECT (`mqtt.password_file`); None lets everyone in.
+    pub password_auth: Option<crate::passwd::PasswordAuth>,
     /// Bytes waiting to be written to a client beyond which QoS0 deliveries are dropped.
     pub max_write_buffer: usize,
     /// Enhanced authentication methods offered (none by default: CONNECT naming a method is
@@ -61,6 +63,7 @@ impl Default for FrontendConfig {
             retain_available: true,
             maximum_qos: QoS::ExactlyOnce,
             response_information: None,
+            password_auth: None,
             max_write_buffer: 4 * 1024 * 1024,
             authenticators: Authenticators::default(),
             metrics: Arc::default(),

@@ -222,6 +222,19 @@ where
             refuse(&mut framed, ReasonCode::CLIENT_IDENTIFIER_NOT_VALID).await;
             return None;
         }
+        // User name and password (mqtt.password_file): before the session exists.
+        if let Some(auth) = &config.password_auth {
+            if props.authentication_method.is_none() {
+                if let Err(code) = auth
+                    .check(connect.username.as_deref(), connect.password.as_deref())
+                    .await
+                {
+                    debug!(%peer, user = ?connect.username, "refused: credentials");
+                    refuse(&mut framed, code).await;
+                    return None;
+                }
+            }
+        }
         let authenticator = match &props.authentication_method {
             None => None,
             Some(method) => match config.authenticators.get(method) {

@@ -23,6 +23,7 @@ pub mod handler;
 pub mod listener;
 pub mod metered_io;
 pub mod metrics;
+pub mod passwd;
 pub mod sys_topics;
 pub mod tls;
 pub mod ws;
