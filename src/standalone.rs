@@ -2,10 +2,10 @@
 //! local folder. The frontend talks to the partitions through the same `SessionService`
 //! interface a cluster frontend uses over gRPC.
 
-use tiermq_frontend::passwd::{PasswordAuth, PasswordFile};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+use tiermq_frontend::passwd::{PasswordAuth, PasswordFile};
 
 use anyhow::Context;
 use tiermq_backend::local::{LocalBroker, LocalConfig};

@@ -68,7 +68,10 @@ fn passwd_tool_adds_lists_checks_and_removes_users() {
     assert_eq!(out, "alice\nbob\n");
     assert!(passwd(&["check", f, "alice"], "wonderland\n").0);
     assert!(!passwd(&["check", f, "alice"], "builder\n").0);
-    assert!(passwd(&["add", f, "alice"], "looking-glass\n").0, "password change");
+    assert!(
+        passwd(&["add", f, "alice"], "looking-glass\n").0,
+        "password change"
+    );
     assert!(passwd(&["check", f, "alice"], "looking-glass\n").0);
     assert!(passwd(&["remove", f, "bob"], "").0);
     assert!(!passwd(&["check", f, "bob"], "builder\n").0);

@@ -168,9 +168,7 @@ impl PasswordFile {
         let Ok(parsed) = PasswordHash::new(hash) else {
             return false;
         };
-        let ok = Argon2::default()
-            .verify_password(password, &parsed)
-            .is_ok();
+        let ok = Argon2::default().verify_password(password, &parsed).is_ok();
         ok && known
     }
 
