@@ -2237,6 +2237,31 @@ mod shared {
     }
 
     #[test]
+    fn random_strategy_spreads_over_every_member() {
+        let mut h = H::with_limits(SessionLimits {
+            shared_strategy: SharedStrategy::Random,
+            ..Default::default()
+        });
+        let ids = ["a", "b", "c"];
+        for id in ids {
+            let e = h.online(id);
+            h.join(id, e, QoS::AtMostOnce);
+        }
+        let mut counts = std::collections::BTreeMap::<&str, usize>::new();
+        for i in 0..300 {
+            let fx = h.publish_shared(&i.to_string(), QoS::AtLeastOnce);
+            for id in ids {
+                *counts.entry(id).or_default() += deliveries(&fx, id).len();
+            }
+        }
+        assert_eq!(counts.values().sum::<usize>(), 300, "each message once");
+        for id in ids {
+            // Expected 100 each; a fair hash stays well inside 50..150.
+            assert!((50..150).contains(&counts[id]), "{counts:?}");
+        }
+    }
+
+    #[test]
     fn pending_handoffs_survive_a_snapshot_and_are_carried_out_again() {
         let mut h = H::new();
         let a = h.online("a");
