@@ -185,6 +185,69 @@ async fn v5_connack_reflects_configured_limits() {
     assert_eq!(p.maximum_qos, Some(QoS::AtLeastOnce));
 }
 
+/// Request Response Information (§3.1.2.11.6): the configured prefix + client id in CONNACK
+/// only when asked; CONNECT User Properties are accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn response_information_only_when_requested() {
+    let b = start_broker_with(|s| s.mqtt.response_information = "replies/".into()).await;
+    let (_r, ack) = Raw::connect(b.addr, V5, "rri-yes", |c| {
+        c.properties.request_response_information = Some(true);
+        c.properties
+            .user_properties
+            .push(("region".into(), "eu".into()));
+    })
+    .await;
+    assert_eq!(ack.reason_code, ReasonCode::SUCCESS);
+    let info = ack
+        .properties
+        .response_information
+        .expect("response information");
+    assert!(info.starts_with("replies/"), "{info}");
+    let (_r, ack) = Raw::connect(b.addr, V5, "rri-no", |_| {}).await;
+    assert_eq!(ack.properties.response_information, None);
+    // Not offered when unconfigured, even if asked.
+    let plain = start_broker().await;
+    let (_r, ack) = Raw::connect(plain.addr, V5, "rri-off", |c| {
+        c.properties.request_response_information = Some(true);
+    })
+    .await;
+    assert_eq!(ack.properties.response_information, None);
+}
+
+/// `session.max_subscriptions`: SUBACK 0x97 (v5) / 0x80 (3.1.1) beyond it; replacing an
+/// existing subscription does not count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_subscriptions_per_client() {
+    let b = start_broker_with(|s| s.session.max_subscriptions = 2).await;
+    for (version, over) in [(V5, ReasonCode::QUOTA_EXCEEDED), (V3, ReasonCode(0x80))] {
+        let id = format!("maxsub-{version:?}");
+        let (mut c, _) = Raw::connect(b.addr, version, &id, |_| {}).await;
+        let opts = sub_opts(QoS::AtLeastOnce);
+        assert_eq!(
+            c.subscribe("a", opts).await.reason_codes,
+            vec![ReasonCode(1)]
+        );
+        assert_eq!(
+            c.subscribe("b", opts).await.reason_codes,
+            vec![ReasonCode(1)]
+        );
+        assert_eq!(
+            c.subscribe("a", opts).await.reason_codes,
+            vec![ReasonCode(1)]
+        );
+        c.send(&Packet::Subscribe(tiermq_common::codec::Subscribe {
+            packet_id: 9,
+            filters: vec![("c".into(), opts)],
+            properties: Default::default(),
+        }))
+        .await;
+        match c.recv().await {
+            Packet::SubAck(a) => assert_eq!(a.reason_codes, vec![over], "{version:?}"),
+            other => panic!("expected SUBACK, got {other:?}"),
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_keep_alive_when_capped() {
     let b = start_broker_with(|s| s.mqtt.max_keep_alive = 10).await;
