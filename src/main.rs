@@ -105,6 +105,9 @@ struct BrokerArgs {
     /// Log filter, e.g. `info` or `debug`; RUST_LOG wins when set [default: info].
     #[arg(long, env = "TIERMQ_LOG")]
     log_level: Option<String>,
+    /// Log lines as `text` or `json` (one object per line) [default: text].
+    #[arg(long, env = "TIERMQ_LOG_FORMAT")]
+    log_format: Option<tiermq_common::config::LogFormat>,
     /// (cluster) This backend's node id, 1, 2, ...
     #[arg(long, env = "TIERMQ_NODE_ID")]
     node_id: Option<u64>,
@@ -194,6 +197,7 @@ impl BrokerArgs {
             shared_strategy: self.shared_strategy,
             queue_full_policy: self.queue_full_policy,
             log_level: self.log_level.clone(),
+            log_format: self.log_format,
             node_id: self.node_id,
             grpc_listen: self.grpc_listen,
             peers: self.peers.clone(),
@@ -312,7 +316,7 @@ where
             return ExitCode::from(2);
         }
     };
-    tiermq::logging::init(&settings.log.level);
+    tiermq::logging::init(&settings.log.level, settings.log.format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {

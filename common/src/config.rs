@@ -403,6 +403,30 @@ pub struct SessionSettings {
 pub struct LogSettings {
     /// A tracing filter such as `info` or `tiermq=debug,info`; `RUST_LOG` wins when set.
     pub level: String,
+    /// `text` (human-readable) or `json` (one JSON object per line, for log shippers).
+    pub format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(format!(
+                "unknown log format {other:?} (expected text or json)"
+            )),
+        }
+    }
 }
 
 impl Default for MqttSettings {
@@ -457,6 +481,7 @@ impl Default for LogSettings {
         LogSettings {
             // raft-rs logs every election step at INFO; keep those at WARN unless asked.
             level: "info,slog=warn".to_string(),
+            format: LogFormat::Text,
         }
     }
 }
@@ -476,6 +501,7 @@ pub struct Overrides {
     pub shared_strategy: Option<crate::partition_api::SharedStrategy>,
     pub queue_full_policy: Option<crate::partition_api::QueueFullPolicy>,
     pub log_level: Option<String>,
+    pub log_format: Option<LogFormat>,
     pub node_id: Option<u64>,
     pub grpc_listen: Option<SocketAddr>,
     pub peers: Option<Vec<String>>,
@@ -610,6 +636,7 @@ impl Settings {
         set!(self.session.shared_strategy, o.shared_strategy);
         set!(self.session.queue_full_policy, o.queue_full_policy);
         set!(self.log.level, o.log_level);
+        set!(self.log.format, o.log_format);
         set!(self.cluster.node_id, o.node_id);
         set!(self.cluster.grpc_listen, o.grpc_listen);
         set!(self.cluster.peers, o.peers);
