@@ -75,7 +75,7 @@ impl FrontendNode {
         let _ = known_client.set(client.clone());
         let (bound, listeners, local_addr) = bind_listeners(settings).await?;
         let mut config = frontend_config(settings);
-        config.password_auth = crate::standalone::password_auth(settings)?;
+        crate::standalone::apply_password_file(settings, &mut config)?;
         config.frontend_id = frontend_id;
         config.metrics = node_metrics.clone();
         config.drain = drain.clone();

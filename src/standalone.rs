@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tiermq_frontend::passwd::{PasswordAuth, PasswordFile};
+use tiermq_frontend::passwd::{PasswordAuth, PasswordStore};
 
 use anyhow::Context;
 use tiermq_backend::local::{LocalBroker, LocalConfig};
@@ -40,12 +40,22 @@ pub fn password_auth(s: &Settings) -> anyhow::Result<Option<PasswordAuth>> {
     let Some(path) = &s.mqtt.password_file else {
         return Ok(None);
     };
-    let file = PasswordFile::load(path)?;
     Ok(Some(PasswordAuth {
-        file: std::sync::Arc::new(file),
+        users: PasswordStore::load(path)?,
         allow_anonymous: s.mqtt.allow_anonymous.unwrap_or(false),
         failure_delay: Duration::from_millis(s.mqtt.auth_failure_delay_ms),
     }))
+}
+
+/// Loads the password file into `config`: the CONNECT username/password check, and the
+/// SCRAM-SHA-256 enhanced authentication method over the same users.
+pub fn apply_password_file(s: &Settings, config: &mut FrontendConfig) -> anyhow::Result<()> {
+    config.password_auth = password_auth(s)?;
+    if let Some(auth) = &config.password_auth {
+        let scram = auth.users.scram_authenticator(auth.failure_delay);
+        config.authenticators.register(Arc::new(scram));
+    }
+    Ok(())
 }
 
 pub fn frontend_config(s: &Settings) -> FrontendConfig {
@@ -140,7 +150,7 @@ impl Standalone {
         let (bound, listeners, local_addr) = bind_listeners(settings).await?;
         let shutdown = CancellationToken::new();
         let mut config = frontend_config(settings);
-        config.password_auth = password_auth(settings)?;
+        apply_password_file(settings, &mut config)?;
         config.metrics = node_metrics.clone();
         frontend(&mut config);
         let listener = tokio::spawn(tiermq_frontend::serve_listeners(

@@ -162,3 +162,106 @@ async fn a_broken_password_file_is_a_clear_start_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("line 1"), "{err}");
 }
+
+/// Connects as `user` (v5) and returns the CONNACK reason code.
+async fn try_login(addr: std::net::SocketAddr, user: &str, password: &str) -> ReasonCode {
+    let (_, ack) = Raw::connect(addr, ProtocolVersion::V5, "reload", |c| {
+        c.username = Some(user.into());
+        c.password = Some(password.to_string().into());
+    })
+    .await;
+    ack.reason_code
+}
+
+/// Retries `try_login` until it answers `want` (the file is polled every second).
+async fn login_becomes(addr: std::net::SocketAddr, user: &str, password: &str, want: ReasonCode) {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let got = try_login(addr, user, password).await;
+        if got == want {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{user}: still {got:?}, want {want:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn password_file_changes_apply_without_a_restart_and_a_broken_one_is_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = password_file(dir.path());
+    let f = file.to_str().unwrap().to_string();
+    let path = file.clone();
+    let b = start_broker_with(move |s| {
+        s.mqtt.password_file = Some(path);
+        s.mqtt.allow_anonymous = Some(false);
+        s.mqtt.auth_failure_delay_ms = 10;
+        s.mqtt.tls_reload_interval_secs = 1;
+    })
+    .await;
+    let (mut alice, ack) = Raw::connect(b.addr, ProtocolVersion::V5, "alice-stays", |c| {
+        c.username = Some("alice".into());
+        c.password = Some("wonderland".into());
+    })
+    .await;
+    assert_eq!(ack.reason_code, ReasonCode::SUCCESS);
+    let bad = ReasonCode::BAD_USER_NAME_OR_PASSWORD;
+    assert_eq!(try_login(b.addr, "carol", "christmas").await, bad);
+    assert!(passwd(&["add", &f, "carol"], "christmas\n").0);
+    login_becomes(b.addr, "carol", "christmas", ReasonCode::SUCCESS).await;
+    assert!(passwd(&["remove", &f, "bob"], "").0);
+    login_becomes(b.addr, "bob", "builder", bad).await;
+    // A broken file: the previous users stay (after more than one poll).
+    std::fs::write(&file, "carol\n").unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    assert_eq!(
+        try_login(b.addr, "carol", "christmas").await,
+        ReasonCode::SUCCESS
+    );
+    assert_eq!(try_login(b.addr, "bob", "builder").await, bad);
+    // Connections made before any of it were never dropped.
+    alice.ping().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_password_file() {
+    let dir = ProcDir::new();
+    let file = password_file(dir.data().parent().unwrap());
+    let config = dir.data().parent().unwrap().join("tiermq.toml");
+    // No polling: only the signal reloads.
+    std::fs::write(
+        &config,
+        "[mqtt]\ntls_reload_interval_secs = 0\nauth_failure_delay_ms = 10\n",
+    )
+    .unwrap();
+    let log = dir.data().parent().unwrap().join("broker.log");
+    let args = [
+        "--config".to_string(),
+        config.display().to_string(),
+        "--password-file".to_string(),
+        file.display().to_string(),
+    ];
+    let b = ProcBroker::start_with_args(&dir.data(), &log, &args).await;
+    let bad = ReasonCode::BAD_USER_NAME_OR_PASSWORD;
+    assert!(passwd(&["add", file.to_str().unwrap(), "dave"], "diver\n").0);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(
+        try_login(b.addr, "dave", "diver").await,
+        bad,
+        "no reload yet"
+    );
+    let status = Command::new("kill")
+        .args(["-HUP", &b.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    login_becomes(b.addr, "dave", "diver", ReasonCode::SUCCESS).await;
+    assert!(
+        b.log_text().contains("password file reloaded"),
+        "{}",
+        b.log_text()
+    );
+}

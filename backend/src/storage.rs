@@ -65,6 +65,14 @@ impl PartitionStore {
         })
     }
 
+    /// Removes the trees of `partition` from `db` (its replica moved to another node). The
+    /// caller drops every `PartitionStore` of it first.
+    pub fn destroy(db: &sled::Db, partition: u32) -> StorageResult<()> {
+        db.drop_tree(format!("p{partition}/log"))?;
+        db.drop_tree(format!("p{partition}/state"))?;
+        Ok(())
+    }
+
     /// Loads the last checkpoint and the log entries written after it.
     pub fn recover(&self, limits: SessionLimits) -> StorageResult<Recovered> {
         let mut image = PartitionImage {

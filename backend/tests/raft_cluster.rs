@@ -58,6 +58,7 @@ fn config(id: NodeId) -> RaftConfig {
     c.tick_interval = Duration::from_millis(20);
     c.checkpoint_entries = 50;
     c.log_keep_entries = 10;
+    c.membership.orphan_ticks = 100;
     c
 }
 
@@ -95,13 +96,72 @@ impl Cluster {
     }
 
     fn start(&mut self, id: NodeId) {
+        let map = self.map.clone();
+        self.start_with(id, &map);
+    }
+
+    fn start_with(&mut self, id: NodeId, map: &PartitionMap) {
         let db = open_db(&self.dirs[&id]);
         let port = Arc::new(Port {
             from: id,
             net: self.net.clone(),
         });
-        let h = start(config(id), db, &self.map, port, ClusterHub::new()).expect("start node");
+        let h = start(config(id), db, map, port, ClusterHub::new()).expect("start node");
         self.net.nodes.lock().unwrap().insert(id, h);
+    }
+
+    /// Gives every live node a new target map (membership change).
+    fn set_map(&mut self, map: PartitionMap) {
+        for id in self.live() {
+            self.handle(id).unwrap().set_map(map.clone());
+        }
+        self.map = map;
+    }
+
+    /// Starts a new, empty node that joins the current target map: it bootstraps nothing
+    /// and gets its replicas from the leaders.
+    fn join(&mut self, id: NodeId) {
+        let dir = self._tmp.path().join(format!("node{id}"));
+        self.dirs.insert(id, dir);
+        let empty = PartitionMap::compute(0, &[], PARTITIONS, 3, DEFAULT_VNODES);
+        self.start_with(id, &empty);
+        self.handle(id).unwrap().set_map(self.map.clone());
+    }
+
+    /// Waits until every partition's configuration is the target map's and every live node
+    /// holds exactly the replicas the map places on it.
+    async fn wait_moved(&self, timeout: Duration) -> Duration {
+        let started = Instant::now();
+        loop {
+            let mut pending = Vec::new();
+            for p in 0..PARTITIONS {
+                let mut want = self.map.replicas_of(p).to_vec();
+                want.sort();
+                let voters = match self.leader(p).await {
+                    Some(l) => self.status(l, p).await.map(|s| {
+                        let mut v = s.voters;
+                        v.sort();
+                        v
+                    }),
+                    None => None,
+                };
+                if voters.as_ref() != Some(&want) {
+                    pending.push(format!("p{p}: voters {voters:?}, want {want:?}"));
+                }
+            }
+            for id in self.live() {
+                let progress = self.handle(id).unwrap().move_progress().await.unwrap();
+                let want = self.map.partitions_of(id);
+                if progress.held != want || !progress.moving.is_empty() {
+                    pending.push(format!("node {id}: {progress:?}, want {want:?}"));
+                }
+            }
+            if pending.is_empty() {
+                return started.elapsed();
+            }
+            assert!(started.elapsed() < timeout, "not moved: {pending:#?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     async fn stop(&mut self, id: NodeId) {
@@ -480,4 +540,107 @@ impl Lcg {
             .wrapping_add(1442695040888963407);
         self.0 >> 33
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_move_to_a_joining_node_and_off_a_removed_one() {
+    let mut c = Cluster::new(&[1, 2, 3]);
+    c.wait_leaders(T).await;
+    for p in 0..PARTITIONS {
+        for i in 0..20 {
+            c.propose(p, retained(&format!("p{p}/k{i}"), "before"), T)
+                .await
+                .unwrap();
+        }
+    }
+    // 3 -> 4 nodes: node 4 starts empty and receives its replicas by snapshot.
+    c.set_map(PartitionMap::compute(
+        2,
+        &[1, 2, 3, 4],
+        PARTITIONS,
+        3,
+        DEFAULT_VNODES,
+    ));
+    c.join(4);
+    // Writes while the replicas move.
+    for p in 0..PARTITIONS {
+        for i in 20..30 {
+            c.propose(p, retained(&format!("p{p}/k{i}"), "during"), T)
+                .await
+                .unwrap();
+        }
+    }
+    let took = c.wait_moved(T).await;
+    let on_4 = c.map.partitions_of(4);
+    eprintln!("join: {} replicas moved to node 4 in {took:?}", on_4.len());
+    assert!(!on_4.is_empty(), "the map moved nothing to node 4");
+    for &p in &on_4 {
+        let s = c.status(4, p).await.unwrap();
+        assert!(
+            s.snapshot_index > 0,
+            "node 4 did not start from a snapshot: {s:?}"
+        );
+    }
+    for p in 0..PARTITIONS {
+        let kept = retained_in(&c.converged(p, T).await);
+        assert_eq!(kept.len(), 30, "partition {p} after the join");
+    }
+    // 4 -> 3 nodes: node 2's replicas move away, then it holds nothing.
+    c.set_map(PartitionMap::compute(
+        3,
+        &[1, 3, 4],
+        PARTITIONS,
+        3,
+        DEFAULT_VNODES,
+    ));
+    for p in 0..PARTITIONS {
+        c.propose(p, retained(&format!("p{p}/k30"), "during"), T)
+            .await
+            .unwrap();
+    }
+    let took = c.wait_moved(T).await;
+    eprintln!("removal of node 2 took {took:?}");
+    for p in 0..PARTITIONS {
+        assert!(c.status(2, p).await.is_none(), "node 2 still holds {p}");
+        let kept = retained_in(&c.converged(p, T).await);
+        assert_eq!(kept.len(), 31, "partition {p} after the removal");
+    }
+    c.stop(2).await;
+    // Node 3 dies for good; it is evicted and replaced by node 5 (one conf change that adds
+    // 5 and removes 3: joint consensus, committed by the live majority of both).
+    c.stop(3).await;
+    c.set_map(PartitionMap::compute(
+        4,
+        &[1, 4, 5],
+        PARTITIONS,
+        3,
+        DEFAULT_VNODES,
+    ));
+    c.join(5);
+    let took = c.wait_moved(T).await;
+    eprintln!("eviction of node 3 took {took:?}");
+    for p in 0..PARTITIONS {
+        let mut voters = c
+            .status(c.leader(p).await.unwrap(), p)
+            .await
+            .unwrap()
+            .voters;
+        voters.sort();
+        assert_eq!(voters, vec![1, 4, 5], "partition {p}: replication restored");
+    }
+    // A node restarted on its data folder comes back with the moved configuration.
+    c.stop(4).await;
+    c.start(4);
+    for p in 0..PARTITIONS {
+        c.propose(p, retained(&format!("p{p}/k31"), "after"), T)
+            .await
+            .unwrap();
+        let kept = retained_in(&c.converged(p, T).await);
+        assert_eq!(
+            kept.len(),
+            32,
+            "partition {p} after the eviction and a restart"
+        );
+    }
+    c.wait_moved(T).await;
 }

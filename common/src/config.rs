@@ -66,6 +66,17 @@ impl std::fmt::Display for ListenerKind {
 /// The WebSocket path unless configured.
 pub const DEFAULT_WS_PATH: &str = "/mqtt";
 
+/// Which name of a verified client certificate becomes the connection's user name
+/// (`use_identity_as_username`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CertIdentity {
+    /// The subject's Common Name.
+    Cn,
+    /// The first Subject Alternative Name that is a DNS name or an e-mail address.
+    San,
+}
+
 /// One client listener, as `[[listeners]]` spells it.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -93,6 +104,10 @@ pub struct ListenerSettings {
     /// (ws, wss) The HTTP path of the upgrade request [default: /mqtt].
     #[serde(default)]
     pub path: Option<String>,
+    /// (tls, wss with `ca`) The verified client certificate's `cn` or `san` is the user name;
+    /// such clients need no password.
+    #[serde(default)]
+    pub use_identity_as_username: Option<CertIdentity>,
 }
 
 impl ListenerSettings {
@@ -107,6 +122,7 @@ impl ListenerSettings {
             ca: None,
             require_client_cert: None,
             path: None,
+            use_identity_as_username: None,
         }
     }
 
@@ -166,6 +182,11 @@ impl ListenerSettings {
         }
         if matches!(&self.name, Some(n) if n.trim().is_empty()) {
             return Err(bad("`name` must not be empty".into()));
+        }
+        if self.use_identity_as_username.is_some() && (!self.kind.is_tls() || self.ca.is_none()) {
+            return Err(bad(
+                "`use_identity_as_username` needs a tls or wss listener with `ca` (client certificates)".into(),
+            ));
         }
         Ok(())
     }

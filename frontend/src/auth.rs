@@ -15,12 +15,13 @@
 //!
 //! Exchanges run inline in the connection task, so a step must not block: hashing and
 //! comparing is fine, a database round trip is not (that needs an async variant of this
-//! interface). Concrete methods (SCRAM, ...) come later; [`ChallengeAuthenticator`] is a toy
-//! method for tests and examples.
+//! interface). [`crate::scram`] implements `SCRAM-SHA-256`; [`ChallengeAuthenticator`] is a
+//! toy method for tests and examples.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use tiermq_common::codec::{Auth, AuthProperties, Packet, ReasonSet};
@@ -46,12 +47,24 @@ pub trait Authenticator: Send + Sync {
     /// Begins an exchange for `client_id` (at CONNECT, or when the client re-authenticates).
     /// The exchange receives the client's first data through [`AuthExchange::step`].
     fn start(&self, client_id: &str) -> Box<dyn AuthExchange>;
+
+    /// How long the handler waits before sending a failure, to slow down guessing (a method
+    /// that checks secrets returns `mqtt.auth_failure_delay_ms`).
+    fn failure_delay(&self) -> Duration {
+        Duration::ZERO
+    }
 }
 
 /// The state of one running exchange, owned by the connection that runs it.
 pub trait AuthExchange: Send {
     /// The client's next Authentication Data (from CONNECT or AUTH; `None` if absent).
     fn step(&mut self, data: Option<Bytes>) -> AuthStep;
+
+    /// After [`AuthStep::Success`]: the user the exchange authenticated, if the method names
+    /// users (SCRAM does). It becomes the connection's user name.
+    fn user(&self) -> Option<&str> {
+        None
+    }
 }
 
 /// The enhanced authentication methods a frontend offers, by name. Empty by default: every
@@ -99,6 +112,8 @@ pub(crate) struct AuthSession {
     authenticator: Arc<dyn Authenticator>,
     client_id: Arc<str>,
     exchange: Option<Box<dyn AuthExchange>>,
+    /// The user the last successful exchange authenticated.
+    user: Option<Arc<str>>,
 }
 
 impl AuthSession {
@@ -112,6 +127,7 @@ impl AuthSession {
             exchange: Some(authenticator.start(&client_id)),
             authenticator,
             client_id,
+            user: None,
         };
         let step = session.step(data);
         (session, step)
@@ -119,6 +135,16 @@ impl AuthSession {
 
     pub(crate) fn method(&self) -> &str {
         self.authenticator.method()
+    }
+
+    /// The user the last successful exchange authenticated (see [`AuthExchange::user`]).
+    pub(crate) fn user(&self) -> Option<&Arc<str>> {
+        self.user.as_ref()
+    }
+
+    /// The method's [`Authenticator::failure_delay`].
+    pub(crate) fn failure_delay(&self) -> Duration {
+        self.authenticator.failure_delay()
     }
 
     /// An AUTH packet from the client. `connected`: CONNACK was sent, so the client may start
@@ -157,6 +183,9 @@ impl AuthSession {
             return AuthStep::Fail(ReasonCode::PROTOCOL_ERROR);
         };
         let step = exchange.step(data);
+        if matches!(step, AuthStep::Success(_)) {
+            self.user = exchange.user().map(Arc::from);
+        }
         if !matches!(step, AuthStep::Continue(_)) {
             self.exchange = None;
         }

@@ -180,6 +180,13 @@ pub struct Handler<S: SessionService, IO> {
     outbound_aliases: OutboundAliases,
     /// Enhanced authentication chosen at CONNECT, kept for re-authentication.
     auth: Option<AuthSession>,
+    /// The user this connection acts as: the one authoritative user name of the connection
+    /// (ACL `%u`, logs). Set at CONNECT from, in this order: the user a successful enhanced
+    /// authentication exchange names (SCRAM-SHA-256), the client certificate's identity on a
+    /// listener with `use_identity_as_username`, CONNECT's User Name (checked against the
+    /// password file when one is configured, taken as given when none is). Never changes: a
+    /// re-authentication naming another user ends the connection (0x87).
+    username: Option<Arc<str>>,
     /// The client's Maximum Packet Size: larger deliveries are dropped (§3.1.2.11.4).
     client_max_packet: u32,
     pending: FuturesOrdered<PendingAck>,
@@ -222,9 +229,10 @@ where
             refuse(&mut framed, ReasonCode::CLIENT_IDENTIFIER_NOT_VALID).await;
             return None;
         }
-        // User name and password (mqtt.password_file): before the session exists.
+        // User name and password (mqtt.password_file): before the session exists. A verified
+        // client certificate on a `use_identity_as_username` listener stands in for them.
         if let Some(auth) = &config.password_auth {
-            if props.authentication_method.is_none() {
+            if props.authentication_method.is_none() && conn.cert_username.is_none() {
                 if let Err(code) = auth
                     .check(connect.username.as_deref(), connect.password.as_deref())
                     .await
@@ -316,6 +324,12 @@ where
                 (Some(session), data)
             }
         };
+        // See `Handler::username`: exchange user > certificate identity > CONNECT User Name.
+        let username: Option<Arc<str>> = auth
+            .as_ref()
+            .and_then(|a| a.user().cloned())
+            .or_else(|| conn.cert_username.clone())
+            .or_else(|| connect.username.as_deref().map(Arc::from));
         if config.drain.is_draining() {
             // The listener no longer accepts, but this CONNECT was already on its way.
             debug!(%peer, "CONNECT while draining: use another server");
@@ -390,7 +404,7 @@ where
                 .await;
             return None;
         }
-        debug!(%peer, client_id = %client_id, ?version, session_present = connected.session_present, listener = %conn.listener, tls_identity = ?conn.peer_identity, "connected");
+        debug!(%peer, client_id = %client_id, ?version, session_present = connected.session_present, listener = %conn.listener, tls_identity = ?conn.peer_identity, user = ?username, "connected");
         let metrics = ConnectionMetrics::opened(&config.metrics, version);
         Some(Handler {
             metrics,
@@ -409,6 +423,7 @@ where
             inbound_aliases: HashMap::new(),
             outbound_aliases: OutboundAliases::new(outbound_alias_max),
             auth,
+            username,
             client_max_packet,
             pending: FuturesOrdered::new(),
         })
@@ -665,10 +680,18 @@ where
             Ok(AuthStep::Continue(data)) => {
                 session.packet(ReasonCode::CONTINUE_AUTHENTICATION, Some(data))
             }
+            Ok(AuthStep::Success(_))
+                if session.user().is_some() && session.user() != self.username.as_ref() =>
+            {
+                debug!(peer = %self.peer, user = ?session.user(), "re-authenticated as another user");
+                self.send_disconnect(ReasonCode::NOT_AUTHORIZED).await;
+                return Err(Close::Abnormal);
+            }
             Ok(AuthStep::Success(data)) => session.packet(ReasonCode::SUCCESS, data),
             Ok(AuthStep::Fail(code)) => {
                 let reason = failure_code(code, ReasonSet::Disconnect);
                 debug!(peer = %self.peer, %reason, "re-authentication failed");
+                tokio::time::sleep(session.failure_delay()).await;
                 self.send_disconnect(reason).await;
                 return Err(Close::Abnormal);
             }
@@ -1014,6 +1037,7 @@ where
             AuthStep::Fail(code) => {
                 let reason = failure_code(code, ReasonSet::ConnAck);
                 debug!(%peer, %reason, "authentication failed");
+                tokio::time::sleep(session.failure_delay()).await;
                 refuse(framed, reason).await;
                 return None;
             }

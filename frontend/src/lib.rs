@@ -1,7 +1,9 @@
 //! The frontend tier: it terminates MQTT and keeps only per-connection state.
 //!
 //! - [`config`]: what a frontend announces and enforces (packet size, receive maximum, ...).
-//! - [`auth`]: enhanced authentication (AUTH packet exchanges) and its method registry.
+//! - [`auth`]: enhanced authentication (AUTH packet exchanges) and its method registry;
+//!   [`scram`]: the `SCRAM-SHA-256` method; [`passwd`]: the password file.
+//! - [`reload`]: reloading certificates and the password file on SIGHUP or a file change.
 //! - [`alias`]: the topic aliases a connection uses towards its client.
 //! - [`listener`]: accepts sockets (TCP, [`tls`], [`ws`]) and runs one [`handler`] task per
 //!   connection.
@@ -24,6 +26,8 @@ pub mod listener;
 pub mod metered_io;
 pub mod metrics;
 pub mod passwd;
+pub mod reload;
+pub mod scram;
 pub mod sys_topics;
 pub mod tls;
 pub mod ws;

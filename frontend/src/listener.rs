@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tiermq_common::config::{ListenerKind, ListenerSettings};
+use tiermq_common::config::{CertIdentity, ListenerKind, ListenerSettings};
 use tiermq_common::session_api::SessionService;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
@@ -21,6 +21,7 @@ use crate::config::FrontendConfig;
 use crate::handler::serve_connection;
 use crate::metered_io::MeteredIo;
 use crate::metrics;
+use crate::reload::{self, Reload};
 use crate::tls::{self, TlsFiles, TlsReloader};
 use crate::ws;
 
@@ -34,6 +35,9 @@ pub struct ConnectionInfo {
     /// The verified client certificate's subject CN (or first SAN), on TLS listeners with
     /// client certificates.
     pub peer_identity: Option<Arc<str>>,
+    /// On a listener with `use_identity_as_username`: the certificate's name chosen there. It
+    /// is the connection's user name and stands in for a password.
+    pub cert_username: Option<Arc<str>>,
 }
 
 impl ConnectionInfo {
@@ -44,6 +48,7 @@ impl ConnectionInfo {
             listener: Arc::from("tcp"),
             transport: ListenerKind::Tcp,
             peer_identity: None,
+            cert_username: None,
         }
     }
 }
@@ -69,6 +74,8 @@ pub struct Listener {
     local_addr: SocketAddr,
     tls: Option<Arc<TlsReloader>>,
     ws_path: Arc<str>,
+    /// `use_identity_as_username`.
+    identity_as_username: Option<CertIdentity>,
 }
 
 impl Listener {
@@ -109,6 +116,7 @@ impl Listener {
             local_addr,
             tls,
             ws_path: Arc::from(s.ws_path()),
+            identity_as_username: s.use_identity_as_username,
         })
     }
 
@@ -122,6 +130,7 @@ impl Listener {
             local_addr,
             tls: None,
             ws_path: Arc::from(""),
+            identity_as_username: None,
         })
     }
 
@@ -232,7 +241,8 @@ pub async fn serve<S: SessionService>(
 }
 
 /// Serves every listener until `shutdown`, then waits for all their connections to finish.
-/// TLS certificates reload on SIGHUP and, with `tls_poll`, when their files change.
+/// TLS certificates and the password file reload on SIGHUP and, with `tls_poll`, when their
+/// files change.
 pub async fn serve_listeners<S: SessionService>(
     listeners: Vec<Listener>,
     service: Arc<S>,
@@ -241,7 +251,13 @@ pub async fn serve_listeners<S: SessionService>(
     shutdown: CancellationToken,
 ) {
     let tasks = TaskTracker::new();
-    let reloaders: Vec<_> = listeners.iter().filter_map(|l| l.tls.clone()).collect();
+    let mut reloaders: Vec<Arc<dyn Reload>> = listeners
+        .iter()
+        .filter_map(|l| l.tls.clone().map(|t| t as Arc<dyn Reload>))
+        .collect();
+    if let Some(auth) = &config.password_auth {
+        reloaders.push(auth.users.clone());
+    }
     let loops = futures::future::join_all(listeners.into_iter().map(|l| {
         accept_loop(
             l,
@@ -251,7 +267,7 @@ pub async fn serve_listeners<S: SessionService>(
             tasks.clone(),
         )
     }));
-    tokio::join!(loops, tls::watch(reloaders, tls_poll, shutdown.clone()));
+    tokio::join!(loops, reload::watch(reloaders, tls_poll, shutdown.clone()));
     tasks.close();
     tasks.wait().await;
 }
@@ -261,6 +277,7 @@ struct ListenerCtx {
     kind: ListenerKind,
     tls: Option<Arc<TlsReloader>>,
     ws_path: Arc<str>,
+    identity_as_username: Option<CertIdentity>,
 }
 
 async fn accept_loop<S: SessionService>(
@@ -277,6 +294,7 @@ async fn accept_loop<S: SessionService>(
         local_addr,
         tls,
         ws_path,
+        identity_as_username,
     } = listener;
     info!(listener = %name, %kind, addr = %local_addr, "MQTT listener ready");
     let ctx = Arc::new(ListenerCtx {
@@ -284,6 +302,7 @@ async fn accept_loop<S: SessionService>(
         kind,
         tls,
         ws_path,
+        identity_as_username,
     });
     loop {
         let accepted = tokio::select! {
@@ -363,6 +382,7 @@ async fn connection<S: SessionService>(
         listener: ctx.name.clone(),
         transport: ctx.kind,
         peer_identity: None,
+        cert_username: None,
     };
     let budget = config.connect_timeout;
     let name = &*ctx.name;
@@ -377,6 +397,10 @@ async fn connection<S: SessionService>(
                 return;
             };
             info.peer_identity = tls::peer_identity(stream.get_ref().1).map(Arc::from);
+            info.cert_username = ctx
+                .identity_as_username
+                .and_then(|which| tls::peer_username(stream.get_ref().1, which))
+                .map(Arc::from);
             debug!(%peer, listener = name, identity = ?info.peer_identity, "TLS established");
             if websocket {
                 serve_websocket(stream, &ctx, info, service, config, shutdown).await

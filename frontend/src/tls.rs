@@ -4,22 +4,24 @@
 //!
 //! A [`TlsReloader`] holds the current [`ServerConfig`]; every new handshake takes the config
 //! current at that moment, so swapping it (on SIGHUP, or when a file's modification time
-//! changes) affects only connections that arrive afterwards. A reload that fails (a missing
-//! file, a key that does not match the certificate) keeps the previous config and logs why.
+//! changes; see [`crate::reload`]) affects only connections that arrive afterwards. A reload
+//! that fails (a missing file, a key that does not match the certificate) keeps the previous
+//! config and logs why.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, RwLock};
 
+use tiermq_common::config::CertIdentity;
 use tokio_rustls::rustls::crypto::CryptoProvider;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::rustls::server::WebPkiClientVerifier;
 use tokio_rustls::rustls::{RootCertStore, ServerConfig, ServerConnection};
 use tokio_rustls::TlsAcceptor;
-use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::info;
+
+use crate::reload::{Attempted, FileStamp, Reload};
 
 /// The PEM files of a TLS listener.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -124,26 +126,13 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
     Ok(Arc::new(config))
 }
 
-/// What identifies a file's content cheaply: modification time, length, inode.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Stamp(Vec<Option<(SystemTime, u64, u64)>>);
-
-impl Stamp {
-    fn of(files: &TlsFiles) -> Stamp {
-        let one = |p: &Path| {
-            let m = std::fs::metadata(p).ok()?;
-            #[cfg(unix)]
-            let ino = std::os::unix::fs::MetadataExt::ino(&m);
-            #[cfg(not(unix))]
-            let ino = 0;
-            Some((m.modified().ok()?, m.len(), ino))
-        };
-        let mut v = vec![one(&files.cert), one(&files.key)];
-        if let Some(ca) = &files.ca {
-            v.push(one(ca));
-        }
-        Stamp(v)
-    }
+fn stamp(files: &TlsFiles) -> FileStamp {
+    FileStamp::of(
+        [&files.cert, &files.key]
+            .into_iter()
+            .chain(&files.ca)
+            .map(PathBuf::as_path),
+    )
 }
 
 /// A listener's TLS configuration that can be replaced while the listener runs.
@@ -151,9 +140,8 @@ pub struct TlsReloader {
     name: Arc<str>,
     files: TlsFiles,
     current: RwLock<Arc<ServerConfig>>,
-    /// The files as they were at the last load attempt (successful or not), so a broken
-    /// file is reported once per change, not once per poll.
-    attempted: Mutex<Stamp>,
+    /// The files as they were at the last load attempt.
+    attempted: Attempted,
 }
 
 impl fmt::Debug for TlsReloader {
@@ -168,13 +156,13 @@ impl fmt::Debug for TlsReloader {
 impl TlsReloader {
     /// Loads the files; fails (naming the file) when they do not make a configuration.
     pub fn load(name: Arc<str>, files: TlsFiles) -> Result<Arc<TlsReloader>, TlsError> {
-        let stamp = Stamp::of(&files);
+        let attempted = Attempted::new(stamp(&files));
         let config = server_config(&files)?;
         Ok(Arc::new(TlsReloader {
             name,
             files,
             current: RwLock::new(config),
-            attempted: Mutex::new(stamp),
+            attempted,
         }))
     }
 
@@ -198,8 +186,7 @@ impl TlsReloader {
     /// Reads the files again and, when they make a configuration, uses it for new handshakes.
     /// Existing connections keep theirs. On error the previous configuration stays.
     pub fn reload(&self) -> Result<(), TlsError> {
-        let stamp = Stamp::of(&self.files);
-        self.set_attempted(stamp);
+        self.attempted.set(stamp(&self.files));
         let config = server_config(&self.files)?;
         match self.current.write() {
             Ok(mut c) => *c = config,
@@ -208,90 +195,19 @@ impl TlsReloader {
         info!(listener = %self.name, cert = %self.files.cert.display(), "TLS certificate reloaded");
         Ok(())
     }
-
-    fn set_attempted(&self, stamp: Stamp) {
-        match self.attempted.lock() {
-            Ok(mut a) => *a = stamp,
-            Err(poisoned) => *poisoned.into_inner() = stamp,
-        }
-    }
-
-    /// Whether a file changed since the last load attempt.
-    fn changed(&self) -> bool {
-        let now = Stamp::of(&self.files);
-        match self.attempted.lock() {
-            Ok(a) => *a != now,
-            Err(poisoned) => *poisoned.into_inner() != now,
-        }
-    }
-
-    /// Reloads if a file changed since the last attempt; logs the outcome.
-    pub fn reload_if_changed(&self) {
-        if self.changed() {
-            self.reload_logged();
-        }
-    }
-
-    fn reload_logged(&self) {
-        if let Err(e) = self.reload() {
-            warn!(listener = %self.name, error = %e, "TLS reload failed; the previous certificate stays in use");
-        }
-    }
 }
 
-/// Reloads the listeners' certificates on SIGHUP (unix) and, when `poll` is set, whenever a
-/// file's modification time changes, until `shutdown`.
-pub async fn watch(
-    reloaders: Vec<Arc<TlsReloader>>,
-    poll: Option<Duration>,
-    shutdown: CancellationToken,
-) {
-    if reloaders.is_empty() {
-        return;
+impl Reload for TlsReloader {
+    fn what(&self) -> String {
+        format!("TLS certificate of listener {}", self.name)
     }
-    #[cfg(unix)]
-    let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            warn!(error = %e, "cannot watch SIGHUP; certificates reload only on file changes");
-            None
-        }
-    };
-    let mut tick = poll.map(|p| {
-        let mut t = tokio::time::interval(p.max(Duration::from_millis(100)));
-        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        t
-    });
-    loop {
-        #[cfg(unix)]
-        let hup = async {
-            match hangup.as_mut() {
-                Some(h) => h.recv().await,
-                None => std::future::pending().await,
-            }
-        };
-        #[cfg(not(unix))]
-        let hup = std::future::pending::<Option<()>>();
-        let polled = async {
-            match tick.as_mut() {
-                Some(t) => t.tick().await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = hup => {
-                info!("SIGHUP: reloading TLS certificates");
-                for r in &reloaders {
-                    r.reload_logged();
-                }
-            }
-            _ = polled => {
-                for r in &reloaders {
-                    r.reload_if_changed();
-                }
-            }
-        }
+
+    fn reload(&self) -> Result<(), String> {
+        TlsReloader::reload(self).map_err(|e| e.0)
+    }
+
+    fn changed(&self) -> bool {
+        self.attempted.differs(&stamp(&self.files))
     }
 }
 
@@ -305,6 +221,28 @@ pub fn peer_identity(conn: &ServerConnection) -> Option<String> {
 
 /// [`peer_identity`] of one DER certificate.
 pub fn cert_identity(der: &[u8]) -> Option<String> {
+    let (cn, extensions) = subject_cn_and_extensions(der)?;
+    cn.or_else(|| der::first_san(extensions?, der::ANY_SAN))
+}
+
+/// The user name `use_identity_as_username` takes from a verified client certificate: the
+/// subject CN, or the first SAN that is a DNS name or an e-mail address.
+pub fn cert_username(der: &[u8], which: CertIdentity) -> Option<String> {
+    let (cn, extensions) = subject_cn_and_extensions(der)?;
+    match which {
+        CertIdentity::Cn => cn,
+        CertIdentity::San => der::first_san(extensions?, der::DNS_OR_EMAIL),
+    }
+}
+
+/// [`cert_username`] of the connection's verified client certificate.
+pub fn peer_username(conn: &ServerConnection, which: CertIdentity) -> Option<String> {
+    let leaf = conn.peer_certificates()?.first()?;
+    cert_username(leaf.as_ref(), which)
+}
+
+/// The subject's first CN and the `[3]` extensions block of a DER certificate.
+fn subject_cn_and_extensions(der: &[u8]) -> Option<(Option<String>, Option<&[u8]>)> {
     let (cert, _) = der::expect(der, der::SEQUENCE)?;
     let (tbs, _) = der::expect(cert, der::SEQUENCE)?;
     let mut fields = der::Iter(tbs);
@@ -320,13 +258,11 @@ pub fn cert_identity(der: &[u8]) -> Option<String> {
     if tag != der::SEQUENCE {
         return None;
     }
-    if let Some(cn) = der::common_name(subject) {
-        return Some(cn);
-    }
     // spki, then the optional [1], [2] unique ids and [3] extensions
-    fields
+    let extensions = fields
         .find(|(tag, _)| *tag == der::EXTENSIONS)
-        .and_then(|(_, ext)| der::first_san(ext))
+        .map(|(_, ext)| ext);
+    Some((der::common_name(subject), extensions))
 }
 
 /// Just enough DER to find a certificate's subject CN and SAN. Bounds-checked throughout:
@@ -423,8 +359,12 @@ mod der {
         None
     }
 
-    /// `[3] { SEQUENCE OF Extension }`; the first usable name of subjectAltName.
-    pub fn first_san(explicit: &[u8]) -> Option<String> {
+    /// SAN kinds: rfc822Name [1], dNSName [2], uniformResourceIdentifier [6], iPAddress [7].
+    pub const ANY_SAN: &[u8] = &[0x81, 0x82, 0x86, 0x87];
+    pub const DNS_OR_EMAIL: &[u8] = &[0x81, 0x82];
+
+    /// `[3] { SEQUENCE OF Extension }`; the first name of subjectAltName of one of `kinds`.
+    pub fn first_san(explicit: &[u8], kinds: &[u8]) -> Option<String> {
         let (exts, _) = expect(explicit, SEQUENCE)?;
         for (tag, ext) in Iter(exts) {
             if tag != SEQUENCE {
@@ -444,6 +384,9 @@ mod der {
             }
             let (names, _) = expect(value, SEQUENCE)?;
             for (tag, name) in Iter(names) {
+                if !kinds.contains(&tag) {
+                    continue;
+                }
                 match tag {
                     // rfc822Name [1], dNSName [2], uniformResourceIdentifier [6]
                     0x81 | 0x82 | 0x86 => {
@@ -505,6 +448,19 @@ mod tests {
         let der = cert(None, &["10.0.0.7"]);
         assert_eq!(cert_identity(&der).as_deref(), Some("10.0.0.7"));
         assert_eq!(cert_identity(&cert(None, &[])), None);
+        // use_identity_as_username: cn only, or the first DNS/e-mail SAN only.
+        let der = cert(Some("device-44"), &["10.0.0.1", "d44.example"]);
+        assert_eq!(
+            cert_username(&der, CertIdentity::Cn).as_deref(),
+            Some("device-44")
+        );
+        assert_eq!(
+            cert_username(&der, CertIdentity::San).as_deref(),
+            Some("d44.example")
+        );
+        let der = cert(None, &["10.0.0.1"]);
+        assert_eq!(cert_username(&der, CertIdentity::Cn), None);
+        assert_eq!(cert_username(&der, CertIdentity::San), None);
         // Truncations of a real certificate never panic.
         let der = cert(Some("x"), &["y"]);
         for n in 0..der.len() {

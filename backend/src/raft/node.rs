@@ -39,6 +39,9 @@ use crate::partition::{Partition, PartitionImage};
 use crate::placement::{NodeId, PartitionMap};
 use crate::storage::PartitionStore;
 
+mod membership;
+pub use membership::{MembershipConfig, MoveProgress};
+
 /// Commands per Raft entry are numbered with this many low bits of the state machine index.
 const BATCH_BITS: u32 = 20;
 const MAX_BATCH: usize = 1 << 12;
@@ -67,6 +70,8 @@ pub struct RaftConfig {
     pub sm_tick_interval: Duration,
     /// A frontend holding sessions here without an event stream for this long is lost.
     pub frontend_lease: Duration,
+    /// Pacing of replica moves (`membership.rs`).
+    pub membership: MembershipConfig,
 }
 
 impl RaftConfig {
@@ -81,6 +86,7 @@ impl RaftConfig {
             log_keep_entries: 2_000,
             sm_tick_interval: Duration::from_millis(500),
             frontend_lease: Duration::from_secs(3),
+            membership: MembershipConfig::default(),
         }
     }
 }
@@ -163,6 +169,8 @@ enum NodeMsg {
         watcher_id: u64,
         tx: mpsc::UnboundedSender<RouteChange>,
     },
+    /// Membership changes (`membership.rs`): a new target map.
+    Membership(membership::Request),
 }
 
 /// Counters of a node's driver (for metrics and benchmarks).
@@ -580,6 +588,15 @@ struct Group {
     connections: HashMap<Arc<str>, (u64, EventSender)>,
     applied_since_checkpoint: u64,
     was_leader: bool,
+    /// A conf change removed this node from the group: the driver destroys it after the round.
+    removed: bool,
+}
+
+impl Group {
+    /// The Raft index of the last command applied to the state machine.
+    fn applied(&self) -> u64 {
+        self.sm.applied_index() >> BATCH_BITS
+    }
 }
 
 impl Group {
@@ -695,8 +712,7 @@ impl Group {
                 }
                 EntryType::EntryNormal => {} // the empty entry a new leader appends
                 EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
-                    // Membership changes arrive with elastic scaling; static groups have none.
-                    warn!(partition = self.partition, index, "conf change ignored");
+                    self.apply_conf_entry(&entry);
                 }
             }
             self.applied_since_checkpoint += 1;
@@ -811,7 +827,9 @@ impl Group {
 
     /// Stores a snapshot of the applied state so lagging replicas can catch up.
     fn build_snapshot(&mut self) -> Result<(), raft::Error> {
-        let applied = self.sm.applied_index() >> BATCH_BITS;
+        // Raft's applied index, not the state machine's: conf changes (and empty entries) after
+        // the last command move it, and the snapshot's conf state is the one as of this index.
+        let applied = (self.sm.applied_index() >> BATCH_BITS).max(self.raw.raft.raft_log.applied);
         if applied == 0 {
             return Ok(());
         }
@@ -870,46 +888,14 @@ pub fn start(
     let logger = slog::Logger::root(tracing_slog::TracingSlogDrain, slog::o!());
     let mut groups = BTreeMap::new();
     for partition in map.partitions_of(config.node_id) {
-        let storage = SledRaftStorage::open(&db, partition)?;
-        if storage.is_empty() {
-            storage.initialize(map.replicas_of(partition))?;
-        }
-        let checkpoints = PartitionStore::open(&db, partition)
-            .map_err(|e| raft::Error::ConfChangeError(e.to_string()))?;
-        let recovered = checkpoints
-            .recover(config.limits)
-            .map_err(|e| raft::Error::ConfChangeError(e.to_string()))?;
-        let sm = recovered.partition;
-        let applied = (sm.applied_index() >> BATCH_BITS).max(storage.snapshot_metadata().index);
-        let raft_config = raft::Config {
-            id: config.node_id,
-            election_tick: config.election_tick,
-            heartbeat_tick: config.heartbeat_tick,
-            applied,
-            max_size_per_msg: 1024 * 1024,
-            max_inflight_msgs: 256,
-            check_quorum: true,
-            pre_vote: true,
-            ..Default::default()
-        };
-        let log = logger.new(slog::o!("partition" => partition));
-        let raw = RawNode::new(&raft_config, storage.clone(), &log)?;
-        debug!(partition, applied, "group started");
-        groups.insert(
+        let group = open_group(
+            &config,
+            &db,
+            &logger,
             partition,
-            Group {
-                partition,
-                raw,
-                storage,
-                checkpoints,
-                sm,
-                pending: VecDeque::new(),
-                proposals: Vec::new(),
-                connections: HashMap::new(),
-                applied_since_checkpoint: 0,
-                was_leader: false,
-            },
-        );
+            Some(map.replicas_of(partition)),
+        )?;
+        groups.insert(partition, group);
     }
     let (tx, rx) = mpsc::unbounded_channel();
     let stats = Arc::new(RaftStats::default());
@@ -929,9 +915,63 @@ pub fn start(
         transport,
         hub,
         last_now: 0,
+        membership: membership::Membership::new(map, logger),
     };
     tokio::spawn(driver.run());
     Ok(handle)
+}
+
+/// Opens (or creates) the replica of `partition` on this node. `bootstrap`: the voters a group
+/// with empty storage starts with (static bootstrap); `None` for a replica added by a
+/// membership change, which starts empty and learns everything (configuration included) from
+/// the leader's snapshot.
+fn open_group(
+    config: &RaftConfig,
+    db: &sled::Db,
+    logger: &slog::Logger,
+    partition: u32,
+    bootstrap: Option<&[NodeId]>,
+) -> Result<Group, raft::Error> {
+    let storage = SledRaftStorage::open(db, partition)?;
+    if storage.is_empty() {
+        if let Some(voters) = bootstrap {
+            storage.initialize(voters)?;
+        }
+    }
+    let checkpoints = PartitionStore::open(db, partition)
+        .map_err(|e| raft::Error::ConfChangeError(e.to_string()))?;
+    let recovered = checkpoints
+        .recover(config.limits)
+        .map_err(|e| raft::Error::ConfChangeError(e.to_string()))?;
+    let sm = recovered.partition;
+    let applied = (sm.applied_index() >> BATCH_BITS).max(storage.snapshot_metadata().index);
+    let raft_config = raft::Config {
+        id: config.node_id,
+        election_tick: config.election_tick,
+        heartbeat_tick: config.heartbeat_tick,
+        applied,
+        max_size_per_msg: 1024 * 1024,
+        max_inflight_msgs: 256,
+        check_quorum: true,
+        pre_vote: true,
+        ..Default::default()
+    };
+    let log = logger.new(slog::o!("partition" => partition));
+    let raw = RawNode::new(&raft_config, storage.clone(), &log)?;
+    debug!(partition, applied, "group started");
+    Ok(Group {
+        partition,
+        raw,
+        storage,
+        checkpoints,
+        sm,
+        pending: VecDeque::new(),
+        proposals: Vec::new(),
+        connections: HashMap::new(),
+        applied_since_checkpoint: 0,
+        was_leader: false,
+        removed: false,
+    })
 }
 
 struct Driver {
@@ -945,6 +985,8 @@ struct Driver {
     last_now: u64,
     /// Frontends holding sessions of a led partition but with no event stream here, since when.
     missing_frontends: HashMap<u64, Instant>,
+    /// Target replica sets and moves in progress (`membership.rs`).
+    membership: membership::Membership,
 }
 
 /// Raft messages gathered during one round, per destination node.
@@ -1016,10 +1058,11 @@ impl Driver {
             self.propose_batches();
             // 3-5. ready, persist, send, advance
             self.process_ready().await;
+            self.reconcile_membership(ticked);
             for g in self.groups.values_mut() {
                 g.maybe_checkpoint(&self.config, false);
                 if let Some(index) = g.storage.snapshot_wanted() {
-                    if (g.sm.applied_index() >> BATCH_BITS) >= index {
+                    if g.applied().max(g.raw.raft.raft_log.applied) >= index {
                         if let Err(e) = g.build_snapshot() {
                             warn!(partition = g.partition, error = %e, "snapshot failed");
                         }
@@ -1047,7 +1090,11 @@ impl Driver {
                 Some(g) => g.proposals.push((command, reply, events)),
             },
             NodeMsg::Raft { partition, message } => {
-                if let Some(g) = self.groups.get_mut(&partition) {
+                if let Some(g) = self
+                    .groups
+                    .get_mut(&partition)
+                    .filter(|g| g.accepts(&message))
+                {
                     if let Err(e) = g.raw.step(message) {
                         debug!(partition, error = %e, "raft message refused");
                     }
@@ -1135,6 +1182,7 @@ impl Driver {
                     }
                 }
             }
+            NodeMsg::Membership(request) => self.handle_membership(request),
             NodeMsg::WatchRoutes { watcher_id, tx } => {
                 let snapshot = self
                     .groups

@@ -55,6 +55,8 @@ const CONF_STATE_KEY: &[u8] = b"conf_state";
 const TRUNCATED_KEY: &[u8] = b"truncated";
 const SNAPSHOT_META_KEY: &[u8] = b"snapshot_meta";
 const SNAPSHOT_DATA_KEY: &[u8] = b"snapshot_data";
+/// Log index of the last conf change applied (see [`SledRaftStorage::set_conf_state_at`]).
+const CONF_INDEX_KEY: &[u8] = b"conf_index";
 
 /// Errors of [`SledRaftStorage`]. Inside the [`raft::Storage`] methods they travel as
 /// `raft::Error::Store(raft::StorageError::Other(..))`.
@@ -335,6 +337,42 @@ impl SledRaftStorage {
             .insert(CONF_STATE_KEY, self.encode("conf state", &cs)?)
             .map_err(self.sled_err())?;
         st.conf_state = cs;
+        Ok(())
+    }
+
+    /// Stores the configuration that results from applying the conf change at log `index`,
+    /// together with that index. After a restart, committed entries behind the checkpoint are
+    /// applied again; the driver skips conf changes at or below [`Self::conf_index`] so that
+    /// none is applied twice (re-entering a joint configuration would be wrong).
+    pub fn set_conf_state_at(&self, cs: ConfState, index: u64) -> raft::Result<()> {
+        self.set_conf_state(cs)?;
+        self.inner
+            .meta
+            .insert(CONF_INDEX_KEY, &index.to_be_bytes()[..])
+            .map_err(self.sled_err())?;
+        Ok(())
+    }
+
+    /// The log index whose configuration the stored conf state is: the last conf change
+    /// applied, or the snapshot installed or stored after it (0: the bootstrap configuration).
+    pub fn conf_index(&self) -> u64 {
+        let stored = self
+            .inner
+            .meta
+            .get(CONF_INDEX_KEY)
+            .ok()
+            .flatten()
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .map(u64::from_be_bytes)
+            .unwrap_or(0);
+        stored.max(self.read().snapshot_meta.index)
+    }
+
+    /// Removes every tree of group `partition` from `db` (a replica moved away). The caller
+    /// drops its storage handle first.
+    pub fn destroy(db: &sled::Db, partition: u32) -> Result<(), RaftStorageError> {
+        db.drop_tree(format!("g{partition}/raft_log"))?;
+        db.drop_tree(format!("g{partition}/raft_meta"))?;
         Ok(())
     }
 
@@ -710,12 +748,25 @@ impl raft::Storage for SledRaftStorage {
     /// recorded for [`SledRaftStorage::snapshot_wanted`] and the answer is
     /// `SnapshotTemporarilyUnavailable`, the only error raft tolerates here (anything else is
     /// fatal in raft), so a read failure is logged and reported the same way.
-    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
         let st = self.read();
         let need = request_index.max(st.truncated_index);
         let unavailable = || raft::Error::Store(RaftError::SnapshotTemporarilyUnavailable);
         if st.snapshot_meta.index == 0 || st.snapshot_meta.index < need {
             self.wish(need);
+            return Err(unavailable());
+        }
+        // A replica added after this snapshot was taken would refuse it (raft ignores a
+        // snapshot whose configuration does not name the receiver): ask for a newer one.
+        let cs = st.snapshot_meta.get_conf_state();
+        let names = |id: u64| {
+            cs.voters.contains(&id)
+                || cs.learners.contains(&id)
+                || cs.voters_outgoing.contains(&id)
+                || cs.learners_next.contains(&id)
+        };
+        if to != 0 && !cs.voters.is_empty() && !names(to) {
+            self.wish(st.snapshot_meta.index + 1);
             return Err(unavailable());
         }
         let data = match self.inner.meta.get(SNAPSHOT_DATA_KEY) {
