@@ -38,6 +38,7 @@ impl BackendNode {
         let cluster = &settings.cluster;
         cluster.validate_backend()?;
         let peers = cluster.peer_map()?;
+        let tls = crate::cluster_tls::load(cluster)?;
         let ids: Vec<u64> = peers.keys().copied().collect();
         let map = PartitionMap::compute(
             1,
@@ -59,7 +60,7 @@ impl BackendNode {
             .await
             .with_context(|| format!("cannot listen on {}", cluster.grpc_listen))?;
         let grpc_addr = listener.local_addr()?;
-        let transport = GrpcTransport::start(cluster.node_id, &peers);
+        let transport = GrpcTransport::start(cluster.node_id, &peers, tls.clone());
         let mut config = RaftConfig::new(cluster.node_id);
         config.limits = local_config(settings).limits;
         let hub = ClusterHub::new();
@@ -79,13 +80,21 @@ impl BackendNode {
         tokio::spawn(carry_out_leader_work(
             cluster.node_id,
             seeds,
+            tls.clone(),
             will_rx,
             shutdown.clone(),
         ));
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = &tls {
+            // Client certificates signed by the cluster CA are required from here on.
+            builder = builder
+                .tls_config(tls.server_config())
+                .context("cannot set up TLS on the gRPC server")?;
+        }
         let stop = shutdown.clone();
         let server = tokio::spawn(async move {
             let incoming = tokio_stream_from(listener);
-            let result = tonic::transport::Server::builder()
+            let result = builder
                 .tcp_nodelay(true)
                 // A frontend behind a network cut sends no FIN: pings find it, so its event
                 // stream ends and the frontend lease (wills) starts running.
@@ -102,6 +111,7 @@ impl BackendNode {
         info!(
             node = cluster.node_id,
             grpc = %grpc_addr,
+            tls = tls.is_some(),
             partitions = map.partitions_of(cluster.node_id).len(),
             "tiermq backend running"
         );
@@ -167,6 +177,7 @@ impl BackendNode {
 async fn carry_out_leader_work(
     node_id: u64,
     seeds: Vec<String>,
+    tls: Option<tiermq_proto::tls::GrpcTls>,
     mut work: tokio::sync::mpsc::UnboundedReceiver<LeaderWork>,
     shutdown: CancellationToken,
 ) {
@@ -186,6 +197,7 @@ async fn carry_out_leader_work(
             &seeds,
             tiermq_common::session_api::INTERNAL_FRONTEND_IDS.saturating_add(node_id),
             std::time::Duration::from_secs(5),
+            tls.clone(),
         )
         .await
         {

@@ -22,6 +22,8 @@ pub struct BackendDrainArgs {
     /// Give up after this long.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub timeout: Duration,
+    #[command(flatten)]
+    pub tls: crate::cluster_tls::ClusterTlsArgs,
 }
 
 pub fn main(args: BackendDrainArgs) -> ExitCode {
@@ -58,7 +60,8 @@ pub fn main(args: BackendDrainArgs) -> ExitCode {
 }
 
 async fn drain(args: &BackendDrainArgs) -> Result<(Vec<u32>, u64), String> {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", args.backend))
+    let tls = args.tls.load().map_err(|e| format!("{e:#}"))?;
+    let endpoint = tiermq_proto::tls::endpoint(&args.backend, tls.as_ref())
         .map_err(|e| format!("bad address {}: {e}", args.backend))?
         .connect_timeout(Duration::from_secs(3));
     let channel = endpoint

@@ -28,6 +28,7 @@ use tiermq_common::codec::{Packet, PubAck, Publish, PublishProperties};
 use tiermq_common::{ProtocolVersion, QoS};
 use tiermq_proto::broker::broker_client::BrokerClient;
 use tiermq_proto::broker::{ClusterInfo, ClusterRequest};
+use tiermq_proto::tls::GrpcTls;
 use tiermq_proto::API_VERSION;
 
 use crate::bench::client::{Conn, ConnectOptions};
@@ -65,6 +66,8 @@ pub struct StatusArgs {
     /// How long each backend may take to answer.
     #[arg(long, default_value = "3s", value_parser = parse_duration)]
     pub timeout: Duration,
+    #[command(flatten)]
+    pub tls: crate::cluster_tls::ClusterTlsArgs,
 }
 
 #[derive(Args, Debug)]
@@ -109,7 +112,16 @@ pub fn main(args: ClusterArgs) -> ExitCode {
 }
 
 async fn status_main(a: StatusArgs) -> ExitCode {
-    let status = match collect_with_frontends(&a.backend, &a.frontends, a.timeout).await {
+    let tls = match a.tls.load() {
+        Ok(tls) => tls,
+        Err(e) => {
+            eprintln!("tiermq cluster status: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let status = match collect_with_frontends(&a.backend, &a.frontends, a.timeout, tls.as_ref())
+        .await
+    {
         Ok(s) => s,
         Err(e) => {
             eprintln!(
@@ -248,9 +260,13 @@ pub struct ReplicaStatus {
     pub lag: u64,
 }
 
-async fn cluster_info(addr: &str, timeout: Duration) -> anyhow::Result<ClusterInfo> {
+async fn cluster_info(
+    addr: &str,
+    timeout: Duration,
+    tls: Option<&GrpcTls>,
+) -> anyhow::Result<ClusterInfo> {
     let call = async {
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        let endpoint = tiermq_proto::tls::endpoint(addr, tls)
             .with_context(|| format!("bad address {addr}"))?
             .connect_timeout(timeout);
         let channel = endpoint.connect().await.context("connect")?;
@@ -269,9 +285,13 @@ async fn cluster_info(addr: &str, timeout: Duration) -> anyhow::Result<ClusterIn
 }
 
 /// Asks `backend`, then every member it lists (concurrently), and merges what they say.
-/// Fails only when `backend` itself does not answer.
-pub async fn collect(backend: &str, timeout: Duration) -> anyhow::Result<ClusterStatus> {
-    collect_with_frontends(backend, &[], timeout).await
+/// Fails only when `backend` itself does not answer. With `tls`, over the cluster's mutual TLS.
+pub async fn collect(
+    backend: &str,
+    timeout: Duration,
+    tls: Option<&GrpcTls>,
+) -> anyhow::Result<ClusterStatus> {
+    collect_with_frontends(backend, &[], timeout, tls).await
 }
 
 /// [`collect`], plus `/status` from each frontend admin endpoint in `frontends`.
@@ -279,9 +299,10 @@ pub async fn collect_with_frontends(
     backend: &str,
     frontends: &[String],
     timeout: Duration,
+    tls: Option<&GrpcTls>,
 ) -> anyhow::Result<ClusterStatus> {
     let (status, admins) = futures::join!(
-        collect_members(backend, timeout),
+        collect_members(backend, timeout, tls),
         futures::future::join_all(frontends.iter().map(|a| frontend_admin(a, timeout)))
     );
     let mut status = status?;
@@ -374,8 +395,12 @@ fn add_frontends(
     status.frontends = out;
 }
 
-async fn collect_members(backend: &str, timeout: Duration) -> anyhow::Result<ClusterStatus> {
-    let first = cluster_info(backend, timeout).await?;
+async fn collect_members(
+    backend: &str,
+    timeout: Duration,
+    tls: Option<&GrpcTls>,
+) -> anyhow::Result<ClusterStatus> {
+    let first = cluster_info(backend, timeout, tls).await?;
     let answers = futures::future::join_all(first.members.iter().map(|m| {
         let addr = m.addr.clone();
         let id = m.id;
@@ -383,7 +408,7 @@ async fn collect_members(backend: &str, timeout: Duration) -> anyhow::Result<Clu
         async move {
             // Ask the member itself even when it is the one we asked: its address in the
             // member list may differ from the one we were given.
-            match cluster_info(&addr, timeout).await {
+            match cluster_info(&addr, timeout, tls).await {
                 Ok(i) => (id, Ok(i)),
                 Err(e) => match own {
                     Some(i) => (id, Ok(i)),

@@ -67,8 +67,9 @@ impl FrontendNode {
             client: known_client.clone(),
         };
         let metrics = metrics_http::start(&settings.metrics, node_metrics::frontend(admin)).await?;
+        let tls = crate::cluster_tls::load(cluster)?;
         let client =
-            ClusterClient::connect(&cluster.backends, frontend_id, Duration::from_secs(60))
+            ClusterClient::connect(&cluster.backends, frontend_id, Duration::from_secs(60), tls)
                 .await
                 .map_err(|e| anyhow::anyhow!(e))
                 .context("cannot reach the backends")?;

@@ -52,6 +52,10 @@ pub struct HealthArgs {
     /// Print nothing when healthy.
     #[arg(long, short)]
     pub quiet: bool,
+    /// With --grpc: the cluster's internal TLS (flags, `TIERMQ_CLUSTER_TLS_*`, or a node's
+    /// config file).
+    #[command(flatten)]
+    pub tls: crate::cluster_tls::ClusterTlsArgs,
 }
 
 pub fn main(args: HealthArgs) -> ExitCode {
@@ -91,7 +95,7 @@ async fn probe(args: &HealthArgs) -> anyhow::Result<String> {
     match (&args.mqtt, &args.grpc) {
         (Some(addr), _) => probe_mqtt(addr, args.timeout).await,
         (None, Some(addr)) => {
-            let info = cluster_info(addr).await?;
+            let info = cluster_info(addr, args.tls.load()?.as_ref()).await?;
             if let Some(key) = &args.leader_of {
                 let p = tiermq_common::hashing::partition_of(key, info.partitions.max(1));
                 let leader = info
@@ -149,8 +153,11 @@ fn backend_verdict(info: &ClusterInfo) -> anyhow::Result<String> {
     ))
 }
 
-async fn cluster_info(addr: &str) -> anyhow::Result<ClusterInfo> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+async fn cluster_info(
+    addr: &str,
+    tls: Option<&tiermq_proto::tls::GrpcTls>,
+) -> anyhow::Result<ClusterInfo> {
+    let channel = tiermq_proto::tls::endpoint(addr, tls)
         .context("bad address")?
         .connect_timeout(Duration::from_secs(2))
         .connect()

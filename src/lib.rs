@@ -6,6 +6,7 @@ pub mod backend_drain;
 pub mod bench;
 pub mod check;
 pub mod cluster_cli;
+pub mod cluster_tls;
 pub mod drain_cli;
 pub mod frontend;
 pub mod health;

@@ -159,6 +159,8 @@ struct BrokerArgs {
     /// Seconds between `$SYS` statistics messages; 0 disables them [default: 10].
     #[arg(long, env = "TIERMQ_SYS_INTERVAL_SECS")]
     sys_interval_secs: Option<u64>,
+    #[command(flatten)]
+    cluster_tls: tiermq::cluster_tls::ClusterTlsFlags,
     /// Also listen for MQTT over TLS on this `host:port` (needs --tls-cert, --tls-key).
     /// `[[listeners]]` in the config file gives the full form.
     #[arg(long, env = "TIERMQ_TLS_LISTEN")]
@@ -213,6 +215,9 @@ impl BrokerArgs {
             allow_anonymous: self.allow_anonymous,
             leader_transfer_secs: self.leader_transfer_secs,
             sys_interval_secs: self.sys_interval_secs,
+            cluster_tls_ca: self.cluster_tls.ca.clone(),
+            cluster_tls_cert: self.cluster_tls.cert.clone(),
+            cluster_tls_key: self.cluster_tls.key.clone(),
             tls_listen: self.tls_listen,
             tls_cert: self.tls_cert.clone(),
             tls_key: self.tls_key.clone(),

@@ -63,7 +63,7 @@ async fn start_cluster(dir: &std::path::Path, partitions: u32) -> (Vec<Node>, Pa
             .mode(sled::Mode::HighThroughput)
             .open()
             .unwrap();
-        let transport = GrpcTransport::start(id, &peers);
+        let transport = GrpcTransport::start(id, &peers, None);
         let handle = node::start(
             RaftConfig::new(id),
             db,

@@ -42,7 +42,7 @@ async fn start_node(
 ) -> Node {
     let mut config = RaftConfig::new(id);
     config.tick_interval = Duration::from_millis(30);
-    let transport = GrpcTransport::start(id, peers);
+    let transport = GrpcTransport::start(id, peers, None);
     let handle = node::start(
         config,
         open_db(dir),

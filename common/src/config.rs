@@ -264,6 +264,13 @@ pub struct ClusterSettings {
     /// (frontend) A drain gives up waiting for connections to leave after this many seconds;
     /// those left get DISCONNECT 0x8B and the process exits.
     pub drain_timeout_secs: u64,
+    /// Mutual TLS on the internal gRPC (all three or none): the cluster CA (PEM) that signs
+    /// every node's certificate; the gRPC server then requires client certificates.
+    pub tls_ca: Option<PathBuf>,
+    /// This node's certificate chain (PEM, leaf first), shown as server and as client.
+    pub tls_cert: Option<PathBuf>,
+    /// This node's private key (PEM).
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for ClusterSettings {
@@ -280,6 +287,9 @@ impl Default for ClusterSettings {
             server_references: Vec::new(),
             drain_rate: 500,
             drain_timeout_secs: 30,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -306,6 +316,20 @@ impl ClusterSettings {
             }
         }
         Ok(map)
+    }
+
+    /// The internal TLS files `(ca, cert, key)` when set; an error when only some are.
+    pub fn tls_files(&self) -> Result<Option<(&Path, &Path, &Path)>, ConfigError> {
+        match (&self.tls_ca, &self.tls_cert, &self.tls_key) {
+            (Some(ca), Some(cert), Some(key)) => Ok(Some((ca, cert, key))),
+            (None, None, None) => Ok(None),
+            _ => Err(ConfigError::Invalid {
+                name: "cluster.tls_ca",
+                message: "internal TLS needs all of cluster.tls_ca, cluster.tls_cert and \
+                          cluster.tls_key (--cluster-tls-ca/-cert/-key)"
+                    .into(),
+            }),
+        }
     }
 
     /// Checks what a frontend node needs.
@@ -534,6 +558,9 @@ pub struct Overrides {
     pub server_references: Option<Vec<String>>,
     pub drain_rate: Option<u32>,
     pub drain_timeout_secs: Option<u64>,
+    pub cluster_tls_ca: Option<PathBuf>,
+    pub cluster_tls_cert: Option<PathBuf>,
+    pub cluster_tls_key: Option<PathBuf>,
     /// `Some("")` disables the metrics endpoint.
     pub metrics_listen: Option<String>,
     pub sys_interval_secs: Option<u64>,
@@ -669,6 +696,15 @@ impl Settings {
         set!(self.cluster.server_references, o.server_references);
         set!(self.cluster.drain_rate, o.drain_rate);
         set!(self.cluster.drain_timeout_secs, o.drain_timeout_secs);
+        for (field, value) in [
+            (&mut self.cluster.tls_ca, &o.cluster_tls_ca),
+            (&mut self.cluster.tls_cert, &o.cluster_tls_cert),
+            (&mut self.cluster.tls_key, &o.cluster_tls_key),
+        ] {
+            if value.is_some() {
+                field.clone_from(value);
+            }
+        }
         if let Some(listen) = &o.metrics_listen {
             self.metrics.listen = Some(listen.clone());
         }
@@ -707,6 +743,7 @@ impl Settings {
             return invalid("session.max_queued_messages", "must be at least 1");
         }
         self.metrics.listen()?;
+        self.cluster.tls_files()?;
         self.validate_listeners()?;
         Ok(())
     }
@@ -774,6 +811,26 @@ mod tests {
         assert!(c.validate_backend().is_err());
         c.peers.push("x=d:1".into());
         assert!(c.peer_map().is_err());
+    }
+
+    #[test]
+    fn cluster_tls_all_or_none_file_then_flags() {
+        let mut s = Settings::from_toml(
+            "[cluster]\ntls_ca = \"ca.pem\"\ntls_cert = \"n.pem\"\ntls_key = \"n.key\"",
+        )
+        .unwrap();
+        let files = s.cluster.tls_files().unwrap().unwrap();
+        assert_eq!(files.1, Path::new("n.pem"));
+        s.apply(&Overrides {
+            cluster_tls_cert: Some("other.pem".into()),
+            ..Overrides::default()
+        });
+        assert_eq!(s.cluster.tls_cert, Some(PathBuf::from("other.pem")));
+        assert_eq!(s.cluster.tls_ca, Some(PathBuf::from("ca.pem")));
+        s.validate().unwrap();
+        s.cluster.tls_key = None;
+        assert!(s.validate().is_err(), "two of three files is an error");
+        assert_eq!(Settings::default().cluster.tls_files().unwrap(), None);
     }
 
     #[test]

@@ -30,7 +30,7 @@ use tiermq_common::shared_dispatch::{update_memberships, PartitionCaller};
 use tiermq_common::trie::TopicTrie;
 use tiermq_common::{Message, QoS, ReasonCode};
 use tokio::sync::{mpsc, oneshot};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
 use crate::broker::broker_client::BrokerClient;
@@ -38,6 +38,7 @@ use crate::broker::{
     op, op_reply, ClusterInfo, ClusterRequest, EventsRequest, Op, OpReply, Qos0, RoutesAck,
     RoutesRequest,
 };
+use crate::tls::{self, GrpcTls};
 use crate::API_VERSION;
 
 /// How long an operation keeps trying (leader changes, a node restarting) before it fails.
@@ -117,6 +118,8 @@ struct Inner {
     /// Per publisher: the phases of its latest multi-partition QoS2 publish.
     qos2_chains: Mutex<HashMap<Arc<str>, Qos2Chain>>,
     next_id: AtomicU64,
+    /// Mutual TLS towards the backends (`cluster.tls_*`); `None`: plain gRPC.
+    tls: Option<GrpcTls>,
 }
 
 #[derive(Default)]
@@ -134,21 +137,23 @@ pub struct ClusterClient {
 
 impl ClusterClient {
     /// Connects to the cluster through any of `seeds` (`host:port` of backend nodes), learns
-    /// the members and the partition map, and opens the per-node streams.
+    /// the members and the partition map, and opens the per-node streams. With `tls`, every
+    /// stream runs over mutual TLS (see [`crate::tls`]).
     pub async fn connect(
         seeds: &[String],
         frontend_id: u64,
         wait: Duration,
+        tls: Option<GrpcTls>,
     ) -> Result<Self, String> {
         let deadline = Instant::now() + wait;
         loop {
             let mut last = String::from("no seed given");
             for seed in seeds {
-                match fetch_info(seed).await {
+                match fetch_info(seed, tls.as_ref()).await {
                     Ok(info) => {
                         last.clear();
                         if info.partition_info.len() == info.partitions as usize {
-                            return Ok(Self::from_info(info, frontend_id));
+                            return Ok(Self::from_info(info, frontend_id, tls));
                         }
                     }
                     Err(e) => last = format!("{seed}: {e}"),
@@ -161,7 +166,7 @@ impl ClusterClient {
         }
     }
 
-    fn from_info(info: ClusterInfo, frontend_id: u64) -> Self {
+    fn from_info(info: ClusterInfo, frontend_id: u64, tls: Option<GrpcTls>) -> Self {
         let partitions = info.partitions;
         let mut replicas = vec![Vec::new(); partitions as usize];
         let mut leaders = vec![0; partitions as usize];
@@ -177,7 +182,7 @@ impl ClusterClient {
             let (tx, rx) = mpsc::unbounded_channel();
             nodes.insert(m.id, tx);
             addrs.insert(m.id, m.addr.clone());
-            tokio::spawn(op_stream(m.id, m.addr.clone(), rx));
+            tokio::spawn(op_stream(m.id, m.addr.clone(), rx, tls.clone()));
         }
         let inner = Arc::new(Inner {
             frontend_id,
@@ -202,6 +207,7 @@ impl ClusterClient {
             sessions: Mutex::new(Sessions::default()),
             qos2_chains: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
+            tls,
         });
         for (id, addr) in addrs {
             tokio::spawn(route_watch(Arc::downgrade(&inner), id, addr.clone()));
@@ -967,18 +973,16 @@ impl SessionService for ClusterClient {
     }
 }
 
-async fn channel_to(addr: &str) -> Result<Channel, tonic::transport::Error> {
-    Endpoint::from_shared(format!("http://{addr}"))?
-        .connect_timeout(Duration::from_secs(1))
-        .tcp_nodelay(true)
+async fn channel_to(addr: &str, tls: Option<&GrpcTls>) -> Result<Channel, tonic::transport::Error> {
+    tls::endpoint(addr, tls)?
         .http2_keep_alive_interval(Duration::from_secs(5))
         .keep_alive_timeout(Duration::from_secs(5))
         .connect()
         .await
 }
 
-async fn fetch_info(addr: &str) -> Result<ClusterInfo, String> {
-    let channel = channel_to(addr).await.map_err(|e| e.to_string())?;
+async fn fetch_info(addr: &str, tls: Option<&GrpcTls>) -> Result<ClusterInfo, String> {
+    let channel = channel_to(addr, tls).await.map_err(|e| e.to_string())?;
     let mut client = BrokerClient::new(channel);
     client
         .cluster(ClusterRequest {
@@ -994,10 +998,11 @@ async fn op_stream(
     node: u64,
     addr: String,
     mut queue: mpsc::UnboundedReceiver<(Op, Option<oneshot::Sender<Outcome>>)>,
+    tls: Option<GrpcTls>,
 ) {
     let mut backoff = Duration::from_millis(50);
     loop {
-        let channel = match channel_to(&addr).await {
+        let channel = match channel_to(&addr, tls.as_ref()).await {
             Ok(c) => c,
             Err(e) => {
                 // Fail what is queued: the callers retry on another replica.
@@ -1109,8 +1114,9 @@ async fn route_watch(inner: std::sync::Weak<Inner>, node: u64, addr: String) {
             .frontend_id
             .wrapping_mul(0x9E37_79B9_7F4A_7C15)
             .wrapping_add(node);
+        let tls = alive.tls.clone();
         drop(alive);
-        let (stream, mut acker) = match channel_to(&addr).await {
+        let (stream, mut acker) = match channel_to(&addr, tls.as_ref()).await {
             Ok(ch) => (
                 BrokerClient::new(ch.clone())
                     .routes(RoutesRequest {
@@ -1161,8 +1167,9 @@ async fn event_stream(inner: std::sync::Weak<Inner>, node: u64, addr: String) {
     loop {
         let Some(alive) = inner.upgrade() else { return };
         let frontend_id = alive.frontend_id;
+        let tls = alive.tls.clone();
         drop(alive);
-        let stream = match channel_to(&addr).await {
+        let stream = match channel_to(&addr, tls.as_ref()).await {
             Ok(ch) => BrokerClient::new(ch)
                 .max_decoding_message_size(64 * 1024 * 1024)
                 .events(EventsRequest {

@@ -16,3 +16,4 @@ pub mod broker {
 }
 
 pub mod client;
+pub mod tls;

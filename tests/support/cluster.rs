@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use tempfile::TempDir;
 use tiermq::cluster_cli::{self, ClusterStatus};
+use tiermq_proto::tls::GrpcTls;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -211,6 +212,9 @@ pub struct ClusterOpts {
     pub frontends: usize,
     pub partitions: u32,
     pub replication: usize,
+    /// Internal gRPC over mutual TLS, with certificates made by `scripts/gen-cluster-certs`
+    /// in `<cluster folder>/certs` (the harness's own calls present `admin.pem`).
+    pub tls: bool,
 }
 
 impl Default for ClusterOpts {
@@ -220,6 +224,7 @@ impl Default for ClusterOpts {
             frontends: 2,
             partitions: 8,
             replication: 3,
+            tls: false,
         }
     }
 }
@@ -234,6 +239,8 @@ pub struct ProcCluster {
     pub backends: Vec<Node>,
     pub frontends: Vec<Node>,
     pub opts: ClusterOpts,
+    /// What the harness's gRPC calls use when `opts.tls`.
+    pub tls: Option<GrpcTls>,
     // Last: the folder goes after the processes.
     dir: Dir,
 }
@@ -271,6 +278,32 @@ impl ProcCluster {
             .map(|a| a.to_string())
             .collect::<Vec<_>>()
             .join(",");
+        let certs = root.join("certs");
+        let tls_args = |name: &str| -> Vec<String> {
+            if !opts.tls {
+                return Vec::new();
+            }
+            let file = |f: String| certs.join(f).display().to_string();
+            vec![
+                "--cluster-tls-ca".into(),
+                file("ca.pem".into()),
+                "--cluster-tls-cert".into(),
+                file(format!("{name}.pem")),
+                "--cluster-tls-key".into(),
+                file(format!("{name}.key")),
+            ]
+        };
+        let tls = opts.tls.then(|| {
+            let mut names: Vec<String> = (1..=opts.backends).map(|i| format!("b{i}")).collect();
+            names.extend(["frontend".into(), "admin".into()]);
+            gen_cluster_certs(&certs, &names);
+            GrpcTls::load(
+                &certs.join("ca.pem"),
+                &certs.join("admin.pem"),
+                &certs.join("admin.key"),
+            )
+            .expect("admin certificate loads")
+        });
         let backends: Vec<Node> = be_addrs
             .iter()
             .enumerate()
@@ -294,7 +327,10 @@ impl ProcCluster {
                     opts.partitions.to_string(),
                     "--replication".into(),
                     opts.replication.to_string(),
-                ],
+                ]
+                .into_iter()
+                .chain(tls_args(&format!("b{}", i + 1)))
+                .collect(),
                 child: None,
                 starts: 0,
             })
@@ -325,7 +361,10 @@ impl ProcCluster {
                         seeds.clone(),
                         "--server-references".into(),
                         others.join(","),
-                    ],
+                    ]
+                    .into_iter()
+                    .chain(tls_args("frontend"))
+                    .collect(),
                     child: None,
                     starts: 0,
                 }
@@ -335,6 +374,7 @@ impl ProcCluster {
             backends,
             frontends,
             opts,
+            tls,
             dir,
         };
         for b in &mut c.backends {
@@ -417,7 +457,10 @@ impl ProcCluster {
             if b.child.is_none() {
                 continue;
             }
-            if let Ok(s) = cluster_cli::collect(&b.addr.to_string(), Duration::from_secs(2)).await {
+            let addr = b.addr.to_string();
+            if let Ok(s) =
+                cluster_cli::collect(&addr, Duration::from_secs(2), self.tls.as_ref()).await
+            {
                 return Some(s);
             }
         }
@@ -540,6 +583,21 @@ impl ProcCluster {
         self.wait_frontend_listens(i, Instant::now() + START_WAIT)
             .await;
     }
+}
+
+/// Runs `scripts/gen-cluster-certs DIR NAMES...` (openssl), as operators do.
+pub fn gen_cluster_certs(dir: &Path, names: &[String]) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/gen-cluster-certs");
+    let out = Command::new(script)
+        .arg(dir)
+        .args(names)
+        .output()
+        .expect("run scripts/gen-cluster-certs (needs openssl)");
+    assert!(
+        out.status.success(),
+        "gen-cluster-certs failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 impl Drop for ProcCluster {

@@ -15,9 +15,9 @@ use raft::prelude::Message as RaftMessage;
 use tiermq_proto::raft::raft_transport_client::RaftTransportClient;
 use tiermq_proto::raft::raft_transport_server::{RaftTransport, RaftTransportServer};
 use tiermq_proto::raft::{RaftBatch, RaftEnvelope, StreamAck};
+use tiermq_proto::tls::{self, GrpcTls};
 use tiermq_proto::API_VERSION;
 use tokio::sync::mpsc;
-use tonic::transport::Endpoint;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info};
 
@@ -36,7 +36,13 @@ pub struct GrpcTransport {
 
 impl GrpcTransport {
     /// `peers` maps node ids to gRPC addresses (`host:port`); this node's own entry is skipped.
-    pub fn start(node_id: NodeId, peers: &BTreeMap<NodeId, String>) -> Arc<GrpcTransport> {
+    /// With `tls`, each peer stream runs over mutual TLS (this node's certificate, the
+    /// cluster CA).
+    pub fn start(
+        node_id: NodeId,
+        peers: &BTreeMap<NodeId, String>,
+        tls: Option<GrpcTls>,
+    ) -> Arc<GrpcTransport> {
         let mut queues = BTreeMap::new();
         for (&id, addr) in peers {
             if id == node_id {
@@ -44,7 +50,7 @@ impl GrpcTransport {
             }
             let (tx, rx) = mpsc::channel(PEER_QUEUE);
             queues.insert(id, tx);
-            tokio::spawn(peer_stream(id, format!("http://{addr}"), rx));
+            tokio::spawn(peer_stream(id, addr.clone(), rx, tls.clone()));
         }
         Arc::new(GrpcTransport {
             node_id,
@@ -83,17 +89,20 @@ impl Transport for GrpcTransport {
 }
 
 /// Keeps a client stream open to one peer and feeds it from the peer's queue.
-async fn peer_stream(peer: NodeId, uri: String, mut queue: mpsc::Receiver<RaftBatch>) {
+async fn peer_stream(
+    peer: NodeId,
+    addr: String,
+    mut queue: mpsc::Receiver<RaftBatch>,
+    tls: Option<GrpcTls>,
+) {
     let mut backoff = Duration::from_millis(50);
     loop {
-        let endpoint = match Endpoint::from_shared(uri.clone()) {
+        let endpoint = match tls::endpoint(&addr, tls.as_ref()) {
             Ok(e) => e
-                .connect_timeout(Duration::from_secs(1))
-                .tcp_nodelay(true)
                 .http2_keep_alive_interval(Duration::from_secs(5))
                 .keep_alive_timeout(Duration::from_secs(5)),
             Err(e) => {
-                tracing::error!(peer, %uri, error = %e, "invalid peer address");
+                tracing::error!(peer, %addr, error = %e, "invalid peer address");
                 return;
             }
         };
