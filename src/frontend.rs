@@ -29,6 +29,8 @@ pub struct FrontendNode {
     pub frontend_id: u64,
     metrics: Option<MetricsServer>,
     sys_topics: Option<JoinHandle<()>>,
+    /// The self-check probe, when `metrics.probe_interval_secs` asks for it.
+    probe: Option<JoinHandle<()>>,
     drain: Drain,
     drain_timeout: Duration,
 }
@@ -66,7 +68,9 @@ impl FrontendNode {
             drain: drain.clone(),
             client: known_client.clone(),
         };
-        let metrics = metrics_http::start(&settings.metrics, node_metrics::frontend(admin)).await?;
+        let mut endpoint = node_metrics::frontend(admin);
+        let probe_metrics = crate::probe_task::register(settings, &mut endpoint.registry);
+        let metrics = metrics_http::start(&settings.metrics, endpoint).await?;
         let tls = crate::cluster_tls::load(cluster)?;
         let client =
             ClusterClient::connect(&cluster.backends, frontend_id, Duration::from_secs(60), tls)
@@ -82,6 +86,13 @@ impl FrontendNode {
         config.drain = drain.clone();
         let shutdown = CancellationToken::new();
         let client = Arc::new(client);
+        let probe = crate::probe_task::spawn(
+            settings,
+            probe_metrics,
+            client.clone(),
+            frontend_id,
+            shutdown.clone(),
+        );
         let listener = tokio::spawn(tiermq_frontend::serve_listeners(
             bound,
             client.clone(),
@@ -112,6 +123,7 @@ impl FrontendNode {
             frontend_id,
             metrics,
             sys_topics,
+            probe,
             drain,
             drain_timeout: Duration::from_secs(cluster.drain_timeout_secs),
         })
@@ -168,6 +180,9 @@ impl FrontendNode {
         self.shutdown.cancel();
         if let Some(sys) = self.sys_topics {
             let _ = sys.await;
+        }
+        if let Some(probe) = self.probe {
+            let _ = probe.await;
         }
         let _ = self.listener.await;
         if let Some(metrics) = self.metrics {

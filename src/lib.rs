@@ -14,4 +14,5 @@ pub mod logging;
 pub mod metrics_http;
 pub mod node_metrics;
 pub mod passwd_cli;
+pub mod probe_task;
 pub mod standalone;

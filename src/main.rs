@@ -159,6 +159,13 @@ struct BrokerArgs {
     /// Seconds between `$SYS` statistics messages; 0 disables them [default: 10].
     #[arg(long, env = "TIERMQ_SYS_INTERVAL_SECS")]
     sys_interval_secs: Option<u64>,
+    /// (standalone, frontend) Seconds between self-check probe rounds (`tiermq_probe_*`
+    /// metrics); 0 turns the probe off [default: 0].
+    #[arg(long, env = "TIERMQ_PROBE_INTERVAL_SECS")]
+    probe_interval_secs: Option<u64>,
+    /// Seconds after which a probe message not delivered back counts as lost [default: 5].
+    #[arg(long, env = "TIERMQ_PROBE_TIMEOUT_SECS")]
+    probe_timeout_secs: Option<u64>,
     #[command(flatten)]
     cluster_tls: tiermq::cluster_tls::ClusterTlsFlags,
     /// Also listen for MQTT over TLS on this `host:port` (needs --tls-cert, --tls-key).
@@ -218,6 +225,8 @@ impl BrokerArgs {
             cluster_tls_ca: self.cluster_tls.ca.clone(),
             cluster_tls_cert: self.cluster_tls.cert.clone(),
             cluster_tls_key: self.cluster_tls.key.clone(),
+            probe_interval_secs: self.probe_interval_secs,
+            probe_timeout_secs: self.probe_timeout_secs,
             tls_listen: self.tls_listen,
             tls_cert: self.tls_cert.clone(),
             tls_key: self.tls_key.clone(),

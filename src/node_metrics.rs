@@ -20,7 +20,8 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetri
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
 use tiermq_backend::local::LocalBroker;
 use tiermq_backend::placement::PartitionMap;
 use tiermq_backend::raft::node::RaftHandle;
@@ -55,6 +56,37 @@ impl Collector for AtomicCounters {
         Ok(())
     }
 }
+
+/// Series whose source exists only later (the partitions once recovered, the cluster client
+/// once the backends answered) while the endpoint serves from the start: written at scrape
+/// time by the closure, absent until then.
+struct LateSeries(Box<dyn Fn(&mut DescriptorEncoder) -> Result<(), std::fmt::Error> + Send + Sync>);
+
+impl std::fmt::Debug for LateSeries {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LateSeries")
+    }
+}
+
+impl Collector for LateSeries {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        (self.0)(&mut encoder)
+    }
+}
+
+/// Writes one latency histogram (`<name>_seconds`).
+fn encode_seconds(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    histogram: &Histogram,
+) -> Result<(), std::fmt::Error> {
+    let metric =
+        encoder.encode_descriptor(name, help, Some(&Unit::Seconds), histogram.metric_type())?;
+    histogram.encode(metric)
+}
+
+const FSYNC_HELP: &str = "One flush (write + fsync) of this node's log database";
 
 /// The retained message count of a standalone broker. Reading it walks the retained store
 /// of every partition, so readers (scrapes, `$SYS`) share one answer for a second.
@@ -119,6 +151,18 @@ pub fn standalone(frontend: &FrontendMetrics, broker: StandaloneState) -> Endpoi
             ),
         ]
     }))));
+    let for_fsync = broker.clone();
+    registry.register_collector(Box::new(LateSeries(Box::new(
+        move |encoder| match for_fsync.get() {
+            Some((broker, _)) => encode_seconds(
+                encoder,
+                "fsync_duration",
+                FSYNC_HELP,
+                &broker.stats().flush_seconds,
+            ),
+            None => Ok(()),
+        },
+    ))));
     let for_refresh = broker.clone();
     let refresh: Hook<()> = Arc::new(move || {
         let count = for_refresh.get().map(|(_, count)| count.clone());
@@ -198,6 +242,13 @@ impl FrontendState {
 pub fn frontend(state: FrontendState) -> Endpoint {
     let mut registry = Registry::with_prefix(PREFIX);
     state.metrics.register(&mut registry);
+    let client = state.client.clone();
+    registry.register_collector(Box::new(LateSeries(Box::new(
+        move |encoder| match client.get() {
+            Some(client) => client.metrics().encode(encoder),
+            None => Ok(()),
+        },
+    ))));
     let draining = Gauge::<i64>::default();
     registry.register(
         "draining",
@@ -313,6 +364,25 @@ pub fn backend(handle: RaftHandle, map: &PartitionMap) -> Endpoint {
         "frontends_attached",
         "Frontends with an open event stream to this node",
         frontends.clone(),
+    );
+    let timings = handle.stats().timings.clone();
+    registry.register_with_unit(
+        "raft_commit_duration",
+        "From proposing a Raft entry (as leader) to applying it: replication to a quorum, \
+         fsyncs and apply",
+        Unit::Seconds,
+        timings.commit.0.clone(),
+    );
+    registry.register_with_unit(
+        "fsync_duration",
+        FSYNC_HELP,
+        Unit::Seconds,
+        timings.flush.0.clone(),
+    );
+    registry.register(
+        "raft_proposals",
+        "Raft entries (command batches) this node proposed as leader, by partition",
+        timings.proposals.clone(),
     );
     let driver = handle.clone();
     registry.register_collector(Box::new(AtomicCounters(Box::new(move || {

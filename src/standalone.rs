@@ -32,6 +32,8 @@ pub struct Standalone {
     broker: LocalBroker,
     metrics: Option<MetricsServer>,
     sys_topics: Option<JoinHandle<()>>,
+    /// The self-check probe, when `metrics.probe_interval_secs` asks for it.
+    probe: Option<JoinHandle<()>>,
 }
 
 /// The username/password check `mqtt.password_file` asks for (read and checked now, so a bad
@@ -140,7 +142,8 @@ impl Standalone {
         // while a large data folder is being recovered.
         let node_metrics = Arc::new(FrontendMetrics::new());
         let state = StandaloneState::default();
-        let endpoint = node_metrics::standalone(&node_metrics, state.clone());
+        let mut endpoint = node_metrics::standalone(&node_metrics, state.clone());
+        let probe_metrics = crate::probe_task::register(settings, &mut endpoint.registry);
         let metrics = metrics_http::start(&settings.metrics, endpoint).await?;
         let dir = &settings.storage.data_dir;
         std::fs::create_dir_all(dir)
@@ -162,6 +165,13 @@ impl Standalone {
         ));
         let retained = RetainedCount::new(broker.clone());
         let _ = state.set((broker.clone(), retained.clone()));
+        let probe = crate::probe_task::spawn(
+            settings,
+            probe_metrics,
+            Arc::new(broker.clone()),
+            0,
+            shutdown.clone(),
+        );
         let sys_topics = (settings.mqtt.sys_interval_secs > 0).then(|| {
             let publisher = broker.clone();
             let sys = SysTopics {
@@ -186,6 +196,7 @@ impl Standalone {
             broker,
             metrics,
             sys_topics,
+            probe,
         })
     }
 
@@ -213,6 +224,9 @@ impl Standalone {
         self.shutdown.cancel();
         if let Some(sys) = self.sys_topics {
             let _ = sys.await;
+        }
+        if let Some(probe) = self.probe {
+            let _ = probe.await;
         }
         let _ = self.listener.await;
         self.broker.shutdown().await;

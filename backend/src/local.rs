@@ -99,6 +99,8 @@ enum Request {
 pub struct Stats {
     pub flushes: std::sync::atomic::AtomicU64,
     pub entries: std::sync::atomic::AtomicU64,
+    /// Time to append a durable batch to the log and flush it (write + fsync).
+    pub flush_seconds: tiermq_common::latency::LatencyHistogram,
 }
 
 struct Inner {
@@ -181,7 +183,9 @@ impl LocalBroker {
                 since_checkpoint: 0,
                 last_checkpoint: Instant::now(),
             };
-            tokio::spawn(task.run());
+            // Every log line of the partition's task names it.
+            let span = tracing::info_span!("partition", partition = p);
+            tokio::spawn(tracing::Instrument::instrument(task.run(), span));
         }
         Ok(LocalBroker { inner })
     }
@@ -748,6 +752,7 @@ impl PartitionTask {
             }
         }
         if !entries.is_empty() {
+            let flushing = std::time::Instant::now();
             let result = match self.store.append(first_index, &entries) {
                 Ok(()) if durable => self.store.flush().await,
                 other => other,
@@ -765,6 +770,7 @@ impl PartitionTask {
                     b.stats
                         .flushes
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    b.stats.flush_seconds.observe_duration(flushing.elapsed());
                 }
             }
         }

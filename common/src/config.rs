@@ -193,9 +193,15 @@ impl ListenerSettings {
 }
 
 /// The per-node HTTP endpoint for Prometheus (`/metrics`) and probes (`/healthz`, `/readyz`).
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MetricsSettings {
+    /// (standalone, frontend) Seconds between two rounds of the self-check probe, an internal
+    /// client that publishes a QoS1 message to itself through the partitions and exports the
+    /// round trip (`tiermq_probe_*`); 0 (the default) turns it off.
+    pub probe_interval_secs: u64,
+    /// A probe message not delivered back within this many seconds counts as lost.
+    pub probe_timeout_secs: u64,
     /// `host:port` to serve on; an empty string disables the endpoint. Unset means
     /// [`DEFAULT_METRICS_LISTEN`], which is *best effort*: several nodes on one host (a local
     /// cluster, parallel tests) would all want it, so when it is taken the node logs a warning
@@ -213,6 +219,16 @@ pub struct MetricsListen {
     pub addr: SocketAddr,
     /// The address was set by the operator (not the default): failing to bind it is an error.
     pub explicit: bool,
+}
+
+impl Default for MetricsSettings {
+    fn default() -> Self {
+        MetricsSettings {
+            probe_interval_secs: 0,
+            probe_timeout_secs: 5,
+            listen: None,
+        }
+    }
 }
 
 impl MetricsSettings {
@@ -564,8 +580,11 @@ pub struct Overrides {
     /// `Some("")` disables the metrics endpoint.
     pub metrics_listen: Option<String>,
     pub sys_interval_secs: Option<u64>,
+    pub probe_interval_secs: Option<u64>,
+    pub probe_timeout_secs: Option<u64>,
     pub password_file: Option<PathBuf>,
     pub allow_anonymous: Option<bool>,
+    pub acl_file: Option<PathBuf>,
     /// A TLS listener on this address (with `tls_cert`, `tls_key`, optional `tls_ca`), in
     /// addition to the configured listeners.
     pub tls_listen: Option<SocketAddr>,
@@ -709,6 +728,8 @@ impl Settings {
             self.metrics.listen = Some(listen.clone());
         }
         set!(self.mqtt.sys_interval_secs, o.sys_interval_secs);
+        set!(self.metrics.probe_interval_secs, o.probe_interval_secs);
+        set!(self.metrics.probe_timeout_secs, o.probe_timeout_secs);
         if let Some(f) = &o.password_file {
             self.mqtt.password_file = Some(f.clone());
         }
@@ -742,7 +763,16 @@ impl Settings {
         if self.session.max_queued_messages == 0 {
             return invalid("session.max_queued_messages", "must be at least 1");
         }
+        if self.limits.max_topic_length == 0 || self.limits.max_topic_levels == 0 {
+            return invalid(
+                "limits.max_topic_length",
+                "max_topic_length and max_topic_levels must be at least 1",
+            );
+        }
         self.metrics.listen()?;
+        if self.metrics.probe_interval_secs > 0 && self.metrics.probe_timeout_secs == 0 {
+            return invalid("metrics.probe_timeout_secs", "must be at least 1");
+        }
         self.cluster.tls_files()?;
         self.validate_listeners()?;
         Ok(())
@@ -855,6 +885,15 @@ mod tests {
             })
         ));
         assert_eq!(Settings::default().mqtt.sys_interval_secs, 10);
+        // The probe is off unless asked for.
+        let m = &Settings::default().metrics;
+        assert_eq!((m.probe_interval_secs, m.probe_timeout_secs), (0, 5));
+        let s = Settings::from_toml("[metrics]\nprobe_interval_secs = 2\nprobe_timeout_secs = 1")
+            .unwrap();
+        assert_eq!(
+            (s.metrics.probe_interval_secs, s.metrics.probe_timeout_secs),
+            (2, 1)
+        );
     }
 
     #[test]

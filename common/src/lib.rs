@@ -5,6 +5,8 @@
 pub mod codec;
 pub mod config;
 pub mod hashing;
+pub mod latency;
+pub mod log_limit;
 pub mod message;
 pub mod partition_api;
 pub mod retained_index;

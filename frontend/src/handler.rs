@@ -358,7 +358,13 @@ where
             frontend_id: config.frontend_id,
         };
         let connected = match service.connect(req).await {
-            Ok(c) => c,
+            Ok(c) => {
+                // The connection's span (listener.rs) names the session from now on.
+                let span = tracing::Span::current();
+                span.record("client_id", &*client_id);
+                span.record("epoch", c.session.epoch);
+                c
+            }
             Err(e) => {
                 debug!(%peer, error = %e, "connect refused by the partitions");
                 let code = match e {

@@ -12,6 +12,7 @@
 //! - [`convert`]: PUBLISH packets to application messages and back.
 //! - [`metrics`]: the node's counters (Prometheus and `$SYS`), [`metered_io`]: bytes on the wire.
 //! - [`sys_topics`]: the task that publishes `$SYS/broker/...`.
+//! - [`probe`]: the self-check probe (a QoS1 round trip through the partitions, as metrics).
 //!
 //! Everything durable is reached through [`tiermq_common::session_api::SessionService`], so the
 //! same handler serves the standalone broker and a cluster frontend.
@@ -26,6 +27,7 @@ pub mod listener;
 pub mod metered_io;
 pub mod metrics;
 pub mod passwd;
+pub mod probe;
 pub mod reload;
 pub mod scram;
 pub mod sys_topics;

@@ -313,18 +313,45 @@ async fn accept_loop<S: SessionService>(
         };
         match accepted {
             Ok((stream, peer)) => {
+                let now = std::time::Instant::now();
+                let admission = match config.limits.admit(&gauge, peer.ip(), now) {
+                    Ok(a) => a,
+                    Err(limit) => {
+                        // Over a limit with too many refusals already waiting: close now.
+                        config.metrics.limit_hit(limit);
+                        debug!(listener = %ctx.name, %peer, limit = limit.label(), "socket closed at once");
+                        continue;
+                    }
+                };
+                if let Some(limit) = admission.refused {
+                    config.metrics.limit_hit(limit);
+                    debug!(listener = %ctx.name, %peer, limit = limit.label(), "over a connection limit: CONNECT will be refused");
+                }
                 let _ = stream.set_nodelay(true);
                 let stream = MeteredIo::new(stream, &config.metrics);
-                tasks.spawn(metrics::scope(
-                    config.metrics.clone(),
-                    connection(
-                        ctx.clone(),
-                        stream,
-                        peer,
-                        service.clone(),
-                        config.clone(),
-                        shutdown.clone(),
+                // Every log line of the connection carries these; the handler fills in the
+                // client id and session epoch once the CONNACK is decided.
+                let span = tracing::info_span!(
+                    "conn",
+                    listener = %ctx.name,
+                    %peer,
+                    client_id = tracing::field::Empty,
+                    epoch = tracing::field::Empty,
+                );
+                tasks.spawn(tracing::Instrument::instrument(
+                    metrics::scope(
+                        config.metrics.clone(),
+                        connection(
+                            ctx.clone(),
+                            stream,
+                            peer,
+                            admission,
+                            service.clone(),
+                            config.clone(),
+                            shutdown.clone(),
+                        ),
                     ),
+                    span,
                 ));
             }
             Err(e) => {

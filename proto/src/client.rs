@@ -18,7 +18,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Unit;
 use tiermq_common::hashing::partition_of;
+use tiermq_common::latency::latency_histogram;
+use tiermq_common::log_limit::LogLimiter;
 use tiermq_common::partition_api::{
     AckCmd, Command, InboundQos2, Query, Reply, RetainedForSubscription,
 };
@@ -31,7 +37,7 @@ use tiermq_common::trie::TopicTrie;
 use tiermq_common::{Message, QoS, ReasonCode};
 use tokio::sync::{mpsc, oneshot};
 use tonic::transport::Channel;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use crate::broker::broker_client::BrokerClient;
 use crate::broker::{
@@ -118,9 +124,73 @@ struct Inner {
     /// Per publisher: the phases of its latest multi-partition QoS2 publish.
     qos2_chains: Mutex<HashMap<Arc<str>, Qos2Chain>>,
     next_id: AtomicU64,
+    metrics: ClientMetrics,
     /// Mutual TLS towards the backends (`cluster.tls_*`); `None`: plain gRPC.
     tls: Option<GrpcTls>,
 }
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodLabel {
+    method: &'static str,
+}
+
+/// How long this client's calls to the backends take, by method
+/// (`tiermq_grpc_client_call_duration_seconds`): from the call to its answer, retries on
+/// other replicas included — what a connection handler waits, not one network round trip.
+/// Clones share the values.
+#[derive(Clone, Debug)]
+pub struct ClientMetrics {
+    calls: Family<MethodLabel, Histogram>,
+}
+
+impl Default for ClientMetrics {
+    fn default() -> Self {
+        ClientMetrics {
+            calls: Family::new_with_constructor(latency_histogram),
+        }
+    }
+}
+
+impl ClientMetrics {
+    /// Writes the series (for a metrics collector: the client exists only once the backends
+    /// answered, after the node's endpoint is up).
+    pub fn encode(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let metric = encoder.encode_descriptor(
+            "grpc_client_call_duration",
+            "Calls of this node's cluster client to the partitions' leaders, from the call to \
+             the answer (retries on other replicas included), by method (partition command or \
+             leader read)",
+            Some(&Unit::Seconds),
+            self.calls.metric_type(),
+        )?;
+        self.calls.encode(metric)
+    }
+
+    fn method(&self, method: &'static str) -> Histogram {
+        self.calls.get_or_create_owned(&MethodLabel { method })
+    }
+}
+
+/// The label of a command in [`ClientMetrics`].
+fn command_method(c: &Command) -> &'static str {
+    match c {
+        Command::Connect { .. } => "connect",
+        Command::Disconnect { .. } => "disconnect",
+        Command::Subscribe { .. } => "subscribe",
+        Command::Unsubscribe { .. } => "unsubscribe",
+        Command::Publish { .. } => "publish",
+        Command::Qos2Received { .. } => "qos2_received",
+        Command::Qos2Release { .. } => "qos2_release",
+        Command::Ack { .. } => "ack",
+        Command::DeliverRetained { .. } => "deliver_retained",
+        Command::Tick => "tick",
+        Command::FrontendLost { .. } => "frontend_lost",
+        _ => "shared",
+    }
+}
+
+/// Warnings about a lost backend stream: at most one per node per half minute.
+static STREAM_WARNINGS: LogLimiter = LogLimiter::new(Duration::from_secs(30));
 
 #[derive(Default)]
 struct Sessions {
@@ -207,6 +277,7 @@ impl ClusterClient {
             sessions: Mutex::new(Sessions::default()),
             qos2_chains: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
+            metrics: ClientMetrics::default(),
             tls,
         });
         for (id, addr) in addrs {
@@ -223,6 +294,11 @@ impl ClusterClient {
 
     pub fn partitions(&self) -> u32 {
         self.inner.partitions
+    }
+
+    /// The latency of this client's calls (see [`ClientMetrics`]).
+    pub fn metrics(&self) -> &ClientMetrics {
+        &self.inner.metrics
     }
 
     /// Partitions whose leader this client does not currently know: no open route stream from
@@ -479,9 +555,13 @@ impl ClusterClient {
         command: &Command,
     ) -> impl Future<Output = ServiceResult<Reply>> + Send + 'static {
         let bytes = postcard::to_stdvec(command).unwrap_or_default();
+        let latency = self.inner.metrics.method(command_method(command));
+        let started = Instant::now();
         let wait = self.call(partition, op::Kind::Command(bytes));
         async move {
-            let bytes = wait.await?;
+            let answer = wait.await;
+            latency.observe(started.elapsed().as_secs_f64());
+            let bytes = answer?;
             postcard::from_bytes(&bytes)
                 .map_err(|e| ServiceError::Unavailable(format!("undecodable reply: {e}")))
         }
@@ -493,9 +573,16 @@ impl ClusterClient {
         query: &Query,
     ) -> impl Future<Output = ServiceResult<T>> + Send + 'static {
         let bytes = postcard::to_stdvec(query).unwrap_or_default();
+        let latency = self.inner.metrics.method(match query {
+            Query::Retained { .. } => "read_retained",
+            Query::Qos2Check { .. } => "read_qos2_check",
+        });
+        let started = Instant::now();
         let wait = self.call(partition, op::Kind::Query(bytes));
         async move {
-            let bytes = wait.await?;
+            let answer = wait.await;
+            latency.observe(started.elapsed().as_secs_f64());
+            let bytes = answer?;
             postcard::from_bytes(&bytes)
                 .map_err(|e| ServiceError::Unavailable(format!("undecodable answer: {e}")))
         }
@@ -1061,7 +1148,9 @@ async fn op_stream(
                 },
             }
         }
-        warn!(
+        tiermq_common::warn_limited!(
+            STREAM_WARNINGS,
+            &format!("ops-stream-{node}"),
             node,
             pending = waiting.len(),
             "ops stream to backend lost; reconnecting"

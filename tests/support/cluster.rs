@@ -212,6 +212,8 @@ pub struct ClusterOpts {
     pub frontends: usize,
     pub partitions: u32,
     pub replication: usize,
+    /// Extra flags for every frontend (e.g. `--probe-interval-secs 1`).
+    pub frontend_args: Vec<String>,
     /// Internal gRPC over mutual TLS, with certificates made by `scripts/gen-cluster-certs`
     /// in `<cluster folder>/certs` (the harness's own calls present `admin.pem`).
     pub tls: bool,
@@ -224,6 +226,7 @@ impl Default for ClusterOpts {
             frontends: 2,
             partitions: 8,
             replication: 3,
+            frontend_args: Vec::new(),
             tls: false,
         }
     }
@@ -353,7 +356,7 @@ impl ProcCluster {
                     addr,
                     admin: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
                     log: root.join(format!("frontend-{}.log", i + 1)),
-                    args: vec![
+                    args: [
                         "frontend".into(),
                         "--listen".into(),
                         addr.to_string(),
@@ -363,6 +366,7 @@ impl ProcCluster {
                         others.join(","),
                     ]
                     .into_iter()
+                    .chain(opts.frontend_args.iter().cloned())
                     .chain(tls_args("frontend"))
                     .collect(),
                     child: None,

@@ -182,6 +182,8 @@ pub struct RaftStats {
     pub entries: AtomicU64,
     /// Flushes (fsyncs) of the node's database.
     pub flushes: AtomicU64,
+    /// Commit and flush latency, proposals per partition.
+    pub timings: super::timings::RaftTimings,
 }
 
 /// An event for a session attached to a frontend.
@@ -573,6 +575,7 @@ struct Pending {
     term: u64,
     replies: Vec<Option<oneshot::Sender<Result<Reply, ProposeError>>>>,
     events: Vec<Option<EventSender>>,
+    timer: super::timings::CommitTimer,
 }
 
 /// One partition's Raft group and state machine on this node.
@@ -660,6 +663,7 @@ impl Group {
                     if front.index == index {
                         let p = self.pending.pop_front().expect("front exists");
                         if p.term == entry.term {
+                            p.timer.applied();
                             waiter = Some(p);
                         } else {
                             for r in p.replies.into_iter().flatten() {
@@ -1287,6 +1291,7 @@ impl Driver {
                     term: g.raw.raft.term,
                     replies,
                     events,
+                    timer: stats.timings.proposed(g.partition),
                 });
             }
         }
@@ -1328,9 +1333,14 @@ impl Driver {
         outbox.send(&*self.transport);
         if wrote {
             // One fsync for every group's entries: the group commit that makes QoS1 fast.
+            let flushing = Instant::now();
             if let Err(e) = self.db.flush_async().await {
                 warn!(error = %e, "flush failed");
             }
+            self.stats
+                .timings
+                .flush
+                .observe_duration(flushing.elapsed());
             self.stats.flushes.fetch_add(1, Ordering::Relaxed);
         }
         for (p, mut rd) in readies {
