@@ -572,6 +572,74 @@ async fn reload_when_the_files_change() {
     old.ping().await;
 }
 
+/// The CONNACK reason code for a v5 CONNECT without user name or password over TLS.
+async fn tls_connack(addr: SocketAddr, config: Arc<ClientConfig>, client_id: &str) -> ReasonCode {
+    let stream = tls_stream(addr, config).await.expect("TLS handshake");
+    match mqtt_connect(stream, client_id).await.1 {
+        Recv::Packet(Packet::ConnAck(a)) => a.reason_code,
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn certificate_identity_is_the_user_name_and_needs_no_password() {
+    use tiermq_common::config::CertIdentity;
+    let pki = Pki::new();
+    // A password file that does not know the devices, and no anonymous clients.
+    let passwd = pki.path("passwd");
+    let mut users = tiermq_frontend::passwd::PasswordFile::default();
+    users.set("alice", b"wonderland").unwrap();
+    users.save(&passwd).unwrap();
+    let mut by_cn = pki.tls_listener("by-cn", ListenerKind::Tls, true);
+    by_cn.use_identity_as_username = Some(CertIdentity::Cn);
+    let mut by_san = pki.tls_listener("by-san", ListenerKind::Tls, true);
+    by_san.use_identity_as_username = Some(CertIdentity::San);
+    by_san.require_client_cert = Some(false);
+    let plain_mtls = pki.tls_listener("mtls", ListenerKind::Tls, true);
+    let broker = start_broker_with(move |s| {
+        s.listeners = vec![by_cn, by_san, plain_mtls];
+        s.mqtt.password_file = Some(passwd);
+        s.mqtt.allow_anonymous = Some(false);
+        s.mqtt.auth_failure_delay_ms = 10;
+    })
+    .await;
+    let device = pki.ca.leaf("device-1", &["device-1.example"], false);
+    let ip_only = pki.ca.leaf("device-2", &["10.0.0.2"], false);
+    let with = |cert: &(String, String)| client_config(&pki.ca, Some(cert.clone()));
+    // cn: the certificate is the credential.
+    let addr = addr_of(&broker, "by-cn");
+    assert_eq!(
+        tls_connack(addr, with(&device), "cn-1").await,
+        ReasonCode::SUCCESS
+    );
+    assert_eq!(
+        tls_connack(addr, with(&ip_only), "cn-2").await,
+        ReasonCode::SUCCESS
+    );
+    // san: only a DNS or e-mail SAN names a user; without one (or without a certificate) the
+    // client is checked like any other, and it sent no password.
+    let addr = addr_of(&broker, "by-san");
+    assert_eq!(
+        tls_connack(addr, with(&device), "san-1").await,
+        ReasonCode::SUCCESS
+    );
+    let refused = ReasonCode::NOT_AUTHORIZED;
+    assert_eq!(tls_connack(addr, with(&ip_only), "san-2").await, refused);
+    let no_cert = client_config(&pki.ca, None);
+    assert_eq!(tls_connack(addr, no_cert, "san-3").await, refused);
+    // The same verified certificate on an mTLS listener without the setting is no password.
+    let addr = addr_of(&broker, "mtls");
+    assert_eq!(tls_connack(addr, with(&device), "mtls-1").await, refused);
+    // The setting needs client certificates.
+    let bad = "[[listeners]]\nkind = \"tcp\"\nlisten = \"127.0.0.1:0\"\nuse_identity_as_username = \"cn\"\n";
+    let err = Settings::from_toml(bad)
+        .unwrap()
+        .validate()
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("use_identity_as_username"), "{err}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Configuration errors
 // ---------------------------------------------------------------------------------------------
