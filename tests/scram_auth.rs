@@ -42,6 +42,7 @@ fn password_file(dir: &Path) -> std::path::PathBuf {
 async fn broker(dir: &Path) -> Broker {
     let file = password_file(dir);
     start_broker_with(move |s| {
+        s.metrics.listen = Some("127.0.0.1:0".into());
         s.mqtt.password_file = Some(file);
         s.mqtt.auth_failure_delay_ms = FAILURE_DELAY.as_millis() as u64;
     })
@@ -154,6 +155,10 @@ async fn scram_wrong_password_unknown_user_and_old_lines_get_0x86_after_the_dela
         );
         raw.expect_closed().await;
     }
+    // Counted with the other refused CONNECTs.
+    let (_, text) = http_get(b.metrics_addr().unwrap(), "/metrics").await;
+    let refused = sample(&text, "tiermq_connections_refused_total{reason=\"0x86\"}");
+    assert_eq!(refused, Some(3.0), "{text}");
     // ...while her password in CONNECT still does.
     let (_, ack) = Raw::connect(b.addr, V5, "carol-pw", |c| {
         c.username = Some("carol".into());
