@@ -128,6 +128,32 @@ impl Cluster {
         self.handle(id).unwrap().set_map(self.map.clone());
     }
 
+    /// Waits until every partition is led by its balanced leader (`balanced_leaders`), as the
+    /// driver arranges after a map change; returns the leaders.
+    async fn wait_balanced_leaders(&self, timeout: Duration) -> Vec<NodeId> {
+        let started = Instant::now();
+        let want: Vec<NodeId> = self
+            .map
+            .balanced_leaders()
+            .into_iter()
+            .map(Option::unwrap)
+            .collect();
+        loop {
+            let mut got = Vec::new();
+            for p in 0..PARTITIONS {
+                got.push(self.leader(p).await.unwrap_or(0));
+            }
+            if got == want {
+                return got;
+            }
+            assert!(
+                started.elapsed() < timeout,
+                "leaders {got:?}, balanced {want:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Waits until every partition's configuration is the target map's and every live node
     /// holds exactly the replicas the map places on it.
     async fn wait_moved(&self, timeout: Duration) -> Duration {
@@ -581,6 +607,8 @@ async fn replicas_move_to_a_joining_node_and_off_a_removed_one() {
             "node 4 did not start from a snapshot: {s:?}"
         );
     }
+    let leaders = c.wait_balanced_leaders(T).await;
+    eprintln!("leaders after the join: {leaders:?}");
     for p in 0..PARTITIONS {
         let kept = retained_in(&c.converged(p, T).await);
         assert_eq!(kept.len(), 30, "partition {p} after the join");
@@ -628,6 +656,8 @@ async fn replicas_move_to_a_joining_node_and_off_a_removed_one() {
         voters.sort();
         assert_eq!(voters, vec![1, 4, 5], "partition {p}: replication restored");
     }
+    let leaders = c.wait_balanced_leaders(T).await;
+    eprintln!("leaders after the eviction: {leaders:?}");
     // A node restarted on its data folder comes back with the moved configuration.
     c.stop(4).await;
     c.start(4);

@@ -24,6 +24,10 @@
 //!
 //!   Movement is paced: a node starts a new move only while fewer than `max_moves` of the
 //!   groups it leads are moving.
+//! - **Leaders are rebalanced** once a group has settled under a map received at run time (never
+//!   for the start-up map, so a static cluster keeps Raft's choice): its leader hands over to
+//!   the partition's entry of [`PartitionMap::balanced_leaders`], for at most
+//!   `rebalance_window` after the group settled (a later drain is not undone).
 //! - **Removed replicas.** A replica that applies a configuration without itself stops and
 //!   deletes its data. A removal can commit without the removed node seeing the commit (the
 //!   leader stops replicating to it at once); such a replica, which the target does not place
@@ -47,6 +51,9 @@ pub struct MembershipConfig {
     /// Ticks without a leader after which a replica the target does not place here is
     /// considered removed and deleted.
     pub orphan_ticks: usize,
+    /// How long after a group settled under a new map its leader may still be moved to the
+    /// balanced leader.
+    pub rebalance_window: Duration,
 }
 
 impl Default for MembershipConfig {
@@ -55,6 +62,7 @@ impl Default for MembershipConfig {
             max_moves: 2,
             catch_up_lag: 64,
             orphan_ticks: 300,
+            rebalance_window: Duration::from_secs(10),
         }
     }
 }
@@ -82,6 +90,10 @@ pub(super) struct Membership {
     logger: slog::Logger,
     /// Ticks without a known leader, per held partition the target does not place here.
     leaderless: HashMap<u32, usize>,
+    /// The target's balanced leaders; empty until a map arrives at run time.
+    leaders: Vec<Option<NodeId>>,
+    /// Per led partition settled under the current target: since when, transfers asked.
+    rebalance: HashMap<u32, (Instant, u32)>,
 }
 
 impl Membership {
@@ -90,6 +102,8 @@ impl Membership {
             target: map.clone(),
             logger,
             leaderless: HashMap::new(),
+            leaders: Vec::new(),
+            rebalance: HashMap::new(),
         }
     }
 }
@@ -131,6 +145,8 @@ impl Driver {
                     return;
                 }
                 info!(epoch = map.epoch, "new target map");
+                self.membership.leaders = map.balanced_leaders();
+                self.membership.rebalance.clear();
                 self.membership.target = map;
                 self.open_target_replicas();
             }
@@ -181,9 +197,27 @@ impl Driver {
             }
             let replicas = target.replicas_of(g.partition);
             let started = g.move_started();
-            if g.membership_step(replicas, &cfg, moving < cfg.max_moves) == Step::Moving && !started
-            {
-                moving += 1;
+            match g.membership_step(replicas, &cfg, moving < cfg.max_moves) {
+                Step::Moving if !started => moving += 1,
+                Step::Settled => {
+                    let want = self.membership.leaders.get(g.partition as usize).copied();
+                    let since = self
+                        .membership
+                        .rebalance
+                        .entry(g.partition)
+                        .or_insert((Instant::now(), 0));
+                    if let Some(Some(to)) = want {
+                        if to != g.raw.raft.id
+                            && since.0.elapsed() < cfg.rebalance_window
+                            && since.1 < 5
+                        {
+                            since.1 += 1;
+                            debug!(partition = g.partition, to, "rebalancing the leader");
+                            g.raw.transfer_leader(to);
+                        }
+                    }
+                }
+                _ => {}
             }
         }
     }
