@@ -174,6 +174,10 @@ impl BackendNode {
 /// any message) and shared-subscription steps (commands to other partitions), through a
 /// cluster client of our own. Each item's first request is submitted in the order the items
 /// arrive, so a partition's steps keep their order.
+/// The connect warning of [`carry_out_leader_work`]: at most one a minute.
+static CONNECT_WARNINGS: tiermq_common::log_limit::LogLimiter =
+    tiermq_common::log_limit::LogLimiter::new(std::time::Duration::from_secs(60));
+
 async fn carry_out_leader_work(
     node_id: u64,
     seeds: Vec<String>,
@@ -203,7 +207,13 @@ async fn carry_out_leader_work(
         {
             Ok(c) => break c,
             Err(e) => {
-                tracing::warn!(error = %e, "leader work cannot reach the cluster yet");
+                // Retried every few seconds for as long as the peers are down.
+                tiermq_common::warn_limited!(
+                    CONNECT_WARNINGS,
+                    "leader-work-connect",
+                    error = %e,
+                    "leader work cannot reach the cluster yet"
+                );
                 if shutdown.is_cancelled() {
                     return;
                 }

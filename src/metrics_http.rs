@@ -140,6 +140,10 @@ impl Drop for MetricsServer {
     }
 }
 
+/// `metrics accept failed` (EMFILE, retried every 100 ms): at most one a minute.
+static ACCEPT_WARNINGS: tiermq_common::log_limit::LogLimiter =
+    tiermq_common::log_limit::LogLimiter::new(Duration::from_secs(60));
+
 async fn accept_loop(listener: TcpListener, endpoint: Arc<Endpoint>, shutdown: CancellationToken) {
     loop {
         let accepted = tokio::select! {
@@ -149,7 +153,12 @@ async fn accept_loop(listener: TcpListener, endpoint: Arc<Endpoint>, shutdown: C
         let stream = match accepted {
             Ok((stream, _)) => stream,
             Err(e) => {
-                warn!(error = %e, "metrics accept failed");
+                tiermq_common::warn_limited!(
+                    ACCEPT_WARNINGS,
+                    "metrics-accept",
+                    error = %e,
+                    "metrics accept failed"
+                );
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }

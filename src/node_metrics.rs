@@ -60,7 +60,9 @@ impl Collector for AtomicCounters {
 /// Series whose source exists only later (the partitions once recovered, the cluster client
 /// once the backends answered) while the endpoint serves from the start: written at scrape
 /// time by the closure, absent until then.
-struct LateSeries(Box<dyn Fn(&mut DescriptorEncoder) -> Result<(), std::fmt::Error> + Send + Sync>);
+struct LateSeries(Box<EncodeFn>);
+
+type EncodeFn = dyn Fn(&mut DescriptorEncoder) -> Result<(), std::fmt::Error> + Send + Sync;
 
 impl std::fmt::Debug for LateSeries {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -132,6 +134,8 @@ pub fn standalone(frontend: &FrontendMetrics, broker: StandaloneState) -> Endpoi
         "Retained messages stored (all partitions, $SYS included)",
         retained.clone(),
     );
+    let load = LoadGauges::default();
+    load.register(&mut registry);
     let state = broker.clone();
     registry.register_collector(Box::new(AtomicCounters(Box::new(move || {
         let Some((broker, _)) = state.get() else {
@@ -165,11 +169,12 @@ pub fn standalone(frontend: &FrontendMetrics, broker: StandaloneState) -> Endpoi
     ))));
     let for_refresh = broker.clone();
     let refresh: Hook<()> = Arc::new(move || {
-        let count = for_refresh.get().map(|(_, count)| count.clone());
-        let retained = retained.clone();
+        let ready = for_refresh.get().cloned();
+        let (retained, load) = (retained.clone(), load.clone());
         Box::pin(async move {
-            if let Some(count) = count {
+            if let Some((broker, count)) = ready {
                 retained.set(count.get().await as i64);
+                load.set(broker.load().await);
             }
         })
     });
@@ -187,6 +192,69 @@ pub fn standalone(frontend: &FrontendMetrics, broker: StandaloneState) -> Endpoi
         readiness: Some(readiness),
         refresh: Some(refresh),
         ..Endpoint::new(registry)
+    }
+}
+
+/// A standalone broker's session totals ([`LocalBroker::load`]), set before each scrape.
+#[derive(Default, Clone)]
+struct LoadGauges {
+    sessions: Gauge,
+    connected: Gauge,
+    subscriptions: Gauge,
+    inflight: Gauge,
+    queued: Gauge,
+    queued_bytes: Gauge,
+}
+
+impl LoadGauges {
+    fn register(&self, registry: &mut Registry) {
+        for (name, help, gauge) in [
+            (
+                "sessions",
+                "Sessions stored in the partitions, connected or not",
+                &self.sessions,
+            ),
+            (
+                "sessions_connected",
+                "Sessions attached to a connection",
+                &self.connected,
+            ),
+            (
+                "session_subscriptions",
+                "Subscriptions of all sessions, offline ones included",
+                &self.subscriptions,
+            ),
+            (
+                "inflight_messages",
+                "QoS1/2 deliveries sent to clients and not yet acknowledged",
+                &self.inflight,
+            ),
+            (
+                "queued_messages",
+                "Messages queued in sessions (behind the in-flight window, or offline)",
+                &self.queued,
+            ),
+        ] {
+            registry.register(name, help, gauge.clone());
+        }
+        registry.register_with_unit(
+            "queued",
+            "Payload bytes of the messages queued in sessions",
+            Unit::Bytes,
+            self.queued_bytes.clone(),
+        );
+    }
+
+    fn set(&self, l: tiermq_backend::partition::PartitionLoad) {
+        let set = |g: &Gauge, v: u64| {
+            g.set(v as i64);
+        };
+        set(&self.sessions, l.sessions);
+        set(&self.connected, l.connected);
+        set(&self.subscriptions, l.subscriptions);
+        set(&self.inflight, l.inflight);
+        set(&self.queued, l.queued);
+        set(&self.queued_bytes, l.queued_bytes);
     }
 }
 

@@ -1,5 +1,6 @@
-//! The self-check probe and the latency histograms, read from the metrics endpoint: a
-//! standalone broker's probe round-trips and its fsync histogram moves with client traffic;
+//! The self-check probe, the latency histograms and the session gauges, read from the
+//! metrics endpoint: a standalone broker's probe round-trips, its fsync histogram moves with
+//! client traffic and its queue gauges follow an offline session's queue;
 //! in a process cluster the frontend's probe, gRPC call, Raft commit and fsync histograms
 //! move, a lost backend quorum shows up as lost probe rounds, and rounds succeed again once
 //! the quorum is back.
@@ -94,6 +95,41 @@ async fn standalone_probe_round_trips_and_fsync_latency_moves() {
         "{text}"
     );
     assert!(text.contains("tiermq_fsync_duration_seconds_bucket{le=\"0.0001\"}"));
+}
+
+/// A standalone broker's session gauges follow what the partitions hold: an offline
+/// persistent session's queue grows with each message for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standalone_session_gauges_follow_the_queues() {
+    let b = start_broker_with(|s| {
+        s.metrics.listen = Some("127.0.0.1:0".into());
+        s.mqtt.sys_interval_secs = 0;
+    })
+    .await;
+    let addr = b.metrics_addr().expect("metrics endpoint");
+    let (mut sub, _) = V3::connect(b.addr, "gauge-sub", |o| {
+        o.set_clean_session(false);
+    })
+    .await;
+    sub.subscribe("gauge/t", Q3::AtLeastOnce).await;
+    sub.disconnect().await;
+    scrape_until(addr, "the subscriber offline", WAIT, |t| {
+        value(t, "tiermq_sessions_connected") == Some(0.0)
+    })
+    .await;
+    let (mut publ, _) = V3::connect(b.addr, "gauge-pub", |_| {}).await;
+    for _ in 0..3 {
+        publ.publish_qos1("gauge/t", b"0123456789").await;
+    }
+    let text = scrape_until(addr, "3 queued messages", WAIT, |t| {
+        value(t, "tiermq_queued_messages") == Some(3.0)
+    })
+    .await;
+    assert_eq!(get(&text, "tiermq_queued_bytes"), 30.0);
+    assert_eq!(get(&text, "tiermq_sessions"), 2.0);
+    assert_eq!(get(&text, "tiermq_sessions_connected"), 1.0);
+    assert_eq!(get(&text, "tiermq_session_subscriptions"), 1.0);
+    assert_eq!(get(&text, "tiermq_inflight_messages"), 0.0);
 }
 
 /// A probe that is off exports nothing (an alert on its series cannot fire for nothing).

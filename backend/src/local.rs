@@ -89,6 +89,10 @@ enum Request {
         packet_id: u16,
         reply: oneshot::Sender<Reply>,
     },
+    /// Read-only: the partition's session totals (metrics).
+    Load {
+        reply: oneshot::Sender<crate::partition::PartitionLoad>,
+    },
     Shutdown {
         done: oneshot::Sender<()>,
     },
@@ -419,6 +423,19 @@ impl LocalBroker {
         self.submit_publish(message, None, None)
     }
 
+    /// Session totals of every partition, for metrics (read-only; each partition walks its
+    /// sessions, so call it every few seconds).
+    pub async fn load(&self) -> crate::partition::PartitionLoad {
+        let mut total = crate::partition::PartitionLoad::default();
+        for tx in &self.inner.partitions {
+            let (reply, rx) = oneshot::channel();
+            if tx.send(Request::Load { reply }).is_ok() {
+                total += rx.await.unwrap_or_default();
+            }
+        }
+        total
+    }
+
     /// Retained messages stored, for metrics and `$SYS` (read-only). It collects every
     /// retained message under `#` and `$SYS/#` from each partition, so it costs time in
     /// proportion to the retained store: call it every few seconds, not per message.
@@ -671,6 +688,10 @@ struct PartitionTask {
 
 const MAX_BATCH: usize = 4096;
 
+/// Storage failures repeat for every batch while the disk is bad: one warning a minute.
+static STORAGE_WARNINGS: tiermq_common::log_limit::LogLimiter =
+    tiermq_common::log_limit::LogLimiter::new(Duration::from_secs(60));
+
 impl PartitionTask {
     fn now(&mut self) -> u64 {
         // Time in the log never runs backwards, whatever the wall clock does.
@@ -759,7 +780,14 @@ impl PartitionTask {
             };
             if let Err(e) = result {
                 // Nothing in this batch is acknowledged: the proposers see the service fail.
-                warn!(partition = self.id, error = %e, "log append failed");
+                // A full or failing disk fails every batch: say so once a minute.
+                tiermq_common::warn_limited!(
+                    STORAGE_WARNINGS,
+                    &format!("append-{}", self.id),
+                    partition = self.id,
+                    error = %e,
+                    "log append failed"
+                );
                 return None;
             }
             if let Some(b) = self.broker.upgrade() {
@@ -819,6 +847,9 @@ impl PartitionTask {
                 }
                 Request::Retained { filter, reply } => {
                     let _ = reply.send(self.partition.retained_matching(&filter, now));
+                }
+                Request::Load { reply } => {
+                    let _ = reply.send(self.partition.load());
                 }
                 Request::Shutdown { done } => shutdown = Some(done),
             }

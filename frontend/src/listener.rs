@@ -280,6 +280,10 @@ struct ListenerCtx {
     identity_as_username: Option<CertIdentity>,
 }
 
+/// `accept failed` warnings: at most one per listener per minute.
+static ACCEPT_WARNINGS: tiermq_common::log_limit::LogLimiter =
+    tiermq_common::log_limit::LogLimiter::new(Duration::from_secs(60));
+
 async fn accept_loop<S: SessionService>(
     listener: Listener,
     service: Arc<S>,
@@ -355,8 +359,15 @@ async fn accept_loop<S: SessionService>(
                 ));
             }
             Err(e) => {
-                // Typically EMFILE: back off instead of spinning.
-                warn!(listener = %ctx.name, error = %e, "accept failed");
+                // Typically EMFILE: back off instead of spinning, and say so once a
+                // minute per listener, not 20 times a second.
+                tiermq_common::warn_limited!(
+                    ACCEPT_WARNINGS,
+                    &ctx.name,
+                    listener = %ctx.name,
+                    error = %e,
+                    "accept failed"
+                );
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }

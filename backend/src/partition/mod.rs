@@ -66,6 +66,35 @@ pub struct PartitionImage {
     pub shared: shared::SharedState,
 }
 
+/// Totals over a partition's sessions ([`Partition::load`]); they add up across partitions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PartitionLoad {
+    /// Sessions stored, connected or not.
+    pub sessions: u64,
+    /// Sessions attached to a connection.
+    pub connected: u64,
+    /// Subscriptions of all sessions (offline ones included).
+    pub subscriptions: u64,
+    /// QoS1/2 deliveries sent and not yet acknowledged (or waiting for a window slot after
+    /// a reconnect with a smaller Receive Maximum).
+    pub inflight: u64,
+    /// Messages queued behind the in-flight window or for offline sessions.
+    pub queued: u64,
+    /// Payload bytes of the queued messages.
+    pub queued_bytes: u64,
+}
+
+impl std::ops::AddAssign for PartitionLoad {
+    fn add_assign(&mut self, o: PartitionLoad) {
+        self.sessions += o.sessions;
+        self.connected += o.connected;
+        self.subscriptions += o.subscriptions;
+        self.inflight += o.inflight;
+        self.queued += o.queued;
+        self.queued_bytes += o.queued_bytes;
+    }
+}
+
 impl Partition {
     pub fn new(limits: SessionLimits) -> Self {
         Partition {
@@ -164,6 +193,25 @@ impl Partition {
 
     pub fn session(&self, client_id: &str) -> Option<&Session> {
         self.sessions.get(client_id)
+    }
+
+    /// What this partition's sessions hold right now, for metrics (read-only; walks every
+    /// session, so call it every few seconds, not per message).
+    pub fn load(&self) -> PartitionLoad {
+        let mut load = PartitionLoad::default();
+        for s in self.sessions.values() {
+            load.sessions += 1;
+            load.connected += u64::from(s.attachment.is_some());
+            load.subscriptions += s.subscriptions.len() as u64;
+            load.inflight += s.inflight.len() as u64;
+            load.queued += s.queue.len() as u64;
+            load.queued_bytes += s
+                .queue
+                .iter()
+                .map(|q| q.message.payload.len() as u64)
+                .sum::<u64>();
+        }
+        load
     }
 
     /// Sessions attached to connections on `frontend_id` and their in-flight messages, for a
