@@ -81,6 +81,7 @@ impl FrontendNode {
         let (bound, listeners, local_addr) = bind_listeners(settings).await?;
         let mut config = frontend_config(settings);
         crate::standalone::apply_password_file(settings, &mut config)?;
+        config.acl = crate::standalone::acl_set(settings)?;
         config.frontend_id = frontend_id;
         config.metrics = node_metrics.clone();
         config.drain = drain.clone();

@@ -152,6 +152,10 @@ struct BrokerArgs {
     /// with one].
     #[arg(long, env = "TIERMQ_ALLOW_ANONYMOUS")]
     allow_anonymous: Option<bool>,
+    /// ACL file: who may publish, subscribe and receive which topics (docs/security.md);
+    /// reloaded on SIGHUP and when it changes [default: none, everything allowed].
+    #[arg(long, env = "TIERMQ_ACL_FILE")]
+    acl_file: Option<PathBuf>,
     /// (cluster, backend) On SIGTERM / Ctrl-C, move partition leadership to other replicas
     /// first, waiting at most this many seconds; 0 stops at once [default: 5].
     #[arg(long, env = "TIERMQ_LEADER_TRANSFER_SECS")]
@@ -220,6 +224,7 @@ impl BrokerArgs {
             metrics_listen: self.metrics_listen.clone(),
             password_file: self.password_file.clone(),
             allow_anonymous: self.allow_anonymous,
+            acl_file: self.acl_file.clone(),
             leader_transfer_secs: self.leader_transfer_secs,
             sys_interval_secs: self.sys_interval_secs,
             cluster_tls_ca: self.cluster_tls.ca.clone(),

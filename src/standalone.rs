@@ -60,6 +60,25 @@ pub fn apply_password_file(s: &Settings, config: &mut FrontendConfig) -> anyhow:
     Ok(())
 }
 
+/// The ACLs `mqtt.acl_file` and the listeners' `acl_file` ask for (read and checked now, so a
+/// bad file stops the start with its line number; later reloads keep the previous rules).
+pub fn acl_set(s: &Settings) -> anyhow::Result<tiermq_frontend::acl::AclSet> {
+    use tiermq_frontend::acl::Acl;
+    let mut set = tiermq_frontend::acl::AclSet::default();
+    if let Some(path) = &s.mqtt.acl_file {
+        set.default = Some(Acl::load(path)?);
+    }
+    for l in s.effective_listeners() {
+        if let Some(path) = &l.acl_file {
+            set.listeners.insert(l.name(), Acl::load(path)?);
+        }
+    }
+    if !set.is_empty() && s.mqtt.password_file.is_none() {
+        tracing::warn!("an ACL is set without mqtt.password_file: `user` rules and %u trust the user name a client claims (certificate identities excepted)");
+    }
+    Ok(set)
+}
+
 pub fn frontend_config(s: &Settings) -> FrontendConfig {
     let m = &s.mqtt;
     FrontendConfig {
@@ -86,6 +105,8 @@ pub fn frontend_config(s: &Settings) -> FrontendConfig {
         metrics: Default::default(),
         // A cluster frontend sets its own (server references, pacing); see src/frontend.rs.
         drain: Default::default(),
+        // Loaded by `acl_set`, which can fail.
+        acl: Default::default(),
     }
 }
 
@@ -154,6 +175,7 @@ impl Standalone {
         let shutdown = CancellationToken::new();
         let mut config = frontend_config(settings);
         apply_password_file(settings, &mut config)?;
+        config.acl = acl_set(settings)?;
         config.metrics = node_metrics.clone();
         frontend(&mut config);
         let listener = tokio::spawn(tiermq_frontend::serve_listeners(

@@ -104,6 +104,9 @@ pub struct ListenerSettings {
     /// (ws, wss) The HTTP path of the upgrade request [default: /mqtt].
     #[serde(default)]
     pub path: Option<String>,
+    /// ACL file for this listener's connections instead of `mqtt.acl_file`.
+    #[serde(default)]
+    pub acl_file: Option<PathBuf>,
     /// (tls, wss with `ca`) The verified client certificate's `cn` or `san` is the user name;
     /// such clients need no password.
     #[serde(default)]
@@ -122,6 +125,7 @@ impl ListenerSettings {
             ca: None,
             require_client_cert: None,
             path: None,
+            acl_file: None,
             use_identity_as_username: None,
         }
     }
@@ -424,6 +428,8 @@ pub struct MqttSettings {
     pub password_file: Option<PathBuf>,
     /// Let clients in without a user name. Default: yes without a password file, no with one.
     pub allow_anonymous: Option<bool>,
+    /// Authorization rules (docs/security.md); unset: every client may do everything.
+    pub acl_file: Option<PathBuf>,
     /// Milliseconds to wait before refusing wrong credentials (slows down guessing).
     pub auth_failure_delay_ms: u64,
     /// Seconds between two checks of the TLS listeners' certificate files (a changed file
@@ -509,6 +515,7 @@ impl Default for MqttSettings {
             sys_interval_secs: 10,
             password_file: None,
             allow_anonymous: None,
+            acl_file: None,
             auth_failure_delay_ms: 1000,
             tls_reload_interval_secs: 5,
         }
@@ -735,6 +742,9 @@ impl Settings {
         }
         if let Some(a) = o.allow_anonymous {
             self.mqtt.allow_anonymous = Some(a);
+        }
+        if let Some(f) = &o.acl_file {
+            self.mqtt.acl_file = Some(f.clone());
         }
     }
 

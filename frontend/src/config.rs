@@ -43,6 +43,9 @@ pub struct FrontendConfig {
     pub authenticators: Authenticators,
     /// The node's counters, shared by every connection (and the metrics endpoint).
     pub metrics: Arc<FrontendMetrics>,
+    /// Who may publish, subscribe and receive what (`mqtt.acl_file`, per-listener
+    /// `acl_file`); empty: everything is allowed.
+    pub acl: crate::acl::AclSet,
     /// The node's drain signal, Server Reference and close pacing (shared by every
     /// connection and the listener).
     pub drain: Drain,
@@ -67,6 +70,7 @@ impl Default for FrontendConfig {
             max_write_buffer: 4 * 1024 * 1024,
             authenticators: Authenticators::default(),
             metrics: Arc::default(),
+            acl: Default::default(),
             drain: Drain::default(),
         }
     }

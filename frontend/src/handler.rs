@@ -25,8 +25,8 @@ use tiermq_common::codec::{
     Unsubscribe,
 };
 use tiermq_common::session_api::{
-    AckKind, ConnectRequest, DisconnectRequest, Published, ServiceError, ServiceResult,
-    SessionEvent, SessionRef, SessionService, SubscribeRequest,
+    AckKind, ConnectRequest, Delivery, DisconnectRequest, Published, ServiceError, ServiceResult,
+    SessionEvent, SessionRef, SessionService, SubscribeRequest, SubscriptionOptions,
 };
 use tiermq_common::{topic, ProtocolVersion, QoS, ReasonCode};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -34,8 +34,9 @@ use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
 use tokio_util::codec::{Encoder, Framed};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, trace};
+use tracing::{debug, info, trace};
 
+use crate::acl::{Access, AclView};
 use crate::alias::{AliasUse, OutboundAliases};
 use crate::auth::{failure_code, AuthSession, AuthStep};
 use crate::config::FrontendConfig;
@@ -189,6 +190,8 @@ pub struct Handler<S: SessionService, IO> {
     username: Option<Arc<str>>,
     /// The client's Maximum Packet Size: larger deliveries are dropped (§3.1.2.11.4).
     client_max_packet: u32,
+    /// Authorization ([`crate::acl`]) for this client; `None`: everything allowed.
+    acl: Option<AclView>,
     pending: FuturesOrdered<PendingAck>,
     metrics: ConnectionMetrics,
 }
@@ -330,6 +333,21 @@ where
             .and_then(|a| a.user().cloned())
             .or_else(|| conn.cert_username.clone())
             .or_else(|| connect.username.as_deref().map(Arc::from));
+        // Authorization keys on that same user name. The will is a publish: a will the client
+        // may not publish refuses the CONNECT (0x87, 3.1.1 return code 5) rather than being
+        // dropped unseen.
+        let mut acl = config
+            .acl
+            .for_listener(&conn.listener)
+            .map(|a| a.view(username.clone(), client_id.clone()));
+        if let (Some(view), Some(will)) = (acl.as_mut(), &connect.will) {
+            if !view.may_publish(&will.topic) {
+                debug!(%peer, client_id = %client_id, topic = %will.topic, "refused: will denied by the ACL");
+                config.metrics.acl_denied(Access::Publish);
+                refuse(&mut framed, ReasonCode::NOT_AUTHORIZED).await;
+                return None;
+            }
+        }
         if config.drain.is_draining() {
             // The listener no longer accepts, but this CONNECT was already on its way.
             debug!(%peer, "CONNECT while draining: use another server");
@@ -431,6 +449,7 @@ where
             auth,
             username,
             client_max_packet,
+            acl,
             pending: FuturesOrdered::new(),
         })
     }
@@ -468,6 +487,7 @@ where
                 Some(done) = self.pending.next(), if !self.pending.is_empty() => {
                     self.on_durable(done)
                 }
+                _ = AclView::reloaded(&mut self.acl) => self.recheck_acl().await,
                 _ = &mut keep_alive_timer => {
                     let deadline = self.last_packet + self.keep_alive.unwrap_or(far);
                     if deadline > Instant::now() {
@@ -767,6 +787,12 @@ where
             // dropped.
             return self.refuse_publish(p.qos, p.packet_id, ReasonCode::PAYLOAD_FORMAT_INVALID);
         }
+        if self.acl.as_mut().is_some_and(|a| !a.may_publish(&topic)) {
+            // v5 learns it in its ack (0x87); a 3.1.1 ack cannot say, the message is dropped.
+            debug!(peer = %self.peer, %topic, "publish denied by the ACL");
+            self.config.metrics.acl_denied(Access::Publish);
+            return self.refuse_publish(p.qos, p.packet_id, ReasonCode::NOT_AUTHORIZED);
+        }
         let qos = p.qos;
         let packet_id = p.packet_id;
         let message = message_from_publish(p, topic, now_ms());
@@ -861,7 +887,7 @@ where
         }
     }
 
-    async fn on_subscribe(&mut self, s: Subscribe) -> Result<(), Close> {
+    async fn on_subscribe(&mut self, mut s: Subscribe) -> Result<(), Close> {
         let subscription_id = s.properties.subscription_identifier;
         if subscription_id == Some(0) {
             return self
@@ -880,6 +906,8 @@ where
                 )
                 .await;
         }
+        // Filters the ACL denies are taken out here and get 0x87 back in place below.
+        let denied = self.acl_take_denied(&mut s.filters);
         let requests: Vec<SubscribeRequest> = s
             .filters
             .into_iter()
@@ -899,6 +927,7 @@ where
             Ok(codes) => codes,
             Err(e) => return self.service_failed(e).await,
         };
+        let (filters, reason_codes) = self.acl_restore(denied, filters, reason_codes);
         self.metrics.subscribed(&filters, &reason_codes);
         self.feed(Packet::SubAck(SubAck {
             packet_id: s.packet_id,
@@ -918,6 +947,9 @@ where
             Err(e) => return self.service_failed(e).await,
         };
         self.metrics.unsubscribed(&u.filters, &reason_codes);
+        if let Some(acl) = self.acl.as_mut() {
+            u.filters.iter().for_each(|f| acl.removed(f));
+        }
         self.feed(Packet::UnsubAck(UnsubAck {
             packet_id: u.packet_id,
             reason_codes,
@@ -943,9 +975,110 @@ where
         }
     }
 
+    /// A delivery not sent to the client counts as delivered: acknowledged to the session so
+    /// the in-flight window moves on.
+    fn discard_delivery(&mut self, d: &Delivery) {
+        if let Some(pid) = d.packet_id {
+            let kinds: &[AckKind] = if d.qos == QoS::ExactlyOnce {
+                &[AckKind::PubRec, AckKind::PubComp]
+            } else {
+                &[AckKind::PubAck]
+            };
+            for kind in kinds {
+                drop(self.service.ack(&self.session, *kind, pid));
+            }
+        }
+    }
+
+    /// Removes the filters the ACL denies from a SUBSCRIBE; returns them with their positions.
+    fn acl_take_denied(
+        &mut self,
+        filters: &mut Vec<(String, SubscriptionOptions)>,
+    ) -> Vec<(usize, String)> {
+        let Some(acl) = self.acl.as_mut() else {
+            return Vec::new();
+        };
+        let mut denied = Vec::new();
+        let mut i = 0;
+        filters.retain(|(f, _)| {
+            i += 1;
+            let allowed = acl.may_subscribe(f);
+            if !allowed {
+                denied.push((i - 1, f.clone()));
+            }
+            allowed
+        });
+        for (_, f) in &denied {
+            debug!(peer = %self.peer, filter = %f, "subscribe denied by the ACL");
+            self.config.metrics.acl_denied(Access::Subscribe);
+        }
+        denied
+    }
+
+    /// Puts the denied filters back in place with 0x87 (3.1.1: 0x80) and remembers the granted
+    /// ones, which a reload re-checks.
+    fn acl_restore(
+        &mut self,
+        denied: Vec<(usize, String)>,
+        mut filters: Vec<String>,
+        mut codes: Vec<ReasonCode>,
+    ) -> (Vec<String>, Vec<ReasonCode>) {
+        let Some(acl) = self.acl.as_mut() else {
+            return (filters, codes);
+        };
+        for (i, f) in denied {
+            filters.insert(i, f);
+            codes.insert(i, ReasonCode::NOT_AUTHORIZED);
+        }
+        for (f, code) in filters.iter().zip(&codes) {
+            if !code.is_error() {
+                acl.granted(f);
+            }
+        }
+        (filters, codes)
+    }
+
+    /// The ACL was reloaded: the subscriptions this connection was granted that the rules no
+    /// longer allow leave the session (so they do not come back on reconnect). Deliveries
+    /// already stopped: each one is checked against the new rules.
+    async fn recheck_acl(&mut self) -> Result<(), Close> {
+        let Some(acl) = self.acl.as_mut() else {
+            return Ok(());
+        };
+        let revoked = acl.revoked();
+        if revoked.is_empty() {
+            return Ok(());
+        }
+        for filter in &revoked {
+            info!(client_id = %self.session.client_id, %filter, "subscription removed: the reloaded ACL denies it");
+        }
+        let codes = match self
+            .service
+            .unsubscribe(&self.session, revoked.clone())
+            .await
+        {
+            Ok(codes) => codes,
+            Err(e) => return self.service_failed(e).await,
+        };
+        self.metrics.unsubscribed(&revoked, &codes);
+        Ok(())
+    }
+
     fn on_event(&mut self, event: SessionEvent) -> Result<(), Close> {
         match event {
             SessionEvent::Deliver(d) => {
+                if self
+                    .acl
+                    .as_mut()
+                    .is_some_and(|a| !a.may_deliver(&d.message.topic))
+                {
+                    // Read access is checked per message: a wildcard subscription meets deny
+                    // rules here, and a reload takes effect on existing subscriptions.
+                    trace!(peer = %self.peer, topic = %d.message.topic, "delivery denied by the ACL");
+                    self.config.metrics.acl_denied(Access::Deliver);
+                    self.discard_delivery(&d);
+                    return Ok(());
+                }
                 if d.qos == QoS::AtMostOnce
                     && self.framed.write_buffer().len() > self.config.max_write_buffer
                 {
@@ -971,16 +1104,7 @@ where
                     // acknowledged so the in-flight window moves on.
                     debug!(peer = %self.peer, size, "delivery larger than the client's maximum packet size dropped");
                     self.metrics.dropped(DropReason::PacketTooLarge);
-                    if let Some(pid) = d.packet_id {
-                        let kinds: &[AckKind] = if d.qos == QoS::ExactlyOnce {
-                            &[AckKind::PubRec, AckKind::PubComp]
-                        } else {
-                            &[AckKind::PubAck]
-                        };
-                        for kind in kinds {
-                            drop(self.service.ack(&self.session, *kind, pid));
-                        }
-                    }
+                    self.discard_delivery(&d);
                     return Ok(());
                 }
                 self.metrics.sent(d.qos);

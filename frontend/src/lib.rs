@@ -1,6 +1,7 @@
 //! The frontend tier: it terminates MQTT and keeps only per-connection state.
 //!
 //! - [`config`]: what a frontend announces and enforces (packet size, receive maximum, ...).
+//! - [`acl`]: authorization rules (who may publish, subscribe, receive what) and their reload.
 //! - [`auth`]: enhanced authentication (AUTH packet exchanges) and its method registry;
 //!   [`scram`]: the `SCRAM-SHA-256` method; [`passwd`]: the password file.
 //! - [`reload`]: reloading certificates and the password file on SIGHUP or a file change.
@@ -17,6 +18,7 @@
 //! Everything durable is reached through [`tiermq_common::session_api::SessionService`], so the
 //! same handler serves the standalone broker and a cluster frontend.
 
+pub mod acl;
 pub mod alias;
 pub mod auth;
 pub mod config;

@@ -258,6 +258,7 @@ pub async fn serve_listeners<S: SessionService>(
     if let Some(auth) = &config.password_auth {
         reloaders.push(auth.users.clone());
     }
+    reloaders.extend(config.acl.reloaders());
     let loops = futures::future::join_all(listeners.into_iter().map(|l| {
         accept_loop(
             l,

@@ -49,6 +49,11 @@ struct DropLabel {
     reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AclLabel {
+    action: &'static str,
+}
+
 /// Why a publish was not passed on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DropReason {
@@ -106,6 +111,8 @@ pub struct FrontendMetrics {
     received: Family<QosLabel, Counter>,
     sent: Family<QosLabel, Counter>,
     dropped: Family<DropLabel, Counter>,
+    /// Requests the ACL denied (crate::acl), by action.
+    acl_denials: Family<AclLabel, Counter>,
     bytes_received: Counter,
     bytes_sent: Counter,
     subscriptions: Gauge,
@@ -144,6 +151,10 @@ impl FrontendMetrics {
         let sent_by = [0, 1, 2].map(|i| sent.get_or_create_owned(&qos(i)));
         let dropped_by =
             DropReason::ALL.map(|r| dropped.get_or_create_owned(&DropLabel { reason: r.label() }));
+        let acl_denials = Family::<AclLabel, Counter>::default();
+        for a in crate::acl::Access::ALL {
+            let _ = acl_denials.get_or_create(&AclLabel { action: a.label() });
+        }
         FrontendMetrics {
             connections,
             opened,
@@ -151,6 +162,7 @@ impl FrontendMetrics {
             received,
             sent,
             dropped,
+            acl_denials,
             bytes_received: Counter::default(),
             bytes_sent: Counter::default(),
             subscriptions: Gauge::default(),
@@ -201,6 +213,12 @@ impl FrontendMetrics {
              (a client published to $SYS)",
             self.dropped.clone(),
         );
+        registry.register(
+            "acl_denials",
+            "Requests the ACL (mqtt.acl_file) denied, by action: publish (PUBLISH or a will), \
+             subscribe (a SUBACK 0x87/0x80), deliver (a message not sent to a subscriber)",
+            self.acl_denials.clone(),
+        );
         registry.register_with_unit(
             "received",
             "Bytes read from MQTT client sockets",
@@ -236,6 +254,24 @@ impl FrontendMetrics {
                 reason: reason.to_string(),
             })
             .inc();
+    }
+
+    /// The ACL denied `access`.
+    pub fn acl_denied(&self, access: crate::acl::Access) {
+        self.acl_denials
+            .get_or_create(&AclLabel {
+                action: access.label(),
+            })
+            .inc();
+    }
+
+    /// How many `access` requests the ACL denied since start.
+    pub fn acl_denials(&self, access: crate::acl::Access) -> u64 {
+        self.acl_denials
+            .get_or_create(&AclLabel {
+                action: access.label(),
+            })
+            .get()
     }
 
     /// The handles the per-connection byte counter adds to.
@@ -416,6 +452,7 @@ mod tests {
             "tiermq_publishes_dropped_total{reason=\"slow_reader\"} 0",
             "tiermq_received_bytes_total 0",
             "tiermq_sent_bytes_total 0",
+            "tiermq_acl_denials_total{action=\"deliver\"} 0",
             "tiermq_subscriptions_current 0",
         ] {
             assert!(text.contains(line), "{line} missing from\n{text}");
