@@ -260,7 +260,8 @@ pub fn random_packet(rng: &mut Rng, version: ProtocolVersion) -> Packet {
             1 + r.below(8) as u16
         }
     };
-    match rng.below(16) {
+    let kind = rng.below(16);
+    match kind {
         0..=3 => {
             let q = qos(rng);
             Packet::Publish(Publish {
@@ -281,26 +282,31 @@ pub fn random_packet(rng: &mut Rng, version: ProtocolVersion) -> Packet {
                 payload: Bytes::from(rng.bytes(32)),
             })
         }
-        4 => Packet::PubAck(PubAck {
-            packet_id: id(rng),
-            reason_code: reason(rng),
-            properties: ack_properties(rng),
-        }),
-        5 => Packet::PubRec(PubRec {
-            packet_id: id(rng),
-            reason_code: reason(rng),
-            properties: ack_properties(rng),
-        }),
-        6 => Packet::PubRel(PubRel {
-            packet_id: id(rng),
-            reason_code: reason(rng),
-            properties: ack_properties(rng),
-        }),
-        7 => Packet::PubComp(PubComp {
-            packet_id: id(rng),
-            reason_code: reason(rng),
-            properties: ack_properties(rng),
-        }),
+        4..=7 => {
+            let (packet_id, reason_code, properties) = (id(rng), reason(rng), ack_properties(rng));
+            match kind {
+                4 => Packet::PubAck(PubAck {
+                    packet_id,
+                    reason_code,
+                    properties,
+                }),
+                5 => Packet::PubRec(PubRec {
+                    packet_id,
+                    reason_code,
+                    properties,
+                }),
+                6 => Packet::PubRel(PubRel {
+                    packet_id,
+                    reason_code,
+                    properties,
+                }),
+                _ => Packet::PubComp(PubComp {
+                    packet_id,
+                    reason_code,
+                    properties,
+                }),
+            }
+        }
         8 | 9 => Packet::Subscribe(Subscribe {
             packet_id: id(rng),
             filters: (0..1 + rng.below(3))
