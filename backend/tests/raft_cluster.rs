@@ -46,6 +46,38 @@ impl Transport for Port {
     }
 }
 
+/// Proposes through whichever live node claims to lead `p` (for load that runs while the
+/// cluster changes under it); retries while leadership moves, up to `timeout`.
+async fn propose_on(
+    net: &Net,
+    p: u32,
+    cmd: Command,
+    timeout: Duration,
+) -> Result<Reply, ProposeError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let handles: Vec<RaftHandle> = net.nodes.lock().unwrap().values().cloned().collect();
+        let mut leader = None;
+        for h in handles {
+            if h.status(p).await.is_some_and(|s| s.is_leader) {
+                leader = Some(h);
+                break;
+            }
+        }
+        let result = match leader {
+            Some(h) => tokio::time::timeout(Duration::from_secs(2), h.propose(p, cmd.clone()))
+                .await
+                .unwrap_or(Err(ProposeError::Dropped)),
+            None => Err(ProposeError::NotLeader { leader: None }),
+        };
+        match result {
+            Ok(r) => return Ok(r),
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+}
+
 struct Cluster {
     net: Arc<Net>,
     map: PartitionMap,
@@ -79,8 +111,12 @@ fn open_db(path: &PathBuf) -> sled::Db {
 
 impl Cluster {
     fn new(ids: &[NodeId]) -> Cluster {
+        Cluster::with_partitions(ids, PARTITIONS)
+    }
+
+    fn with_partitions(ids: &[NodeId], partitions: u32) -> Cluster {
         let tmp = tempfile::tempdir().unwrap();
-        let map = PartitionMap::compute(1, ids, PARTITIONS, 3, DEFAULT_VNODES);
+        let map = PartitionMap::compute(1, ids, partitions, 3, DEFAULT_VNODES);
         let mut c = Cluster {
             net: Arc::new(Net::default()),
             map,
@@ -123,7 +159,7 @@ impl Cluster {
     fn join(&mut self, id: NodeId) {
         let dir = self._tmp.path().join(format!("node{id}"));
         self.dirs.insert(id, dir);
-        let empty = PartitionMap::compute(0, &[], PARTITIONS, 3, DEFAULT_VNODES);
+        let empty = PartitionMap::compute(0, &[], self.map.partitions, 3, DEFAULT_VNODES);
         self.start_with(id, &empty);
         self.handle(id).unwrap().set_map(self.map.clone());
     }
@@ -140,7 +176,7 @@ impl Cluster {
             .collect();
         loop {
             let mut got = Vec::new();
-            for p in 0..PARTITIONS {
+            for p in 0..self.map.partitions {
                 got.push(self.leader(p).await.unwrap_or(0));
             }
             if got == want {
@@ -160,7 +196,7 @@ impl Cluster {
         let started = Instant::now();
         loop {
             let mut pending = Vec::new();
-            for p in 0..PARTITIONS {
+            for p in 0..self.map.partitions {
                 let mut want = self.map.replicas_of(p).to_vec();
                 want.sort();
                 let voters = match self.leader(p).await {
@@ -241,12 +277,12 @@ impl Cluster {
         let deadline = Instant::now() + timeout;
         loop {
             let mut leaders = HashMap::new();
-            for p in 0..PARTITIONS {
+            for p in 0..self.map.partitions {
                 if let Some(l) = self.leader(p).await {
                     leaders.insert(p, l);
                 }
             }
-            if leaders.len() == PARTITIONS as usize {
+            if leaders.len() == self.map.partitions as usize {
                 return leaders;
             }
             assert!(
@@ -264,26 +300,7 @@ impl Cluster {
         cmd: Command,
         timeout: Duration,
     ) -> Result<Reply, ProposeError> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let leader = self.leader(p).await;
-            let result = match leader.and_then(|l| self.handle(l)) {
-                Some(h) => {
-                    match tokio::time::timeout(Duration::from_secs(2), h.propose(p, cmd.clone()))
-                        .await
-                    {
-                        Ok(r) => r,
-                        Err(_) => Err(ProposeError::Dropped),
-                    }
-                }
-                None => Err(ProposeError::NotLeader { leader: None }),
-            };
-            match result {
-                Ok(r) => return Ok(r),
-                Err(e) if Instant::now() >= deadline => return Err(e),
-                Err(_) => tokio::time::sleep(Duration::from_millis(30)).await,
-            }
-        }
+        propose_on(&self.net, p, cmd, timeout).await
     }
 
     /// Waits until every live replica of `p` has applied the same state; returns it.
@@ -673,4 +690,108 @@ async fn replicas_move_to_a_joining_node_and_off_a_removed_one() {
         );
     }
     c.wait_moved(T).await;
+}
+
+/// The p99 of `samples` (sorted in place).
+fn p99(samples: &mut [Duration]) -> Duration {
+    samples.sort();
+    samples
+        .get(samples.len() * 99 / 100)
+        .copied()
+        .unwrap_or_default()
+}
+
+/// 16 partitions, 3 -> 5 -> 4 nodes while a writer keeps proposing to every partition in turn
+/// (each proposal waits for its answer, so per partition they are ordered): every
+/// acknowledged write is on every replica afterwards. Prints what docs/scaling.md records:
+/// replicas moved vs R·P/B, time per step, leaders per node, p99 proposal latency.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scaling_3_5_4_under_load_loses_no_acknowledged_write() {
+    const P: u32 = 16;
+    let mut c = Cluster::with_partitions(&[1, 2, 3], P);
+    c.wait_leaders(T).await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let phase = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let writer = {
+        let net = c.net.clone();
+        let stop = stop.clone();
+        let phase = phase.clone();
+        tokio::spawn(async move {
+            let mut acked: Vec<(u32, String)> = Vec::new();
+            let mut latency: Vec<Vec<Duration>> = vec![Vec::new(); 2];
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && i < 20_000 {
+                let p = (i % P as u64) as u32;
+                let topic = format!("load/{p}/{i}");
+                let started = Instant::now();
+                let r = propose_on(&net, p, retained(&topic, "x"), T).await;
+                let which = phase.load(std::sync::atomic::Ordering::Relaxed).min(1);
+                latency[which].push(started.elapsed());
+                if matches!(r, Ok(Reply::Published { .. })) {
+                    acked.push((p, topic));
+                }
+                i += 1;
+            }
+            (acked, latency)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut steps = Vec::new();
+    for (epoch, members) in [(2, vec![1, 2, 3, 4, 5]), (3, vec![1, 2, 3, 5])] {
+        let before = c.map.clone();
+        phase.store(1, std::sync::atomic::Ordering::Relaxed);
+        c.set_map(PartitionMap::compute(epoch, &members, P, 3, DEFAULT_VNODES));
+        for &n in &members {
+            if c.handle(n).is_none() {
+                c.join(n);
+            }
+        }
+        let took = c.wait_moved(T).await;
+        let leaders = c.wait_balanced_leaders(T).await;
+        let moved = before.moved_replicas(&c.map);
+        let (b0, b1) = (before_nodes(&before), members.len());
+        // A step that adds or removes k of max(B) nodes ideally moves R·P·k/max(B) replicas.
+        let ideal = 3.0 * P as f64 * b0.abs_diff(b1) as f64 / b0.max(b1) as f64;
+        let mut per_node = std::collections::BTreeMap::new();
+        for l in &leaders {
+            *per_node.entry(*l).or_insert(0) += 1;
+        }
+        steps.push(format!(
+            "-> {} nodes: {moved} replicas moved (ideal R*P*k/B = {ideal:.1}) in {took:?}; leaders per node {per_node:?}",
+            members.len()
+        ));
+        phase.store(0, std::sync::atomic::Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if epoch == 3 {
+            c.stop(4).await; // holds nothing any more
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (acked, mut latency) = writer.await.unwrap();
+    for s in &steps {
+        eprintln!("{s}");
+    }
+    eprintln!(
+        "{} writes acknowledged; p99 proposal latency steady {:?} ({} samples), during moves {:?} ({} samples)",
+        acked.len(),
+        p99(&mut latency[0]),
+        latency[0].len(),
+        p99(&mut latency[1]),
+        latency[1].len()
+    );
+    assert!(!acked.is_empty());
+    for p in 0..P {
+        let kept = retained_in(&c.converged(p, T).await);
+        for (_, topic) in acked.iter().filter(|(q, _)| *q == p) {
+            assert!(kept.contains_key(topic), "acknowledged {topic} lost");
+        }
+    }
+}
+
+/// Number of distinct nodes in a map.
+fn before_nodes(map: &PartitionMap) -> usize {
+    let mut nodes: Vec<NodeId> = map.replicas.iter().flatten().copied().collect();
+    nodes.sort();
+    nodes.dedup();
+    nodes.len()
 }

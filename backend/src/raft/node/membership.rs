@@ -207,7 +207,10 @@ impl Driver {
                         .entry(g.partition)
                         .or_insert((Instant::now(), 0));
                     if let Some(Some(to)) = want {
+                        // A transfer in progress is not asked again (raft ends a failed one
+                        // after an election timeout); at most 5 tries within the window.
                         if to != g.raw.raft.id
+                            && g.raw.raft.lead_transferee.is_none()
                             && since.0.elapsed() < cfg.rebalance_window
                             && since.1 < 5
                         {
