@@ -193,6 +193,25 @@ struct BrokerArgs {
     /// --tls-cert/--tls-key files).
     #[arg(long, env = "TIERMQ_WSS_LISTEN")]
     wss_listen: Option<SocketAddr>,
+    /// Open client sockets on this node; beyond it CONNACK 0x97; 0 = unlimited [default: 0].
+    #[arg(long, env = "TIERMQ_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+    /// New client sockets per second on this node; beyond it CONNACK 0x9F; 0 = unlimited
+    /// [default: 0].
+    #[arg(long, env = "TIERMQ_CONNECTION_RATE")]
+    connection_rate: Option<u32>,
+    /// New client sockets per second from one IP address (CONNACK 0x9F); 0 = unlimited
+    /// [default: 0].
+    #[arg(long, env = "TIERMQ_CONNECTION_RATE_PER_IP")]
+    connection_rate_per_ip: Option<u32>,
+    /// PUBLISH packets per second per connection; beyond it reads pause; 0 = unlimited
+    /// [default: 0].
+    #[arg(long, env = "TIERMQ_PUBLISH_RATE")]
+    publish_rate: Option<u32>,
+    /// Inbound bytes per second per connection; beyond it reads pause; 0 = unlimited
+    /// [default: 0].
+    #[arg(long, env = "TIERMQ_PUBLISH_BANDWIDTH")]
+    publish_bandwidth: Option<u64>,
 }
 
 impl BrokerArgs {
@@ -238,6 +257,11 @@ impl BrokerArgs {
             tls_ca: self.tls_ca.clone(),
             ws_listen: self.ws_listen,
             wss_listen: self.wss_listen,
+            max_connections: self.max_connections,
+            connection_rate: self.connection_rate,
+            connection_rate_per_ip: self.connection_rate_per_ip,
+            publish_rate: self.publish_rate,
+            publish_bandwidth: self.publish_bandwidth,
         };
         Settings::load(self.config.as_deref(), &overrides)
     }

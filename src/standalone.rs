@@ -105,6 +105,7 @@ pub fn frontend_config(s: &Settings) -> FrontendConfig {
         metrics: Default::default(),
         // A cluster frontend sets its own (server references, pacing); see src/frontend.rs.
         drain: Default::default(),
+        limits: tiermq_frontend::limits::Limits::new(s.limits.clone()),
         // Loaded by `acl_set`, which can fail.
         acl: Default::default(),
     }

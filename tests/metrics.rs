@@ -10,43 +10,7 @@ use std::time::Duration;
 use support::*;
 use tiermq_common::codec::Packet;
 use tiermq_common::{ProtocolVersion, QoS, ReasonCode};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio::time::{timeout, Instant};
-
-/// Status code and body of `GET path` (HTTP/1.1, one request per connection).
-async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut stream = timeout(WAIT, TcpStream::connect(addr))
-        .await
-        .expect("connect in time")
-        .expect("connect to the metrics endpoint");
-    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    timeout(WAIT, stream.read_to_end(&mut raw))
-        .await
-        .expect("answer in time")
-        .unwrap();
-    let text = String::from_utf8(raw).expect("utf-8 answer");
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("status line");
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
-}
-
-/// The value of the sample `series` (name with its labels, as exposed), if present.
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|line| {
-        let rest = line.strip_prefix(series)?.strip_prefix(' ')?;
-        rest.split(' ').next()?.parse().ok()
-    })
-}
+use tokio::time::Instant;
 
 async fn scrape(addr: SocketAddr) -> String {
     let (status, body) = http_get(addr, "/metrics").await;

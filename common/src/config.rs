@@ -20,8 +20,60 @@ pub struct Settings {
     pub cluster: ClusterSettings,
     pub log: LogSettings,
     pub metrics: MetricsSettings,
+    /// Connection, rate and size limits against greedy or hostile clients (`[limits]`).
+    pub limits: LimitsSettings,
     /// Client listeners (`[[listeners]]`). Empty: one plain TCP listener on `mqtt.listen`.
     pub listeners: Vec<ListenerSettings>,
+}
+
+/// Limits that keep one client (or a flood of them) from taking the node down. Every limit
+/// hit is counted in `tiermq_limit_hits_total{limit=...}`; `docs/security.md` ("Limits")
+/// says what each one protects and which reason code the client gets. The rate limits are
+/// off by default (0) because the right values depend on the fleet; the size limits are on.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsSettings {
+    /// Open client sockets on this node (counted from accept, so sockets that never send
+    /// CONNECT count too); beyond it CONNACK 0x97 Quota exceeded (3.1.1: 3). 0 = unlimited.
+    pub max_connections: usize,
+    /// New sockets per second on this node (token bucket of `connection_burst`); beyond it
+    /// CONNACK 0x9F Connection rate exceeded (3.1.1: 3). 0 = unlimited.
+    pub connection_rate: u32,
+    /// Sockets accepted at once before `connection_rate` applies; 0 = one second's worth.
+    pub connection_burst: u32,
+    /// New sockets per second from one source IP address (burst: one second's worth);
+    /// beyond it CONNACK 0x9F. 0 = unlimited.
+    pub connection_rate_per_ip: u32,
+    /// PUBLISH packets per second per connection (burst `publish_burst`); beyond it the
+    /// connection's reads pause until the rate allows the next one (back-pressure, no loss).
+    /// 0 = unlimited.
+    pub publish_rate: u32,
+    /// Publishes accepted at once before `publish_rate` applies; 0 = one second's worth.
+    pub publish_burst: u32,
+    /// Inbound bytes per second per connection (all packets; burst: one second's worth);
+    /// beyond it reads pause. 0 = unlimited.
+    pub publish_bandwidth: u64,
+    /// Longest topic name or filter, bytes; beyond it PUBACK/PUBREC 0x90 (v5 QoS1/2),
+    /// a dropped QoS0, a closed 3.1.1 connection, or SUBACK 0x8F.
+    pub max_topic_length: usize,
+    /// Most levels (`/`-separated parts) in a topic name or filter; same answers.
+    pub max_topic_levels: usize,
+}
+
+impl Default for LimitsSettings {
+    fn default() -> Self {
+        LimitsSettings {
+            max_connections: 0,
+            connection_rate: 0,
+            connection_burst: 0,
+            connection_rate_per_ip: 0,
+            publish_rate: 0,
+            publish_burst: 0,
+            publish_bandwidth: 0,
+            max_topic_length: 4096,
+            max_topic_levels: 128,
+        }
+    }
 }
 
 /// What a client listener speaks.
@@ -107,6 +159,10 @@ pub struct ListenerSettings {
     /// ACL file for this listener's connections instead of `mqtt.acl_file`.
     #[serde(default)]
     pub acl_file: Option<PathBuf>,
+    /// Open sockets on this listener; beyond it CONNACK 0x97 (3.1.1: 3). Unset: only
+    /// `limits.max_connections` applies.
+    #[serde(default)]
+    pub max_connections: Option<usize>,
     /// (tls, wss with `ca`) The verified client certificate's `cn` or `san` is the user name;
     /// such clients need no password.
     #[serde(default)]
@@ -126,6 +182,7 @@ impl ListenerSettings {
             require_client_cert: None,
             path: None,
             acl_file: None,
+            max_connections: None,
             use_identity_as_username: None,
         }
     }
@@ -603,6 +660,11 @@ pub struct Overrides {
     pub ws_listen: Option<SocketAddr>,
     /// A secure WebSocket listener (path /mqtt, the `tls_*` files) on this address.
     pub wss_listen: Option<SocketAddr>,
+    pub max_connections: Option<usize>,
+    pub connection_rate: Option<u32>,
+    pub connection_rate_per_ip: Option<u32>,
+    pub publish_rate: Option<u32>,
+    pub publish_bandwidth: Option<u64>,
 }
 
 impl Overrides {
@@ -746,6 +808,11 @@ impl Settings {
         if let Some(f) = &o.acl_file {
             self.mqtt.acl_file = Some(f.clone());
         }
+        set!(self.limits.max_connections, o.max_connections);
+        set!(self.limits.connection_rate, o.connection_rate);
+        set!(self.limits.connection_rate_per_ip, o.connection_rate_per_ip);
+        set!(self.limits.publish_rate, o.publish_rate);
+        set!(self.limits.publish_bandwidth, o.publish_bandwidth);
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -992,6 +1059,30 @@ mod tests {
         let twice = "[[listeners]]\nkind = \"tcp\"\nlisten = \"0.0.0.0:1883\"\n\
                      [[listeners]]\nkind = \"ws\"\nlisten = \"0.0.0.0:1883\"\n";
         assert!(Settings::from_toml(twice).unwrap().validate().is_err());
+    }
+
+    #[test]
+    fn limits_from_file_env_and_listeners() {
+        let d = LimitsSettings::default();
+        assert_eq!((d.max_connections, d.publish_rate), (0, 0));
+        let mut s = Settings::from_toml(
+            "[limits]\nmax_connections = 100\nconnection_rate = 50\nmax_topic_levels = 8\n\
+             [[listeners]]\nkind = \"tcp\"\nlisten = \"0.0.0.0:1883\"\nmax_connections = 10\n",
+        )
+        .unwrap();
+        s.validate().unwrap();
+        assert_eq!(s.limits.max_connections, 100);
+        assert_eq!(s.limits.max_topic_levels, 8);
+        assert_eq!(s.listeners[0].max_connections, Some(10));
+        s.apply(&Overrides {
+            max_connections: Some(7),
+            publish_rate: Some(20),
+            ..Overrides::default()
+        });
+        assert_eq!((s.limits.max_connections, s.limits.publish_rate), (7, 20));
+        assert_eq!(s.limits.connection_rate, 50);
+        s.limits.max_topic_length = 0;
+        assert!(s.validate().is_err());
     }
 
     #[test]

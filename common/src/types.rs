@@ -116,6 +116,7 @@ impl ReasonCode {
             | ReasonCode::SERVER_SHUTTING_DOWN
             | ReasonCode::USE_ANOTHER_SERVER
             | ReasonCode::SERVER_MOVED
+            | ReasonCode::QUOTA_EXCEEDED
             | ReasonCode::CONNECTION_RATE_EXCEEDED => 3,
             ReasonCode::BAD_USER_NAME_OR_PASSWORD | ReasonCode::BAD_AUTHENTICATION_METHOD => 4,
             _ => 5,

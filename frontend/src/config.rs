@@ -49,6 +49,9 @@ pub struct FrontendConfig {
     /// The node's drain signal, Server Reference and close pacing (shared by every
     /// connection and the listener).
     pub drain: Drain,
+    /// Connection counts and rates, publish throttling, topic size (`[limits]`), shared by
+    /// every listener and connection of the node.
+    pub limits: crate::limits::Limits,
 }
 
 impl Default for FrontendConfig {
@@ -72,6 +75,7 @@ impl Default for FrontendConfig {
             metrics: Arc::default(),
             acl: Default::default(),
             drain: Drain::default(),
+            limits: Default::default(),
         }
     }
 }

@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
@@ -41,6 +42,7 @@ use crate::alias::{AliasUse, OutboundAliases};
 use crate::auth::{failure_code, AuthSession, AuthStep};
 use crate::config::FrontendConfig;
 use crate::convert::{message_from_publish, publish_from_delivery, will_from_connect};
+use crate::limits::{Limit, PublishThrottle, SLOW_READER_FACTOR};
 use crate::listener::ConnectionInfo;
 use crate::metrics::{ConnectionMetrics, DropReason};
 use crate::sys_topics::is_sys_topic;
@@ -72,6 +74,42 @@ enum Close {
     Shutdown,
     /// The frontend drains: the client should use another server; its session stays.
     Drain,
+}
+
+/// The longest a connection waits to write its last packets (DISCONNECT) to a client that
+/// does not read them before closing anyway.
+const CLOSE_FLUSH_WAIT: Duration = Duration::from_secs(5);
+
+/// The next packet from the client, while writing out what is buffered as fast as the socket
+/// takes it. One future does both because both need the socket: a client that does not read
+/// its deliveries must not stop us reading its packets, nor the other way round. With `read`
+/// false (reads paused by the publish limits) it only writes. A write error ends it like a
+/// read error.
+fn next_packet<IO>(
+    framed: &mut Framed<IO, MqttCodec>,
+    read: bool,
+) -> impl Future<Output = Option<Result<Packet, DecodeError>>> + '_
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    std::future::poll_fn(move |cx| {
+        if !framed.write_buffer().is_empty() {
+            if let Poll::Ready(Err(e)) =
+                futures::Sink::<&Packet>::poll_flush(Pin::new(&mut *framed), cx)
+            {
+                let e = match e {
+                    EncodeError::Io(io) => io,
+                    other => std::io::Error::other(other.to_string()),
+                };
+                return Poll::Ready(Some(Err(DecodeError::Io(e))));
+            }
+        }
+        if read {
+            futures::Stream::poll_next(Pin::new(&mut *framed), cx)
+        } else {
+            Poll::Pending
+        }
+    })
 }
 
 /// How long a draining connection waits for the partitions to answer the publishes it
@@ -112,7 +150,15 @@ pub async fn serve_connection<S, IO>(
         _ = shutdown.cancelled() => return,
     };
     let connect = match first {
-        Ok(Some(Ok(Packet::Connect(c)))) => c,
+        Ok(Some(Ok(Packet::Connect(c)))) => {
+            if let Some(limit) = info.refused {
+                // Over a connection limit (counted when the socket was accepted).
+                debug!(%peer, limit = limit.label(), "CONNECT refused: limit");
+                refuse(&mut framed, limit.connack_code()).await;
+                return;
+            }
+            c
+        }
         Ok(Some(Err(DecodeError::UnsupportedProtocolVersion(level)))) => {
             debug!(%peer, level, "unsupported protocol version");
             config
@@ -131,6 +177,13 @@ pub async fn serve_connection<S, IO>(
         }
         Ok(Some(Err(e))) => {
             debug!(%peer, error = %e, "bad first packet");
+            // A v5 CONNECT that fails to parse (ill-formed UTF-8 in the client id, ...) may be
+            // answered with CONNACK 0x81 (§4.13.1); the codec knows the version it announced.
+            if framed.codec().version == Some(ProtocolVersion::V5)
+                && matches!(e, DecodeError::MalformedPacket(_) | DecodeError::ProtocolError(_))
+            {
+                refuse(&mut framed, e.reason_code()).await;
+            }
             return;
         }
         Ok(Some(Ok(other))) => {
@@ -143,21 +196,27 @@ pub async fn serve_connection<S, IO>(
             return;
         }
     };
-    let accepted = Handler::accept(
-        framed,
-        info,
-        connect,
-        service,
-        config,
-        connect_deadline,
-        &shutdown,
-    )
-    .await;
-    let Some(mut handler) = accepted else {
-        return;
+    // Boxed: the connected part (handler state, its loop) is most of this future's size, and
+    // a socket that has not sent CONNECT yet should not pay for it (10,000 such sockets cost
+    // ~26 KiB each unboxed).
+    let connected = async move {
+        let accepted = Handler::accept(
+            framed,
+            info,
+            connect,
+            service,
+            config,
+            connect_deadline,
+            &shutdown,
+        )
+        .await;
+        let Some(mut handler) = accepted else {
+            return;
+        };
+        let close = handler.run(&shutdown).await;
+        handler.finish(close).await;
     };
-    let close = handler.run(&shutdown).await;
-    handler.finish(close).await;
+    Box::pin(connected).await
 }
 
 /// A connected client.
@@ -194,6 +253,8 @@ pub struct Handler<S: SessionService, IO> {
     acl: Option<AclView>,
     pending: FuturesOrdered<PendingAck>,
     metrics: ConnectionMetrics,
+    /// `limits.publish_rate` / `publish_bandwidth` of this connection.
+    throttle: PublishThrottle,
 }
 
 impl<S, IO> Handler<S, IO>
@@ -229,6 +290,9 @@ where
             connect.client_id.clone()
         };
         if client_id.len() > config.max_client_id_len {
+            config
+                .metrics
+                .limit_hit(Limit::ClientIdLength);
             refuse(&mut framed, ReasonCode::CLIENT_IDENTIFIER_NOT_VALID).await;
             return None;
         }
@@ -259,8 +323,15 @@ where
             },
         };
         if let Some(will) = &connect.will {
+            let over_limit = config.limits.check_topic(&will.topic);
+            if let Err(limit) = over_limit {
+                config.metrics.limit_hit(limit);
+            }
             let code =
-                if topic::validate_topic_name(&will.topic).is_err() || is_sys_topic(&will.topic) {
+                if topic::validate_topic_name(&will.topic).is_err()
+                    || is_sys_topic(&will.topic)
+                    || over_limit.is_err()
+                {
                     Some(ReasonCode::TOPIC_NAME_INVALID)
                 } else if will.qos > config.maximum_qos {
                     Some(ReasonCode::QOS_NOT_SUPPORTED)
@@ -430,6 +501,7 @@ where
         }
         debug!(%peer, client_id = %client_id, ?version, session_present = connected.session_present, listener = %conn.listener, tls_identity = ?conn.peer_identity, user = ?username, "connected");
         let metrics = ConnectionMetrics::opened(&config.metrics, version);
+        let throttle = config.limits.throttle(std::time::Instant::now());
         Some(Handler {
             metrics,
             framed,
@@ -451,6 +523,7 @@ where
             client_max_packet,
             acl,
             pending: FuturesOrdered::new(),
+            throttle,
         })
     }
 
@@ -464,11 +537,19 @@ where
         let mut drain_turn = false;
         let drain_timer = sleep_until(Instant::now() + far);
         tokio::pin!(drain_timer);
+        // Publish rate / bandwidth: while paused, the socket is not read (back-pressure).
+        let throttle_timer = sleep_until(Instant::now() + far);
+        tokio::pin!(throttle_timer);
+        let mut throttled = false;
         loop {
             let step = tokio::select! {
-                packet = self.framed.next() => match packet {
+                packet = next_packet(&mut self.framed, !throttled) => match packet {
                     Some(Ok(p)) => {
                         self.last_packet = Instant::now();
+                        if let Some(pause) = self.throttle_pause(&p) {
+                            throttle_timer.as_mut().reset(self.last_packet + pause);
+                            throttled = true;
+                        }
                         self.on_packet(p).await
                     }
                     Some(Err(e)) => {
@@ -487,10 +568,19 @@ where
                 Some(done) = self.pending.next(), if !self.pending.is_empty() => {
                     self.on_durable(done)
                 }
+                _ = &mut throttle_timer, if throttled => {
+                    throttled = false;
+                    // The pause was ours: it does not count against the client's keep alive.
+                    self.last_packet = Instant::now();
+                    Ok(())
+                }
                 _ = AclView::reloaded(&mut self.acl) => self.recheck_acl().await,
                 _ = &mut keep_alive_timer => {
                     let deadline = self.last_packet + self.keep_alive.unwrap_or(far);
-                    if deadline > Instant::now() {
+                    if throttled {
+                        keep_alive_timer.as_mut().reset(throttle_timer.deadline() + self.keep_alive.unwrap_or(far));
+                        Ok(())
+                    } else if deadline > Instant::now() {
                         keep_alive_timer.as_mut().reset(deadline);
                         Ok(())
                     } else {
@@ -530,7 +620,7 @@ where
                     Err(_) => break,
                 }
             }
-            if self.flush().await.is_err() {
+            if self.flush_now().await.is_err() {
                 return Close::Abnormal;
             }
         }
@@ -594,15 +684,42 @@ where
         debug!(peer = %self.peer, client_id = %self.session.client_id, "drained");
     }
 
-    /// Writes the buffered packets to the socket, then gives back a large write buffer a
-    /// burst left behind.
+    /// Writes the buffered packets to the socket (waiting at most [`CLOSE_FLUSH_WAIT`]: this
+    /// is for the last words before a close), then gives back a large write buffer a burst
+    /// left behind.
     async fn flush(&mut self) -> Result<(), EncodeError> {
-        SinkExt::<&Packet>::flush(&mut self.framed).await?;
+        let flush = SinkExt::<&Packet>::flush(&mut self.framed);
+        match tokio::time::timeout(CLOSE_FLUSH_WAIT, flush).await {
+            Ok(r) => r?,
+            Err(_) => return Err(std::io::Error::from(std::io::ErrorKind::TimedOut).into()),
+        }
+        self.release_write_buffer();
+        Ok(())
+    }
+
+    /// Writes what the socket takes *now* and returns; the rest goes out as the socket drains
+    /// (see [`next_packet`]). Never waiting here is what keeps a client that does not read
+    /// from stalling its own connection: its deliveries keep being taken off the session
+    /// channel (QoS0 dropped once the buffer passes `max_write_buffer`), its keep alive and
+    /// its packets are still handled.
+    async fn flush_now(&mut self) -> Result<(), EncodeError> {
+        let framed = &mut self.framed;
+        std::future::poll_fn(|cx| {
+            match futures::Sink::<&Packet>::poll_flush(Pin::new(&mut *framed), cx) {
+                Poll::Ready(r) => Poll::Ready(r),
+                Poll::Pending => Poll::Ready(Ok(())),
+            }
+        })
+        .await?;
+        self.release_write_buffer();
+        Ok(())
+    }
+
+    fn release_write_buffer(&mut self) {
         let buf = self.framed.write_buffer_mut();
         if buf.is_empty() && buf.capacity() > WRITE_BUFFER_KEEP {
             *buf = BytesMut::new();
         }
-        Ok(())
     }
 
     /// Encodes a packet into the write buffer; the main loop flushes once per wake-up.
@@ -619,11 +736,9 @@ where
     }
 
     async fn send_disconnect(&mut self, reason: ReasonCode) {
-        if self.version.is_v5() {
-            let _ = self
-                .framed
-                .send(&Packet::Disconnect(Disconnect::with_reason(reason)))
-                .await;
+        let disconnect = Packet::Disconnect(Disconnect::with_reason(reason));
+        if self.version.is_v5() && self.feed(disconnect).is_ok() {
+            let _ = self.flush().await;
         }
     }
 
@@ -631,6 +746,23 @@ where
         debug!(peer = %self.peer, %reason, why, "protocol violation");
         self.send_disconnect(reason).await;
         Err(Close::Abnormal)
+    }
+
+    /// Charges `packet` to the publish rate and bandwidth limits; returns how long to stop
+    /// reading the socket, if at all (counted as a limit hit).
+    fn throttle_pause(&mut self, packet: &Packet) -> Option<Duration> {
+        let size = if self.throttle.counts_bytes() {
+            tiermq_common::codec::encoded_len(packet, self.version)
+        } else {
+            0
+        };
+        let publish = matches!(packet, Packet::Publish(_));
+        let (pause, limit) = self
+            .throttle
+            .on_packet(publish, size, std::time::Instant::now())?;
+        trace!(peer = %self.peer, ?pause, limit = limit.label(), "reads paused");
+        self.config.metrics.limit_hit(limit);
+        Some(pause)
     }
 
     async fn on_packet(&mut self, packet: Packet) -> Result<(), Close> {
@@ -763,6 +895,16 @@ where
             return self
                 .protocol_error(ReasonCode::TOPIC_NAME_INVALID, &e.to_string())
                 .await;
+        }
+        if let Err(limit) = self.config.limits.check_topic(&topic) {
+            // Too long or too deep: a v5 client learns it in its ack (QoS0 is dropped), a
+            // 3.1.1 client cannot be told and is closed.
+            self.config.metrics.limit_hit(limit);
+            if !self.version.is_v5() {
+                debug!(peer = %self.peer, limit = limit.label(), "topic over a limit");
+                return Err(Close::Abnormal);
+            }
+            return self.refuse_publish(p.qos, p.packet_id, ReasonCode::TOPIC_NAME_INVALID);
         }
         if is_sys_topic(&topic) {
             // Only the broker writes `$SYS`: a v5 client learns why in its ack (0x90), a
@@ -908,25 +1050,44 @@ where
         }
         // Filters the ACL denies are taken out here and get 0x87 back in place below.
         let denied = self.acl_take_denied(&mut s.filters);
-        let requests: Vec<SubscribeRequest> = s
-            .filters
-            .into_iter()
-            .map(|(filter, mut options)| {
+        // Filters over `[limits]` get 0x8F here and never reach the partitions.
+        let mut over_limit = Vec::with_capacity(s.filters.len());
+        let mut filters = Vec::with_capacity(s.filters.len());
+        let mut requests = Vec::with_capacity(s.filters.len());
+        for (filter, mut options) in s.filters {
+            let check = self.config.limits.check_topic(&filter);
+            if let Err(limit) = check {
+                self.config.metrics.limit_hit(limit);
+            }
+            over_limit.push(check.is_err());
+            filters.push(filter.clone());
+            if check.is_ok() {
                 options.qos = options.qos.min(self.config.maximum_qos);
-                SubscribeRequest {
+                requests.push(SubscribeRequest {
                     filter,
                     options,
                     subscription_id,
-                }
-            })
-            .collect();
+                });
+            }
+        }
         // Awaited inline: the SUBACK must be on the wire before any retained message the
         // subscription triggers, and the subscription must be in place before later publishes.
-        let filters: Vec<String> = requests.iter().map(|r| r.filter.clone()).collect();
-        let reason_codes = match self.service.subscribe(&self.session, requests).await {
-            Ok(codes) => codes,
-            Err(e) => return self.service_failed(e).await,
+        let granted = if requests.is_empty() {
+            Vec::new()
+        } else {
+            match self.service.subscribe(&self.session, requests).await {
+                Ok(codes) => codes,
+                Err(e) => return self.service_failed(e).await,
+            }
         };
+        let mut granted = granted.into_iter();
+        let reason_codes: Vec<ReasonCode> = over_limit
+            .into_iter()
+            .map(|over| match over {
+                true => ReasonCode::TOPIC_FILTER_INVALID,
+                false => granted.next().unwrap_or(ReasonCode::UNSPECIFIED_ERROR),
+            })
+            .collect();
         let (filters, reason_codes) = self.acl_restore(denied, filters, reason_codes);
         self.metrics.subscribed(&filters, &reason_codes);
         self.feed(Packet::SubAck(SubAck {
@@ -934,7 +1095,8 @@ where
             reason_codes,
             properties: Default::default(),
         }))?;
-        self.flush().await.map_err(|_| Close::Abnormal)
+        // Deliveries the subscription triggers (retained) are queued behind it in the buffer.
+        self.flush_now().await.map_err(|_| Close::Abnormal)
     }
 
     async fn on_unsubscribe(&mut self, u: Unsubscribe) -> Result<(), Close> {
@@ -1078,6 +1240,16 @@ where
                     self.config.metrics.acl_denied(Access::Deliver);
                     self.discard_delivery(&d);
                     return Ok(());
+                }
+                let unwritten = self.framed.write_buffer().len();
+                if d.qos != QoS::AtMostOnce
+                    && unwritten > self.config.max_write_buffer.saturating_mul(SLOW_READER_FACTOR)
+                {
+                    // It does not read: close rather than buffer its in-flight window (up to
+                    // 65,535 packets); the session keeps the messages for its next connection.
+                    debug!(peer = %self.peer, unwritten, "client does not read: closing");
+                    self.config.metrics.limit_hit(Limit::SlowReader);
+                    return Err(Close::Abnormal);
                 }
                 if d.qos == QoS::AtMostOnce
                     && self.framed.write_buffer().len() > self.config.max_write_buffer

@@ -9,6 +9,7 @@
 //! - [`listener`]: accepts sockets (TCP, [`tls`], [`ws`]) and runs one [`handler`] task per
 //!   connection.
 //! - [`handler`]: the MQTT protocol for one connection, from CONNECT to close.
+//! - [`limits`]: connection counts and rates, publish throttling, topic size (`[limits]`).
 //! - [`drain`]: the drain signal (stop accepting, move clients to another frontend).
 //! - [`convert`]: PUBLISH packets to application messages and back.
 //! - [`metrics`]: the node's counters (Prometheus and `$SYS`), [`metered_io`]: bytes on the wire.
@@ -25,6 +26,7 @@ pub mod config;
 pub mod convert;
 pub mod drain;
 pub mod handler;
+pub mod limits;
 pub mod listener;
 pub mod metered_io;
 pub mod metrics;

@@ -19,6 +19,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::FrontendConfig;
 use crate::handler::serve_connection;
+use crate::limits::{Admission, Limit, ListenerGauge};
 use crate::metered_io::MeteredIo;
 use crate::metrics;
 use crate::reload::{self, Reload};
@@ -38,6 +39,9 @@ pub struct ConnectionInfo {
     /// On a listener with `use_identity_as_username`: the certificate's name chosen there. It
     /// is the connection's user name and stands in for a password.
     pub cert_username: Option<Arc<str>>,
+    /// The socket is over this connection limit: its CONNECT is answered with the limit's
+    /// reason code and the connection closes ([`crate::limits`]).
+    pub refused: Option<Limit>,
 }
 
 impl ConnectionInfo {
@@ -49,6 +53,7 @@ impl ConnectionInfo {
             transport: ListenerKind::Tcp,
             peer_identity: None,
             cert_username: None,
+            refused: None,
         }
     }
 }
@@ -76,6 +81,8 @@ pub struct Listener {
     ws_path: Arc<str>,
     /// `use_identity_as_username`.
     identity_as_username: Option<CertIdentity>,
+    /// This listener's open sockets against its `max_connections`.
+    gauge: Arc<ListenerGauge>,
 }
 
 impl Listener {
@@ -117,6 +124,7 @@ impl Listener {
             tls,
             ws_path: Arc::from(s.ws_path()),
             identity_as_username: s.use_identity_as_username,
+            gauge: ListenerGauge::new(s.max_connections),
         })
     }
 
@@ -131,6 +139,7 @@ impl Listener {
             tls: None,
             ws_path: Arc::from(""),
             identity_as_username: None,
+            gauge: ListenerGauge::new(None),
         })
     }
 
@@ -300,6 +309,7 @@ async fn accept_loop<S: SessionService>(
         tls,
         ws_path,
         identity_as_username,
+        gauge,
     } = listener;
     info!(listener = %name, %kind, addr = %local_addr, "MQTT listener ready");
     let ctx = Arc::new(ListenerCtx {
@@ -412,6 +422,8 @@ async fn connection<S: SessionService>(
     ctx: Arc<ListenerCtx>,
     stream: MeteredIo<TcpStream>,
     peer: SocketAddr,
+    // Held for the connection's life: the socket counts against the limits until it closes.
+    admission: Admission,
     service: Arc<S>,
     config: Arc<FrontendConfig>,
     shutdown: CancellationToken,
@@ -422,6 +434,7 @@ async fn connection<S: SessionService>(
         transport: ctx.kind,
         peer_identity: None,
         cert_username: None,
+        refused: admission.refused,
     };
     let budget = config.connect_timeout;
     let name = &*ctx.name;

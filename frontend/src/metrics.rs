@@ -45,6 +45,11 @@ struct ReasonLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabel {
+    limit: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DropLabel {
     reason: &'static str,
 }
@@ -111,6 +116,8 @@ pub struct FrontendMetrics {
     received: Family<QosLabel, Counter>,
     sent: Family<QosLabel, Counter>,
     dropped: Family<DropLabel, Counter>,
+    /// `[limits]` hits (crate::limits); rare, so looked up per hit.
+    limit_hits: Family<LimitLabel, Counter>,
     /// Requests the ACL denied (crate::acl), by action.
     acl_denials: Family<AclLabel, Counter>,
     bytes_received: Counter,
@@ -151,6 +158,10 @@ impl FrontendMetrics {
         let sent_by = [0, 1, 2].map(|i| sent.get_or_create_owned(&qos(i)));
         let dropped_by =
             DropReason::ALL.map(|r| dropped.get_or_create_owned(&DropLabel { reason: r.label() }));
+        let limit_hits = Family::<LimitLabel, Counter>::default();
+        for l in crate::limits::Limit::ALL {
+            limit_hits.get_or_create_owned(&LimitLabel { limit: l.label() });
+        }
         let acl_denials = Family::<AclLabel, Counter>::default();
         for a in crate::acl::Access::ALL {
             let _ = acl_denials.get_or_create(&AclLabel { action: a.label() });
@@ -162,6 +173,7 @@ impl FrontendMetrics {
             received,
             sent,
             dropped,
+            limit_hits,
             acl_denials,
             bytes_received: Counter::default(),
             bytes_sent: Counter::default(),
@@ -214,6 +226,15 @@ impl FrontendMetrics {
             self.dropped.clone(),
         );
         registry.register(
+            "limit_hits",
+            "Limits ([limits], mqtt.max_client_id_len) hit: sockets refused (max_connections, \
+             listener_max_connections, connection_rate, connection_rate_per_ip), reads paused \
+             (publish_rate, publish_bandwidth), topics refused (max_topic_length, \
+             max_topic_levels), client ids refused (max_client_id_len), clients closed for not \
+             reading (slow_reader)",
+            self.limit_hits.clone(),
+        );
+        registry.register(
             "acl_denials",
             "Requests the ACL (mqtt.acl_file) denied, by action: publish (PUBLISH or a will), \
              subscribe (a SUBACK 0x87/0x80), deliver (a message not sent to a subscriber)",
@@ -254,6 +275,24 @@ impl FrontendMetrics {
                 reason: reason.to_string(),
             })
             .inc();
+    }
+
+    /// A limit was hit (see [`crate::limits`]).
+    pub fn limit_hit(&self, limit: crate::limits::Limit) {
+        self.limit_hits
+            .get_or_create(&LimitLabel {
+                limit: limit.label(),
+            })
+            .inc();
+    }
+
+    /// How often `limit` was hit since start.
+    pub fn limit_hits(&self, limit: crate::limits::Limit) -> u64 {
+        self.limit_hits
+            .get_or_create(&LimitLabel {
+                limit: limit.label(),
+            })
+            .get()
     }
 
     /// The ACL denied `access`.
@@ -454,6 +493,7 @@ mod tests {
             "tiermq_sent_bytes_total 0",
             "tiermq_acl_denials_total{action=\"deliver\"} 0",
             "tiermq_subscriptions_current 0",
+            "tiermq_limit_hits_total{limit=\"publish_rate\"} 0",
         ] {
             assert!(text.contains(line), "{line} missing from\n{text}");
         }

@@ -165,6 +165,11 @@ pub struct ProcBroker {
 
 impl ProcBroker {
     pub async fn start(data: &Path, log: &Path) -> ProcBroker {
+        ProcBroker::start_with_args(data, log, &[]).await
+    }
+
+    /// [`start`](Self::start) with extra command-line arguments (`--config FILE`, flags).
+    pub async fn start_with_args(data: &Path, log: &Path, args: &[String]) -> ProcBroker {
         let port = free_port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let out = std::fs::File::create(log).expect("log file");
@@ -175,6 +180,7 @@ impl ProcBroker {
             .arg(addr.to_string())
             .arg("--data-dir")
             .arg(data)
+            .args(args)
             .env("TIERMQ_LOG", "info")
             .env_remove("RUST_LOG")
             .env_remove("TIERMQ_CONFIG")
@@ -259,6 +265,44 @@ impl Drop for ProcBroker {
             let _ = child.wait();
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Metrics endpoint
+// ---------------------------------------------------------------------------------------------
+
+/// Status code and body of `GET path` (HTTP/1.1, one request per connection).
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = timeout(WAIT, TcpStream::connect(addr))
+        .await
+        .expect("connect in time")
+        .expect("connect to the metrics endpoint");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    timeout(WAIT, stream.read_to_end(&mut raw))
+        .await
+        .expect("answer in time")
+        .unwrap();
+    let text = String::from_utf8(raw).expect("utf-8 answer");
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status line");
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The value of the sample `series` (name with its labels, as exposed), if present.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let rest = line.strip_prefix(series)?.strip_prefix(' ')?;
+        rest.split(' ').next()?.parse().ok()
+    })
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -41,11 +41,33 @@ impl Decoder for MqttCodec {
     type Error = DecodeError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Packet>, DecodeError> {
-        let packet = decode(src, self.version, self.max_incoming_packet_size)?;
+        // A CONNECT that fails to parse after announcing its version still sets it, so the
+        // server can answer CONNACK 0x81 in the layout the client reads (§4.13.1).
+        let announced = self.version.is_none().then(|| announced_version(src)).flatten();
+        let packet = match decode(src, self.version, self.max_incoming_packet_size) {
+            Ok(p) => p,
+            Err(e) => {
+                self.version = self.version.or(announced);
+                return Err(e);
+            }
+        };
         if let Some(Packet::Connect(c)) = &packet {
             self.version = Some(c.protocol);
         }
         Ok(packet)
+    }
+}
+
+/// The protocol version a CONNECT at the front of `buf` announces, once its first bytes are in.
+fn announced_version(buf: &[u8]) -> Option<ProtocolVersion> {
+    if buf.first()? >> 4 != 1 {
+        return None;
+    }
+    let len_bytes = buf.get(1..)?.iter().take(4).position(|b| b & 0x80 == 0)? + 1;
+    match buf.get(1 + len_bytes..)?.get(..7)? {
+        [0, 4, b'M', b'Q', b'T', b'T', 5] => Some(ProtocolVersion::V5),
+        [0, 4, b'M', b'Q', b'T', b'T', 4] => Some(ProtocolVersion::V311),
+        _ => None,
     }
 }
 
