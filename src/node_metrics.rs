@@ -195,7 +195,8 @@ pub fn standalone(frontend: &FrontendMetrics, broker: StandaloneState) -> Endpoi
     }
 }
 
-/// A standalone broker's session totals ([`LocalBroker::load`]), set before each scrape.
+/// Session totals ([`LocalBroker::load`] on a standalone broker, the led partitions on a
+/// backend), set before each scrape.
 #[derive(Default, Clone)]
 struct LoadGauges {
     sessions: Gauge,
@@ -473,17 +474,34 @@ pub fn backend(handle: RaftHandle, map: &PartitionMap) -> Endpoint {
             ),
         ]
     }))));
+    // Session totals and retained messages of the partitions this node leads: every replica
+    // holds the same state, so summing leaders only counts each partition once cluster-wide.
+    let load = LoadGauges::default();
+    load.register(&mut registry);
+    let retained = Gauge::<i64>::default();
+    registry.register(
+        "retained_messages",
+        "Retained messages stored in the partitions this node leads",
+        retained.clone(),
+    );
     let partitions = map.partitions_of(handle.node_id());
     let for_refresh = (handle.clone(), partitions.clone());
     let refresh: Hook<()> = Arc::new(move || {
         let (handle, partitions) = for_refresh.clone();
         let (groups, frontends) = (groups.clone(), frontends.clone());
+        let (load, retained) = (load.clone(), retained.clone());
         Box::pin(async move {
             frontends.set(handle.hub().connected_frontends().len() as i64);
+            let mut led = tiermq_backend::partition::PartitionLoad::default();
+            let mut led_retained = 0;
             for p in partitions {
                 let Some(s) = handle.status(p).await else {
                     continue;
                 };
+                if s.is_leader {
+                    led += s.load;
+                    led_retained += s.retained;
+                }
                 let label = PartitionLabel {
                     partition: p.to_string(),
                 };
@@ -498,6 +516,8 @@ pub fn backend(handle: RaftHandle, map: &PartitionMap) -> Endpoint {
                 set(&groups.last, s.last_index);
                 set(&groups.snapshot, s.snapshot_index);
             }
+            load.set(led);
+            retained.set(led_retained as i64);
         })
     });
     let readiness: Hook<Result<(), String>> = Arc::new(move || {

@@ -79,6 +79,26 @@ async fn ready_cluster_and_status_json() {
     for (i, fe) in [0, 0, 0, 1, 1].into_iter().enumerate() {
         clients.push(Raw::v5(c.fe(fe), &format!("ops-status-{i}")).await);
     }
+    // The backends' session gauges: each partition is counted by its leader only, so the sum
+    // over backends is the number of connected sessions.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut connected = 0.0;
+        for i in 0..3 {
+            let (_, text) = call(&c.be_admin(i).to_string(), "GET", "/metrics", ASK)
+                .await
+                .expect("backend /metrics");
+            connected += sample(&text, "tiermq_sessions_connected").expect("sessions gauge");
+        }
+        if connected == 5.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "backends report {connected} connected sessions, want 5"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let admins = format!("{},{}", c.fe_admin(0), c.fe_admin(1));
     let args = |json: bool| {
         let mut a: Vec<String> = vec![

@@ -35,7 +35,7 @@ use super::storage::SledRaftStorage;
 use crate::partition::command::{Command, Effect, Entry, Query, Reply};
 use crate::partition::session::Attachment;
 use crate::partition::session::SessionLimits;
-use crate::partition::{Partition, PartitionImage};
+use crate::partition::{Partition, PartitionImage, PartitionLoad};
 use crate::placement::{NodeId, PartitionMap};
 use crate::storage::PartitionStore;
 
@@ -118,6 +118,11 @@ pub struct GroupStatus {
     /// Index of the latest snapshot stored or installed (0: none).
     pub snapshot_index: u64,
     pub voters: Vec<NodeId>,
+    /// Session totals of this replica's state machine (every replica applies the same log, so
+    /// followers report the leader's numbers, up to their lag: sum over leaders only).
+    pub load: PartitionLoad,
+    /// Retained messages stored in the partition.
+    pub retained: u64,
 }
 
 type EventSender = mpsc::UnboundedSender<SessionEvent>;
@@ -636,6 +641,8 @@ impl Group {
             last_index: raft.raft_log.last_index(),
             snapshot_index: self.storage.snapshot_metadata().index,
             voters: raft.prs().conf().voters().ids().iter().collect(),
+            load: self.sm.load(),
+            retained: self.sm.retained_count() as u64,
         }
     }
 
