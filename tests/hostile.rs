@@ -262,7 +262,7 @@ async fn a_declared_256_mb_packet_is_refused_from_its_header() {
     let before = t.rss();
     // 0xff 0xff 0xff 0x7f: 268,435,455 bytes, the largest length MQTT can express.
     let mut head = vec![0x10, 0xff, 0xff, 0xff, 0x7f];
-    head.extend(std::iter::repeat(0u8).take(64 * 1024));
+    head.extend(std::iter::repeat_n(0u8, 64 * 1024));
     let mut attackers = Vec::new();
     for _ in 0..50 {
         let mut raw = Raw::open(t.addr(), V5).await;
