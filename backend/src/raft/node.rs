@@ -42,6 +42,11 @@ use crate::storage::PartitionStore;
 mod membership;
 pub use membership::{MembershipConfig, MoveProgress};
 
+/// Storage failures (a full or broken disk) repeat every round of the loop while they last:
+/// one line per kind of failure per 10 s, with the count of the swallowed ones.
+static STORAGE_WARNINGS: tiermq_common::log_limit::LogLimiter =
+    tiermq_common::log_limit::LogLimiter::new(Duration::from_secs(10));
+
 /// Commands per Raft entry are numbered with this many low bits of the state machine index.
 const BATCH_BITS: u32 = 20;
 const MAX_BATCH: usize = 1 << 12;
@@ -818,7 +823,7 @@ impl Group {
             return;
         }
         if let Err(e) = self.checkpoints.checkpoint(&mut self.sm) {
-            warn!(partition = self.partition, error = %e, "checkpoint failed");
+            tiermq_common::warn_limited!(STORAGE_WARNINGS, "checkpoint", partition = self.partition, error = %e, "checkpoint failed");
             return;
         }
         self.applied_since_checkpoint = 0;
@@ -827,11 +832,11 @@ impl Group {
         if keep_from > self.storage.snapshot_metadata().index + 1 {
             // Lagging followers beyond this point get a snapshot.
             if let Err(e) = self.build_snapshot() {
-                warn!(partition = self.partition, error = %e, "snapshot failed");
+                tiermq_common::warn_limited!(STORAGE_WARNINGS, "snapshot", partition = self.partition, error = %e, "snapshot failed");
                 return;
             }
             if let Err(e) = self.storage.compact(keep_from) {
-                warn!(partition = self.partition, error = %e, "log compaction failed");
+                tiermq_common::warn_limited!(STORAGE_WARNINGS, "compaction", partition = self.partition, error = %e, "log compaction failed");
             }
         }
     }
@@ -1075,7 +1080,7 @@ impl Driver {
                 if let Some(index) = g.storage.snapshot_wanted() {
                     if g.applied().max(g.raw.raft.raft_log.applied) >= index {
                         if let Err(e) = g.build_snapshot() {
-                            warn!(partition = g.partition, error = %e, "snapshot failed");
+                            tiermq_common::warn_limited!(STORAGE_WARNINGS, "snapshot", partition = g.partition, error = %e, "snapshot failed");
                         }
                     }
                 }
@@ -1325,13 +1330,13 @@ impl Driver {
             g.apply_committed(rd.take_committed_entries(), &self.hub);
             if !rd.entries().is_empty() {
                 if let Err(e) = g.storage.append(rd.entries()) {
-                    warn!(partition = p, error = %e, "cannot append entries");
+                    tiermq_common::warn_limited!(STORAGE_WARNINGS, "append", partition = p, error = %e, "cannot append entries");
                 }
                 wrote = true;
             }
             if let Some(hs) = rd.hs() {
                 if let Err(e) = g.storage.set_hard_state(hs.clone()) {
-                    warn!(partition = p, error = %e, "cannot store hard state");
+                    tiermq_common::warn_limited!(STORAGE_WARNINGS, "hard-state", partition = p, error = %e, "cannot store hard state");
                 }
                 wrote = true;
             }
@@ -1342,7 +1347,7 @@ impl Driver {
             // One fsync for every group's entries: the group commit that makes QoS1 fast.
             let flushing = Instant::now();
             if let Err(e) = self.db.flush_async().await {
-                warn!(error = %e, "flush failed");
+                tiermq_common::warn_limited!(STORAGE_WARNINGS, "flush", error = %e, "flush failed");
             }
             self.stats
                 .timings
@@ -1356,7 +1361,7 @@ impl Driver {
             let mut light = g.raw.advance(rd);
             if let Some(commit) = light.commit_index() {
                 if let Err(e) = g.storage.set_commit(commit) {
-                    warn!(partition = p, error = %e, "cannot store commit index");
+                    tiermq_common::warn_limited!(STORAGE_WARNINGS, "commit-index", partition = p, error = %e, "cannot store commit index");
                 }
             }
             outbox.add(p, light.take_messages());
