@@ -180,7 +180,10 @@ pub async fn serve_connection<S, IO>(
             // A v5 CONNECT that fails to parse (ill-formed UTF-8 in the client id, ...) may be
             // answered with CONNACK 0x81 (§4.13.1); the codec knows the version it announced.
             if framed.codec().version == Some(ProtocolVersion::V5)
-                && matches!(e, DecodeError::MalformedPacket(_) | DecodeError::ProtocolError(_))
+                && matches!(
+                    e,
+                    DecodeError::MalformedPacket(_) | DecodeError::ProtocolError(_)
+                )
             {
                 refuse(&mut framed, e.reason_code()).await;
             }
@@ -290,9 +293,7 @@ where
             connect.client_id.clone()
         };
         if client_id.len() > config.max_client_id_len {
-            config
-                .metrics
-                .limit_hit(Limit::ClientIdLength);
+            config.metrics.limit_hit(Limit::ClientIdLength);
             refuse(&mut framed, ReasonCode::CLIENT_IDENTIFIER_NOT_VALID).await;
             return None;
         }
@@ -327,23 +328,22 @@ where
             if let Err(limit) = over_limit {
                 config.metrics.limit_hit(limit);
             }
-            let code =
-                if topic::validate_topic_name(&will.topic).is_err()
-                    || is_sys_topic(&will.topic)
-                    || over_limit.is_err()
-                {
-                    Some(ReasonCode::TOPIC_NAME_INVALID)
-                } else if will.qos > config.maximum_qos {
-                    Some(ReasonCode::QOS_NOT_SUPPORTED)
-                } else if will.retain && !config.retain_available {
-                    Some(ReasonCode::RETAIN_NOT_SUPPORTED)
-                } else if will.properties.payload_format_indicator == Some(1)
-                    && std::str::from_utf8(&will.payload).is_err()
-                {
-                    Some(ReasonCode::PAYLOAD_FORMAT_INVALID)
-                } else {
-                    None
-                };
+            let code = if topic::validate_topic_name(&will.topic).is_err()
+                || is_sys_topic(&will.topic)
+                || over_limit.is_err()
+            {
+                Some(ReasonCode::TOPIC_NAME_INVALID)
+            } else if will.qos > config.maximum_qos {
+                Some(ReasonCode::QOS_NOT_SUPPORTED)
+            } else if will.retain && !config.retain_available {
+                Some(ReasonCode::RETAIN_NOT_SUPPORTED)
+            } else if will.properties.payload_format_indicator == Some(1)
+                && std::str::from_utf8(&will.payload).is_err()
+            {
+                Some(ReasonCode::PAYLOAD_FORMAT_INVALID)
+            } else {
+                None
+            };
             if let Some(code) = code {
                 refuse(&mut framed, code).await;
                 return None;
@@ -1243,7 +1243,11 @@ where
                 }
                 let unwritten = self.framed.write_buffer().len();
                 if d.qos != QoS::AtMostOnce
-                    && unwritten > self.config.max_write_buffer.saturating_mul(SLOW_READER_FACTOR)
+                    && unwritten
+                        > self
+                            .config
+                            .max_write_buffer
+                            .saturating_mul(SLOW_READER_FACTOR)
                 {
                     // It does not read: close rather than buffer its in-flight window (up to
                     // 65,535 packets); the session keeps the messages for its next connection.

@@ -43,7 +43,11 @@ impl Decoder for MqttCodec {
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Packet>, DecodeError> {
         // A CONNECT that fails to parse after announcing its version still sets it, so the
         // server can answer CONNACK 0x81 in the layout the client reads (§4.13.1).
-        let announced = self.version.is_none().then(|| announced_version(src)).flatten();
+        let announced = self
+            .version
+            .is_none()
+            .then(|| announced_version(src))
+            .flatten();
         let packet = match decode(src, self.version, self.max_incoming_packet_size) {
             Ok(p) => p,
             Err(e) => {
