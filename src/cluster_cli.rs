@@ -119,18 +119,17 @@ async fn status_main(a: StatusArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let status = match collect_with_frontends(&a.backend, &a.frontends, a.timeout, tls.as_ref())
-        .await
-    {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!(
-                "tiermq cluster status: cannot reach backend {}: {e:#}",
-                a.backend
-            );
-            return ExitCode::FAILURE;
-        }
-    };
+    let status =
+        match collect_with_frontends(&a.backend, &a.frontends, a.timeout, tls.as_ref()).await {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!(
+                    "tiermq cluster status: cannot reach backend {}: {e:#}",
+                    a.backend
+                );
+                return ExitCode::FAILURE;
+            }
+        };
     if a.json {
         println!(
             "{}",

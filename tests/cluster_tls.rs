@@ -88,7 +88,9 @@ async fn grpc_server_refuses_clients_without_a_cluster_certificate() {
         async move { cluster_cli::collect(&grpc, Duration::from_secs(3), tls.as_ref()).await }
     };
     // The cluster's own certificate: answered.
-    let status = ask(Some(load(&ours, "admin"))).await.expect("admin answered");
+    let status = ask(Some(load(&ours, "admin")))
+        .await
+        .expect("admin answered");
     assert_eq!(status.members.len(), 1);
     // No TLS at all.
     assert!(ask(None).await.is_err(), "plain gRPC answered");
@@ -99,7 +101,9 @@ async fn grpc_server_refuses_clients_without_a_cluster_certificate() {
         &theirs.join("admin.key"),
     )
     .unwrap();
-    let e = ask(Some(other)).await.expect_err("foreign certificate answered");
+    let e = ask(Some(other))
+        .await
+        .expect_err("foreign certificate answered");
     eprintln!("foreign certificate: {e:#}");
     // TLS that verifies the server but presents no certificate.
     let anonymous = tonic::transport::Endpoint::from_shared(format!("https://{grpc}"))
