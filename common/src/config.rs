@@ -888,6 +888,22 @@ mod tests {
         assert_eq!(Settings::from_toml("").unwrap(), Settings::default());
     }
 
+    /// `deploy/hardened.toml`, which `docs/security.md` points operators to, stays a valid
+    /// settings file that means what its comments say.
+    #[test]
+    fn hardened_example_config_loads() {
+        let text = include_str!("../../deploy/hardened.toml");
+        let s = Settings::from_toml(text).unwrap();
+        s.validate().unwrap();
+        assert_eq!(s.listeners.len(), 3);
+        assert!(s.listeners.iter().all(|l| l.kind != ListenerKind::Tcp));
+        assert_eq!(s.mqtt.allow_anonymous, Some(false));
+        assert!(s.mqtt.password_file.is_some() && s.mqtt.acl_file.is_some());
+        assert_eq!(s.limits.max_topic_levels, 16);
+        assert_eq!(s.session.max_subscriptions, 100);
+        assert!(s.cluster.tls_ca.is_some());
+    }
+
     #[test]
     fn file_then_overrides() {
         let s = Settings::from_toml(
