@@ -550,6 +550,44 @@ async fn a_publish_flood_is_throttled_and_others_are_not() {
 // Limits: reason codes (in-process brokers)
 // ---------------------------------------------------------------------------------------------
 
+/// With `publish_rate_disconnect`, a v5 client over the rate is told DISCONNECT 0x96 Message
+/// rate too high instead of being paused; a client within the rate is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_rate_disconnect_gets_0x96() {
+    let b = start_broker_with(|s| {
+        s.metrics.listen = Some("127.0.0.1:0".into());
+        s.limits.publish_rate = 20;
+        s.limits.publish_burst = 5;
+        s.limits.publish_rate_disconnect = true;
+    })
+    .await;
+    let mut calm = Raw::v5(b.addr, "calm").await;
+    for i in 0..3u16 {
+        let ack = calm
+            .publish_qos1(publish_packet(
+                "rate/t",
+                QoS::AtLeastOnce,
+                Some(i + 1),
+                b"x",
+            ))
+            .await;
+        assert_eq!(ack.reason_code, ReasonCode::NO_MATCHING_SUBSCRIBERS);
+    }
+    let mut flooder = Raw::v5(b.addr, "flooder").await;
+    let flood: Vec<Packet> = (0..200)
+        .map(|_| Packet::Publish(publish_packet("rate/t", QoS::AtMostOnce, None, b"x")))
+        .collect();
+    flooder.send_bytes(&encoded(&flood)).await;
+    flooder
+        .expect_disconnect(ReasonCode::MESSAGE_RATE_TOO_HIGH)
+        .await;
+    // The calm client is still served.
+    let ack = calm
+        .publish_qos1(publish_packet("rate/t", QoS::AtLeastOnce, Some(9), b"x"))
+        .await;
+    assert_eq!(ack.reason_code, ReasonCode::NO_MATCHING_SUBSCRIBERS);
+}
+
 /// A socket from `source` (a loopback address) to `addr`.
 async fn open_from(source: IpAddr, addr: SocketAddr, version: ProtocolVersion) -> Raw {
     let socket = TcpSocket::new_v4().unwrap();

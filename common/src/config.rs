@@ -50,6 +50,11 @@ pub struct LimitsSettings {
     pub publish_rate: u32,
     /// Publishes accepted at once before `publish_rate` applies; 0 = one second's worth.
     pub publish_burst: u32,
+    /// Instead of pausing reads, close a connection that publishes faster than
+    /// `publish_rate`: v5 clients get DISCONNECT 0x96 Message rate too high. The publish over
+    /// the rate is not processed (not acknowledged: a QoS1/2 client sends it again after
+    /// reconnecting), so nothing acknowledged is lost. Off by default: pausing is gentler.
+    pub publish_rate_disconnect: bool,
     /// Inbound bytes per second per connection (all packets; burst: one second's worth);
     /// beyond it reads pause. 0 = unlimited.
     pub publish_bandwidth: u64,
@@ -69,6 +74,7 @@ impl Default for LimitsSettings {
             connection_rate_per_ip: 0,
             publish_rate: 0,
             publish_burst: 0,
+            publish_rate_disconnect: false,
             publish_bandwidth: 0,
             max_topic_length: 4096,
             max_topic_levels: 128,

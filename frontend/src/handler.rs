@@ -546,11 +546,19 @@ where
                 packet = next_packet(&mut self.framed, !throttled) => match packet {
                     Some(Ok(p)) => {
                         self.last_packet = Instant::now();
-                        if let Some(pause) = self.throttle_pause(&p) {
-                            throttle_timer.as_mut().reset(self.last_packet + pause);
-                            throttled = true;
+                        match self.throttle_pause(&p) {
+                            Some((_, Limit::PublishRate)) if self.config.limits.settings().publish_rate_disconnect => {
+                                debug!(peer = %self.peer, "publish rate exceeded: disconnecting");
+                                self.send_disconnect(ReasonCode::MESSAGE_RATE_TOO_HIGH).await;
+                                Err(Close::Abnormal)
+                            }
+                            Some((pause, _)) => {
+                                throttle_timer.as_mut().reset(self.last_packet + pause);
+                                throttled = true;
+                                self.on_packet(p).await
+                            }
+                            None => self.on_packet(p).await,
                         }
-                        self.on_packet(p).await
                     }
                     Some(Err(e)) => {
                         debug!(peer = %self.peer, error = %e, "closing on decode error");
@@ -750,7 +758,7 @@ where
 
     /// Charges `packet` to the publish rate and bandwidth limits; returns how long to stop
     /// reading the socket, if at all (counted as a limit hit).
-    fn throttle_pause(&mut self, packet: &Packet) -> Option<Duration> {
+    fn throttle_pause(&mut self, packet: &Packet) -> Option<(Duration, Limit)> {
         let size = if self.throttle.counts_bytes() {
             tiermq_common::codec::encoded_len(packet, self.version)
         } else {
@@ -762,7 +770,7 @@ where
             .on_packet(publish, size, std::time::Instant::now())?;
         trace!(peer = %self.peer, ?pause, limit = limit.label(), "reads paused");
         self.config.metrics.limit_hit(limit);
-        Some(pause)
+        Some((pause, limit))
     }
 
     async fn on_packet(&mut self, packet: Packet) -> Result<(), Close> {
