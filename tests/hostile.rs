@@ -320,8 +320,9 @@ async fn ten_thousand_sockets_without_connect() {
     // The first ones may already have timed out when the last ones arrive on a busy machine.
     assert!(held * 10 >= n * 9, "only {held} of {n} sockets accepted");
     t.assert_rss_below("silent sockets", before, 16 * MB + n as u64 * 40 * 1024);
-    // The connect timeout closes every one of them.
-    let deadline = started + Duration::from_secs(20);
+    // The connect timeout (10 s from each accept) closes every one of them; on a loaded
+    // machine the accepts themselves trail the connects, so allow a generous margin.
+    let deadline = Instant::now() + Duration::from_secs(30);
     while t.fds() > fds_before + 10 {
         assert!(
             Instant::now() < deadline,
