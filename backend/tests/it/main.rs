@@ -1,0 +1,10 @@
+//! The backend crate's integration tests, in one binary (one link instead of one per file; CI
+//! time). Each module is one former `backend/tests/<name>.rs`; run one with
+//! `cargo test -p tiermq-backend --test it <name>::` (e.g. `--test it raft_cluster::`).
+
+mod local_broker;
+mod placement;
+mod raft_cluster;
+mod raft_grpc;
+mod raft_storage;
+mod storage;
