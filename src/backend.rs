@@ -1,21 +1,29 @@
 //! `tiermq backend`: one node of the partitioned, Raft-replicated tier.
 //!
-//! Bootstrap is static: every node is started with the same `--peers` list, computes the same
-//! partition map from it (consistent hashing, `placement.rs`), and opens a Raft group for
-//! each partition it replicates. A node restarted on its data folder rejoins with its log.
+//! A new cluster bootstraps statically: every node is started with the same `--peers` list,
+//! computes the same partition map from it (consistent hashing, `placement.rs`) as membership
+//! epoch 1, and opens a Raft group for each partition it replicates. Later changes go through
+//! the replicated membership record (`tiermq_backend::members`): `--join` adds a node to a
+//! running cluster, `tiermq cluster remove-node` / `evict` take one out. A node restarted on
+//! its data folder uses the newest record it stored (or a newer one a peer reports), not
+//! `--peers`, and rejoins with its log.
 
 use std::net::SocketAddr;
 
 use anyhow::Context;
 use tiermq_backend::cluster::BrokerService;
-use tiermq_backend::placement::{PartitionMap, DEFAULT_VNODES};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tiermq_backend::members::{self, MemberRecord, Members};
+use tiermq_backend::placement::PartitionMap;
 use tiermq_backend::raft::node::{self, ClusterHub, LeaderWork, RaftConfig, RaftHandle};
 use tiermq_backend::raft::transport::{GrpcTransport, RaftService};
 use tiermq_common::config::Settings;
 use tiermq_common::shared_dispatch::carry_out;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::metrics_http::{self, MetricsServer};
 use crate::node_metrics;
@@ -24,7 +32,7 @@ use crate::standalone::local_config;
 /// A running backend node.
 pub struct BackendNode {
     pub handle: RaftHandle,
-    pub map: PartitionMap,
+    pub members: Arc<Members>,
     grpc_addr: SocketAddr,
     shutdown: CancellationToken,
     server: JoinHandle<()>,
@@ -37,16 +45,8 @@ impl BackendNode {
     pub async fn start(settings: &Settings) -> anyhow::Result<BackendNode> {
         let cluster = &settings.cluster;
         cluster.validate_backend()?;
-        let peers = cluster.peer_map()?;
+        let node_id = cluster.node_id;
         let tls = crate::cluster_tls::load(cluster)?;
-        let ids: Vec<u64> = peers.keys().copied().collect();
-        let map = PartitionMap::compute(
-            1,
-            &ids,
-            cluster.partitions,
-            cluster.replication,
-            DEFAULT_VNODES,
-        );
         let dir = &settings.storage.data_dir;
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create data folder {}", dir.display()))?;
@@ -56,27 +56,42 @@ impl BackendNode {
             .mode(sled::Mode::HighThroughput)
             .open()
             .with_context(|| format!("cannot open data folder {}", dir.display()))?;
+        let start = starting_record(settings, &db, tls.as_ref()).await?;
+        let record = start.record;
+        let map = record.map();
         let listener = tokio::net::TcpListener::bind(cluster.grpc_listen)
             .await
             .with_context(|| format!("cannot listen on {}", cluster.grpc_listen))?;
         let grpc_addr = listener.local_addr()?;
-        let transport = GrpcTransport::start(cluster.node_id, &peers, tls.clone());
-        let mut config = RaftConfig::new(cluster.node_id);
+        let transport = GrpcTransport::start(node_id, &record.members, tls.clone());
+        let mut config = RaftConfig::new(node_id);
         config.limits = local_config(settings).limits;
+        // Only a brand-new static cluster bootstraps its groups; everything else learns the
+        // configuration of a replica new to it from the leader's snapshot.
+        config.bootstrap = start.bootstrap;
         let hub = ClusterHub::new();
         let (will_tx, will_rx) = tokio::sync::mpsc::unbounded_channel();
         hub.set_will_sink(will_tx);
-        let handle = node::start(config, db, &map, transport, hub)
+        let handle = node::start(config, db.clone(), &map, transport.clone(), hub)
             .context("cannot start the raft groups")?;
+        let members = Members::new(
+            node_id,
+            db,
+            handle.clone(),
+            transport,
+            tls.clone(),
+            record.clone(),
+        )
+        .map_err(|e| anyhow::anyhow!(e))?;
         let metrics = metrics_http::start(
             &settings.metrics,
-            node_metrics::backend(handle.clone(), &map),
+            node_metrics::backend(handle.clone(), members.clone()),
         )
         .await?;
         let shutdown = CancellationToken::new();
-        let service = RaftService::new(cluster.node_id, handle.clone());
-        let broker = BrokerService::new(handle.clone(), map.clone(), peers.clone());
-        let seeds: Vec<String> = peers.values().cloned().collect();
+        let service = RaftService::new(node_id, handle.clone());
+        let broker = BrokerService::new(handle.clone(), members.clone());
+        let seeds: Vec<String> = record.members.values().cloned().collect();
         tokio::spawn(carry_out_leader_work(
             cluster.node_id,
             seeds,
@@ -108,22 +123,49 @@ impl BackendNode {
                 tracing::error!(error = %e, "gRPC server failed");
             }
         });
+        if let Some(advertise) = start.join {
+            // Serving already: the members start replicating to this node the moment the
+            // change commits.
+            let added = members::request_change(
+                &cluster.join,
+                tls.as_ref(),
+                vec![(node_id, advertise.clone())],
+                Vec::new(),
+                Duration::from_secs(120),
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot join the cluster: {e}"))?;
+            members.adopt(MemberRecord {
+                epoch: added.epoch,
+                partitions: added.partitions,
+                replication: added.replication as usize,
+                members: added.members.into_iter().map(|m| (m.id, m.addr)).collect(),
+            });
+            info!(node = node_id, %advertise, epoch = added.epoch, "joined the cluster");
+        }
+        tokio::spawn(members.clone().run_poller(shutdown.clone()));
         info!(
-            node = cluster.node_id,
+            node = node_id,
             grpc = %grpc_addr,
             tls = tls.is_some(),
-            partitions = map.partitions_of(cluster.node_id).len(),
+            epoch = members.epoch(),
+            partitions = members.map().partitions_of(node_id).len(),
             "tiermq backend running"
         );
         Ok(BackendNode {
             handle,
-            map,
+            members,
             grpc_addr,
             shutdown,
             server,
             metrics,
             leader_transfer: std::time::Duration::from_secs(cluster.leader_transfer_secs),
         })
+    }
+
+    /// The partition map of the newest membership record this node has seen.
+    pub fn map(&self) -> PartitionMap {
+        self.members.map()
     }
 
     pub fn grpc_addr(&self) -> SocketAddr {
@@ -166,6 +208,100 @@ impl BackendNode {
         self.handle.stop().await;
         info!("tiermq backend stopped");
     }
+}
+
+/// What a backend starts from: the membership record, whether its groups bootstrap, and
+/// (when joining) the address to join with.
+struct Start {
+    record: MemberRecord,
+    bootstrap: bool,
+    join: Option<String>,
+}
+
+/// Picks the membership record to start with (see the module docs): the stored one, else the
+/// running cluster's (joining), else the static `--peers` list as epoch 1 — then any newer
+/// record a member reports, so a node that was down during a change does not move replicas
+/// back towards an old map.
+async fn starting_record(
+    settings: &Settings,
+    db: &sled::Db,
+    tls: Option<&tiermq_proto::tls::GrpcTls>,
+) -> anyhow::Result<Start> {
+    let cluster = &settings.cluster;
+    let node_id = cluster.node_id;
+    let stored = MemberRecord::load(db).map_err(|e| anyhow::anyhow!(e))?;
+    let joining = !cluster.join.is_empty()
+        && !stored
+            .as_ref()
+            .is_some_and(|r| r.members.contains_key(&node_id));
+    let mut start = if joining {
+        let advertise = cluster
+            .advertised_addr()?
+            .context("a joining backend needs --advertise")?;
+        info!(seeds = ?cluster.join, "asking the cluster for its membership");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let record = loop {
+            if let Some(r) =
+                members::fetch_newest(&cluster.join, tls, Duration::from_secs(2)).await
+            {
+                break r;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                anyhow::bail!("no member of {:?} answered within 60 s", cluster.join);
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        };
+        Start {
+            record,
+            bootstrap: false,
+            join: Some(advertise),
+        }
+    } else if let Some(record) = stored {
+        let peers = cluster.peer_map()?;
+        if record.epoch == 1 && !peers.is_empty() && peers != record.members {
+            warn!(
+                "--peers differs from the membership stored in the data folder; the stored \
+                 one is used (change members with --join / `tiermq cluster remove-node`)"
+            );
+        }
+        let bootstrap = record.epoch == 1;
+        Start {
+            record,
+            bootstrap,
+            join: None,
+        }
+    } else {
+        Start {
+            record: MemberRecord {
+                epoch: 1,
+                partitions: cluster.partitions,
+                replication: cluster.replication,
+                members: cluster.peer_map()?,
+            },
+            bootstrap: true,
+            join: None,
+        }
+    };
+    if start.join.is_none() {
+        let others: Vec<String> = start
+            .record
+            .members
+            .iter()
+            .filter(|(id, _)| **id != node_id)
+            .map(|(_, a)| a.clone())
+            .collect();
+        if let Some(newer) = members::fetch_newest(&others, tls, Duration::from_secs(1)).await {
+            if newer.epoch > start.record.epoch && newer.partitions == start.record.partitions {
+                info!(
+                    epoch = newer.epoch,
+                    "a member reports a newer membership record; starting from it"
+                );
+                start.record = newer;
+                start.bootstrap = false;
+            }
+        }
+    }
+    Ok(start)
 }
 
 /// Publishes the wills that partitions led by this node fire, through the cluster's normal

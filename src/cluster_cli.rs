@@ -14,6 +14,8 @@
 //!   must receive every message. Exit 0 when it does, 1 otherwise. Scripts use it to wait
 //!   until a cluster serves.
 //!
+//! * `tiermq cluster remove-node <ID>` / `evict <ID>`: scaling in (`membership_cli.rs`).
+//!
 //! [`collect`] and [`probe`] are public so tests and other tools reuse them.
 
 use std::collections::BTreeMap;
@@ -46,6 +48,12 @@ pub enum ClusterCommand {
     Status(StatusArgs),
     /// MQTT round trip through every given frontend (subscribe on each, QoS1 publish on each).
     Probe(ProbeArgs),
+    /// Take a live backend out of the cluster: its replicas move to the other members first
+    /// (the replication factor never drops), then it holds nothing and can be stopped.
+    RemoveNode(crate::membership_cli::RemoveArgs),
+    /// Take a backend that is dead for good out of the cluster and restore the replication
+    /// factor of its partitions; refused while it would leave a partition without a quorum.
+    Evict(crate::membership_cli::RemoveArgs),
 }
 
 #[derive(Args, Debug)]
@@ -93,6 +101,14 @@ pub fn main(args: ClusterArgs) -> ExitCode {
     };
     match args.command {
         ClusterCommand::Status(a) => runtime.block_on(status_main(a)),
+        ClusterCommand::RemoveNode(a) => {
+            drop(runtime);
+            crate::membership_cli::main(crate::membership_cli::Removal::Remove, a)
+        }
+        ClusterCommand::Evict(a) => {
+            drop(runtime);
+            crate::membership_cli::main(crate::membership_cli::Removal::Evict, a)
+        }
         ClusterCommand::Probe(a) => {
             match runtime.block_on(async { probe(&a.frontends, a.timeout).await }) {
                 Ok(()) => {
@@ -259,7 +275,7 @@ pub struct ReplicaStatus {
     pub lag: u64,
 }
 
-async fn cluster_info(
+pub(crate) async fn cluster_info(
     addr: &str,
     timeout: Duration,
     tls: Option<&GrpcTls>,
@@ -272,6 +288,7 @@ async fn cluster_info(
         let info = BrokerClient::new(channel)
             .cluster(ClusterRequest {
                 version: API_VERSION,
+                members_only: false,
             })
             .await
             .map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))?

@@ -166,6 +166,7 @@ async fn cluster_info(
     let info = BrokerClient::new(channel)
         .cluster(ClusterRequest {
             version: tiermq_proto::API_VERSION,
+            members_only: false,
         })
         .await
         .map_err(|e| anyhow::anyhow!("Cluster call failed: {}", e.message()))?

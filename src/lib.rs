@@ -11,6 +11,7 @@ pub mod drain_cli;
 pub mod frontend;
 pub mod health;
 pub mod logging;
+pub mod membership_cli;
 pub mod metrics_http;
 pub mod node_metrics;
 pub mod passwd_cli;

@@ -117,6 +117,14 @@ struct BrokerArgs {
     /// (cluster) Every backend as `id=host:port`, comma separated, e.g. `1=b1:7000,2=b2:7000`.
     #[arg(long, env = "TIERMQ_PEERS", value_delimiter = ',')]
     peers: Option<Vec<String>>,
+    /// (backend) Join a running cluster through any of these members' gRPC addresses,
+    /// comma separated, instead of bootstrapping (needs --advertise). See docs/scaling.md.
+    #[arg(long, env = "TIERMQ_JOIN", value_delimiter = ',')]
+    join: Option<Vec<String>>,
+    /// (backend) This node's gRPC address as the other members reach it, `host:port`
+    /// [default: this node's entry in --peers].
+    #[arg(long, env = "TIERMQ_ADVERTISE")]
+    advertise: Option<String>,
     /// (cluster) Partitions of the cluster, fixed at bootstrap [default: 16].
     #[arg(long, env = "TIERMQ_CLUSTER_PARTITIONS")]
     cluster_partitions: Option<u32>,
@@ -233,6 +241,8 @@ impl BrokerArgs {
             node_id: self.node_id,
             grpc_listen: self.grpc_listen,
             peers: self.peers.clone(),
+            join: self.join.clone(),
+            advertise: self.advertise.clone(),
             cluster_partitions: self.cluster_partitions,
             replication: self.replication,
             backends: self.backends.clone(),

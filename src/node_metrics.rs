@@ -23,7 +23,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 use tiermq_backend::local::LocalBroker;
-use tiermq_backend::placement::PartitionMap;
+use tiermq_backend::members::Members;
 use tiermq_backend::raft::node::RaftHandle;
 use tiermq_frontend::drain::Drain;
 use tiermq_frontend::metrics::FrontendMetrics;
@@ -417,16 +417,28 @@ impl GroupGauges {
 }
 
 /// A backend node's endpoint.
-pub fn backend(handle: RaftHandle, map: &PartitionMap) -> Endpoint {
+pub fn backend(handle: RaftHandle, members: Arc<Members>) -> Endpoint {
     let mut registry = Registry::with_prefix(PREFIX);
     let groups = GroupGauges::default();
     groups.register(&mut registry);
     let epoch = Gauge::<i64>::default();
-    epoch.set(map.epoch as i64);
+    epoch.set(members.epoch() as i64);
     registry.register(
         "partition_map_epoch",
-        "Epoch of the partition map this node uses",
-        epoch,
+        "Epoch of the partition map (membership record) this node uses",
+        epoch.clone(),
+    );
+    let member_count = Gauge::<i64>::default();
+    registry.register(
+        "cluster_members",
+        "Backends in the membership record this node uses",
+        member_count.clone(),
+    );
+    let moving = Gauge::<i64>::default();
+    registry.register(
+        "replica_moves_in_progress",
+        "Groups this node leads whose replicas are still moving to the current map",
+        moving.clone(),
     );
     let frontends = Gauge::<i64>::default();
     registry.register(
@@ -484,13 +496,23 @@ pub fn backend(handle: RaftHandle, map: &PartitionMap) -> Endpoint {
         "Retained messages stored in the partitions this node leads",
         retained.clone(),
     );
-    let partitions = map.partitions_of(handle.node_id());
-    let for_refresh = (handle.clone(), partitions.clone());
+    // Every group number (partitions and the metadata group): the set this node holds
+    // changes as replicas move, and `status` answers only for the ones held here.
+    let groups_total = members.map().groups();
+    let for_refresh = (handle.clone(), members.clone());
     let refresh: Hook<()> = Arc::new(move || {
-        let (handle, partitions) = for_refresh.clone();
+        let (handle, members) = for_refresh.clone();
+        let partitions = 0..groups_total;
         let (groups, frontends) = (groups.clone(), frontends.clone());
         let (load, retained) = (load.clone(), retained.clone());
+        let (epoch, member_count, moving) = (epoch.clone(), member_count.clone(), moving.clone());
         Box::pin(async move {
+            let record = members.record();
+            epoch.set(record.epoch as i64);
+            member_count.set(record.members.len() as i64);
+            if let Some(progress) = handle.move_progress().await {
+                moving.set(progress.moving.len() as i64);
+            }
             frontends.set(handle.hub().connected_frontends().len() as i64);
             let mut led = tiermq_backend::partition::PartitionLoad::default();
             let mut led_retained = 0;
@@ -521,13 +543,14 @@ pub fn backend(handle: RaftHandle, map: &PartitionMap) -> Endpoint {
         })
     });
     let readiness: Hook<Result<(), String>> = Arc::new(move || {
-        let (handle, partitions) = (handle.clone(), partitions.clone());
+        let handle = handle.clone();
         Box::pin(async move {
             let mut leaderless = Vec::new();
-            for p in partitions {
+            for p in 0..groups_total {
                 match handle.status(p).await {
+                    None => {} // not held here
                     Some(s) if s.leader.is_some() => {}
-                    _ => leaderless.push(p.to_string()),
+                    Some(_) => leaderless.push(p.to_string()),
                 }
             }
             if leaderless.is_empty() {

@@ -8,8 +8,9 @@
 //!   cannot know what reached the client; MQTT allows the DUP re-send).
 //! - `Routes`: which filters have subscribers, per partition this node leads.
 //! - `Cluster`: members, the partition map and this node's view of every partition.
+//! - `ChangeMembers`: join / remove / evict, served by the metadata group's leader
+//!   (`crate::members`).
 
-use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -19,16 +20,17 @@ use tiermq_common::partition_api::{Command, Query};
 use tiermq_common::Message;
 use tiermq_proto::broker::broker_server::{Broker, BrokerServer};
 use tiermq_proto::broker::{
-    op, op_reply, ClusterInfo, ClusterRequest, EventBatch, EventsRequest, Member, NotLeader, Op,
-    OpReply, PartitionInfo, RouteUpdate, RoutesAck, RoutesAckReply, RoutesRequest, SessionEventMsg,
-    TransferLeadershipReply, TransferLeadershipRequest,
+    op, op_reply, ChangeMembersReply, ChangeMembersRequest, ClusterInfo, ClusterRequest,
+    EventBatch, EventsRequest, Member, NotLeader, Op, OpReply, PartitionInfo, RouteUpdate,
+    RoutesAck, RoutesAckReply, RoutesRequest, SessionEventMsg, TransferLeadershipReply,
+    TransferLeadershipRequest,
 };
 use tiermq_proto::API_VERSION;
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::debug;
 
-use crate::placement::{NodeId, PartitionMap};
+use crate::members::{ChangeError, MemberRecord, Members};
 use crate::raft::node::{ProposeError, RaftHandle};
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -36,23 +38,25 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 /// The `Broker` service of one backend node.
 pub struct BrokerService {
     handle: RaftHandle,
-    map: PartitionMap,
-    members: BTreeMap<NodeId, String>,
+    members: Arc<Members>,
 }
 
 impl BrokerService {
-    pub fn new(
-        handle: RaftHandle,
-        map: PartitionMap,
-        members: BTreeMap<NodeId, String>,
-    ) -> BrokerServer<BrokerService> {
-        BrokerServer::new(BrokerService {
-            handle,
-            map,
-            members,
-        })
-        .max_decoding_message_size(64 * 1024 * 1024)
+    pub fn new(handle: RaftHandle, members: Arc<Members>) -> BrokerServer<BrokerService> {
+        BrokerServer::new(BrokerService { handle, members })
+            .max_decoding_message_size(64 * 1024 * 1024)
     }
+}
+
+fn member_list(record: &MemberRecord) -> Vec<Member> {
+    record
+        .members
+        .iter()
+        .map(|(id, addr)| Member {
+            id: *id,
+            addr: addr.clone(),
+        })
+        .collect()
 }
 
 fn check_version(v: u32) -> Result<(), Status> {
@@ -100,6 +104,8 @@ impl Broker for BrokerService {
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::unbounded_channel();
         let handle = self.handle.clone();
+        // The metadata group (number P) is not a partition: no frontend op may reach it.
+        let partitions = self.members.record().partitions;
         tokio::spawn(async move {
             let mut waits = FuturesUnordered::new();
             let mut open = true;
@@ -110,6 +116,16 @@ impl Broker for BrokerService {
                             if let Err(status) = check_version(op.version) {
                                 let _ = tx.send(Err(status));
                                 return;
+                            }
+                            if op.partition >= partitions {
+                                let _ = tx.send(Ok(OpReply {
+                                    id: op.id,
+                                    result: Some(op_reply::Result::Error(format!(
+                                        "no partition {}",
+                                        op.partition
+                                    ))),
+                                }));
+                                continue;
                             }
                             if let Some(wait) = submit(&handle, op) {
                                 waits.push(wait);
@@ -238,25 +254,31 @@ impl Broker for BrokerService {
         &self,
         request: Request<ClusterRequest>,
     ) -> Result<Response<ClusterInfo>, Status> {
-        check_version(request.into_inner().version)?;
+        let request = request.into_inner();
+        check_version(request.version)?;
+        let (record, map) = (self.members.record(), self.members.map());
         let mut partition_info = Vec::new();
-        for p in 0..self.map.partitions {
-            let replicas = self.map.replicas_of(p).to_vec();
-            let status = self.handle.status(p).await;
-            partition_info.push(PartitionInfo {
-                partition: p,
-                local_replica: status.is_some(),
-                leader: status.as_ref().and_then(|s| s.leader).unwrap_or(0),
-                term: status.as_ref().map_or(0, |s| s.term),
-                commit: status.as_ref().map_or(0, |s| s.commit),
-                applied: status.as_ref().map_or(0, |s| s.applied),
-                replicas,
-            });
+        if !request.members_only {
+            for p in 0..map.partitions {
+                let replicas = map.replicas_of(p).to_vec();
+                let status = self.handle.status(p).await;
+                partition_info.push(PartitionInfo {
+                    partition: p,
+                    local_replica: status.is_some(),
+                    leader: status.as_ref().and_then(|s| s.leader).unwrap_or(0),
+                    term: status.as_ref().map_or(0, |s| s.term),
+                    commit: status.as_ref().map_or(0, |s| s.commit),
+                    applied: status.as_ref().map_or(0, |s| s.applied),
+                    voters: status.as_ref().map_or(Vec::new(), |s| s.voters.clone()),
+                    learners: status.as_ref().map_or(Vec::new(), |s| s.learners.clone()),
+                    replicas,
+                });
+            }
         }
         Ok(Response::new(ClusterInfo {
-            epoch: self.map.epoch,
-            partitions: self.map.partitions,
-            replication: self.map.replication as u32,
+            epoch: record.epoch,
+            partitions: record.partitions,
+            replication: record.replication as u32,
             node_id: self.handle.node_id(),
             frontends: self
                 .handle
@@ -266,16 +288,45 @@ impl Broker for BrokerService {
                 // Not the backends' own clients (wills, shared subscription steps).
                 .filter(|f| !tiermq_common::session_api::is_internal_frontend(*f))
                 .collect(),
-            members: self
-                .members
-                .iter()
-                .map(|(id, addr)| Member {
-                    id: *id,
-                    addr: addr.clone(),
-                })
-                .collect(),
+            members: member_list(&record),
             partition_info,
         }))
+    }
+
+    async fn change_members(
+        &self,
+        request: Request<ChangeMembersRequest>,
+    ) -> Result<Response<ChangeMembersReply>, Status> {
+        let req = request.into_inner();
+        check_version(req.version)?;
+        let add = req.add.into_iter().map(|m| (m.id, m.addr)).collect();
+        let outcome = self.members.change(add, req.remove).await;
+        let record = self.members.record();
+        let mut reply = ChangeMembersReply {
+            applied: false,
+            epoch: record.epoch,
+            members: member_list(&record),
+            leader: 0,
+            leader_addr: String::new(),
+            error: String::new(),
+            partitions: record.partitions,
+            replication: record.replication as u32,
+        };
+        match outcome {
+            Ok(done) => {
+                reply.applied = true;
+                reply.epoch = done.epoch;
+                reply.members = member_list(&done);
+            }
+            Err(ChangeError::NotLeader(leader)) => {
+                let leader = leader.unwrap_or(0);
+                reply.leader = leader;
+                reply.leader_addr = record.members.get(&leader).cloned().unwrap_or_default();
+            }
+            Err(ChangeError::Invalid(e)) => reply.error = e,
+            Err(ChangeError::Failed(e)) => return Err(Status::unavailable(e)),
+        }
+        Ok(Response::new(reply))
     }
 }
 

@@ -8,6 +8,7 @@
 
 pub mod cluster;
 pub mod local;
+pub mod members;
 pub mod partition;
 pub mod placement;
 pub mod raft;

@@ -193,6 +193,33 @@ impl PartitionMap {
         }
     }
 
+    /// Like [`PartitionMap::compute`], plus one more Raft group after the last partition: the
+    /// **metadata group** (number `partitions`), which holds the membership record
+    /// (`crate::members`). It is placed like a partition (ring position of
+    /// `partition-<P>`), so it moves with the members like any other group; frontends never
+    /// route to it because `partitions` (what keys hash over) stays P.
+    pub fn compute_with_metadata(
+        epoch: u64,
+        nodes: &[NodeId],
+        partitions: u32,
+        replication: usize,
+        vnodes: usize,
+    ) -> PartitionMap {
+        let mut map = Self::compute(epoch, nodes, partitions + 1, replication, vnodes);
+        map.partitions = partitions;
+        map
+    }
+
+    /// The metadata group's number, if this map places one.
+    pub fn metadata_group(&self) -> Option<u32> {
+        (self.replicas.len() > self.partitions as usize).then_some(self.partitions)
+    }
+
+    /// Every Raft group the map places: the partitions and, if present, the metadata group.
+    pub fn groups(&self) -> u32 {
+        self.replicas.len() as u32
+    }
+
     /// The replicas of `partition`, preferred leader first; empty if there is no such
     /// partition (or no nodes), so a bogus partition number from the wire cannot panic.
     pub fn replicas_of(&self, partition: u32) -> &[NodeId] {
@@ -201,9 +228,10 @@ impl PartitionMap {
             .map_or(&[], Vec::as_slice)
     }
 
-    /// The partitions where `node` is a replica, ascending.
+    /// The groups (partitions and the metadata group, if placed) where `node` is a replica,
+    /// ascending.
     pub fn partitions_of(&self, node: NodeId) -> Vec<u32> {
-        (0..self.partitions)
+        (0..self.groups())
             .filter(|&p| self.replicas_of(p).contains(&node))
             .collect()
     }

@@ -322,8 +322,17 @@ pub struct ClusterSettings {
     pub node_id: u64,
     /// gRPC address of this backend (Raft between backends, and the frontend API).
     pub grpc_listen: SocketAddr,
-    /// Every backend of the cluster as `id=host:port`, this one included.
+    /// Every backend of the cluster as `id=host:port`, this one included (the static
+    /// bootstrap; once the membership record has changed, the record stored in the data
+    /// folder wins).
     pub peers: Vec<String>,
+    /// (backend) Join a running cluster through any of these members' gRPC addresses instead
+    /// of bootstrapping one (`tiermq backend --join`). Needs `advertise` (or this node in
+    /// `peers`).
+    pub join: Vec<String>,
+    /// (backend) This node's gRPC address as the other members reach it, `host:port`
+    /// [default: this node's entry in `peers`].
+    pub advertise: Option<String>,
     /// Partitions of the cluster; fixed at bootstrap.
     pub partitions: u32,
     /// Replicas per partition (Raft group size).
@@ -362,6 +371,8 @@ impl Default for ClusterSettings {
             node_id: 0,
             grpc_listen: "0.0.0.0:7000".parse().expect("valid default address"),
             peers: Vec::new(),
+            join: Vec::new(),
+            advertise: None,
             partitions: 16,
             replication: 3,
             leader_transfer_secs: 5,
@@ -426,6 +437,14 @@ impl ClusterSettings {
         Ok(())
     }
 
+    /// This backend's address for the other members: `advertise`, else its `peers` entry.
+    pub fn advertised_addr(&self) -> Result<Option<String>, ConfigError> {
+        if let Some(a) = &self.advertise {
+            return Ok(Some(a.clone()));
+        }
+        Ok(self.peer_map()?.get(&self.node_id).cloned())
+    }
+
     /// Checks what a backend node needs.
     pub fn validate_backend(&self) -> Result<(), ConfigError> {
         let peers = self.peer_map()?;
@@ -435,7 +454,24 @@ impl ClusterSettings {
                 message: "a backend needs --node-id (1, 2, ...)".into(),
             });
         }
-        if !peers.contains_key(&self.node_id) {
+        if let Some(a) = &self.advertise {
+            if a.trim().is_empty() || !a.contains(':') {
+                return Err(ConfigError::Invalid {
+                    name: "cluster.advertise",
+                    message: format!("`{a}` is not `host:port`"),
+                });
+            }
+        }
+        if !self.join.is_empty() {
+            if self.advertised_addr()?.is_none() {
+                return Err(ConfigError::Invalid {
+                    name: "cluster.advertise",
+                    message: "a joining backend needs --advertise host:port (its gRPC address \
+                              as the other members reach it)"
+                        .into(),
+                });
+            }
+        } else if !peers.contains_key(&self.node_id) {
             return Err(ConfigError::Invalid {
                 name: "cluster.peers",
                 message: format!("must list this node ({}) as `id=host:port`", self.node_id),
@@ -636,6 +672,8 @@ pub struct Overrides {
     pub node_id: Option<u64>,
     pub grpc_listen: Option<SocketAddr>,
     pub peers: Option<Vec<String>>,
+    pub join: Option<Vec<String>>,
+    pub advertise: Option<String>,
     pub cluster_partitions: Option<u32>,
     pub replication: Option<usize>,
     pub leader_transfer_secs: Option<u64>,
@@ -782,6 +820,10 @@ impl Settings {
         set!(self.cluster.node_id, o.node_id);
         set!(self.cluster.grpc_listen, o.grpc_listen);
         set!(self.cluster.peers, o.peers);
+        set!(self.cluster.join, o.join);
+        if o.advertise.is_some() {
+            self.cluster.advertise = o.advertise.clone();
+        }
         set!(self.cluster.partitions, o.cluster_partitions);
         set!(self.cluster.replication, o.replication);
         set!(self.cluster.leader_transfer_secs, o.leader_transfer_secs);

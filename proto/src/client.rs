@@ -1074,6 +1074,7 @@ async fn fetch_info(addr: &str, tls: Option<&GrpcTls>) -> Result<ClusterInfo, St
     client
         .cluster(ClusterRequest {
             version: API_VERSION,
+            members_only: false,
         })
         .await
         .map(|r| r.into_inner())

@@ -77,6 +77,11 @@ pub struct RaftConfig {
     pub frontend_lease: Duration,
     /// Pacing of replica moves (`membership.rs`).
     pub membership: MembershipConfig,
+    /// Whether a group placed here with empty storage starts with the map's replicas as its
+    /// voters (the static bootstrap of a new cluster, map epoch 1). False for a node that
+    /// joins a running cluster or restarts under a later map: its new replicas start empty
+    /// and learn the configuration from the leader's snapshot.
+    pub bootstrap: bool,
 }
 
 impl RaftConfig {
@@ -92,6 +97,7 @@ impl RaftConfig {
             sm_tick_interval: Duration::from_millis(500),
             frontend_lease: Duration::from_secs(3),
             membership: MembershipConfig::default(),
+            bootstrap: true,
         }
     }
 }
@@ -123,6 +129,8 @@ pub struct GroupStatus {
     /// Index of the latest snapshot stored or installed (0: none).
     pub snapshot_index: u64,
     pub voters: Vec<NodeId>,
+    /// Replicas being caught up before they become voters (a move in progress).
+    pub learners: Vec<NodeId>,
     /// Session totals of this replica's state machine (every replica applies the same log, so
     /// followers report the leader's numbers, up to their lag: sum over leaders only).
     pub load: PartitionLoad,
@@ -646,6 +654,7 @@ impl Group {
             last_index: raft.raft_log.last_index(),
             snapshot_index: self.storage.snapshot_metadata().index,
             voters: raft.prs().conf().voters().ids().iter().collect(),
+            learners: raft.prs().conf().learners().iter().copied().collect(),
             load: self.sm.load(),
             retained: self.sm.retained_count() as u64,
         }
@@ -909,7 +918,7 @@ pub fn start(
             &db,
             &logger,
             partition,
-            Some(map.replicas_of(partition)),
+            config.bootstrap.then(|| map.replicas_of(partition)),
         )?;
         groups.insert(partition, group);
     }

@@ -5,10 +5,15 @@
 //! peer's outbound queue is bounded: when a peer is slow or down, batches are dropped rather
 //! than buffered without limit — Raft re-sends what matters (heartbeats, appends, snapshots).
 //! A broken stream is re-opened with exponential backoff.
+//!
+//! Peers can be added while running ([`GrpcTransport::add_peer`]): a node learns the members
+//! of a newer membership record (`crate::members`) and must reach nodes that joined after it
+//! started. Peers are never dropped: a removed node may still hold replicas until the moves
+//! away from it finish, and a stream to a node that is gone costs one idle task.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use raft::prelude::Message as RaftMessage;
@@ -30,8 +35,15 @@ const PEER_QUEUE: usize = 1024;
 /// The sending side: one queue and one stream task per peer.
 pub struct GrpcTransport {
     node_id: NodeId,
-    peers: BTreeMap<NodeId, mpsc::Sender<RaftBatch>>,
+    peers: RwLock<BTreeMap<NodeId, Peer>>,
+    tls: Option<GrpcTls>,
     dropped: AtomicU64,
+}
+
+/// One peer's address and outbound queue (its stream task ends when the queue is dropped).
+struct Peer {
+    addr: String,
+    queue: mpsc::Sender<RaftBatch>,
 }
 
 impl GrpcTransport {
@@ -43,20 +55,39 @@ impl GrpcTransport {
         peers: &BTreeMap<NodeId, String>,
         tls: Option<GrpcTls>,
     ) -> Arc<GrpcTransport> {
-        let mut queues = BTreeMap::new();
-        for (&id, addr) in peers {
-            if id == node_id {
-                continue;
-            }
-            let (tx, rx) = mpsc::channel(PEER_QUEUE);
-            queues.insert(id, tx);
-            tokio::spawn(peer_stream(id, addr.clone(), rx, tls.clone()));
-        }
-        Arc::new(GrpcTransport {
+        let transport = Arc::new(GrpcTransport {
             node_id,
-            peers: queues,
+            peers: RwLock::new(BTreeMap::new()),
+            tls,
             dropped: AtomicU64::new(0),
-        })
+        });
+        for (&id, addr) in peers {
+            transport.add_peer(id, addr);
+        }
+        transport
+    }
+
+    /// Starts sending to `id` at `addr`. A known peer at the same address is left alone; at a
+    /// new address its stream is replaced. This node's own id is ignored.
+    pub fn add_peer(&self, id: NodeId, addr: &str) {
+        if id == self.node_id {
+            return;
+        }
+        let mut peers = self.peers.write().unwrap_or_else(|e| e.into_inner());
+        if peers.get(&id).is_some_and(|p| p.addr == addr) {
+            return;
+        }
+        let (tx, rx) = mpsc::channel(PEER_QUEUE);
+        info!(peer = id, %addr, "raft peer added");
+        // Replacing the entry drops the old queue, which ends the old stream task.
+        peers.insert(
+            id,
+            Peer {
+                addr: addr.to_string(),
+                queue: tx,
+            },
+        );
+        tokio::spawn(peer_stream(id, addr.to_string(), rx, self.tls.clone()));
     }
 
     /// Batches dropped because a peer's queue was full.
@@ -67,8 +98,12 @@ impl GrpcTransport {
 
 impl Transport for GrpcTransport {
     fn send(&self, to: NodeId, messages: Vec<(u32, RaftMessage)>) {
-        let Some(queue) = self.peers.get(&to) else {
-            return;
+        let queue = {
+            let peers = self.peers.read().unwrap_or_else(|e| e.into_inner());
+            match peers.get(&to) {
+                Some(p) => p.queue.clone(),
+                None => return,
+            }
         };
         let batch = RaftBatch {
             version: API_VERSION,
