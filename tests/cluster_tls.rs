@@ -118,6 +118,7 @@ async fn grpc_server_refuses_clients_without_a_cluster_certificate() {
         Ok(ch) => tiermq_proto::broker::broker_client::BrokerClient::new(ch)
             .cluster(tiermq_proto::broker::ClusterRequest {
                 version: tiermq_proto::API_VERSION,
+                members_only: false,
             })
             .await
             .is_err(),
