@@ -8,18 +8,26 @@
 //! - keeps a route table (filter → partitions with a subscriber) fed by the watches, and sends
 //!   a publish to the partitions it matches — plus every partition whose routes it does not
 //!   know right now (no leader seen), so a stale table costs traffic, never a delivery;
-//! - hands events to the connection that owns `(client id, epoch)`.
+//! - hands events to the connection that owns `(client id, epoch)`;
+//! - follows membership changes (backends joining, leaving, moving address): see
+//!   [`membership`].
 //!
 //! Backend nodes use the same client to publish wills.
+
+mod membership;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Unit;
 use tiermq_common::hashing::partition_of;
@@ -35,7 +43,7 @@ use tiermq_common::session_api::{
 use tiermq_common::shared_dispatch::{update_memberships, PartitionCaller};
 use tiermq_common::trie::TopicTrie;
 use tiermq_common::{Message, QoS, ReasonCode};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tonic::transport::Channel;
 use tracing::{debug, info};
 
@@ -55,6 +63,9 @@ enum Outcome {
     Reply(Vec<u8>),
     NotLeader(u64),
     Unavailable(String),
+    /// Not sent: the client has no link to the node (a hint named a node that joined after
+    /// the client's last read of the membership record).
+    UnknownNode,
 }
 
 type OpSender = mpsc::UnboundedSender<(Op, Option<oneshot::Sender<Outcome>>)>;
@@ -102,6 +113,10 @@ struct Pipe {
     failed_node: u64,
     hint: u64,
     attempts: usize,
+    /// Nodes tried in a row that neither answered nor named a leader (unreachable, or "not
+    /// the leader, no idea who is"). Reaching the replica count means every replica this
+    /// client knows failed: the map it holds may be stale, so it asks for a fresh one.
+    dead_ends: usize,
 }
 
 /// Routes as learned from the partitions' leaders.
@@ -112,13 +127,22 @@ struct Routes {
     known_from: Vec<Option<u64>>,
 }
 
+/// Lock order, where more than one is taken: a pipe → `nodes` → `routes` → `leaders` →
+/// `replicas`. None is held across an await; the hot path takes one pipe's mutex and the
+/// `nodes` read lock (to find the node's queue).
 struct Inner {
     frontend_id: u64,
+    /// Fixed for the cluster's life (membership changes move replicas, not keys).
     partitions: u32,
-    replicas: Vec<Vec<u64>>,
+    /// The target replicas of each partition in the map of `membership`'s epoch: the
+    /// candidates a pipe tries when it has no leader hint.
+    replicas: RwLock<Vec<Vec<u64>>>,
     leaders: RwLock<Vec<u64>>,
     pipes: Vec<Mutex<Pipe>>,
-    nodes: BTreeMap<u64, OpSender>,
+    /// The backends this client has streams to: the members of the record it holds, plus
+    /// removed ones still leading a partition (see [`membership`]).
+    nodes: RwLock<BTreeMap<u64, membership::NodeLink>>,
+    membership: membership::MapState,
     routes: RwLock<Routes>,
     sessions: Mutex<Sessions>,
     /// Per publisher: the phases of its latest multi-partition QoS2 publish.
@@ -134,19 +158,33 @@ struct MethodLabel {
     method: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
 /// How long this client's calls to the backends take, by method
 /// (`tiermq_grpc_client_call_duration_seconds`): from the call to its answer, retries on
 /// other replicas included — what a connection handler waits, not one network round trip.
-/// Clones share the values.
+/// Also the membership record the client follows: its epoch
+/// (`tiermq_cluster_map_epoch`), its backends (`tiermq_cluster_map_members`) and the
+/// re-reads of it (`tiermq_cluster_map_refreshes_total{outcome}`), so an operator sees that
+/// every frontend took up a join or a removal. Clones share the values.
 #[derive(Clone, Debug)]
 pub struct ClientMetrics {
     calls: Family<MethodLabel, Histogram>,
+    map_epoch: Gauge,
+    map_members: Gauge,
+    map_refreshes: Family<OutcomeLabel, Counter>,
 }
 
 impl Default for ClientMetrics {
     fn default() -> Self {
         ClientMetrics {
             calls: Family::new_with_constructor(latency_histogram),
+            map_epoch: Gauge::default(),
+            map_members: Gauge::default(),
+            map_refreshes: Family::default(),
         }
     }
 }
@@ -163,11 +201,48 @@ impl ClientMetrics {
             Some(&Unit::Seconds),
             self.calls.metric_type(),
         )?;
-        self.calls.encode(metric)
+        self.calls.encode(metric)?;
+        let metric = encoder.encode_descriptor(
+            "cluster_map_epoch",
+            "Epoch of the membership record (member set and partition map) this node's \
+             cluster client routes by; grows with every join, removal or eviction",
+            None,
+            self.map_epoch.metric_type(),
+        )?;
+        self.map_epoch.encode(metric)?;
+        let metric = encoder.encode_descriptor(
+            "cluster_map_members",
+            "Backends in the membership record this node's cluster client holds",
+            None,
+            self.map_members.metric_type(),
+        )?;
+        self.map_members.encode(metric)?;
+        let metric = encoder.encode_descriptor(
+            "cluster_map_refreshes",
+            "Re-reads of the membership record by this node's cluster client (every second, \
+             and at once when a node names an unknown leader or every replica fails), by \
+             outcome: newer (taken up), unchanged, failed (no backend answered) or refused \
+             (another partition count)",
+            None,
+            self.map_refreshes.metric_type(),
+        )?;
+        self.map_refreshes.encode(metric)
     }
 
     fn method(&self, method: &'static str) -> Histogram {
         self.calls.get_or_create_owned(&MethodLabel { method })
+    }
+
+    /// The record epoch this client holds (0 before it holds one).
+    pub fn map_epoch(&self) -> u64 {
+        self.map_epoch.get().max(0) as u64
+    }
+
+    /// Re-reads of the record with `outcome` (`newer`, `unchanged`, `failed`, `refused`).
+    pub fn map_refreshes(&self, outcome: &'static str) -> u64 {
+        self.map_refreshes
+            .get_or_create(&OutcomeLabel { outcome })
+            .get()
     }
 }
 
@@ -208,12 +283,25 @@ pub struct ClusterClient {
 impl ClusterClient {
     /// Connects to the cluster through any of `seeds` (`host:port` of backend nodes), learns
     /// the members and the partition map, and opens the per-node streams. With `tls`, every
-    /// stream runs over mutual TLS (see [`crate::tls`]).
+    /// stream runs over mutual TLS (see [`crate::tls`]). From then on the client follows the
+    /// membership record (see [`membership`]); `seeds` stay a last resort to read it from.
     pub async fn connect(
         seeds: &[String],
         frontend_id: u64,
         wait: Duration,
         tls: Option<GrpcTls>,
+    ) -> Result<Self, String> {
+        Self::connect_with(seeds, frontend_id, wait, tls, membership::REFRESH_EVERY).await
+    }
+
+    /// [`Self::connect`] with the period of the membership re-read (tests shorten or stretch
+    /// it to tell the periodic re-read from the triggered one).
+    async fn connect_with(
+        seeds: &[String],
+        frontend_id: u64,
+        wait: Duration,
+        tls: Option<GrpcTls>,
+        refresh_every: Duration,
     ) -> Result<Self, String> {
         let deadline = Instant::now() + wait;
         loop {
@@ -223,7 +311,8 @@ impl ClusterClient {
                     Ok(info) => {
                         last.clear();
                         if info.partition_info.len() == info.partitions as usize {
-                            return Ok(Self::from_info(info, frontend_id, tls));
+                            let state = membership::MapState::new(seeds.to_vec(), refresh_every);
+                            return Ok(Self::from_info(info, frontend_id, tls, state));
                         }
                     }
                     Err(e) => last = format!("{seed}: {e}"),
@@ -236,28 +325,23 @@ impl ClusterClient {
         }
     }
 
-    fn from_info(info: ClusterInfo, frontend_id: u64, tls: Option<GrpcTls>) -> Self {
+    fn from_info(
+        info: ClusterInfo,
+        frontend_id: u64,
+        tls: Option<GrpcTls>,
+        membership: membership::MapState,
+    ) -> Self {
         let partitions = info.partitions;
-        let mut replicas = vec![Vec::new(); partitions as usize];
         let mut leaders = vec![0; partitions as usize];
         for p in &info.partition_info {
-            if let Some(slot) = replicas.get_mut(p.partition as usize) {
-                *slot = p.replicas.clone();
-                leaders[p.partition as usize] = p.leader;
+            if let Some(slot) = leaders.get_mut(p.partition as usize) {
+                *slot = p.leader;
             }
-        }
-        let mut nodes = BTreeMap::new();
-        let mut addrs = BTreeMap::new();
-        for m in &info.members {
-            let (tx, rx) = mpsc::unbounded_channel();
-            nodes.insert(m.id, tx);
-            addrs.insert(m.id, m.addr.clone());
-            tokio::spawn(op_stream(m.id, m.addr.clone(), rx, tls.clone()));
         }
         let inner = Arc::new(Inner {
             frontend_id,
             partitions,
-            replicas,
+            replicas: RwLock::new(vec![Vec::new(); partitions as usize]),
             pipes: leaders
                 .iter()
                 .map(|l| {
@@ -268,7 +352,8 @@ impl ClusterClient {
                 })
                 .collect(),
             leaders: RwLock::new(leaders),
-            nodes,
+            nodes: RwLock::new(BTreeMap::new()),
+            membership,
             routes: RwLock::new(Routes {
                 trie: TopicTrie::new(),
                 filters: vec![HashSet::new(); partitions as usize],
@@ -280,13 +365,14 @@ impl ClusterClient {
             metrics: ClientMetrics::default(),
             tls,
         });
-        for (id, addr) in addrs {
-            tokio::spawn(route_watch(Arc::downgrade(&inner), id, addr.clone()));
-            tokio::spawn(event_stream(Arc::downgrade(&inner), id, addr));
-        }
+        // The first record goes through the same path as every later one: its members are
+        // "new", so they get their streams exactly like a backend that joins later.
+        inner.apply_info(&info);
+        tokio::spawn(membership::refresher(Arc::downgrade(&inner)));
         info!(
             partitions,
-            nodes = inner.nodes.len(),
+            epoch = info.epoch,
+            nodes = inner.nodes.read().unwrap_or_else(|e| e.into_inner()).len(),
             "connected to the cluster"
         );
         ClusterClient { inner }
@@ -349,13 +435,16 @@ impl ClusterClient {
             partition,
             kind: Some(kind),
         };
-        match self.inner.nodes.get(&node) {
-            Some(q) => {
-                let _ = q.send((op, tx));
+        let nodes = self.inner.nodes.read().unwrap_or_else(|e| e.into_inner());
+        match nodes.get(&node) {
+            Some(link) => {
+                // A closed stream drops `tx`: the waiter sees "stream closed" and retries.
+                let _ = link.ops.send((op, tx));
             }
             None => {
+                drop(nodes);
                 if let Some(tx) = tx {
-                    let _ = tx.send(Outcome::Unavailable(format!("unknown node {node}")));
+                    let _ = tx.send(Outcome::UnknownNode);
                 }
             }
         }
@@ -459,19 +548,33 @@ impl ClusterClient {
             .unwrap_or_else(|e| e.into_inner());
         pipe.inflight = pipe.inflight.saturating_sub(1);
         let mut held = held;
+        // Never sent: the node is not to be avoided next time (it was never tried), and it
+        // says nothing about the replicas.
+        let never_sent = matches!(outcome, Outcome::UnknownNode);
         let hint = match outcome {
             Outcome::Reply(bytes) => {
                 if let Some(done) = held.done.take() {
                     let _ = done.send(Ok(bytes));
                 }
+                pipe.dead_ends = 0;
                 None
             }
             Outcome::NotLeader(hint) => {
                 debug!(partition, node, hint, "not the leader");
+                if hint != 0 && !self.inner.knows(hint) {
+                    // A leader this client has no address for: it joined after our last
+                    // read of the record.
+                    self.inner.wake_refresh();
+                }
                 Some(hint)
             }
             Outcome::Unavailable(why) => {
                 debug!(partition, node, %why, "node unavailable");
+                Some(0)
+            }
+            Outcome::UnknownNode => {
+                debug!(partition, node, "no link to the node yet");
+                self.inner.wake_refresh();
                 Some(0)
             }
         };
@@ -487,8 +590,21 @@ impl ClusterClient {
             }
             if !pipe.switching && pipe.node == node {
                 pipe.switching = true;
-                pipe.failed_node = node;
+                pipe.failed_node = if never_sent { 0 } else { node };
                 pipe.hint = hint;
+                if hint == 0 && !never_sent {
+                    pipe.dead_ends += 1;
+                    let known = self
+                        .inner
+                        .replicas
+                        .read()
+                        .unwrap_or_else(|e| e.into_inner())[partition as usize]
+                        .len();
+                    if pipe.dead_ends >= known.max(1) {
+                        pipe.dead_ends = 0;
+                        self.inner.wake_refresh();
+                    }
+                }
             }
         }
         // Switch only once nothing is in flight to the old node: an answer still to come from
@@ -506,7 +622,13 @@ impl ClusterClient {
         let client = self.clone();
         tokio::spawn(async move {
             if !delay.is_zero() {
-                tokio::time::sleep(delay).await;
+                // A newer membership record ends the back-off: the node the pipe was waiting
+                // for may just have become reachable.
+                let taken_up = client.inner.membership.taken_up.clone();
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = taken_up.notified() => {}
+                }
             }
             client.switch(partition);
         });
@@ -523,15 +645,21 @@ impl ClusterClient {
         }
         let cached =
             self.inner.leaders.read().unwrap_or_else(|e| e.into_inner())[partition as usize];
-        let replicas = &self.inner.replicas[partition as usize];
+        let replicas = self
+            .inner
+            .replicas
+            .read()
+            .unwrap_or_else(|e| e.into_inner())[partition as usize]
+            .clone();
         let node = if pipe.hint != 0 && pipe.hint != pipe.failed_node {
             pipe.hint
         } else if cached != 0 && cached != pipe.failed_node {
             cached
         } else {
-            // No better idea: the next replica after the one that failed.
+            // No better idea: the next replica after the one that failed (or, when that one
+            // is not a replica, one further along with every attempt).
             let pos = replicas.iter().position(|r| *r == pipe.failed_node);
-            let next = pos.map_or(0, |i| i + 1) + pipe.attempts;
+            let next = pos.map_or(pipe.attempts, |i| i + 1);
             replicas
                 .get(next % replicas.len().max(1))
                 .copied()
@@ -1081,7 +1209,9 @@ async fn fetch_info(addr: &str, tls: Option<&GrpcTls>) -> Result<ClusterInfo, St
         .map_err(|e| e.message().to_string())
 }
 
-/// Keeps the ordered operation stream to one node and matches replies to waiters.
+/// Keeps the ordered operation stream to one node and matches replies to waiters. Ends when
+/// the node's link is closed (its queue's sender dropped: the node left, moved address, or
+/// the client was dropped); operations still waiting then fail over like on a lost stream.
 async fn op_stream(
     node: u64,
     addr: String,
@@ -1090,13 +1220,21 @@ async fn op_stream(
 ) {
     let mut backoff = Duration::from_millis(50);
     loop {
+        if queue.is_closed() && queue.is_empty() {
+            return;
+        }
         let channel = match channel_to(&addr, tls.as_ref()).await {
             Ok(c) => c,
             Err(e) => {
                 // Fail what is queued: the callers retry on another replica.
-                while let Ok((_, tx)) = queue.try_recv() {
-                    if let Some(tx) = tx {
-                        let _ = tx.send(Outcome::Unavailable(e.to_string()));
+                loop {
+                    match queue.try_recv() {
+                        Ok((_, Some(tx))) => {
+                            let _ = tx.send(Outcome::Unavailable(e.to_string()));
+                        }
+                        Ok((_, None)) => {}
+                        Err(mpsc::error::TryRecvError::Empty) => break,
+                        Err(mpsc::error::TryRecvError::Disconnected) => return,
                     }
                 }
                 tokio::time::sleep(backoff).await;
@@ -1194,7 +1332,18 @@ fn apply_route_update(inner: &Inner, node: u64, u: crate::broker::RouteUpdate) {
 }
 
 /// Follows one node's route changes into the shared table, acknowledging each.
-async fn route_watch(inner: std::sync::Weak<Inner>, node: u64, addr: String) {
+///
+/// `generation` names the link this task belongs to: an update is applied only while that
+/// link is the node's current one (checked under the `nodes` lock), so the watch of an old
+/// address cannot write into the table after the node's entries were reset for the new one.
+/// Once the node is retired (left the record) a broken stream is not reopened.
+async fn route_watch(
+    inner: Weak<Inner>,
+    node: u64,
+    addr: String,
+    generation: u64,
+    mut control: watch::Receiver<bool>,
+) {
     loop {
         let Some(alive) = inner.upgrade() else {
             return;
@@ -1206,27 +1355,45 @@ async fn route_watch(inner: std::sync::Weak<Inner>, node: u64, addr: String) {
             .wrapping_add(node);
         let tls = alive.tls.clone();
         drop(alive);
-        let (stream, mut acker) = match channel_to(&addr, tls.as_ref()).await {
-            Ok(ch) => (
-                BrokerClient::new(ch.clone())
-                    .routes(RoutesRequest {
-                        version: API_VERSION,
-                        watcher_id,
-                    })
-                    .await
-                    .map(|r| r.into_inner()),
-                Some(BrokerClient::new(ch)),
-            ),
-            Err(e) => (Err(tonic::Status::unavailable(e.to_string())), None),
+        let open = async {
+            match channel_to(&addr, tls.as_ref()).await {
+                Ok(ch) => (
+                    BrokerClient::new(ch.clone())
+                        .routes(RoutesRequest {
+                            version: API_VERSION,
+                            watcher_id,
+                        })
+                        .await
+                        .map(|r| r.into_inner()),
+                    Some(BrokerClient::new(ch)),
+                ),
+                Err(e) => (Err(tonic::Status::unavailable(e.to_string())), None),
+            }
+        };
+        let (stream, mut acker) = tokio::select! {
+            opened = open => opened,
+            _ = membership::closed(&mut control) => return,
         };
         if let Ok(mut stream) = stream {
-            while let Ok(Some(u)) = stream.message().await {
+            loop {
+                let u = tokio::select! {
+                    m = stream.message() => match m {
+                        Ok(Some(u)) => u,
+                        _ => break,
+                    },
+                    _ = membership::closed(&mut control) => return,
+                };
                 let seq = u.seq;
                 tracing::trace!(node, seq, partition = u.partition, "route update");
-                match inner.upgrade() {
-                    Some(inner) => apply_route_update(&inner, node, u),
-                    None => return,
+                let Some(alive) = inner.upgrade() else { return };
+                {
+                    let nodes = alive.nodes.read().unwrap_or_else(|e| e.into_inner());
+                    if nodes.get(&node).map(|l| l.generation) != Some(generation) {
+                        return;
+                    }
+                    apply_route_update(&alive, node, u);
                 }
+                drop(alive);
                 if let Some(acker) = acker.as_mut() {
                     let r = acker
                         .ack_routes(RoutesAck {
@@ -1241,6 +1408,10 @@ async fn route_watch(inner: std::sync::Weak<Inner>, node: u64, addr: String) {
         }
         // The stream broke: whatever this node told us is no longer known.
         if let Some(inner) = inner.upgrade() {
+            let nodes = inner.nodes.read().unwrap_or_else(|e| e.into_inner());
+            if nodes.get(&node).map(|l| l.generation) != Some(generation) {
+                return;
+            }
             let mut routes = inner.routes.write().unwrap_or_else(|e| e.into_inner());
             for k in routes.known_from.iter_mut() {
                 if *k == Some(node) {
@@ -1248,59 +1419,97 @@ async fn route_watch(inner: std::sync::Weak<Inner>, node: u64, addr: String) {
                 }
             }
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        if *control.borrow() {
+            // Retired: it led nothing we can still hear about; the refresher closes the link.
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = membership::closed(&mut control) => return,
+        }
     }
 }
 
-/// Receives one node's events for this frontend's sessions.
-async fn event_stream(inner: std::sync::Weak<Inner>, node: u64, addr: String) {
+/// Receives one node's events for this frontend's sessions. Ends with the node's link; a
+/// retired node's broken stream is not reopened (see [`route_watch`]).
+async fn event_stream(
+    inner: Weak<Inner>,
+    node: u64,
+    addr: String,
+    mut control: watch::Receiver<bool>,
+) {
     loop {
         let Some(alive) = inner.upgrade() else { return };
         let frontend_id = alive.frontend_id;
         let tls = alive.tls.clone();
         drop(alive);
-        let stream = match channel_to(&addr, tls.as_ref()).await {
-            Ok(ch) => BrokerClient::new(ch)
-                .max_decoding_message_size(64 * 1024 * 1024)
-                .events(EventsRequest {
-                    version: API_VERSION,
-                    frontend_id,
-                })
-                .await
-                .map(|r| r.into_inner()),
-            Err(e) => Err(tonic::Status::unavailable(e.to_string())),
+        let open = async {
+            match channel_to(&addr, tls.as_ref()).await {
+                Ok(ch) => BrokerClient::new(ch)
+                    .max_decoding_message_size(64 * 1024 * 1024)
+                    .events(EventsRequest {
+                        version: API_VERSION,
+                        frontend_id,
+                    })
+                    .await
+                    .map(|r| r.into_inner()),
+                Err(e) => Err(tonic::Status::unavailable(e.to_string())),
+            }
+        };
+        let stream = tokio::select! {
+            opened = open => opened,
+            _ = membership::closed(&mut control) => return,
         };
         match stream {
             Ok(mut stream) => {
                 debug!(node, "event stream open");
-                while let Ok(Some(batch)) = stream.message().await {
+                loop {
+                    let batch = tokio::select! {
+                        m = stream.message() => match m {
+                            Ok(Some(batch)) => batch,
+                            _ => break,
+                        },
+                        _ = membership::closed(&mut control) => return,
+                    };
                     let Some(inner) = inner.upgrade() else { return };
-                    let mut s = inner.sessions.lock().unwrap_or_else(|e| e.into_inner());
-                    for e in batch.events {
-                        let Ok(event) = postcard::from_bytes::<SessionEvent>(&e.event) else {
-                            continue;
-                        };
-                        let client_id: Arc<str> = Arc::from(e.client_id.as_str());
-                        match s.live.get(&client_id) {
-                            Some((epoch, tx)) if *epoch == e.epoch => {
-                                let _ = tx.send(event);
-                            }
-                            Some((epoch, _)) if *epoch > e.epoch => {} // stale
-                            _ => {
-                                let early = s.early.entry((client_id, e.epoch)).or_default();
-                                if early.len() < 65_536 {
-                                    early.push(event);
-                                }
-                            }
-                        }
-                    }
-                    if s.early.len() > 10_000 {
-                        s.early.clear();
-                    }
+                    deliver_events(&inner, batch);
                 }
             }
             Err(e) => debug!(node, error = %e, "event stream unavailable"),
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        if *control.borrow() {
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = membership::closed(&mut control) => return,
+        }
+    }
+}
+
+/// Hands a batch of events to the connections owning them (or keeps them until the
+/// CONNECT's reply registers the session).
+fn deliver_events(inner: &Inner, batch: crate::broker::EventBatch) {
+    let mut s = inner.sessions.lock().unwrap_or_else(|e| e.into_inner());
+    for e in batch.events {
+        let Ok(event) = postcard::from_bytes::<SessionEvent>(&e.event) else {
+            continue;
+        };
+        let client_id: Arc<str> = Arc::from(e.client_id.as_str());
+        match s.live.get(&client_id) {
+            Some((epoch, tx)) if *epoch == e.epoch => {
+                let _ = tx.send(event);
+            }
+            Some((epoch, _)) if *epoch > e.epoch => {} // stale
+            _ => {
+                let early = s.early.entry((client_id, e.epoch)).or_default();
+                if early.len() < 65_536 {
+                    early.push(event);
+                }
+            }
+        }
+    }
+    if s.early.len() > 10_000 {
+        s.early.clear();
     }
 }
