@@ -3,13 +3,11 @@
 //! `scripts/gen-cluster-certs`, and a backend's gRPC server refusing every client that does
 //! not present a certificate of the cluster CA.
 
-mod support;
-
 use std::path::Path;
 use std::time::Duration;
 
-use support::cluster::{gen_cluster_certs, ClusterOpts, ProcCluster};
-use support::*;
+use crate::support::cluster::{gen_cluster_certs, ClusterOpts, ProcCluster};
+use crate::support::*;
 use tiermq::cluster_cli;
 use tiermq_common::config::Settings;
 use tiermq_proto::tls::GrpcTls;

@@ -1,9 +1,7 @@
 //! CONNECT / CONNACK: session present, client identifiers, CONNACK properties, refusals.
 
-mod support;
-
+use crate::support::*;
 use bytes::BytesMut;
-use support::*;
 use tiermq_common::codec::{encode, Packet};
 use tiermq_common::{ProtocolVersion, QoS, ReasonCode};
 

@@ -2,15 +2,13 @@
 //! and 3.1.1), raw CONNECTs for wills, a reload that shrinks a subscriber's permissions, and a
 //! cluster frontend reloading on SIGHUP.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::support::cluster::{ClusterOpts, ProcCluster};
+use crate::support::*;
 use rumqttc::v5::mqttbytes::v5::{PubAckReason, SubscribeReasonCode as Sub5};
 use rumqttc::v5::Incoming as In5;
-use support::cluster::{ClusterOpts, ProcCluster};
-use support::*;
 use tiermq_common::codec::{LastWill, WillProperties};
 use tiermq_common::{ProtocolVersion, QoS, ReasonCode};
 use tokio::time::Instant;

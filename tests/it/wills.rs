@@ -1,11 +1,9 @@
 //! Will messages: when they fire, when they do not, delays and keep alive.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::*;
 use bytes::Bytes;
-use support::*;
 use tiermq_common::codec::{Connect, LastWill, Packet, WillProperties};
 use tiermq_common::{ProtocolVersion, QoS, ReasonCode};
 use tokio::time::Instant;

@@ -2,13 +2,11 @@
 //! and backends, readiness under a lost quorum, `tiermq health --http` and
 //! `tiermq cluster status --json`.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use support::cluster::ProcCluster;
-use support::*;
+use crate::support::cluster::ProcCluster;
+use crate::support::*;
 use tiermq::metrics_http::call;
 use tokio::time::Instant;
 

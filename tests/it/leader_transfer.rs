@@ -5,12 +5,10 @@
 //! between two PUBACKs of a steady QoS1 publisher while the leader of its subscriber's
 //! partition restarts, with the transfer switched off and on (`docs/operations.md`).
 
-mod support;
-
 use std::time::Duration;
 
-use support::cluster::ProcCluster;
-use support::*;
+use crate::support::cluster::{ClusterOpts, ProcCluster};
+use crate::support::*;
 use tiermq_common::codec::Packet;
 use tiermq_common::QoS;
 use tokio::time::Instant;
@@ -159,11 +157,16 @@ async fn publish_through_restart(c: &mut ProcCluster, victim: usize, tag: &str) 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rolling_restart_publish_pause() {
+    let _heavy = heavy().await;
     let mut results = Vec::new();
     for (transfer_secs, label) in [("0", "no-transfer"), ("5", "transfer")] {
-        // Inherited by the node processes this cluster starts (and restarts).
-        std::env::set_var("TIERMQ_LEADER_TRANSFER_SECS", transfer_secs);
-        let mut c = ProcCluster::start().await;
+        // A flag of the backends (kept for their restarts), not the environment: the other
+        // tests of this binary start processes at the same time.
+        let mut c = ProcCluster::start_with(ClusterOpts {
+            backend_args: vec!["--leader-transfer-secs".into(), transfer_secs.into()],
+            ..ClusterOpts::default()
+        })
+        .await;
         c.wait_healthy().await;
         let tag = format!("lt-{label}");
         let victim = c.leader_index_of(&format!("{tag}-sub")).await;
@@ -174,6 +177,5 @@ async fn rolling_restart_publish_pause() {
         );
         results.push((label, pause));
     }
-    std::env::remove_var("TIERMQ_LEADER_TRANSFER_SECS");
     eprintln!("publish pause during a leader restart: {results:?}");
 }

@@ -1,12 +1,10 @@
 //! Bad input gets the spec's reason code or a clean close, and never disturbs other clients.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::support::*;
 use bytes::BytesMut;
-use support::*;
 use tiermq_common::codec::{encode, Packet, Subscribe};
 use tiermq_common::{ProtocolVersion, QoS, ReasonCode};
 

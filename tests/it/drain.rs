@@ -4,16 +4,14 @@
 //! Present, subscriptions intact, no will fired), no PUBACKed message is lost, and the drained
 //! process exits 0.
 
-mod support;
-
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use support::cluster::ProcCluster;
-use support::*;
+use crate::support::cluster::ProcCluster;
+use crate::support::*;
 use tiermq_common::codec::{Connect, LastWill, Packet, WillProperties};
 use tiermq_common::{ProtocolVersion, QoS, ReasonCode};
 use tokio::sync::watch;

@@ -214,6 +214,8 @@ pub struct ClusterOpts {
     pub replication: usize,
     /// Extra flags for every frontend (e.g. `--probe-interval-secs 1`).
     pub frontend_args: Vec<String>,
+    /// Extra flags for every backend (e.g. `--leader-transfer-secs 0`).
+    pub backend_args: Vec<String>,
     /// Internal gRPC over mutual TLS, with certificates made by `scripts/gen-cluster-certs`
     /// in `<cluster folder>/certs` (the harness's own calls present `admin.pem`).
     pub tls: bool,
@@ -227,6 +229,7 @@ impl Default for ClusterOpts {
             partitions: 8,
             replication: 3,
             frontend_args: Vec::new(),
+            backend_args: Vec::new(),
             tls: false,
         }
     }
@@ -332,6 +335,7 @@ impl ProcCluster {
                     opts.replication.to_string(),
                 ]
                 .into_iter()
+                .chain(opts.backend_args.iter().cloned())
                 .chain(tls_args(&format!("b{}", i + 1)))
                 .collect(),
                 child: None,

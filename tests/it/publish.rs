@@ -1,11 +1,9 @@
 //! PUBLISH with real clients (v5 and 3.1.1), property pass-through, PUBACK reason codes,
 //! outbound flow control (Receive Maximum), topic aliases, subscription identifiers, QoS2.
 
-mod support;
-
+use crate::support::*;
 use bytes::Bytes;
 use rumqttc::v5::mqttbytes::v5::{PubAckReason, PublishProperties as RPublishProperties};
-use support::*;
 use tiermq_common::codec::{Packet, PubComp, PubRec, PubRel, SubscribeProperties};
 use tiermq_common::{ProtocolVersion, QoS, ReasonCode};
 

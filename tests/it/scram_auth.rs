@@ -2,13 +2,11 @@
 //! standalone broker with a password file: raw MQTT 5 packets, the client side computed by
 //! `tiermq_frontend::scram::client` (pinned to RFC 7677's test vector by the unit tests).
 
-mod support;
-
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use bytes::Bytes;
-use support::*;
 use tiermq_common::codec::{Auth, AuthProperties, Packet};
 use tiermq_common::{ProtocolVersion, ReasonCode};
 use tiermq_frontend::passwd::PasswordFile;

@@ -1,12 +1,10 @@
 //! Retained messages and the subscription options around them (Retain Handling, Retain As
 //! Published, No Local).
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use support::*;
+use crate::support::*;
 use tiermq_common::codec::{Packet, Publish};
 use tiermq_common::session_api::SubscriptionOptions;
 use tiermq_common::{QoS, ReasonCode};

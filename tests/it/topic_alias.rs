@@ -2,9 +2,7 @@
 //! the first delivery of a topic and then sends the alias alone; when the client's maximum is
 //! reached the least recently used alias is re-mapped.
 
-mod support;
-
-use support::*;
+use crate::support::*;
 use tiermq_common::codec::{Connect, Publish};
 use tiermq_common::{ProtocolVersion, QoS};
 

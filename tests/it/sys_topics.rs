@@ -1,12 +1,10 @@
 //! `$SYS` topics of a standalone broker: a real client subscribed to `$SYS/broker/#` gets the
 //! statistics, `#` does not match them (§4.7.2), and clients cannot publish into `$SYS`.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::*;
 use rumqttc::v5::mqttbytes::v5::PubAckReason;
-use support::*;
 use tiermq_common::codec::{Packet, PubAck};
 use tiermq_common::{QoS, ReasonCode};
 

@@ -1,12 +1,10 @@
 //! Durability across kill -9 and graceful shutdown, with the real binary.
 
-mod support;
-
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use crate::support::*;
 use bytes::BytesMut;
-use support::*;
 use tiermq_common::codec::{encode, Connect, Packet};
 use tiermq_common::{ProtocolVersion, QoS, ReasonCode};
 

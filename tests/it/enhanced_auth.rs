@@ -2,13 +2,11 @@
 //! challenge/response method `tiermq-test-challenge` (two rounds: the server sends a nonce,
 //! the client answers with the nonce reversed followed by the shared secret).
 
-mod support;
-
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::support::*;
 use bytes::Bytes;
-use support::*;
 use tiermq_common::codec::{Auth, AuthProperties, Connect, Packet};
 use tiermq_common::{ProtocolVersion, QoS, ReasonCode};
 use tiermq_frontend::auth::ChallengeAuthenticator;

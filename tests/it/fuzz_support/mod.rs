@@ -1,7 +1,7 @@
 //! A seeded-random fuzzer for the MQTT decoder and the connection handler, on stable Rust.
 //!
 //! cargo-fuzz needs nightly and a libFuzzer build; this harness needs neither, so it runs in
-//! CI (a short run, `tests/fuzz.rs`) and for long runs on any machine (the `#[ignore]`d test
+//! CI (a short run, `tests/it/fuzz.rs`) and for long runs on any machine (the `#[ignore]`d test
 //! with `FUZZ_INPUTS` / `FUZZ_SEED` / `FUZZ_SECS`). Inputs come from a SplitMix64 generator,
 //! so a seed names a run exactly (the order connections interleave in the broker is the only
 //! thing that varies).
@@ -439,11 +439,11 @@ fn install_panic_counter() {
     ONCE.call_once(|| {
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
-            // A failed assertion of the tests themselves is reported by the test harness.
-            if info
-                .location()
-                .is_some_and(|l| l.file().ends_with("tests/fuzz.rs"))
-            {
+            // A failed assertion of the tests themselves (the fuzz tests, or any other test
+            // of this binary running beside them) is reported by the test harness.
+            if info.location().is_some_and(|l| {
+                l.file().contains("tests/it/") && !l.file().contains("fuzz_support")
+            }) {
                 return previous(info);
             }
             PANICS.fetch_add(1, Ordering::SeqCst);

@@ -4,14 +4,12 @@
 //! generous bound. The limit tests check the reason code each `[limits]` setting answers with
 //! and that the hit is counted in `tiermq_limit_hits_total`.
 
-mod support;
-
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::support::*;
 use bytes::BytesMut;
-use support::*;
 use tempfile::TempDir;
 use tiermq_common::codec::{encode, Packet, Subscribe};
 use tiermq_common::config::{ListenerKind, ListenerSettings};
@@ -287,6 +285,7 @@ async fn a_declared_256_mb_packet_is_refused_from_its_header() {
 /// all at the connect timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_sockets_without_connect() {
+    let _heavy = heavy().await;
     let limit = raise_fd_limit();
     let n = 10_000usize.min(limit.saturating_sub(300) as usize);
     assert!(n >= 500, "open-file limit {limit} too low for this test");
@@ -498,6 +497,7 @@ async fn invalid_utf8_and_long_client_ids_are_refused() {
 /// burst plus the rate reaches subscribers; the witness (its own rate) is not slowed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publish_flood_is_throttled_and_others_are_not() {
+    let _heavy = heavy().await;
     let t = Target::start("[limits]\npublish_rate = 100\npublish_burst = 50\n").await;
     let mut w = Witness::new(t.addr()).await;
     let before = t.rss();

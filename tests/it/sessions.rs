@@ -1,10 +1,8 @@
 //! Persistent sessions: offline queues, redelivery, session and message expiry, takeover.
 
-mod support;
-
 use std::time::Duration;
 
-use support::*;
+use crate::support::*;
 use tiermq_common::codec::{Connect, Disconnect, Packet, Unsubscribe};
 use tiermq_common::{ProtocolVersion, QoS, ReasonCode};
 

@@ -3,12 +3,10 @@
 //! partitions, so groups and their members live in different partitions as in the cluster.
 //! The cluster runs the same checks in `cluster_parity.rs` (`shared_*`).
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use support::*;
+use crate::support::*;
 use tiermq_common::codec::{Packet, Subscribe};
 use tiermq_common::partition_api::SharedStrategy;
 use tiermq_common::session_api::SubscriptionOptions;

@@ -2,15 +2,13 @@
 //! (own ports, own temp folder) per test. Clients publish through one frontend and subscribe
 //! through the other; nodes are killed with SIGKILL.
 
-mod support;
-
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::support::cluster::ProcCluster;
+use crate::support::*;
 use bytes::Bytes;
-use support::cluster::ProcCluster;
-use support::*;
 use tiermq_common::codec::{Connect, LastWill, Packet, PubComp, PubRec, PubRel, WillProperties};
 use tiermq_common::{ProtocolVersion, QoS, ReasonCode};
 use tokio::time::Instant;
@@ -347,6 +345,7 @@ async fn publish_once(conn: &mut Raw, topic: &str, seq: u32, pid: u16, dup: bool
 /// that was PUBACKed, in publish order (redelivered duplicates allowed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_kill9_during_qos1_stream_loses_nothing() {
+    let _heavy = heavy().await;
     let mut c = ProcCluster::start().await;
     let sub_id = "stream-sub";
     let pub_id = "stream-pub";

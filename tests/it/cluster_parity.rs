@@ -6,14 +6,13 @@
 //!
 //! `both!(name, body)` makes `name::standalone` and `name::cluster`.
 
-mod support;
-
 use std::collections::HashSet;
 use std::time::Duration;
 
+use crate::both;
+use crate::support::cluster::Target;
+use crate::support::*;
 use bytes::Bytes;
-use support::cluster::Target;
-use support::*;
 use tiermq_common::codec::{
     Connect, LastWill, Packet, PubComp, PubRel, Publish, Unsubscribe, WillProperties,
 };

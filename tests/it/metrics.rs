@@ -2,12 +2,10 @@
 //! just "the endpoint answers"), `/healthz` and `/readyz` answer, refusals and drops are
 //! counted by reason.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use support::*;
+use crate::support::*;
 use tiermq_common::codec::Packet;
 use tiermq_common::{ProtocolVersion, QoS, ReasonCode};
 use tokio::time::Instant;

@@ -35,6 +35,22 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::{timeout, Instant};
 
+/// Serializes the heavy tests. All integration tests share one process and run two at a time;
+/// a test that loads the machine (thousands of sockets, a flood, fuzzing) or times what it
+/// measures (failover, publish pauses) holds this guard for its whole run, so no two of them
+/// overlap. Async tests: `let _heavy = heavy().await;`, plain `#[test]`s: [`heavy_blocking`].
+pub async fn heavy() -> tokio::sync::MutexGuard<'static, ()> {
+    HEAVY.lock().await
+}
+
+/// [`heavy`] for a plain (not async) test.
+pub fn heavy_blocking() -> tokio::sync::MutexGuard<'static, ()> {
+    HEAVY.blocking_lock()
+}
+
+// A tokio mutex: it is not poisoned by a failed test, and works from any test's runtime.
+static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// How long any single expected event may take.
 pub const WAIT: Duration = Duration::from_secs(5);
 /// How long we watch for something that must *not* happen.
@@ -121,13 +137,38 @@ impl Broker {
 // Process harness
 // ---------------------------------------------------------------------------------------------
 
-/// A free TCP port on 127.0.0.1 (bound then released).
+/// A free TCP port on 127.0.0.1 for a child process to listen on, never the same twice in this
+/// test process (all integration tests share one process, two at a time).
+///
+/// The ports come from below the kernel's ephemeral range (`ip_local_port_range`), walked from
+/// an offset drawn from the process id: a port handed out here and not yet bound by its child
+/// cannot be taken meanwhile by a listener on port 0 or an outgoing connection of another test.
+/// Each one is checked free by binding it.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::OnceLock;
+    static RANGE: OnceLock<(u32, u32)> = OnceLock::new();
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let (low, len) = *RANGE.get_or_init(|| {
+        let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+            .unwrap_or(32768);
+        let low = ephemeral_low.saturating_sub(12_000).max(10_000);
+        let len = ephemeral_low.saturating_sub(low).max(1_000);
+        NEXT.store(
+            std::process::id().wrapping_mul(7919) % len,
+            Ordering::Relaxed,
+        );
+        (low, len)
+    });
+    for _ in 0..len {
+        let port = (low + NEXT.fetch_add(1, Ordering::Relaxed) % len) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {low}..{}", low + len)
 }
 
 /// A data folder that outlives broker processes.

@@ -1,13 +1,11 @@
 //! Username/password authentication against the password file (`mqtt.password_file`,
 //! managed by `tiermq passwd`): real clients (rumqttc v5 and 3.1.1) and raw CONNECTs.
 
-mod support;
-
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use support::*;
+use crate::support::*;
 use tiermq_common::{ProtocolVersion, ReasonCode};
 
 /// Runs `tiermq passwd ARGS` with `stdin` as standard input; (exit success, stdout+stderr).

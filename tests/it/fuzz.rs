@@ -3,17 +3,16 @@
 //!
 //! ```sh
 //! FUZZ_INPUTS=10000000 FUZZ_SEED=1 FUZZ_SECS=1500 \
-//!   cargo test --release --test fuzz -- --ignored --nocapture
+//!   cargo test --release --test it fuzz:: -- --ignored --nocapture
 //! ```
 //!
 //! (`FUZZ_INPUTS` decoder inputs, then `FUZZ_CONNECTIONS` connections, default a fifth of
 //! `FUZZ_INPUTS`; results in docs/security.md).
 
-mod fuzz_support;
-
 use std::time::{Duration, Instant};
 
-use fuzz_support::{check_decoder_input, fuzz_connections, fuzz_decoder, Report, Target};
+use crate::fuzz_support::{check_decoder_input, fuzz_connections, fuzz_decoder, Report, Target};
+use crate::support::{heavy, heavy_blocking};
 use tiermq_common::ProtocolVersion;
 
 fn env_u64(name: &str, default: u64) -> u64 {
@@ -50,6 +49,7 @@ fn fuzz_dir() -> tempfile::TempDir {
 
 #[test]
 fn decoder_quick_20k_inputs() {
+    let _heavy = heavy_blocking();
     let r = fuzz_decoder(20_251_126, 20_000, None);
     assert_eq!(r.inputs, 20_000);
     assert!(
@@ -61,6 +61,7 @@ fn decoder_quick_20k_inputs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_handler_quick_20k_inputs() {
+    let _heavy = heavy().await;
     let dir = fuzz_dir();
     let target = Target::open(dir.path());
     let r = fuzz_connections(&target, 20_251_126, 20_000, 16, None).await;

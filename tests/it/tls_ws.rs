@@ -2,18 +2,16 @@
 //! test time with rcgen — a CA, a server certificate for 127.0.0.1/localhost, a client
 //! certificate, and a client certificate from another CA.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::support::*;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose,
 };
-use support::*;
 use tempfile::TempDir;
 use tiermq::standalone::Standalone;
 use tiermq_common::codec::Packet;
