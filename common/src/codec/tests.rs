@@ -1,6 +1,6 @@
 //! Unit tests of packet-level rules: reserved flags, ordering, per-packet validation, short
-//! forms and the 3.1.1 mappings. Round trips and robustness are in `tests/codec_props.rs`,
-//! real-client bytes in `tests/codec_fixtures.rs`.
+//! forms and the 3.1.1 mappings. Round trips and robustness are in `tests/it/codec_props.rs`,
+//! real-client bytes in `tests/it/codec_fixtures.rs`.
 
 use bytes::{Bytes, BytesMut};
 

@@ -1,6 +1,7 @@
 //! Byte-exact fixtures captured from real clients (mosquitto 2.0.11 `mosquitto_pub` /
 //! `mosquitto_sub`) talking to a real mosquitto 2.0.11 through a recording loopback proxy
-//! (`fixtures/capture_proxy.py`). Each `.hex` file holds one packet per line, `c2s` or `s2c`.
+//! (`common/tests/fixtures/capture_proxy.py`). Each `.hex` file holds one packet per line,
+//! `c2s` or `s2c`.
 //!
 //! Every packet must decode, and re-encode to the same bytes unless listed in
 //! [`NOT_CANONICAL`] (with the reason).
