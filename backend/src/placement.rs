@@ -22,7 +22,7 @@
 //! order of the other nodes never changes. Adding a node moves exactly the replicas that land on
 //! the new node (each such partition drops its R-th node), and removing one moves exactly the
 //! replicas it held (each such partition takes the next distinct node) — ~R·P/B replicas, not a
-//! reshuffle. The tests in `backend/tests/placement.rs` check this and measure the balance.
+//! reshuffle. The tests in `backend/tests/it/placement.rs` check this and measure the balance.
 //!
 //! # Determinism (read before changing anything here)
 //!
