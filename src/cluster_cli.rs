@@ -275,7 +275,7 @@ pub struct ReplicaStatus {
     pub lag: u64,
 }
 
-pub(crate) async fn cluster_info(
+pub async fn cluster_info(
     addr: &str,
     timeout: Duration,
     tls: Option<&GrpcTls>,

@@ -19,7 +19,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use tiermq_proto::broker::ClusterInfo;
+use tiermq_proto::broker::{ClusterInfo, PartitionInfo};
 use tiermq_proto::tls::GrpcTls;
 
 use crate::bench::parse_duration;
@@ -139,7 +139,12 @@ async fn run(kind: Removal, a: &RemoveArgs) -> Result<String, (u8, String)> {
     let deadline = Instant::now() + a.timeout;
     let mut last_report = Instant::now();
     loop {
-        let pending = pending_partitions(id, &addr, kind, reply.epoch, &others, tls).await;
+        // Groups not yet moved off the node, as members on the new record see them. The
+        // node may still hold a replica it was removed from without seeing that commit (the
+        // leader stops sending to a removed replica at once): that replica is in no
+        // configuration, and the node deletes it once no leader has spoken to it for a
+        // while (the orphan rule, `raft/node/membership.rs`).
+        let pending = unsettled_partitions(&others, reply.epoch, tls).await;
         if pending.is_empty() {
             return Ok(format!(
                 "node {id} {}: done in {:.1} s (membership epoch {}); no partition lists it",
@@ -220,49 +225,73 @@ async fn check_quorums(
     }
 }
 
-/// Partitions not yet moved off `id` (as nodes on membership `epoch` or later see them): a leader still counts it (or a learner) among the
-/// voters, or the voters are not the target replicas yet, or (remove-node) the node itself
-/// still holds a replica.
-async fn pending_partitions(
-    id: u64,
-    addr: &str,
-    kind: Removal,
+/// Partition `p` of `info`, or its metadata group when `p` is P.
+fn group_info(info: &ClusterInfo, p: u32) -> Option<&PartitionInfo> {
+    if p == info.partitions {
+        info.metadata_group.as_ref()
+    } else {
+        info.partition_info.get(p as usize)
+    }
+}
+
+/// Groups (partitions and the metadata group) each member leads, as the members say
+/// themselves: how leadership is spread.
+pub async fn leaders_per_node(
+    members: &[String],
+    tls: Option<&GrpcTls>,
+) -> std::collections::BTreeMap<u64, usize> {
+    let answers =
+        futures::future::join_all(members.iter().map(|a| cluster_info(a, ASK, tls))).await;
+    answers
+        .iter()
+        .flatten()
+        .map(|i| {
+            let led = i
+                .partition_info
+                .iter()
+                .chain(i.metadata_group.iter())
+                .filter(|pi| pi.local_replica && pi.leader == i.node_id)
+                .count();
+            (i.node_id, led)
+        })
+        .collect()
+}
+
+/// Groups (partitions, and the metadata group as number P) whose replicas have not settled on the map of membership `epoch` (or later):
+/// no leader among `members` that follows that record, or the leader's voters are not the
+/// map's replicas yet, or learners are still catching up. `[u32::MAX]` when no member on
+/// that epoch answers. Tests use it to time a rebalance.
+pub async fn unsettled_partitions(
+    members: &[String],
     epoch: u64,
-    others: &[String],
     tls: Option<&GrpcTls>,
 ) -> Vec<u32> {
     let answers =
-        futures::future::join_all(others.iter().map(|a| cluster_info(a, ASK, tls))).await;
+        futures::future::join_all(members.iter().map(|a| cluster_info(a, ASK, tls))).await;
     // Only nodes that already follow the new record know the new targets.
-    let infos: Vec<&ClusterInfo> = answers.iter().flatten().filter(|i| i.epoch >= epoch).collect();
+    let infos: Vec<&ClusterInfo> = answers
+        .iter()
+        .flatten()
+        .filter(|i| i.epoch >= epoch)
+        .collect();
     let Some(any) = infos.first() else {
-        return vec![u32::MAX]; // nobody answers: not done
+        return vec![u32::MAX];
     };
-    let mut pending = BTreeSet::new();
-    for p in 0..any.partitions {
+    let mut pending = Vec::new();
+    // The partitions and the metadata group (number P).
+    for p in 0..=any.partitions {
         let leader_view = infos
             .iter()
-            .filter_map(|i| i.partition_info.get(p as usize).map(|pi| (i.node_id, pi)))
+            .filter_map(|i| group_info(i, p).map(|pi| (i.node_id, pi)))
             .find(|(node, pi)| pi.local_replica && pi.leader == *node);
-        match leader_view {
-            None => {
-                pending.insert(p);
-            }
-            Some((_, pi)) => {
-                let voters: BTreeSet<u64> = pi.voters.iter().copied().collect();
-                let target: BTreeSet<u64> = pi.replicas.iter().copied().collect();
-                if voters.contains(&id) || !pi.learners.is_empty() || voters != target {
-                    pending.insert(p);
-                }
-            }
+        let settled = leader_view.is_some_and(|(_, pi)| {
+            let voters: BTreeSet<u64> = pi.voters.iter().copied().collect();
+            let target: BTreeSet<u64> = pi.replicas.iter().copied().collect();
+            pi.learners.is_empty() && voters == target
+        });
+        if !settled {
+            pending.push(p);
         }
     }
-    if kind == Removal::Remove {
-        if let Ok(own) = cluster_info(addr, ASK, tls).await {
-            for pi in own.partition_info.iter().filter(|pi| pi.local_replica) {
-                pending.insert(pi.partition);
-            }
-        }
-    }
-    pending.into_iter().collect()
+    pending
 }

@@ -258,11 +258,11 @@ impl Broker for BrokerService {
         check_version(request.version)?;
         let (record, map) = (self.members.record(), self.members.map());
         let mut partition_info = Vec::new();
+        let mut metadata_group = None;
         if !request.members_only {
-            for p in 0..map.partitions {
-                let replicas = map.replicas_of(p).to_vec();
+            for p in 0..map.groups() {
                 let status = self.handle.status(p).await;
-                partition_info.push(PartitionInfo {
+                let info = PartitionInfo {
                     partition: p,
                     local_replica: status.is_some(),
                     leader: status.as_ref().and_then(|s| s.leader).unwrap_or(0),
@@ -271,8 +271,13 @@ impl Broker for BrokerService {
                     applied: status.as_ref().map_or(0, |s| s.applied),
                     voters: status.as_ref().map_or(Vec::new(), |s| s.voters.clone()),
                     learners: status.as_ref().map_or(Vec::new(), |s| s.learners.clone()),
-                    replicas,
-                });
+                    replicas: map.replicas_of(p).to_vec(),
+                };
+                if p < map.partitions {
+                    partition_info.push(info);
+                } else {
+                    metadata_group = Some(info);
+                }
             }
         }
         Ok(Response::new(ClusterInfo {
@@ -290,6 +295,7 @@ impl Broker for BrokerService {
                 .collect(),
             members: member_list(&record),
             partition_info,
+            metadata_group,
         }))
     }
 
