@@ -13,6 +13,7 @@ mod support;
 mod acl;
 mod bad_input;
 mod cluster;
+mod cluster_membership;
 mod cluster_parity;
 mod cluster_tls;
 mod connect;

@@ -80,7 +80,7 @@ impl FakeCluster {
                 })
                 .collect(),
             node_id,
-            frontends: Vec::new(),
+            ..ClusterInfo::default()
         }
     }
 }
