@@ -101,7 +101,8 @@ pub(super) async fn closed(control: &mut watch::Receiver<bool>) {
 pub(super) enum Taken {
     Newer,
     Unchanged,
-    /// Another partition count: not this cluster (or a broken node); ignored.
+    /// Another partition count (not this cluster, or a broken node), or not every
+    /// partition's replicas: ignored.
     Refused,
 }
 
@@ -172,14 +173,19 @@ impl Inner {
 
     /// Takes up `info` if its epoch is newer than the one held (see the module docs).
     pub(super) fn apply_info(self: &Arc<Self>, info: &ClusterInfo) -> Taken {
-        if info.partitions != self.partitions {
+        // A record without every partition's replicas would be taken up once and then never
+        // again (same epoch): wait for a complete answer.
+        if info.partitions != self.partitions
+            || info.partition_info.len() != self.partitions as usize
+        {
             tiermq_common::warn_limited!(
                 STREAM_WARNINGS,
                 "cluster-info-partitions",
                 node = info.node_id,
                 partitions = info.partitions,
+                listed = info.partition_info.len(),
                 expected = self.partitions,
-                "a backend reports another partition count; its membership record is ignored"
+                "a backend's membership record does not cover this cluster's partitions; ignored"
             );
             return Taken::Refused;
         }

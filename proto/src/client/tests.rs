@@ -603,6 +603,13 @@ async fn an_older_or_foreign_record_is_not_taken() {
         client.inner.apply_info(&foreign),
         membership::Taken::Refused
     );
+    let mut partial = cluster.info(1);
+    partial.epoch = 6;
+    partial.partition_info.pop();
+    assert_eq!(
+        client.inner.apply_info(&partial),
+        membership::Taken::Refused
+    );
     assert_eq!(client.metrics().map_epoch(), 5);
     assert_eq!(linked(&client).len(), 1);
 }
