@@ -30,6 +30,7 @@ mod password_auth;
 mod probe;
 mod publish;
 mod retained;
+mod scaling;
 mod scram_auth;
 mod sessions;
 mod shared_subscriptions;

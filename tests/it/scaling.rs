@@ -169,7 +169,7 @@ fn tail(path: &Path) -> String {
 /// unexpected; sessions and retained messages survive; the numbers for docs/scaling.md.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backends_scale_3_5_4_under_traffic_losing_nothing() {
-    let c = ProcCluster::start_with(ClusterOpts {
+    let mut c = ProcCluster::start_with(ClusterOpts {
         partitions: PARTITIONS,
         ..ClusterOpts::default()
     })
@@ -369,7 +369,71 @@ async fn backends_scale_3_5_4_under_traffic_losing_nothing() {
     let max = leaders_4.values().max().unwrap();
     let min = leaders_4.values().min().unwrap();
     assert!(max - min <= 1, "leaders not balanced within one: {leaders_4:?}");
-    drop(n5);
-    let _ = n4.id;
-    let _ = n4.addr;
+
+    // Evict: refused while node 5 answers; refused when a partition would lose its quorum
+    // (node 3 down too); done once node 3 is back, and every group has 3 voters again.
+    let first_backend = c.backends[0].addr.to_string();
+    let evict = |extra: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tiermq"));
+        cmd.args(["cluster", "evict", "5", "--backend"])
+            .arg(&first_backend)
+            .args(["--timeout", "90s"])
+            .args(extra);
+        cmd
+    };
+    let alive = evict(&[]).output().await.unwrap();
+    assert_eq!(alive.status.code(), Some(3), "{alive:?}");
+    assert!(String::from_utf8_lossy(&alive.stderr).contains("still answers"));
+    let mut n5 = n5;
+    let _ = n5.child.kill().await;
+    c.kill9_backend(2);
+    let groups_with_3_and_5 = {
+        let map = PartitionMap::compute_with_metadata(9, &[1, 2, 3, 5], PARTITIONS, 3, DEFAULT_VNODES);
+        (0..map.groups())
+            .filter(|&p| map.replicas_of(p).contains(&3) && map.replicas_of(p).contains(&5))
+            .count()
+    };
+    let no_quorum = evict(&[]).output().await.unwrap();
+    if groups_with_3_and_5 > 0 {
+        assert_eq!(no_quorum.status.code(), Some(3), "{no_quorum:?}");
+        assert!(String::from_utf8_lossy(&no_quorum.stderr).contains("without a live majority"));
+    }
+    c.restart_backend(2);
+    let node3 = c.backends[2].addr.to_string();
+    let back_by = Instant::now() + Duration::from_secs(30);
+    while tiermq::cluster_cli::cluster_info(&node3, Duration::from_secs(1), None)
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < back_by, "node 3 did not come back");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let evicted_at = Instant::now();
+    let out = evict(&[]).output().await.unwrap();
+    let evict_time = evicted_at.elapsed();
+    assert!(
+        out.status.success(),
+        "evict failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let addrs = member_addrs(&c).await;
+    assert_eq!(addrs.len(), 3);
+    for addr in &addrs {
+        let info = tiermq::cluster_cli::cluster_info(addr, Duration::from_secs(3), None)
+            .await
+            .unwrap();
+        for pi in info.partition_info.iter().chain(info.metadata_group.iter()) {
+            if pi.local_replica && pi.leader == info.node_id {
+                let mut voters = pi.voters.clone();
+                voters.sort_unstable();
+                assert_eq!(voters, vec![1, 2, 3], "partition {} after evict", pi.partition);
+            }
+        }
+    }
+    println!(
+        "scaling: evict 5 (dead) done in {:.1} s; every group back to 3 voters; refused while alive and while a quorum was down ({groups_with_3_and_5} groups held 3 and 5)",
+        evict_time.as_secs_f64()
+    );
+    let _ = (n4.id, n4.addr, n5.id, n5.addr);
 }
