@@ -11,9 +11,9 @@
 use std::net::SocketAddr;
 
 use anyhow::Context;
-use tiermq_backend::cluster::BrokerService;
 use std::sync::Arc;
 use std::time::Duration;
+use tiermq_backend::cluster::BrokerService;
 
 use tiermq_backend::members::{self, MemberRecord, Members};
 use tiermq_backend::placement::PartitionMap;
@@ -241,8 +241,7 @@ async fn starting_record(
         info!(seeds = ?cluster.join, "asking the cluster for its membership");
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         let record = loop {
-            if let Some(r) =
-                members::fetch_newest(&cluster.join, tls, Duration::from_secs(2)).await
+            if let Some(r) = members::fetch_newest(&cluster.join, tls, Duration::from_secs(2)).await
             {
                 break r;
             }

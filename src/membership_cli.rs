@@ -65,7 +65,10 @@ pub fn main(kind: Removal, args: RemoveArgs) -> ExitCode {
     {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("tiermq cluster {}: cannot start the runtime: {e}", kind.name());
+            eprintln!(
+                "tiermq cluster {}: cannot start the runtime: {e}",
+                kind.name()
+            );
             return ExitCode::FAILURE;
         }
     };
@@ -91,7 +94,12 @@ async fn run(kind: Removal, a: &RemoveArgs) -> Result<String, (u8, String)> {
         .await
         .map_err(|e| (1, format!("cannot reach backend {}: {e:#}", a.backend)))?;
     let id = a.node_id;
-    let Some(addr) = info.members.iter().find(|m| m.id == id).map(|m| m.addr.clone()) else {
+    let Some(addr) = info
+        .members
+        .iter()
+        .find(|m| m.id == id)
+        .map(|m| m.addr.clone())
+    else {
         return Err((
             2,
             format!(

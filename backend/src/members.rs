@@ -214,7 +214,10 @@ impl Members {
             "membership changed: moving replicas to the new map"
         );
         if !record.members.contains_key(&self.node_id) {
-            let mut warned = self.warned_removed.lock().unwrap_or_else(|e| e.into_inner());
+            let mut warned = self
+                .warned_removed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             if !*warned {
                 *warned = true;
                 warn!(
@@ -260,7 +263,10 @@ impl Members {
             store_retained: false,
             inbound_qos2: None,
         };
-        self.handle.propose(meta, barrier).await.map_err(not_leader)?;
+        self.handle
+            .propose(meta, barrier)
+            .await
+            .map_err(not_leader)?;
         let stored = self.read_stored(meta).await.map_err(not_leader)?;
         let base = match stored {
             Some(r) if r.epoch >= current.epoch => r,
@@ -335,8 +341,7 @@ impl Members {
 
     /// Spreads newer records until `shutdown` (see the module docs).
     pub async fn run_poller(self: Arc<Self>, shutdown: CancellationToken) {
-        let mut clients: HashMap<String, BrokerClient<tonic::transport::Channel>> =
-            HashMap::new();
+        let mut clients: HashMap<String, BrokerClient<tonic::transport::Channel>> = HashMap::new();
         let mut turn = 0usize;
         let mut tick = tokio::time::interval(POLL_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

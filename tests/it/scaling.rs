@@ -123,11 +123,7 @@ async fn latency_probe(fe: SocketAddr, shared: Arc<Mutex<Latencies>>) {
         .await;
         match raw.recv_within(Duration::from_secs(30)).await {
             Recv::Packet(Packet::PubAck(_)) => {
-                shared
-                    .lock()
-                    .unwrap()
-                    .samples
-                    .push((phase, sent.elapsed()));
+                shared.lock().unwrap().samples.push((phase, sent.elapsed()));
             }
             other => panic!("latency probe: expected PUBACK, got {other:?}"),
         }
@@ -155,7 +151,12 @@ fn ideal_moves(from: &[u64], to: &[u64]) -> (usize, f64) {
     // A join moves R·G/B' replicas onto the new nodes; a removal moves the R·G/B it held.
     let (small, big) = (from.len().min(to.len()), from.len().max(to.len()));
     let changed = (big - small) as f64;
-    let ideal = 3.0 * groups * changed / if to.len() > from.len() { big } else { small + 1 } as f64;
+    let ideal = 3.0 * groups * changed
+        / if to.len() > from.len() {
+            big
+        } else {
+            small + 1
+        } as f64;
     (a.moved_replicas(&b), ideal)
 }
 
@@ -295,8 +296,7 @@ async fn backends_scale_3_5_4_under_traffic_losing_nothing() {
     let mut kept = std::collections::BTreeSet::new();
     let deadline = Instant::now() + Duration::from_secs(20);
     while kept.len() < 16 && Instant::now() < deadline {
-        if let Recv::Packet(Packet::Publish(p)) = reader.recv_within(Duration::from_secs(5)).await
-        {
+        if let Recv::Packet(Packet::Publish(p)) = reader.recv_within(Duration::from_secs(5)).await {
             if p.topic.starts_with("keep/") {
                 kept.insert(p.topic.clone());
             }
@@ -304,7 +304,10 @@ async fn backends_scale_3_5_4_under_traffic_losing_nothing() {
     }
     assert_eq!(kept.len(), 16, "retained messages after scaling: {kept:?}");
     let (mut session, ack) = Raw::connect(c.fe(0), V5, "scaling-session", persistent).await;
-    assert!(ack.session_present, "the persistent session survived the moves");
+    assert!(
+        ack.session_present,
+        "the persistent session survived the moves"
+    );
     let mut queued = Vec::new();
     while queued.len() < 5 {
         match session.recv_within(Duration::from_secs(10)).await {
@@ -368,7 +371,10 @@ async fn backends_scale_3_5_4_under_traffic_losing_nothing() {
     }
     let max = leaders_4.values().max().unwrap();
     let min = leaders_4.values().min().unwrap();
-    assert!(max - min <= 1, "leaders not balanced within one: {leaders_4:?}");
+    assert!(
+        max - min <= 1,
+        "leaders not balanced within one: {leaders_4:?}"
+    );
 
     // Evict: refused while node 5 answers; refused when a partition would lose its quorum
     // (node 3 down too); done once node 3 is back, and every group has 3 voters again.
@@ -388,7 +394,8 @@ async fn backends_scale_3_5_4_under_traffic_losing_nothing() {
     let _ = n5.child.kill().await;
     c.kill9_backend(2);
     let groups_with_3_and_5 = {
-        let map = PartitionMap::compute_with_metadata(9, &[1, 2, 3, 5], PARTITIONS, 3, DEFAULT_VNODES);
+        let map =
+            PartitionMap::compute_with_metadata(9, &[1, 2, 3, 5], PARTITIONS, 3, DEFAULT_VNODES);
         (0..map.groups())
             .filter(|&p| map.replicas_of(p).contains(&3) && map.replicas_of(p).contains(&5))
             .count()
@@ -427,7 +434,12 @@ async fn backends_scale_3_5_4_under_traffic_losing_nothing() {
             if pi.local_replica && pi.leader == info.node_id {
                 let mut voters = pi.voters.clone();
                 voters.sort_unstable();
-                assert_eq!(voters, vec![1, 2, 3], "partition {} after evict", pi.partition);
+                assert_eq!(
+                    voters,
+                    vec![1, 2, 3],
+                    "partition {} after evict",
+                    pi.partition
+                );
             }
         }
     }
