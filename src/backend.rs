@@ -66,6 +66,7 @@ impl BackendNode {
         let transport = GrpcTransport::start(node_id, &record.members, tls.clone());
         let mut config = RaftConfig::new(node_id);
         config.limits = local_config(settings).limits;
+        config.membership.max_moves = cluster.max_moves;
         // Only a brand-new static cluster bootstraps its groups; everything else learns the
         // configuration of a replica new to it from the leader's snapshot.
         config.bootstrap = start.bootstrap;

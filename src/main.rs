@@ -125,6 +125,10 @@ struct BrokerArgs {
     /// [default: this node's entry in --peers].
     #[arg(long, env = "TIERMQ_ADVERTISE")]
     advertise: Option<String>,
+    /// (backend) Replica moves a node runs at once after a membership change (the pace of a
+    /// rebalance) [default: 2].
+    #[arg(long, env = "TIERMQ_MAX_MOVES")]
+    max_moves: Option<usize>,
     /// (cluster) Partitions of the cluster, fixed at bootstrap [default: 16].
     #[arg(long, env = "TIERMQ_CLUSTER_PARTITIONS")]
     cluster_partitions: Option<u32>,
@@ -243,6 +247,7 @@ impl BrokerArgs {
             peers: self.peers.clone(),
             join: self.join.clone(),
             advertise: self.advertise.clone(),
+            max_moves: self.max_moves,
             cluster_partitions: self.cluster_partitions,
             replication: self.replication,
             backends: self.backends.clone(),

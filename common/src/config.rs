@@ -333,6 +333,10 @@ pub struct ClusterSettings {
     /// (backend) This node's gRPC address as the other members reach it, `host:port`
     /// [default: this node's entry in `peers`].
     pub advertise: Option<String>,
+    /// (backend) Replica moves (learner → snapshot → promotion) a node runs at once among the
+    /// groups it leads, after a membership change: the pace of a rebalance. Lower keeps
+    /// client latency steadier on a loaded cluster; higher finishes sooner.
+    pub max_moves: usize,
     /// Partitions of the cluster; fixed at bootstrap.
     pub partitions: u32,
     /// Replicas per partition (Raft group size).
@@ -373,6 +377,7 @@ impl Default for ClusterSettings {
             peers: Vec::new(),
             join: Vec::new(),
             advertise: None,
+            max_moves: 2,
             partitions: 16,
             replication: 3,
             leader_transfer_secs: 5,
@@ -461,6 +466,12 @@ impl ClusterSettings {
                     message: format!("`{a}` is not `host:port`"),
                 });
             }
+        }
+        if self.max_moves == 0 {
+            return Err(ConfigError::Invalid {
+                name: "cluster.max_moves",
+                message: "must be at least 1".into(),
+            });
         }
         if !self.join.is_empty() {
             if self.advertised_addr()?.is_none() {
@@ -674,6 +685,7 @@ pub struct Overrides {
     pub peers: Option<Vec<String>>,
     pub join: Option<Vec<String>>,
     pub advertise: Option<String>,
+    pub max_moves: Option<usize>,
     pub cluster_partitions: Option<u32>,
     pub replication: Option<usize>,
     pub leader_transfer_secs: Option<u64>,
@@ -821,6 +833,7 @@ impl Settings {
         set!(self.cluster.grpc_listen, o.grpc_listen);
         set!(self.cluster.peers, o.peers);
         set!(self.cluster.join, o.join);
+        set!(self.cluster.max_moves, o.max_moves);
         if o.advertise.is_some() {
             self.cluster.advertise = o.advertise.clone();
         }
@@ -982,6 +995,34 @@ mod tests {
         assert!(c.validate_backend().is_err());
         c.peers.push("x=d:1".into());
         assert!(c.peer_map().is_err());
+    }
+
+    #[test]
+    fn a_joining_backend_needs_an_address_for_the_others() {
+        let mut c = ClusterSettings {
+            node_id: 4,
+            join: vec!["b1:7000".into()],
+            ..ClusterSettings::default()
+        };
+        let e = c.validate_backend().unwrap_err().to_string();
+        assert!(e.contains("--advertise"), "{e}");
+        c.advertise = Some("b4:7000".into());
+        c.validate_backend().unwrap();
+        assert_eq!(c.advertised_addr().unwrap().as_deref(), Some("b4:7000"));
+        c.advertise = Some("no-port".into());
+        assert!(c.validate_backend().is_err());
+        c.advertise = Some("b4:7000".into());
+        c.max_moves = 0;
+        assert!(c.validate_backend().is_err());
+        // Without --advertise, this node's --peers entry is its address.
+        let c = ClusterSettings {
+            node_id: 4,
+            join: vec!["b1:7000".into()],
+            peers: vec!["4=b4:7001".into()],
+            ..ClusterSettings::default()
+        };
+        c.validate_backend().unwrap();
+        assert_eq!(c.advertised_addr().unwrap().as_deref(), Some("b4:7001"));
     }
 
     #[test]
