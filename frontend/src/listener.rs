@@ -12,7 +12,7 @@ use std::time::Duration;
 use tiermq_common::config::{CertIdentity, ListenerKind, ListenerSettings};
 use tiermq_common::session_api::SessionService;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -107,7 +107,7 @@ impl Listener {
         } else {
             None
         };
-        let socket = TcpListener::bind(s.listen).await.map_err(|e| {
+        let socket = bind_listener(s.listen).map_err(|e| {
             ListenError(format!(
                 "listener {name}: cannot listen on {}: {e}",
                 s.listen
@@ -280,6 +280,24 @@ pub async fn serve_listeners<S: SessionService>(
     tokio::join!(loops, reload::watch(reloaders, tls_poll, shutdown.clone()));
     tasks.close();
     tasks.wait().await;
+}
+
+/// Connections the kernel completes and queues per listener before the accept loop takes them
+/// (capped by `net.core.somaxconn`). tokio's `TcpListener::bind` asks for 128, which a burst
+/// of connecting clients (thousands reconnecting after a frontend restart) overflows: the
+/// dropped handshakes are retried by the clients after 1 s, 3 s, ... while the broker idles.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds an MQTT listener as `TcpListener::bind` does (SO_REUSEADDR), with [`LISTEN_BACKLOG`].
+fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 struct ListenerCtx {
