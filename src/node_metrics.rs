@@ -543,10 +543,12 @@ pub fn backend(handle: RaftHandle, members: Arc<Members>) -> Endpoint {
         })
     });
     let readiness: Hook<Result<(), String>> = Arc::new(move || {
-        let handle = handle.clone();
+        let (handle, members) = (handle.clone(), members.clone());
         Box::pin(async move {
             let mut leaderless = Vec::new();
-            for p in 0..groups_total {
+            // Only the groups the current map places here: a replica on its way out (or one
+            // opened for an older map, waiting to be deleted) does not make a node unready.
+            for p in members.map().partitions_of(handle.node_id()) {
                 match handle.status(p).await {
                     None => {} // not held here
                     Some(s) if s.leader.is_some() => {}

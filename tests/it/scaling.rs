@@ -93,6 +93,24 @@ async fn leaders_per_node(c: &ProcCluster) -> BTreeMap<u64, usize> {
     tiermq::membership_cli::leaders_per_node(&member_addrs(c).await, None).await
 }
 
+/// Replicas (partitions and the metadata group) each member holds, as it says itself.
+async fn replicas_per_node(c: &ProcCluster) -> BTreeMap<u64, usize> {
+    let mut out = BTreeMap::new();
+    for addr in member_addrs(c).await {
+        if let Ok(i) = tiermq::cluster_cli::cluster_info(&addr, Duration::from_secs(3), None).await
+        {
+            let held = i
+                .partition_info
+                .iter()
+                .chain(i.metadata_group.iter())
+                .filter(|pi| pi.local_replica)
+                .count();
+            out.insert(i.node_id, held);
+        }
+    }
+    out
+}
+
 /// QoS1 PUBACK round trips through `fe`, tagged with the phase they were sent in.
 #[derive(Default)]
 struct Latencies {
@@ -229,6 +247,7 @@ async fn backends_scale_3_5_4_under_traffic_losing_nothing() {
     // Leaders are rebalanced within a few seconds of settling.
     tokio::time::sleep(Duration::from_secs(4)).await;
     let leaders_5 = leaders_per_node(&c).await;
+    let replicas_5 = replicas_per_node(&c).await;
 
     // Messages for the offline session while the map changes.
     for i in 0..5u16 {
@@ -268,6 +287,7 @@ async fn backends_scale_3_5_4_under_traffic_losing_nothing() {
     lat.lock().unwrap().phase = "after-remove";
     tokio::time::sleep(Duration::from_secs(4)).await;
     let leaders_4 = leaders_per_node(&c).await;
+    let replicas_4 = replicas_per_node(&c).await;
     let status = c.status().await.unwrap();
     assert_eq!(
         status.members.iter().map(|m| m.id).collect::<Vec<_>>(),
@@ -346,12 +366,12 @@ async fn backends_scale_3_5_4_under_traffic_losing_nothing() {
         .collect::<Vec<_>>()
         .join(" | ");
     println!(
-        "scaling: 3→5 settled in {:.1} s after the joins started ({:.1} s incl. start); replicas moved {moved_join} (ideal R·G·k/B' = {ideal_join:.1}); leaders per node {leaders_5:?}",
+        "scaling: 3→5 settled in {:.1} s after the joins started ({:.1} s incl. start); replicas moved {moved_join} (ideal R·G·k/B' = {ideal_join:.1}); replicas per node {replicas_5:?}; leaders per node {leaders_5:?}",
         join_time.as_secs_f64(),
         join_total.as_secs_f64()
     );
     println!(
-        "scaling: 5→4 remove-node 4 done in {:.1} s; replicas moved {moved_remove} (ideal R·G/B = {ideal_remove:.1}); leaders per node {leaders_4:?}",
+        "scaling: 5→4 remove-node 4 done in {:.1} s; replicas moved {moved_remove} (ideal R·G/B = {ideal_remove:.1}); replicas per node {replicas_4:?}; leaders per node {leaders_4:?}",
         remove_time.as_secs_f64()
     );
     println!(

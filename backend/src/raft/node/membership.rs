@@ -252,8 +252,21 @@ impl Driver {
         let limit = self.config.membership.orphan_ticks;
         let target = &self.membership.target;
         let mut orphans = Vec::new();
+        let mut unfilled = Vec::new();
         for (&p, g) in &self.groups {
             let placed = target.replicas_of(p);
+            let conf = g.raw.raft.prs().conf();
+            if !placed.is_empty()
+                && !placed.contains(&me)
+                && conf.voters().ids().is_empty()
+                && conf.learners().is_empty()
+            {
+                // Opened empty for an earlier target and never given a snapshot: it holds
+                // nothing and is in no configuration, so nothing can depend on it (a leader
+                // still adding it as a learner drops it once it has the newer map too).
+                unfilled.push(p);
+                continue;
+            }
             if placed.is_empty() || placed.contains(&me) || g.leader().is_some() {
                 self.membership.leaderless.remove(&p);
                 continue;
@@ -263,6 +276,14 @@ impl Driver {
             if *ticks > limit {
                 orphans.push(p);
             }
+        }
+        for p in unfilled {
+            self.membership.leaderless.remove(&p);
+            info!(
+                partition = p,
+                "empty replica no longer in the map: deleting"
+            );
+            self.destroy_group(p);
         }
         for p in orphans {
             info!(
