@@ -38,6 +38,21 @@ pub enum StorageError {
 
 pub type StorageResult<T> = Result<T, StorageError>;
 
+/// `db.flush_async()` without its deadlock. sled's `flush_async` parks one of sled's own I/O
+/// threads (7 of them; more only once 8 tasks are queued) until the writes it waits for are
+/// done, and those writes are queued on the same threads: 7 flushes at once in one process
+/// (several databases, or partitions flushing together) leave no thread to write, and all of
+/// them wait for good (seen as a hung `raft_cluster` + `raft_grpc` test pair). This waits on a
+/// tokio blocking thread instead.
+pub async fn flush_db(db: &sled::Db) -> sled::Result<usize> {
+    let db = db.clone();
+    match tokio::task::spawn_blocking(move || db.flush()).await {
+        Ok(r) => r,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => Err(sled::Error::ReportableBug(format!("flush task: {e}"))),
+    }
+}
+
 const APPLIED_KEY: &[u8] = b"m/applied";
 /// Shared subscription groups, handoffs and return batches, written whole when changed.
 const SHARED_KEY: &[u8] = b"m/shared";
@@ -123,7 +138,7 @@ impl PartitionStore {
 
     /// Makes everything written so far durable (one fsync for any number of batches).
     pub async fn flush(&self) -> StorageResult<()> {
-        self.db.flush_async().await?;
+        flush_db(&self.db).await?;
         Ok(())
     }
 

@@ -1355,7 +1355,8 @@ impl Driver {
         if wrote {
             // One fsync for every group's entries: the group commit that makes QoS1 fast.
             let flushing = Instant::now();
-            if let Err(e) = self.db.flush_async().await {
+            // Not `flush_async`: see `flush_db` (a process-wide deadlock in sled).
+            if let Err(e) = crate::storage::flush_db(&self.db).await {
                 tiermq_common::warn_limited!(STORAGE_WARNINGS, "flush", error = %e, "flush failed");
             }
             self.stats
