@@ -22,7 +22,7 @@ use tiermq_common::topic;
 use tiermq_common::trie::TopicTrie;
 use tiermq_common::{Message, ProtocolVersion, QoS, ReasonCode};
 
-use command::{Command, Effect, Entry, Reply, RetainedForSubscription, SharedWork};
+use command::{Command, Effect, Entry, InboundQos2, Reply, RetainedForSubscription, SharedWork};
 use session::{Attachment, QueuedMessage, Session, SessionLimits, StoredSubscription};
 
 pub use session::SessionLimits as Limits;
@@ -381,12 +381,12 @@ impl Partition {
                 inbound_qos2,
             } => {
                 let mut duplicate = false;
-                if let Some(q) = inbound_qos2 {
+                if let Some(q) = &inbound_qos2 {
                     match self.attached_mut(&q.client_id, q.epoch) {
                         Ok(s) => duplicate = !s.inbound_qos2.insert(q.packet_id),
                         Err(r) => return (r, effects),
                     }
-                    self.dirty.sessions.insert(q.client_id);
+                    self.dirty.sessions.insert(q.client_id.clone());
                 }
                 if duplicate {
                     Reply::Published {
@@ -395,14 +395,20 @@ impl Partition {
                         refused: false,
                     }
                 } else {
-                    self.publish(
+                    let reply = self.publish(
                         message,
                         publisher.as_deref(),
                         store_retained,
                         index,
                         now,
                         &mut effects,
-                    )
+                    );
+                    if let (Some(q), Reply::Published { refused: true, .. }) =
+                        (&inbound_qos2, &reply)
+                    {
+                        self.forget_refused_qos2(q);
+                    }
+                    reply
                 }
             }
             Command::Qos2Received {
@@ -516,6 +522,19 @@ impl Partition {
             Command::SharedReturnDone { seq } => self.shared_return_done(seq),
         };
         (reply, effects)
+    }
+
+    /// A v5 publisher is answered PUBREC 0x97 for a refused QoS2 message, which ends that
+    /// exchange (§4.3.3): no PUBREL follows and the client may reuse the packet id at once, so
+    /// the id must not stay recorded (its next message would be taken for a duplicate). A
+    /// v3.1.1 publisher cannot be told: its connection is closed and it re-sends, which the
+    /// recorded id then answers without delivering twice to the subscribers that took it.
+    fn forget_refused_qos2(&mut self, q: &InboundQos2) {
+        if let Some(s) = self.sessions.get_mut(&q.client_id) {
+            if s.protocol.is_v5() {
+                s.inbound_qos2.remove(&q.packet_id);
+            }
+        }
     }
 
     fn attached_mut(&mut self, client_id: &str, epoch: u64) -> Result<&mut Session, Reply> {

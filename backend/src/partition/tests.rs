@@ -1197,6 +1197,112 @@ fn inbound_qos2_survives_reconnect() {
     assert_eq!(r.0, Reply::Qos2Received { duplicate: true });
 }
 
+/// A QoS2 PUBLISH from `publisher` with packet id `packet_id`, recorded in the same entry.
+fn inbound_qos2_publish(
+    h: &mut H,
+    publisher: &str,
+    epoch: u64,
+    packet_id: u16,
+    payload: &str,
+) -> Reply {
+    h.apply(Command::Publish {
+        message: Arc::new(Message::new(
+            "t",
+            payload.to_string(),
+            QoS::ExactlyOnce,
+            false,
+        )),
+        publisher: Some(publisher.into()),
+        store_retained: false,
+        inbound_qos2: Some(super::command::InboundQos2 {
+            client_id: publisher.into(),
+            epoch,
+            packet_id,
+        }),
+    })
+    .0
+}
+
+/// A partition whose `refuse-new` subscriber "s" (QoS2 on "t") has room for one message in
+/// flight and one queued.
+fn one_slot_subscriber() -> (H, u64) {
+    let mut h = H::with_limits(SessionLimits {
+        max_queued_messages: 1,
+        queue_full: super::command::QueueFullPolicy::RefuseNew,
+        ..Default::default()
+    });
+    let s = h.connect("s", conn().recv_max(1)).0;
+    h.subscribe("s", s, "t", QoS::ExactlyOnce);
+    (h, s)
+}
+
+/// Bug 8 (issue 19): a v5 PUBLISH answered PUBREC 0x97 (a full queue with `refuse-new`) ends
+/// its exchange there, so its packet id must not stay recorded: the client may reuse it at
+/// once, and that next message is new, not a duplicate.
+#[test]
+fn refused_inbound_qos2_does_not_record_its_packet_id() {
+    let (mut h, s) = one_slot_subscriber();
+    let p = h.online("p");
+    for (pid, m) in [(8, "m0"), (9, "m1")] {
+        let r = inbound_qos2_publish(&mut h, "p", p, pid, m);
+        assert!(matches!(
+            r,
+            Reply::Published {
+                refused: false,
+                duplicate: false,
+                ..
+            }
+        ));
+    }
+    // One in flight, one queued: the queue is full and refuses.
+    let refused = inbound_qos2_publish(&mut h, "p", p, 10, "m2");
+    assert!(matches!(
+        refused,
+        Reply::Published {
+            refused: true,
+            duplicate: false,
+            ..
+        }
+    ));
+    assert!(!h.p.session("p").unwrap().inbound_qos2.contains(&10));
+    // Room again; the client reuses id 10 for a new message, which is queued.
+    h.ack("s", s, AckCmd::PubRec, 1);
+    h.ack("s", s, AckCmd::PubComp, 1);
+    let again = inbound_qos2_publish(&mut h, "p", p, 10, "m3");
+    assert!(
+        matches!(
+            again,
+            Reply::Published {
+                duplicate: false,
+                refused: false,
+                ..
+            }
+        ),
+        "a new message taken for a duplicate: {again:?}"
+    );
+    assert_eq!(h.queued("s"), 1);
+}
+
+/// A v3.1.1 publisher cannot be told 0x97: its connection is closed and it re-sends, which must
+/// then be recognised as the same message (the subscribers with room already have it).
+#[test]
+fn refused_inbound_qos2_from_v311_stays_recorded() {
+    let (mut h, _) = one_slot_subscriber();
+    let p = h.connect("p", conn().v311()).0;
+    inbound_qos2_publish(&mut h, "p", p, 8, "m0");
+    inbound_qos2_publish(&mut h, "p", p, 9, "m1");
+    let refused = inbound_qos2_publish(&mut h, "p", p, 10, "m2");
+    assert!(matches!(refused, Reply::Published { refused: true, .. }));
+    let resent = inbound_qos2_publish(&mut h, "p", p, 10, "m2");
+    assert!(matches!(
+        resent,
+        Reply::Published {
+            duplicate: true,
+            ..
+        }
+    ));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Wills and session expiry
 // ---------------------------------------------------------------------------------------------
