@@ -131,7 +131,12 @@ impl Partition {
 
     fn install_session(&mut self, s: Session) {
         for (filter, sub) in &s.subscriptions {
-            self.subscriptions.insert(filter, s.client_id.clone(), *sub);
+            // A shared subscription is membership of a group, indexed by the group's own
+            // partition (`shared_filters`), never a plain filter of this session: as
+            // `subscribe` keeps it.
+            if !topic::is_shared(filter) {
+                self.subscriptions.insert(filter, s.client_id.clone(), *sub);
+            }
         }
         if let Some(at) = s.will_at_ms {
             self.will_timers.insert((at, s.client_id.clone()));
@@ -259,6 +264,32 @@ impl Partition {
             set.insert(group.filter.clone());
         }
         set.into_iter().collect()
+    }
+
+    /// The indexes a partition derives from its sessions, groups and retained messages (the
+    /// subscription tries and the timers), sorted. They are not in the image: a restore rebuilds
+    /// them, and this lets a test check that it rebuilds exactly what applying the log built.
+    #[cfg(test)]
+    pub(crate) fn derived_indexes(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .subscriptions
+            .iter()
+            .map(|(f, c, s)| format!("sub {f} {c} {s:?}"))
+            .chain(
+                self.shared_filters
+                    .iter()
+                    .map(|(f, g, _)| format!("shared {f} {g}")),
+            )
+            .chain(self.will_timers.iter().map(|t| format!("will {t:?}")))
+            .chain(self.expiry_timers.iter().map(|t| format!("expiry {t:?}")))
+            .chain(
+                self.retained_expiry
+                    .iter()
+                    .map(|t| format!("retained {t:?}")),
+            )
+            .collect();
+        out.sort();
+        out
     }
 
     pub fn take_dirty(&mut self) -> Dirty {

@@ -2059,6 +2059,10 @@ proptest! {
             prop_assert_eq!(&got, expected);
         }
         prop_assert_eq!(image_bytes(&c), image_bytes(&a));
+        // The image holds the sessions, not the indexes built from them: compare those too
+        // (bug 12: a restore put shared subscriptions in the plain trie, which no output of
+        // the ops above showed).
+        prop_assert_eq!(c.derived_indexes(), a.derived_indexes());
     }
 }
 
@@ -2395,6 +2399,20 @@ mod shared {
         });
         assert_eq!(r, Reply::Done);
         assert!(fx.is_empty());
+    }
+
+    /// Bug 12 (issue 19): a restore must index a shared subscription only as group
+    /// membership, never as a plain filter of the member's session (a `$share/...` topic then
+    /// reached the member directly, and the entry never left).
+    #[test]
+    fn restore_keeps_shared_subscriptions_out_of_the_plain_trie() {
+        let mut h = H::new();
+        let a = h.online("a");
+        h.join("a", a, QoS::AtLeastOnce);
+        let restored = Partition::restore(SessionLimits::default(), roundtrip(h.p.image()));
+        assert_eq!(restored.subscription_count(), h.p.subscription_count());
+        assert_eq!(restored.derived_indexes(), h.p.derived_indexes());
+        assert_eq!(restored.filters(), vec!["t/+".to_string()]);
     }
 
     #[test]
