@@ -13,7 +13,9 @@
 //!    in-flight window, redelivery with DUP) — first to connected members only, then, when
 //!    none is connected, to any member's session.
 //! 3. `SharedHandoffDone` tells the group's partition the outcome: accepted ends the handoff;
-//!    refused moves on to the next candidate.
+//!    refused moves on to the next candidate; "gone" drops the member from the group, unless
+//!    it joined again after the attempt was issued (its re-SUBSCRIBE may postdate the answer),
+//!    in which case it is asked again.
 //!
 //! When a member disconnects (or its session ends), the messages it did not acknowledge go
 //! back: its partition moves them into a **return batch** in the same entry that records the
@@ -24,7 +26,7 @@
 //! becomes leader, carries out all of them again ([`Partition::shared_work`]). A crash between
 //! a step and its "done" can therefore deliver a message twice, never lose it.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -41,7 +43,10 @@ use super::Partition;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SharedGroup {
     pub filter: String,
-    pub members: BTreeSet<Arc<str>>,
+    /// Members, each with the stamp (`SharedState::next_seq`) of its latest `SharedJoin`: a
+    /// `Gone` for a handoff issued before that stamp may have been seen before the member
+    /// subscribed again, so it does not remove the member (see `shared_handoff_done`).
+    pub members: BTreeMap<Arc<str>, u64>,
     /// Round-robin position.
     pub cursor: u64,
 }
@@ -132,16 +137,16 @@ impl SharedState {
 }
 
 /// The member order for one message: `members` rotated to start at `start`.
-fn rotation(members: &BTreeSet<Arc<str>>, start: u64) -> Vec<Arc<str>> {
+fn rotation(members: &BTreeMap<Arc<str>, u64>, start: u64) -> Vec<Arc<str>> {
     let n = members.len();
     if n == 0 {
         return Vec::new();
     }
     let start = (start % n as u64) as usize;
     members
-        .iter()
+        .keys()
         .skip(start)
-        .chain(members.iter().take(start))
+        .chain(members.keys().take(start))
         .cloned()
         .collect()
 }
@@ -200,16 +205,17 @@ impl Partition {
             });
         }
         self.shared_filters.insert(&filter, group.clone(), ());
+        let stamp = self.shared.next_seq();
         self.shared
             .groups
             .entry(group)
             .or_insert_with(|| SharedGroup {
                 filter,
-                members: BTreeSet::new(),
+                members: BTreeMap::new(),
                 cursor: 0,
             })
             .members
-            .insert(client_id);
+            .insert(client_id, stamp);
         self.dirty.shared = true;
         Reply::Done
     }
@@ -358,6 +364,24 @@ impl Partition {
                 return Reply::Done;
             }
             HandoffOutcome::Offline => h.attempt += 1,
+            HandoffOutcome::Gone
+                if self
+                    .shared
+                    .groups
+                    .get(&h.group)
+                    .and_then(|g| g.members.get(member))
+                    .is_some_and(|joined| *joined > seq) =>
+            {
+                // The member joined (again) after this attempt was issued: its partition may
+                // have answered before the re-SUBSCRIBE. Ask it again, under a new seq (so
+                // late answers to this one are ignored) issued after the join, whose answer is
+                // then current.
+                let h = self.shared.handoffs.remove(&seq).expect("looked up above");
+                let seq = self.shared.next_seq();
+                effects.extend(h.work(seq).map(Effect::Shared));
+                self.shared.handoffs.insert(seq, h);
+                return Reply::Done;
+            }
             HandoffOutcome::Gone => {
                 // Not a member any more: skip it from now on (the next candidate moves into
                 // its place), and leave the group so later messages do not ask it either.

@@ -2307,7 +2307,7 @@ mod shared {
         }
         let members: Vec<String> = h.p.shared_groups()[G]
             .members
-            .iter()
+            .keys()
             .map(|m| m.to_string())
             .collect();
         assert_eq!(members, vec!["b"]);
@@ -2413,6 +2413,55 @@ mod shared {
         assert_eq!(restored.subscription_count(), h.p.subscription_count());
         assert_eq!(restored.derived_indexes(), h.p.derived_indexes());
         assert_eq!(restored.filters(), vec!["t/+".to_string()]);
+    }
+
+    /// Bug 10 (issue 19): a `Gone` observed before a member's re-SUBSCRIBE, applied after its
+    /// `SharedJoin`, must not remove the member (it holds a SUBACK and would never get a group
+    /// message again); the handoff asks it again instead.
+    #[test]
+    fn a_stale_gone_does_not_remove_a_member_that_rejoined() {
+        let mut h = H::new();
+        let a = h.online("a");
+        h.join("a", a, QoS::AtLeastOnce);
+        let fx = h.publish("t/1", "x", QoS::AtLeastOnce);
+        let [Effect::Shared(SharedWork::Handoff {
+            seq: Some(seq),
+            message,
+            ..
+        })] = fx.as_slice()
+        else {
+            panic!("{fx:?}")
+        };
+        // The member unsubscribes; the handoff reaches its partition now: Gone.
+        h.unsubscribe("a", a, &[G]);
+        let (r, _) = h.apply(Command::SharedDeliver {
+            client_id: "a".into(),
+            group: G.into(),
+            message: message.clone(),
+            require_online: true,
+        });
+        assert_eq!(r, Reply::SharedDelivered(HandoffOutcome::Gone));
+        // It subscribes again (and rejoins) before the group learns of that Gone.
+        h.join("a", a, QoS::AtLeastOnce);
+        let (_, fx) = h.apply(Command::SharedHandoffDone {
+            group: G.into(),
+            seq: *seq,
+            member: "a".into(),
+            outcome: HandoffOutcome::Gone,
+        });
+        assert!(
+            h.p.shared_groups().contains_key(G),
+            "member removed: {fx:?}"
+        );
+        let fx = h.run_shared(fx);
+        assert_eq!(payloads(&deliveries(&fx, "a")), vec!["x"]);
+        let fx = h.publish_shared("y", QoS::AtLeastOnce);
+        assert_eq!(payloads(&deliveries(&fx, "a")), vec!["y"]);
+        // A Gone observed after the join still removes the member.
+        h.unsubscribe("a", a, &[G]);
+        let fx = h.publish_shared("z", QoS::AtLeastOnce);
+        assert!(deliveries(&fx, "a").is_empty());
+        assert!(h.p.shared_groups().is_empty());
     }
 
     #[test]
