@@ -162,12 +162,12 @@ enum NodeMsg {
     },
     Stop {
         done: oneshot::Sender<()>,
+        /// False: stop as a crash would (no last checkpoint, no flush).
+        checkpoint: bool,
     },
     /// Hand the leadership of every group this node leads to its most caught-up follower.
     /// Answers with the partitions still led here (transfers take a round trip or two).
-    TransferLeadership {
-        reply: oneshot::Sender<Vec<u32>>,
-    },
+    TransferLeadership { reply: oneshot::Sender<Vec<u32>> },
     Qos0 {
         partition: u32,
         message: Arc<tiermq_common::Message>,
@@ -179,9 +179,7 @@ enum NodeMsg {
         reply: oneshot::Sender<Result<Vec<u8>, ProposeError>>,
     },
     /// A frontend opened its event stream to this node: replay in-flight messages.
-    FrontendAttached {
-        frontend_id: u64,
-    },
+    FrontendAttached { frontend_id: u64 },
     /// A route watcher joined: send it a snapshot of every partition this node leads.
     WatchRoutes {
         watcher_id: u64,
@@ -224,6 +222,20 @@ pub struct RouteChange {
     pub removed: Vec<String>,
     /// Order of this update among everything the node broadcast (set by the hub).
     pub seq: u64,
+}
+
+impl RouteChange {
+    /// This node stopped leading `partition`: its routes are no longer announced from here.
+    fn not_leader(partition: u32) -> RouteChange {
+        RouteChange {
+            partition,
+            leader: false,
+            reset: true,
+            added: Vec::new(),
+            removed: Vec::new(),
+            seq: 0,
+        }
+    }
 }
 
 /// A route watcher: where its updates go and what it has acknowledged.
@@ -575,8 +587,18 @@ impl RaftHandle {
     /// Stops the driver after a last checkpoint; the sled database is released when this
     /// returns.
     pub async fn stop(&self) {
+        self.stop_driver(true).await;
+    }
+
+    /// Stops the driver as `kill -9` would stop the process: no last checkpoint and no flush,
+    /// so a restart finds only what earlier rounds made durable (tests of crash recovery).
+    pub async fn crash(&self) {
+        self.stop_driver(false).await;
+    }
+
+    async fn stop_driver(&self, checkpoint: bool) {
         let (done, rx) = oneshot::channel();
-        if self.tx.send(NodeMsg::Stop { done }).is_ok() {
+        if self.tx.send(NodeMsg::Stop { done, checkpoint }).is_ok() {
             let _ = rx.await;
         }
     }
@@ -865,23 +887,27 @@ impl Group {
         self.storage.store_snapshot(applied, term, conf, data)
     }
 
-    /// Installs a snapshot received from the leader into the state machine.
-    fn install_snapshot(&mut self, snap: &Snapshot, limits: SessionLimits) {
-        match postcard::from_bytes::<PartitionImage>(snap.get_data()) {
-            Ok(image) => {
-                self.sm = Partition::restore(limits, image);
-                if let Err(e) = self.checkpoints.replace_all(&mut self.sm) {
-                    warn!(partition = self.partition, error = %e, "storing snapshot state failed");
-                }
-                self.connections.clear();
-                info!(
-                    partition = self.partition,
-                    index = snap.get_metadata().index,
-                    "snapshot installed"
-                );
-            }
-            Err(e) => warn!(partition = self.partition, error = %e, "undecodable snapshot"),
-        }
+    /// Installs a snapshot received from the leader: decodes its image first (an undecodable
+    /// one is stored nowhere), then the Raft storage takes it, then the state machine and its
+    /// checkpoint. A crash between the last two is repaired on restart by
+    /// [`catch_up_with_snapshot`]. An error is fatal: raft already counts the snapshot as
+    /// applied, so this replica can go on only from a restart.
+    fn install_snapshot(&mut self, snap: Snapshot, limits: SessionLimits) -> Result<(), String> {
+        let partition = self.partition;
+        let index = snap.get_metadata().index;
+        let image = postcard::from_bytes::<PartitionImage>(snap.get_data())
+            .map_err(|e| format!("partition {partition}: undecodable snapshot at {index}: {e}"))?;
+        self.storage.apply_snapshot(snap).map_err(|e| {
+            format!("partition {partition}: cannot store the snapshot at {index}: {e}")
+        })?;
+        self.sm = Partition::restore(limits, image);
+        self.connections.clear();
+        self.applied_since_checkpoint = 0;
+        self.checkpoints.replace_all(&mut self.sm).map_err(|e| {
+            format!("partition {partition}: cannot checkpoint the snapshot at {index}: {e}")
+        })?;
+        info!(partition, index, "snapshot installed");
+        Ok(())
     }
 }
 
@@ -968,7 +994,7 @@ fn open_group(
     let recovered = checkpoints
         .recover(config.limits)
         .map_err(|e| raft::Error::ConfChangeError(e.to_string()))?;
-    let sm = recovered.partition;
+    let sm = catch_up_with_snapshot(&storage, &checkpoints, recovered.partition, config.limits)?;
     let applied = (sm.applied_index() >> BATCH_BITS).max(storage.snapshot_metadata().index);
     let raft_config = raft::Config {
         id: config.node_id,
@@ -997,6 +1023,53 @@ fn open_group(
         was_leader: false,
         removed: false,
     })
+}
+
+/// The state machine a replica restarts with: its checkpoint, or the stored Raft snapshot
+/// when that is newer.
+///
+/// Raft restarts at `applied = max(checkpoint, snapshot index)` and never replays what lies
+/// below, so the state machine must hold everything up to the snapshot. A checkpoint can lag
+/// the snapshot: one built on demand for a new replica (`Driver::run`), or an install that
+/// stored the leader's snapshot and crashed before checkpointing its image. The snapshot's
+/// image is the state at its index, so it replaces such a checkpoint (and becomes the
+/// checkpoint). An image that cannot be decoded stops the replica from opening: running on
+/// would apply later entries to a state that lacks earlier ones.
+fn catch_up_with_snapshot(
+    storage: &SledRaftStorage,
+    checkpoints: &PartitionStore,
+    sm: Partition,
+    limits: SessionLimits,
+) -> Result<Partition, raft::Error> {
+    let snapshot_index = storage.snapshot_metadata().index;
+    if snapshot_index <= sm.applied_index() >> BATCH_BITS {
+        return Ok(sm);
+    }
+    let partition = storage.partition();
+    let fail = |what: String| {
+        raft::Error::ConfChangeError(format!(
+            "partition {partition}: snapshot at {snapshot_index} is newer than the checkpoint \
+             and {what}"
+        ))
+    };
+    let data = storage
+        .snapshot_data()?
+        .ok_or_else(|| fail("has no data".into()))?;
+    let image: PartitionImage =
+        postcard::from_bytes(&data).map_err(|e| fail(format!("cannot be decoded: {e}")))?;
+    if image.applied_index <= sm.applied_index() {
+        // Only entries without commands (conf changes, a new leader's empty entry) lie between.
+        return Ok(sm);
+    }
+    let mut restored = Partition::restore(limits, image);
+    checkpoints
+        .replace_all(&mut restored)
+        .map_err(|e| fail(format!("cannot be checkpointed: {e}")))?;
+    info!(
+        partition,
+        snapshot_index, "state restored from the snapshot (newer than the checkpoint)"
+    );
+    Ok(restored)
 }
 
 struct Driver {
@@ -1054,12 +1127,16 @@ impl Driver {
                     Err(_) => break,
                 }
             }
-            if let Some(done) = stop {
+            if let Some((done, checkpoint)) = stop {
                 for g in self.groups.values_mut() {
-                    g.maybe_checkpoint(&self.config, true);
+                    if checkpoint {
+                        g.maybe_checkpoint(&self.config, true);
+                    }
                     g.fail_pending(ProposeError::Stopped);
                 }
-                let _ = self.db.flush();
+                if checkpoint {
+                    let _ = self.db.flush();
+                }
                 drop(self);
                 let _ = done.send(());
                 return;
@@ -1082,7 +1159,10 @@ impl Driver {
             // 2. propose
             self.propose_batches();
             // 3-5. ready, persist, send, advance
-            self.process_ready().await;
+            if let Err(reason) = self.process_ready().await {
+                self.fail_stop(&reason);
+                return;
+            }
             self.reconcile_membership(ticked);
             for g in self.groups.values_mut() {
                 g.maybe_checkpoint(&self.config, false);
@@ -1097,8 +1177,9 @@ impl Driver {
         }
     }
 
-    /// Handles one mailbox message; returns the stop waiter when asked to stop.
-    fn handle(&mut self, msg: NodeMsg) -> Option<oneshot::Sender<()>> {
+    /// Handles one mailbox message; returns the stop waiter (and whether to checkpoint) when
+    /// asked to stop.
+    fn handle(&mut self, msg: NodeMsg) -> Option<(oneshot::Sender<()>, bool)> {
         match msg {
             NodeMsg::Propose {
                 partition,
@@ -1136,7 +1217,7 @@ impl Driver {
                 });
                 let _ = reply.send(image);
             }
-            NodeMsg::Stop { done } => return Some(done),
+            NodeMsg::Stop { done, checkpoint } => return Some((done, checkpoint)),
             NodeMsg::TransferLeadership { reply } => {
                 let mut led = Vec::new();
                 for g in self.groups.values_mut() {
@@ -1318,7 +1399,26 @@ impl Driver {
         }
     }
 
-    async fn process_ready(&mut self) {
+    /// A node that cannot keep its state consistent must stop acknowledging: it stops, as a
+    /// crash would, and its proposers are told `Stopped`. A restart recovers from what is
+    /// durable; the other replicas carry on meanwhile.
+    fn fail_stop(mut self, reason: &str) {
+        tracing::error!(node = self.config.node_id, reason, "raft node stopped");
+        for g in self.groups.values_mut() {
+            g.fail_pending(ProposeError::Stopped);
+            for (_, reply, _) in g.proposals.drain(..) {
+                let _ = reply.send(Err(ProposeError::Stopped));
+            }
+            if g.was_leader {
+                self.hub
+                    .broadcast_route(RouteChange::not_leader(g.partition));
+            }
+        }
+    }
+
+    /// One round of steps 3-5 of the loop. An error is fatal (see [`Driver::fail_stop`]):
+    /// nothing that waits for persistence has been sent.
+    async fn process_ready(&mut self) -> Result<(), String> {
         let mut outbox = Outbox::default();
         let mut readies = Vec::new();
         let mut wrote = false;
@@ -1329,11 +1429,7 @@ impl Driver {
             let mut rd = g.raw.ready();
             outbox.add(p, rd.take_messages());
             if !rd.snapshot().is_empty() {
-                let snap = rd.snapshot().clone();
-                if let Err(e) = g.storage.apply_snapshot(snap.clone()) {
-                    warn!(partition = p, error = %e, "cannot apply snapshot");
-                }
-                g.install_snapshot(&snap, self.config.limits);
+                g.install_snapshot(rd.snapshot().clone(), self.config.limits)?;
                 wrote = true;
             }
             g.apply_committed(rd.take_committed_entries(), &self.hub);
@@ -1386,14 +1482,8 @@ impl Driver {
                 // our proposers; they retry (a duplicate at worst, never a false ack).
                 g.fail_pending(ProposeError::NotLeader { leader: g.leader() });
                 g.connections.clear();
-                self.hub.broadcast_route(RouteChange {
-                    partition: g.partition,
-                    leader: false,
-                    reset: true,
-                    added: Vec::new(),
-                    removed: Vec::new(),
-                    seq: 0,
-                });
+                self.hub
+                    .broadcast_route(RouteChange::not_leader(g.partition));
             }
             if !g.was_leader && leading {
                 info!(
@@ -1419,6 +1509,7 @@ impl Driver {
             }
             g.was_leader = leading;
         }
+        Ok(())
     }
 }
 

@@ -523,6 +523,14 @@ impl SledRaftStorage {
         self.read().snapshot_meta.clone()
     }
 
+    /// The data (partition image) of the stored snapshot; `None` when there is none.
+    pub fn snapshot_data(&self) -> Result<Option<Vec<u8>>, RaftStorageError> {
+        if self.read().snapshot_meta.index == 0 {
+            return Ok(None);
+        }
+        Ok(self.inner.meta.get(SNAPSHOT_DATA_KEY)?.map(|d| d.to_vec()))
+    }
+
     /// The stored hard state.
     pub fn hard_state(&self) -> HardState {
         self.read().hard_state.clone()

@@ -6,5 +6,6 @@ mod local_broker;
 mod placement;
 mod raft_cluster;
 mod raft_grpc;
+mod raft_recovery;
 mod raft_storage;
 mod storage;

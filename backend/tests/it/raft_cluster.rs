@@ -16,14 +16,18 @@ use tiermq_backend::raft::node::{
 };
 use tiermq_common::{Message, QoS};
 
-const PARTITIONS: u32 = 4;
+pub(crate) const PARTITIONS: u32 = 4;
 
 /// The in-memory network: who is up, and which directed links are cut.
 #[derive(Default)]
-struct Net {
-    nodes: Mutex<HashMap<NodeId, RaftHandle>>,
-    cut: Mutex<HashSet<(NodeId, NodeId)>>,
+pub(crate) struct Net {
+    pub(crate) nodes: Mutex<HashMap<NodeId, RaftHandle>>,
+    pub(crate) cut: Mutex<HashSet<(NodeId, NodeId)>>,
+    /// Drops the messages (from, to, message) for which it answers true.
+    pub(crate) filter: Mutex<Option<MessageFilter>>,
 }
+
+pub(crate) type MessageFilter = Box<dyn Fn(NodeId, NodeId, &RaftMessage) -> bool + Send>;
 
 struct Port {
     from: NodeId,
@@ -39,6 +43,11 @@ impl Transport for Port {
             return;
         };
         for (p, m) in messages {
+            if let Some(drop) = &*self.net.filter.lock().unwrap() {
+                if drop(self.from, to, &m) {
+                    continue;
+                }
+            }
             // Through the wire encoding, as the gRPC transport does.
             let m = decode_message(&encode_message(&m)).expect("round trip");
             let _ = h.step(p, m);
@@ -78,10 +87,12 @@ async fn propose_on(
     }
 }
 
-struct Cluster {
-    net: Arc<Net>,
-    map: PartitionMap,
-    dirs: HashMap<NodeId, PathBuf>,
+pub(crate) struct Cluster {
+    pub(crate) net: Arc<Net>,
+    pub(crate) map: PartitionMap,
+    pub(crate) dirs: HashMap<NodeId, PathBuf>,
+    /// Changes to every node's settings (see [`config`]).
+    tweak: fn(&mut RaftConfig),
     _tmp: tempfile::TempDir,
 }
 
@@ -94,7 +105,7 @@ fn config(id: NodeId) -> RaftConfig {
     c
 }
 
-fn open_db(path: &PathBuf) -> sled::Db {
+pub(crate) fn open_db(path: &PathBuf) -> sled::Db {
     // sled releases the directory lock of a dropped database asynchronously.
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
@@ -110,17 +121,26 @@ fn open_db(path: &PathBuf) -> sled::Db {
 }
 
 impl Cluster {
-    fn new(ids: &[NodeId]) -> Cluster {
+    pub(crate) fn new(ids: &[NodeId]) -> Cluster {
         Cluster::with_partitions(ids, PARTITIONS)
     }
 
-    fn with_partitions(ids: &[NodeId], partitions: u32) -> Cluster {
+    pub(crate) fn with_partitions(ids: &[NodeId], partitions: u32) -> Cluster {
+        Cluster::with_config(ids, partitions, |_| {})
+    }
+
+    pub(crate) fn with_config(
+        ids: &[NodeId],
+        partitions: u32,
+        tweak: fn(&mut RaftConfig),
+    ) -> Cluster {
         let tmp = tempfile::tempdir().unwrap();
         let map = PartitionMap::compute(1, ids, partitions, 3, DEFAULT_VNODES);
         let mut c = Cluster {
             net: Arc::new(Net::default()),
             map,
             dirs: HashMap::new(),
+            tweak,
             _tmp: tmp,
         };
         for &id in ids {
@@ -131,23 +151,25 @@ impl Cluster {
         c
     }
 
-    fn start(&mut self, id: NodeId) {
+    pub(crate) fn start(&mut self, id: NodeId) {
         let map = self.map.clone();
         self.start_with(id, &map);
     }
 
-    fn start_with(&mut self, id: NodeId, map: &PartitionMap) {
+    pub(crate) fn start_with(&mut self, id: NodeId, map: &PartitionMap) {
         let db = open_db(&self.dirs[&id]);
         let port = Arc::new(Port {
             from: id,
             net: self.net.clone(),
         });
-        let h = start(config(id), db, map, port, ClusterHub::new()).expect("start node");
+        let mut config = config(id);
+        (self.tweak)(&mut config);
+        let h = start(config, db, map, port, ClusterHub::new()).expect("start node");
         self.net.nodes.lock().unwrap().insert(id, h);
     }
 
     /// Gives every live node a new target map (membership change).
-    fn set_map(&mut self, map: PartitionMap) {
+    pub(crate) fn set_map(&mut self, map: PartitionMap) {
         for id in self.live() {
             self.handle(id).unwrap().set_map(map.clone());
         }
@@ -156,7 +178,7 @@ impl Cluster {
 
     /// Starts a new, empty node that joins the current target map: it bootstraps nothing
     /// and gets its replicas from the leaders.
-    fn join(&mut self, id: NodeId) {
+    pub(crate) fn join(&mut self, id: NodeId) {
         let dir = self._tmp.path().join(format!("node{id}"));
         self.dirs.insert(id, dir);
         let empty = PartitionMap::compute(0, &[], self.map.partitions, 3, DEFAULT_VNODES);
@@ -166,7 +188,7 @@ impl Cluster {
 
     /// Waits until every partition is led by its balanced leader (`balanced_leaders`), as the
     /// driver arranges after a map change; returns the leaders.
-    async fn wait_balanced_leaders(&self, timeout: Duration) -> Vec<NodeId> {
+    pub(crate) async fn wait_balanced_leaders(&self, timeout: Duration) -> Vec<NodeId> {
         let started = Instant::now();
         let want: Vec<NodeId> = self
             .map
@@ -192,7 +214,7 @@ impl Cluster {
 
     /// Waits until every partition's configuration is the target map's and every live node
     /// holds exactly the replicas the map places on it.
-    async fn wait_moved(&self, timeout: Duration) -> Duration {
+    pub(crate) async fn wait_moved(&self, timeout: Duration) -> Duration {
         let started = Instant::now();
         loop {
             let mut pending = Vec::new();
@@ -226,24 +248,32 @@ impl Cluster {
         }
     }
 
-    async fn stop(&mut self, id: NodeId) {
+    pub(crate) async fn stop(&mut self, id: NodeId) {
         let h = self.net.nodes.lock().unwrap().remove(&id);
         if let Some(h) = h {
             h.stop().await;
         }
     }
 
-    fn handle(&self, id: NodeId) -> Option<RaftHandle> {
+    /// Stops node `id` as kill -9 would: no last checkpoint.
+    pub(crate) async fn crash(&mut self, id: NodeId) {
+        let h = self.net.nodes.lock().unwrap().remove(&id);
+        if let Some(h) = h {
+            h.crash().await;
+        }
+    }
+
+    pub(crate) fn handle(&self, id: NodeId) -> Option<RaftHandle> {
         self.net.nodes.lock().unwrap().get(&id).cloned()
     }
 
-    fn live(&self) -> Vec<NodeId> {
+    pub(crate) fn live(&self) -> Vec<NodeId> {
         let mut v: Vec<_> = self.net.nodes.lock().unwrap().keys().copied().collect();
         v.sort();
         v
     }
 
-    fn isolate(&self, id: NodeId, all: &[NodeId]) {
+    pub(crate) fn isolate(&self, id: NodeId, all: &[NodeId]) {
         let mut cut = self.net.cut.lock().unwrap();
         for &o in all {
             if o != id {
@@ -253,16 +283,16 @@ impl Cluster {
         }
     }
 
-    fn heal(&self) {
+    pub(crate) fn heal(&self) {
         self.net.cut.lock().unwrap().clear();
     }
 
-    async fn status(&self, id: NodeId, p: u32) -> Option<GroupStatus> {
+    pub(crate) async fn status(&self, id: NodeId, p: u32) -> Option<GroupStatus> {
         self.handle(id)?.status(p).await
     }
 
     /// The leader of `p` as seen by a live, reachable node that claims it.
-    async fn leader(&self, p: u32) -> Option<NodeId> {
+    pub(crate) async fn leader(&self, p: u32) -> Option<NodeId> {
         for id in self.live() {
             if let Some(s) = self.status(id, p).await {
                 if s.is_leader {
@@ -273,7 +303,7 @@ impl Cluster {
         None
     }
 
-    async fn wait_leaders(&self, timeout: Duration) -> HashMap<u32, NodeId> {
+    pub(crate) async fn wait_leaders(&self, timeout: Duration) -> HashMap<u32, NodeId> {
         let deadline = Instant::now() + timeout;
         loop {
             let mut leaders = HashMap::new();
@@ -294,7 +324,7 @@ impl Cluster {
     }
 
     /// Proposes through whichever node leads `p` now, retrying while leadership moves.
-    async fn propose(
+    pub(crate) async fn propose(
         &self,
         p: u32,
         cmd: Command,
@@ -304,7 +334,7 @@ impl Cluster {
     }
 
     /// Waits until every live replica of `p` has applied the same state; returns it.
-    async fn converged(&self, p: u32, timeout: Duration) -> Vec<u8> {
+    pub(crate) async fn converged(&self, p: u32, timeout: Duration) -> Vec<u8> {
         let deadline = Instant::now() + timeout;
         loop {
             let mut images = Vec::new();
@@ -332,7 +362,7 @@ impl Cluster {
     }
 }
 
-fn retained(topic: &str, payload: &str) -> Command {
+pub(crate) fn retained(topic: &str, payload: &str) -> Command {
     Command::Publish {
         message: Arc::new(Message::new(
             topic,
@@ -347,7 +377,7 @@ fn retained(topic: &str, payload: &str) -> Command {
 }
 
 /// Decodes a replica image and returns its retained topics → payloads.
-fn retained_in(image: &[u8]) -> HashMap<String, String> {
+pub(crate) fn retained_in(image: &[u8]) -> HashMap<String, String> {
     let image: tiermq_backend::partition::PartitionImage = postcard::from_bytes(image).unwrap();
     image
         .retained
@@ -361,7 +391,7 @@ fn retained_in(image: &[u8]) -> HashMap<String, String> {
         .collect()
 }
 
-const T: Duration = Duration::from_secs(20);
+pub(crate) const T: Duration = Duration::from_secs(20);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn elects_a_leader_for_every_partition_and_replicates_identically() {

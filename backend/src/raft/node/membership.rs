@@ -305,14 +305,7 @@ impl Driver {
             let _ = reply.send(Err(ProposeError::NotLeader { leader: None }));
         }
         if g.was_leader {
-            self.hub.broadcast_route(RouteChange {
-                partition: p,
-                leader: false,
-                reset: true,
-                added: Vec::new(),
-                removed: Vec::new(),
-                seq: 0,
-            });
+            self.hub.broadcast_route(RouteChange::not_leader(p));
         }
         drop(g);
         if let Err(e) = SledRaftStorage::destroy(&self.db, p) {

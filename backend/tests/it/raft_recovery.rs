@@ -1,0 +1,187 @@
+//! Crash recovery and storage failures of the Raft driver (issue 19): what a replica holds
+//! after kill -9 at awkward moments, and what a node whose disk fails may acknowledge. Reuses
+//! the in-memory cluster of `raft_cluster`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use raft::prelude::Snapshot;
+use tiermq_backend::partition::command::Entry;
+use tiermq_backend::partition::session::SessionLimits;
+use tiermq_backend::partition::Partition;
+use tiermq_backend::placement::{NodeId, PartitionMap, DEFAULT_VNODES};
+use tiermq_backend::raft::node::{start, ClusterHub, RaftConfig, Transport};
+use tiermq_backend::raft::storage::SledRaftStorage;
+use tiermq_backend::storage::PartitionStore;
+
+use super::raft_cluster::{open_db, retained, retained_in, Cluster, PARTITIONS, T};
+
+/// Waits until node `id`'s replica of `p` holds every topic of `topics` as a retained message.
+async fn wait_retained(c: &Cluster, id: NodeId, p: u32, topics: &[String], timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let kept = match c.handle(id).unwrap().image(p).await {
+            Some(image) => retained_in(&image),
+            None => HashMap::new(),
+        };
+        let missing: Vec<&String> = topics.iter().filter(|t| !kept.contains_key(*t)).collect();
+        if missing.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {id}, partition {p}: {} of {} committed writes missing, e.g. {:?}",
+            missing.len(),
+            topics.len(),
+            &missing[..missing.len().min(5)]
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Issue 19, bug 1: a leader builds a snapshot on demand for a new replica (the one it stored
+/// before adding the learner does not name it) at its applied index, ahead of its checkpoint.
+/// After kill -9 of every node, each replica must still hold every committed write: raft
+/// restarts at the snapshot index, so the state machine must not restart from the older
+/// checkpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_built_for_a_new_replica_is_not_lost_in_a_crash() {
+    // No periodic checkpoint: the only ones are those a move takes before adding a learner.
+    let mut c = Cluster::with_config(&[1, 2, 3], PARTITIONS, |c| {
+        c.checkpoint_entries = u64::MAX;
+    });
+    c.wait_leaders(T).await;
+    // Four replicas of every partition: node 4 is added and nobody is removed, so every
+    // replica stays where the test can look at it.
+    let next = PartitionMap::compute(2, &[1, 2, 3, 4], PARTITIONS, 4, DEFAULT_VNODES);
+    let p = 0;
+    let topics: Vec<String> = (0..30).map(|i| format!("b/{i}")).collect();
+    for t in &topics[..10] {
+        c.propose(p, retained(t, "v"), T).await.unwrap();
+    }
+    // Node 4 joins behind a cut: the leader checkpoints, snapshots and adds it as a learner,
+    // but the learner cannot ask for the snapshot yet.
+    c.isolate(4, &[1, 2, 3, 4]);
+    c.set_map(next);
+    c.join(4);
+    let deadline = Instant::now() + T;
+    loop {
+        let leader = c.leader(p).await;
+        if let Some(s) = match leader {
+            Some(l) => c.status(l, p).await,
+            None => None,
+        } {
+            if s.learners.contains(&4) || s.voters.contains(&4) {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "node 4 never became a learner");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Writes after that checkpoint, then the learner is reached: its snapshot is built now.
+    for t in &topics[10..] {
+        c.propose(p, retained(t, "v"), T).await.unwrap();
+    }
+    c.heal();
+    let deadline = Instant::now() + T;
+    while c.status(4, p).await.is_none_or(|s| s.snapshot_index == 0) {
+        assert!(Instant::now() < deadline, "node 4 got no snapshot");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for id in c.live() {
+        c.crash(id).await;
+    }
+    for id in [1, 2, 3, 4] {
+        c.start(id);
+    }
+    for id in [1, 2, 3, 4] {
+        wait_retained(&c, id, p, &topics, T).await;
+    }
+}
+
+/// What an install interrupted by a crash leaves behind on node 1 (single replica of
+/// partition 0): the Raft storage took a snapshot at `last index + extra` whose image is
+/// `data`, and the state machine's checkpoint is the older one. Returns the snapshot index.
+fn store_snapshot_without_checkpoint(c: &Cluster, data: impl FnOnce(Partition) -> Vec<u8>) -> u64 {
+    let db = open_db(&c.dirs[&1]);
+    let storage = SledRaftStorage::open(&db, 0).unwrap();
+    let store = PartitionStore::open(&db, 0).unwrap();
+    let sm = store.recover(SessionLimits::default()).unwrap().partition;
+    let last = raft::Storage::last_index(&storage).unwrap();
+    let index = last + 3;
+    let mut snap = Snapshot::default();
+    let meta = snap.mut_metadata();
+    meta.index = index;
+    meta.term = storage.hard_state().term;
+    meta.mut_conf_state().voters = vec![1];
+    snap.data = data(sm).into();
+    storage.apply_snapshot(snap).unwrap();
+    storage.flush().unwrap();
+    index
+}
+
+/// Issue 19, bug 1: the install of a leader's snapshot stores it in the Raft storage, then
+/// checkpoints its image; a crash in between must not leave a replica whose Raft storage
+/// claims a state its state machine lacks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_snapshot_install_is_completed_on_restart() {
+    let mut c = Cluster::with_partitions(&[1], 1);
+    c.wait_leaders(T).await;
+    let topics: Vec<String> = (0..8).map(|i| format!("i/{i}")).collect();
+    for t in &topics[..5] {
+        c.propose(0, retained(t, "v"), T).await.unwrap();
+    }
+    c.stop(1).await;
+    store_snapshot_without_checkpoint(&c, |mut sm| {
+        // The leader's state: three writes more than this replica's checkpoint.
+        let first = (sm.applied_index() >> 20) + 1;
+        for (i, t) in topics[5..].iter().enumerate() {
+            sm.apply(
+                (first + i as u64) << 20,
+                Entry {
+                    now_ms: 0,
+                    command: retained(t, "v"),
+                },
+            );
+        }
+        postcard::to_stdvec(&sm.image()).unwrap()
+    });
+    c.start(1);
+    c.wait_leaders(T).await;
+    wait_retained(&c, 1, 0, &topics, T).await;
+    // And the repaired state is checkpointed: a second restart finds it as well.
+    c.crash(1).await;
+    c.start(1);
+    wait_retained(&c, 1, 0, &topics, T).await;
+}
+
+/// Issue 19, bug 1: a stored snapshot newer than the checkpoint whose image cannot be decoded
+/// leaves no state to run on: the node refuses to start rather than run without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_snapshot_newer_than_the_checkpoint_stops_the_start() {
+    let mut c = Cluster::with_partitions(&[1], 1);
+    c.wait_leaders(T).await;
+    c.propose(0, retained("u/0", "v"), T).await.unwrap();
+    c.stop(1).await;
+    store_snapshot_without_checkpoint(&c, |_| b"not an image".to_vec());
+    let db = open_db(&c.dirs[&1]);
+    let started = start(
+        RaftConfig::new(1),
+        db,
+        &c.map,
+        Arc::new(Nowhere),
+        ClusterHub::new(),
+    );
+    let Err(e) = started else {
+        panic!("a replica without the state its raft storage claims was started");
+    };
+    assert!(e.to_string().contains("cannot be decoded"), "{e}");
+}
+
+/// A transport that delivers nothing.
+struct Nowhere;
+
+impl Transport for Nowhere {
+    fn send(&self, _: NodeId, _: Vec<(u32, raft::prelude::Message)>) {}
+}
