@@ -5,6 +5,7 @@
 //! - [`timings`]: commit and fsync latency, proposals per partition (metrics).
 //! - [`transport`]: Raft messages between nodes over gRPC, batched per peer.
 
+pub mod clock;
 pub mod node;
 pub mod storage;
 pub mod timings;

@@ -22,15 +22,17 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use protobuf::Message as _;
 use raft::prelude::{ConfState, Entry as RaftEntry, EntryType, Message as RaftMessage, Snapshot};
 use raft::{RawNode, StateRole};
 use tiermq_common::session_api::SessionEvent;
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use super::clock::WallClock;
 use super::storage::SledRaftStorage;
 use crate::partition::command::{Command, Effect, Entry, Query, Reply};
 use crate::partition::session::Attachment;
@@ -82,6 +84,17 @@ pub struct RaftConfig {
     /// joins a running cluster or restarts under a later map: its new replicas start empty
     /// and learn the configuration from the leader's snapshot.
     pub bootstrap: bool,
+    /// The clock entries are stamped with (the simulation's virtual clock there).
+    pub clock: WallClock,
+    /// Flush on the driver's own thread instead of a blocking-pool thread. The deterministic
+    /// simulation needs it (a second thread would make its schedule depend on the OS); a
+    /// server must not (a slow disk would stall the runtime thread).
+    pub sync_flush: bool,
+    /// Upper bound (exclusive) of raft's randomized election timeout, in ticks; 0 = raft's
+    /// default (2 × `election_tick`). The simulation sets `election_tick + 1` with a per-node
+    /// `election_tick` drawn from its seed: raft-rs draws the timeout from the thread's
+    /// random generator, which no seed reaches.
+    pub max_election_tick: usize,
 }
 
 impl RaftConfig {
@@ -98,6 +111,9 @@ impl RaftConfig {
             frontend_lease: Duration::from_secs(3),
             membership: MembershipConfig::default(),
             bootstrap: true,
+            clock: WallClock::system(),
+            sync_flush: false,
+            max_election_tick: 0,
         }
     }
 }
@@ -158,7 +174,7 @@ enum NodeMsg {
     /// Serialized image of a partition's state (tests compare replicas with it).
     Image {
         partition: u32,
-        reply: oneshot::Sender<Option<Vec<u8>>>,
+        reply: oneshot::Sender<Option<(u64, Vec<u8>)>>,
     },
     Stop {
         done: oneshot::Sender<()>,
@@ -428,6 +444,7 @@ pub struct RaftHandle {
     tx: mpsc::UnboundedSender<NodeMsg>,
     stats: Arc<RaftStats>,
     hub: Arc<ClusterHub>,
+    driver: tokio::task::AbortHandle,
 }
 
 impl RaftHandle {
@@ -579,9 +596,22 @@ impl RaftHandle {
 
     /// The partition's state, serialized deterministically (for comparing replicas).
     pub async fn image(&self, partition: u32) -> Option<Vec<u8>> {
+        self.applied_image(partition).await.map(|(_, image)| image)
+    }
+
+    /// Like [`RaftHandle::image`], with the Raft index the image is as of: replicas that
+    /// applied the same index must have equal images.
+    pub async fn applied_image(&self, partition: u32) -> Option<(u64, Vec<u8>)> {
         let (reply, rx) = oneshot::channel();
         self.tx.send(NodeMsg::Image { partition, reply }).ok()?;
         rx.await.ok().flatten()
+    }
+
+    /// Ends the driver at once, as `kill -9` would: no last checkpoint, pending proposals
+    /// never answered. What each round flushed stays in sled; the next `start` on the same
+    /// database recovers from it. For the deterministic simulation and crash tests.
+    pub fn crash(&self) {
+        self.driver.abort();
     }
 
     /// Stops the driver after a last checkpoint; the sled database is released when this
@@ -918,13 +948,6 @@ fn connect_client(c: &Command) -> Option<Arc<str>> {
     }
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 /// Starts the driver of node `config.node_id` for the groups `map` assigns to it.
 ///
 /// `hub` connects the driver to the frontend-facing services: session events, route changes
@@ -950,26 +973,27 @@ pub fn start(
     }
     let (tx, rx) = mpsc::unbounded_channel();
     let stats = Arc::new(RaftStats::default());
-    let handle = RaftHandle {
-        node_id: config.node_id,
-        tx,
-        stats: stats.clone(),
-        hub: hub.clone(),
-    };
+    let node_id = config.node_id;
     let driver = Driver {
-        stats,
+        stats: stats.clone(),
         missing_frontends: HashMap::new(),
         config,
         db,
         groups,
         rx,
         transport,
-        hub,
+        hub: hub.clone(),
         last_now: 0,
         membership: membership::Membership::new(map, logger),
     };
-    tokio::spawn(driver.run());
-    Ok(handle)
+    let task = tokio::spawn(driver.run());
+    Ok(RaftHandle {
+        node_id,
+        tx,
+        stats,
+        hub,
+        driver: task.abort_handle(),
+    })
 }
 
 /// Opens (or creates) the replica of `partition` on this node. `bootstrap`: the voters a group
@@ -999,6 +1023,7 @@ fn open_group(
     let raft_config = raft::Config {
         id: config.node_id,
         election_tick: config.election_tick,
+        max_election_tick: config.max_election_tick,
         heartbeat_tick: config.heartbeat_tick,
         applied,
         max_size_per_msg: 1024 * 1024,
@@ -1115,6 +1140,8 @@ impl Driver {
             let mut stop = None;
             let mut ticked = false;
             tokio::select! {
+                // Biased: the same inputs give the same rounds (the simulation's seeds replay).
+                biased;
                 msg = self.rx.recv() => match msg {
                     Some(m) => stop = self.handle(m),
                     None => break,
@@ -1213,7 +1240,8 @@ impl Driver {
                 let image = self.groups.get(&partition).map(|g| {
                     let mut image = g.sm.image();
                     image.applied_index = 0; // replicas may have applied different tails
-                    postcard::to_stdvec(&image).unwrap_or_default()
+                    let applied = g.raw.raft.raft_log.applied;
+                    (applied, postcard::to_stdvec(&image).unwrap_or_default())
                 });
                 let _ = reply.send(image);
             }
@@ -1337,7 +1365,7 @@ impl Driver {
     }
 
     fn now(&mut self) -> u64 {
-        self.last_now = self.last_now.max(now_ms());
+        self.last_now = self.last_now.max(self.config.clock.now_ms());
         self.last_now
     }
 
@@ -1452,7 +1480,12 @@ impl Driver {
             // One fsync for every group's entries: the group commit that makes QoS1 fast.
             let flushing = Instant::now();
             // Not `flush_async`: see `flush_db` (a process-wide deadlock in sled).
-            if let Err(e) = crate::storage::flush_db(&self.db).await {
+            let flushed = if self.config.sync_flush {
+                self.db.flush()
+            } else {
+                crate::storage::flush_db(&self.db).await
+            };
+            if let Err(e) = flushed {
                 tiermq_common::warn_limited!(STORAGE_WARNINGS, "flush", error = %e, "flush failed");
             }
             self.stats
@@ -1494,7 +1527,7 @@ impl Driver {
                 self.hub.broadcast_route(g.route_snapshot());
                 // What the old leader had sent may not have reached the clients: send the
                 // in-flight windows again (DUP) to the frontends attached here.
-                let now = now_ms();
+                let now = self.config.clock.now_ms();
                 for f in g.sm.attached_frontends() {
                     let fx = g.sm.replay_for_frontend(f, now);
                     g.dispatch(fx, None, None, &self.hub);

@@ -1,0 +1,454 @@
+//! Simulated MQTT clients with persistent sessions, and the frontend's per-connection rules
+//! (as `frontend/src/handler.rs` applies them): publishers that re-send an unacknowledged
+//! message with the same packet id after a reconnect, and subscribers that hand a message to
+//! their application the way an MQTT client library does (QoS2: once per packet id until
+//! PUBREL).
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::future::join_all;
+use tiermq_common::hashing::partition_of;
+use tiermq_common::partition_api::{AckCmd, Command, InboundQos2, Query, Reply};
+use tiermq_common::session_api::{SessionEvent, SubscribeRequest, SubscriptionOptions};
+use tiermq_common::{Message, ProtocolVersion, QoS};
+use tokio::sync::{mpsc, Notify};
+use tokio::time::sleep;
+
+use crate::frontend::{CallError, Frontend};
+use crate::plan::{Planted, Publisher, TRAFFIC_START_MS};
+use crate::world::World;
+
+/// What every client shares: the world, the frontends, and a way to drop its connection.
+#[derive(Clone)]
+pub struct Ctx {
+    pub world: Arc<World>,
+    pub frontends: Vec<Arc<Frontend>>,
+}
+
+/// A live connection of a client.
+struct Conn {
+    frontend: Arc<Frontend>,
+    epoch: u64,
+    events: mpsc::UnboundedReceiver<SessionEvent>,
+}
+
+impl Ctx {
+    fn partitions(&self) -> u32 {
+        self.world.plan.partitions
+    }
+
+    /// Connects `client_id` (persistent session) through its preferred frontend, or any
+    /// other that is up. `had_session`: a session must be present (promise 9).
+    async fn connect(&self, client_id: &Arc<str>, preferred: usize, had_session: bool) -> Conn {
+        let mut attempt = 0usize;
+        loop {
+            let n = self.frontends.len();
+            let frontend = (0..n)
+                .map(|i| &self.frontends[(preferred + attempt + i) % n])
+                .find(|f| f.is_up())
+                .cloned();
+            attempt += 1;
+            let Some(frontend) = frontend else {
+                sleep(Duration::from_millis(200)).await;
+                continue;
+            };
+            let home = partition_of(client_id, self.partitions());
+            let reply = frontend
+                .call(
+                    home,
+                    Command::Connect {
+                        client_id: client_id.clone(),
+                        protocol: ProtocolVersion::V5,
+                        clean_start: false,
+                        session_expiry_secs: u32::MAX,
+                        receive_maximum: 16,
+                        will: None,
+                        frontend_id: frontend.id(),
+                    },
+                )
+                .await;
+            match reply {
+                Ok(Reply::Connected {
+                    epoch,
+                    session_present,
+                }) => {
+                    if had_session && !session_present {
+                        self.world.history().violation(format!(
+                            "session lost: {client_id} reconnected (epoch {epoch}) without its session"
+                        ));
+                    }
+                    let events = frontend.register(client_id, epoch);
+                    self.world.trace(format!(
+                        "{client_id} connected via frontend {} (epoch {epoch}, present {session_present})",
+                        frontend.slot
+                    ));
+                    return Conn {
+                        frontend,
+                        epoch,
+                        events,
+                    };
+                }
+                other => {
+                    self.world
+                        .trace(format!("{client_id} connect failed: {other:?}"));
+                    sleep(Duration::from_millis(100 + self.world.range(0..400))).await;
+                }
+            }
+        }
+    }
+
+    /// The connection ended without DISCONNECT (the frontend tells the session, if it lives).
+    fn drop_conn(&self, client_id: &Arc<str>, conn: Conn) {
+        conn.frontend.forget(client_id, conn.epoch);
+        if !conn.frontend.is_up() {
+            return;
+        }
+        let home = partition_of(client_id, self.partitions());
+        let command = Command::Disconnect {
+            client_id: client_id.clone(),
+            epoch: conn.epoch,
+            normal: false,
+            with_will: false,
+            session_expiry_secs: None,
+        };
+        tokio::spawn(async move {
+            let _ = conn.frontend.call(home, command).await;
+        });
+        self.world.trace(format!("{client_id} connection dropped"));
+    }
+}
+
+/// Publishes `spec.count` messages, one at a time (PUBACK/PUBREC before the next), each
+/// re-sent with its packet id across reconnects until acknowledged.
+pub async fn run_publisher(ctx: Ctx, spec: Publisher, preferred: usize, kill: Arc<Notify>) {
+    let client_id: Arc<str> = Arc::from(spec.client_id.as_str());
+    let home = partition_of(&client_id, ctx.partitions());
+    sleep(Duration::from_millis(TRAFFIC_START_MS)).await;
+    let mut conn = ctx.connect(&client_id, preferred, false).await;
+    let mut seq = 1u32;
+    // A QoS2 message whose PUBREC arrived: only PUBREL remains.
+    let mut released_pending = false;
+    while seq <= spec.count {
+        if ctx.world.finished() && !released_pending {
+            // Stop starting new messages once faults are over and the run is settling:
+            // the one in progress (if any) was acknowledged or not, both are checked.
+            break;
+        }
+        let packet_id = (seq % 65_535) as u16 + 1;
+        let id = (spec.client_id.clone(), seq);
+        let outcome = tokio::select! {
+            biased;
+            _ = kill.notified() => Err(CallError::FrontendDown),
+            r = async {
+                if !released_pending {
+                    ctx.world
+                        .history()
+                        .sending(ctx.world.elapsed_ms(), &id, spec.qos);
+                    publish(&ctx, &conn, &client_id, home, &spec, seq, packet_id).await?;
+                    ctx.world.history().acked(&id);
+                    ctx.world.trace(format!("{}:{seq} acknowledged", spec.client_id));
+                }
+                if spec.qos == QoS::ExactlyOnce {
+                    released_pending = true;
+                    // PUBREL → PUBCOMP: forget the packet id on the publisher's partition.
+                    match conn
+                        .frontend
+                        .call(
+                            home,
+                            Command::Qos2Release {
+                                client_id: client_id.clone(),
+                                epoch: conn.epoch,
+                                packet_id,
+                            },
+                        )
+                        .await?
+                    {
+                        Reply::Released { .. } => {}
+                        _ => return Err(CallError::Deadline),
+                    }
+                    released_pending = false;
+                }
+                Ok(())
+            } => r,
+        };
+        match outcome {
+            Ok(()) => {
+                seq += 1;
+                sleep(Duration::from_millis(spec.gap_ms)).await;
+            }
+            Err(e) => {
+                ctx.world
+                    .trace(format!("{}:{seq} not acknowledged: {e:?}", spec.client_id));
+                ctx.drop_conn(&client_id, conn);
+                sleep(Duration::from_millis(100 + ctx.world.range(0..300))).await;
+                conn = ctx.connect(&client_id, preferred, true).await;
+            }
+        }
+    }
+    ctx.world
+        .trace(format!("{} done at seq {}", spec.client_id, seq - 1));
+}
+
+/// One PUBLISH as the cluster client submits it: QoS1 to every partition at once; QoS2 after
+/// a duplicate check on the publisher's partition, to the others first and to the publisher's
+/// partition last with the packet id recorded in the same entry.
+async fn publish(
+    ctx: &Ctx,
+    conn: &Conn,
+    client_id: &Arc<str>,
+    home: u32,
+    spec: &Publisher,
+    seq: u32,
+    packet_id: u16,
+) -> Result<(), CallError> {
+    let message = Arc::new(Message::new(
+        spec.topic.clone(),
+        Bytes::from(format!("{}:{seq}", spec.client_id)),
+        spec.qos,
+        false,
+    ));
+    let publish = |mark: Option<InboundQos2>| Command::Publish {
+        message: message.clone(),
+        publisher: Some(client_id.clone()),
+        store_retained: false,
+        inbound_qos2: mark,
+    };
+    // Routing to every partition is what a frontend does for partitions whose routes it does
+    // not know: harmless where nobody matches.
+    let all: Vec<u32> = (0..ctx.partitions()).collect();
+    let others: Vec<u32> = all.iter().copied().filter(|p| *p != home).collect();
+    let sends = |targets: Vec<u32>, mark: Option<InboundQos2>| {
+        join_all(
+            targets
+                .into_iter()
+                .map(|p| {
+                    let command = if p == home {
+                        publish(mark.clone())
+                    } else {
+                        publish(None)
+                    };
+                    conn.frontend.call(p, command)
+                })
+                .collect::<Vec<_>>(),
+        )
+    };
+    let check_all = |replies: Vec<Result<Reply, CallError>>| -> Result<(), CallError> {
+        for r in replies {
+            match r? {
+                Reply::Published { .. } => {}
+                _ => return Err(CallError::Deadline),
+            }
+        }
+        Ok(())
+    };
+    if spec.qos != QoS::ExactlyOnce {
+        return check_all(sends(all, None).await);
+    }
+    let mark = InboundQos2 {
+        client_id: client_id.clone(),
+        epoch: conn.epoch,
+        packet_id,
+    };
+    match conn
+        .frontend
+        .query(
+            home,
+            Query::Qos2Check {
+                client_id: client_id.clone(),
+                epoch: conn.epoch,
+                packet_id,
+            },
+        )
+        .await?
+    {
+        Reply::Qos2Received { duplicate: true } => return Ok(()),
+        Reply::Qos2Received { duplicate: false } => {}
+        _ => return Err(CallError::Deadline),
+    }
+    check_all(sends(others, None).await)?;
+    check_all(sends(vec![home], Some(mark)).await)
+}
+
+/// Subscribes once to `t/#` at QoS2, then receives until the run ends.
+pub async fn run_subscriber(ctx: Ctx, client_id: String, preferred: usize, kill: Arc<Notify>) {
+    let client_id: Arc<str> = Arc::from(client_id.as_str());
+    let home = partition_of(&client_id, ctx.partitions());
+    let mut had_session = false;
+    let mut subscribed = false;
+    // QoS2 packet ids handed to the application and not yet released (PUBREL).
+    let mut awaiting_rel: BTreeSet<u16> = BTreeSet::new();
+    loop {
+        let mut conn = ctx.connect(&client_id, preferred, had_session).await;
+        had_session = true;
+        if !subscribed {
+            let reply = conn
+                .frontend
+                .call(
+                    home,
+                    Command::Subscribe {
+                        client_id: client_id.clone(),
+                        epoch: conn.epoch,
+                        subscriptions: vec![SubscribeRequest {
+                            filter: "t/#".into(),
+                            options: SubscriptionOptions {
+                                qos: QoS::ExactlyOnce,
+                                ..Default::default()
+                            },
+                            subscription_id: None,
+                        }],
+                    },
+                )
+                .await;
+            match reply {
+                Ok(Reply::Subscribed { .. }) => {
+                    subscribed = true;
+                    ctx.world
+                        .history()
+                        .subscribed(ctx.world.elapsed_ms(), &client_id);
+                    ctx.world.trace(format!("{client_id} subscribed"));
+                }
+                _ => {
+                    ctx.drop_conn(&client_id, conn);
+                    continue;
+                }
+            }
+        }
+        // Acks go out in order on the connection, as on the real ordered pipe.
+        let (acks, ack_rx) = mpsc::unbounded_channel();
+        let (released, mut released_rx) = mpsc::unbounded_channel();
+        let acker = tokio::spawn(send_acks(
+            ctx.world.clone(),
+            conn.frontend.clone(),
+            client_id.clone(),
+            conn.epoch,
+            home,
+            ack_rx,
+            released,
+        ));
+        let ended = loop {
+            let event = tokio::select! {
+                biased;
+                _ = kill.notified() => break true,
+                Some(packet_id) = released_rx.recv() => Some(SessionEvent::Release { packet_id }),
+                e = conn.events.recv() => e,
+            };
+            let Some(event) = event else { break true };
+            match event {
+                SessionEvent::Deliver(d) => {
+                    let text = String::from_utf8_lossy(&d.message.payload).to_string();
+                    let Some((publisher, seq)) = text
+                        .rsplit_once(':')
+                        .and_then(|(p, s)| Some((p.to_string(), s.parse::<u32>().ok()?)))
+                    else {
+                        ctx.world
+                            .history()
+                            .violation(format!("{client_id} got a foreign payload {text:?}"));
+                        continue;
+                    };
+                    ctx.world.trace(format!(
+                        "{client_id} <- {publisher}:{seq} {:?} id {:?}{}",
+                        d.qos,
+                        d.packet_id,
+                        if d.dup { " dup" } else { "" }
+                    ));
+                    let Some(packet_id) = d.packet_id else {
+                        ctx.world
+                            .history()
+                            .delivered(&client_id, (publisher, seq), d.qos);
+                        continue;
+                    };
+                    match d.qos {
+                        QoS::ExactlyOnce => {
+                            if awaiting_rel.insert(packet_id) {
+                                ctx.world
+                                    .history()
+                                    .delivered(&client_id, (publisher, seq), d.qos);
+                            }
+                            // PUBREC: the frontend sends PUBREL once the PUBREC is durable
+                            // (issue 19, bug 3), and the client answers PUBCOMP.
+                            let _ = acks.send(AckJob::PubRec(packet_id));
+                            if ctx.world.plan.planted == Some(Planted::EarlyPubrel) {
+                                awaiting_rel.remove(&packet_id);
+                                let _ = acks.send(AckJob::Plain(AckCmd::PubComp, packet_id));
+                            }
+                        }
+                        _ => {
+                            ctx.world
+                                .history()
+                                .delivered(&client_id, (publisher, seq), d.qos);
+                            let _ = acks.send(AckJob::Plain(AckCmd::PubAck, packet_id));
+                        }
+                    }
+                }
+                SessionEvent::Release { packet_id } => {
+                    ctx.world
+                        .trace(format!("{client_id} <- PUBREL id {packet_id}"));
+                    awaiting_rel.remove(&packet_id);
+                    let _ = acks.send(AckJob::Plain(AckCmd::PubComp, packet_id));
+                }
+                SessionEvent::Disconnect { reason } => {
+                    ctx.world.trace(format!(
+                        "{client_id} disconnected by the server: {reason:?}"
+                    ));
+                    break false;
+                }
+            }
+        };
+        drop(acks);
+        acker.abort();
+        if ended {
+            ctx.drop_conn(&client_id, conn);
+        } else {
+            conn.frontend.forget(&client_id, conn.epoch);
+        }
+        sleep(Duration::from_millis(50 + ctx.world.range(0..300))).await;
+    }
+}
+
+/// An acknowledgement from the client, as the frontend forwards it to the session.
+#[derive(Debug, Clone, Copy)]
+enum AckJob {
+    Plain(AckCmd, u16),
+    /// PUBREC: once it is durable, PUBREL goes to the client.
+    PubRec(u16),
+}
+
+async fn send_acks(
+    world: Arc<World>,
+    frontend: Arc<Frontend>,
+    client_id: Arc<str>,
+    epoch: u64,
+    home: u32,
+    mut acks: mpsc::UnboundedReceiver<AckJob>,
+    released: mpsc::UnboundedSender<u16>,
+) {
+    while let Some(job) = acks.recv().await {
+        let (kind, packet_id) = match job {
+            AckJob::Plain(kind, packet_id) => (kind, packet_id),
+            AckJob::PubRec(packet_id) => (AckCmd::PubRec, packet_id),
+        };
+        let reply = frontend
+            .call(
+                home,
+                Command::Ack {
+                    client_id: client_id.clone(),
+                    epoch,
+                    kind,
+                    packet_id,
+                },
+            )
+            .await;
+        let durable = matches!(reply, Ok(Reply::Done));
+        if durable && matches!(job, AckJob::PubRec(_)) {
+            let _ = released.send(packet_id);
+        }
+        if !durable {
+            world.trace(format!(
+                "{client_id} ack {kind:?} id {packet_id} (epoch {epoch}): {reply:?}"
+            ));
+        }
+    }
+}

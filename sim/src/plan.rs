@@ -1,0 +1,206 @@
+//! What one seed runs: the cluster's shape, the clients, and the faults with their times.
+//! Drawn from the seed alone, before the run starts, so a plan can be printed and replayed.
+
+use std::fmt;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tiermq_backend::placement::NodeId;
+use tiermq_common::QoS;
+
+/// Virtual time at which publishers start (subscribers subscribe before).
+pub const TRAFFIC_START_MS: u64 = 2_000;
+
+#[derive(Debug, Clone)]
+pub struct Publisher {
+    pub client_id: String,
+    pub topic: String,
+    pub qos: QoS,
+    pub count: u32,
+    /// Pause between two publishes, in milliseconds.
+    pub gap_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// kill -9 of a backend, restarted after `down_ms`.
+    CrashNode { node: NodeId, down_ms: u64 },
+    /// Both directions of a backend-backend link cut for `ms`.
+    CutNodes { a: NodeId, b: NodeId, ms: u64 },
+    /// A backend cut off from every other node and every frontend for `ms`.
+    IsolateNode { node: NodeId, ms: u64 },
+    /// A frontend cut off from one backend for `ms`.
+    CutFrontend {
+        frontend: u64,
+        node: NodeId,
+        ms: u64,
+    },
+    /// A frontend process dies (its clients lose their connections); back after `down_ms`.
+    CrashFrontend { frontend: u64, down_ms: u64 },
+    /// One client's connection drops without DISCONNECT.
+    DropClient { client: usize },
+}
+
+impl fmt::Display for Fault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Fault::CrashNode { node, down_ms } => write!(f, "crash node {node} for {down_ms} ms"),
+            Fault::CutNodes { a, b, ms } => write!(f, "cut nodes {a}-{b} for {ms} ms"),
+            Fault::IsolateNode { node, ms } => write!(f, "isolate node {node} for {ms} ms"),
+            Fault::CutFrontend { frontend, node, ms } => {
+                write!(f, "cut frontend {frontend} from node {node} for {ms} ms")
+            }
+            Fault::CrashFrontend { frontend, down_ms } => {
+                write!(f, "crash frontend {frontend} for {down_ms} ms")
+            }
+            Fault::DropClient { client } => write!(f, "drop the connection of client #{client}"),
+        }
+    }
+}
+
+/// A bug put in on purpose, to show that the simulation finds it (`--plant NAME`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Planted {
+    /// The frontend sends PUBREL before the subscriber's PUBREC is durable (issue 19, bug 3):
+    /// a lost PUBREC makes the session re-send the message as new.
+    EarlyPubrel,
+}
+
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub seed: u64,
+    pub planted: Option<Planted>,
+    pub nodes: u64,
+    pub partitions: u32,
+    pub frontends: u64,
+    pub checkpoint_entries: u64,
+    pub log_keep_entries: u64,
+    pub loss: f64,
+    pub max_delay_ms: u64,
+    pub publishers: Vec<Publisher>,
+    pub subscribers: Vec<String>,
+    /// (virtual time in ms, fault), in time order.
+    pub faults: Vec<(u64, Fault)>,
+    /// Faults stop and everything heals at this time; the run ends `settle_ms` later.
+    pub heal_ms: u64,
+    pub settle_ms: u64,
+}
+
+impl Plan {
+    pub fn from_seed(seed: u64) -> Plan {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let nodes = 3;
+        let frontends = 2;
+        let publishers = (0..rng.random_range(2..5))
+            .map(|k| Publisher {
+                client_id: format!("pub-{k}"),
+                topic: format!("t/{k}"),
+                qos: if rng.random_bool(0.5) {
+                    QoS::AtLeastOnce
+                } else {
+                    QoS::ExactlyOnce
+                },
+                count: rng.random_range(20..80),
+                gap_ms: rng.random_range(20..250),
+            })
+            .collect();
+        let subscribers: Vec<String> = (0..rng.random_range(1..4))
+            .map(|k| format!("sub-{k}"))
+            .collect();
+        let clients = 5 + subscribers.len();
+        let heal_ms = 24_000;
+        let mut faults = Vec::new();
+        let mut t = TRAFFIC_START_MS + rng.random_range(0..1_500);
+        while t < heal_ms - 1_000 {
+            let node = rng.random_range(1..=nodes);
+            let other = (node + rng.random_range(1..nodes) - 1) % nodes + 1;
+            let fault = match rng.random_range(0..100) {
+                0..=24 => Fault::CrashNode {
+                    node,
+                    down_ms: rng.random_range(300..6_000),
+                },
+                25..=44 => Fault::CutNodes {
+                    a: node,
+                    b: other,
+                    ms: rng.random_range(300..5_000),
+                },
+                45..=59 => Fault::IsolateNode {
+                    node,
+                    ms: rng.random_range(300..5_000),
+                },
+                60..=69 => Fault::CutFrontend {
+                    frontend: rng.random_range(1..=frontends),
+                    node,
+                    ms: rng.random_range(300..5_000),
+                },
+                70..=79 => Fault::CrashFrontend {
+                    frontend: rng.random_range(1..=frontends),
+                    down_ms: rng.random_range(300..4_000),
+                },
+                _ => Fault::DropClient {
+                    client: rng.random_range(0..clients),
+                },
+            };
+            faults.push((t, fault));
+            t += rng.random_range(200..3_000);
+        }
+        Plan {
+            seed,
+            planted: None,
+            nodes,
+            partitions: rng.random_range(2..5),
+            frontends,
+            checkpoint_entries: rng.random_range(8..60),
+            log_keep_entries: rng.random_range(0..10),
+            loss: if rng.random_bool(0.5) {
+                0.0
+            } else {
+                rng.random_range(0.0..0.05)
+            },
+            max_delay_ms: rng.random_range(1..15),
+            publishers,
+            subscribers,
+            faults,
+            heal_ms,
+            settle_ms: 30_000,
+        }
+    }
+}
+
+impl fmt::Display for Plan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "plan of seed {}: {} backends, {} partitions (R=3), {} frontends, checkpoint every {} entries keeping {}, loss {:.3}, delay ≤ {} ms",
+            self.seed,
+            self.nodes,
+            self.partitions,
+            self.frontends,
+            self.checkpoint_entries,
+            self.log_keep_entries,
+            self.loss,
+            self.max_delay_ms
+        )?;
+        for p in &self.publishers {
+            writeln!(
+                f,
+                "  {} publishes {} × {:?} on {} every {} ms",
+                p.client_id, p.count, p.qos, p.topic, p.gap_ms
+            )?;
+        }
+        writeln!(
+            f,
+            "  subscribers (t/#, QoS2): {}",
+            self.subscribers.join(", ")
+        )?;
+        for (t, fault) in &self.faults {
+            writeln!(f, "  at {t} ms: {fault}")?;
+        }
+        write!(
+            f,
+            "  heal at {} ms, check at {} ms",
+            self.heal_ms,
+            self.heal_ms + self.settle_ms
+        )
+    }
+}
