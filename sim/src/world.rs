@@ -274,7 +274,7 @@ impl World {
     pub fn crash_node(&self, id: NodeId) {
         let handle = lock(&self.nodes).get_mut(&id).and_then(|n| n.handle.take());
         if let Some(h) = handle {
-            h.crash();
+            h.abort();
             self.trace(format!("node {id} crashed"));
         }
     }

@@ -607,10 +607,11 @@ impl RaftHandle {
         rx.await.ok().flatten()
     }
 
-    /// Ends the driver at once, as `kill -9` would: no last checkpoint, pending proposals
-    /// never answered. What each round flushed stays in sled; the next `start` on the same
-    /// database recovers from it. For the deterministic simulation and crash tests.
-    pub fn crash(&self) {
+    /// Ends the driver task at once, between two rounds, without waiting (unlike
+    /// [`RaftHandle::crash`], which waits for the mailbox): pending proposals are never
+    /// answered, what each round flushed stays in sled. For the deterministic simulation,
+    /// which kills a node at an instant its seed chose.
+    pub fn abort(&self) {
         self.driver.abort();
     }
 
