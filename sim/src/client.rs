@@ -81,6 +81,8 @@ impl Ctx {
                         ));
                     }
                     let events = frontend.register(client_id, epoch);
+                    self.world
+                        .set_connection(client_id, Some((frontend.slot, epoch)));
                     self.world.trace(format!(
                         "{client_id} connected via frontend {} (epoch {epoch}, present {session_present})",
                         frontend.slot
@@ -102,6 +104,7 @@ impl Ctx {
 
     /// The connection ended without DISCONNECT (the frontend tells the session, if it lives).
     fn drop_conn(&self, client_id: &Arc<str>, conn: Conn) {
+        self.world.set_connection(client_id, None);
         conn.frontend.forget(client_id, conn.epoch);
         if !conn.frontend.is_up() {
             return;
@@ -245,6 +248,17 @@ async fn publish(
         Ok(())
     };
     if spec.qos != QoS::ExactlyOnce {
+        if ctx.world.plan.planted == Some(Planted::AckBeforeCommit) {
+            let frontend = conn.frontend.clone();
+            let commands: Vec<_> = all.iter().map(|p| (*p, publish(None))).collect();
+            tokio::spawn(async move {
+                for (p, command) in commands {
+                    let _ = frontend.call(p, command).await;
+                }
+            });
+            sleep(Duration::from_millis(1)).await;
+            return Ok(());
+        }
         return check_all(sends(all, None).await);
     }
     let mark = InboundQos2 {
@@ -402,6 +416,7 @@ pub async fn run_subscriber(ctx: Ctx, client_id: String, preferred: usize, kill:
         if ended {
             ctx.drop_conn(&client_id, conn);
         } else {
+            ctx.world.set_connection(&client_id, None);
             conn.frontend.forget(&client_id, conn.epoch);
         }
         sleep(Duration::from_millis(50 + ctx.world.range(0..300))).await;

@@ -21,6 +21,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
+use tiermq_common::hashing::partition_of;
+use tiermq_common::partition_api::{AckCmd, Command, Reply};
 use tokio::sync::Notify;
 use tokio::time::{sleep, sleep_until, Instant};
 
@@ -169,6 +171,7 @@ async fn simulate(plan: Plan) -> Outcome {
     }
     world.finish();
     sleep(Duration::from_millis(plan.settle_ms)).await;
+    check_no_deaf_sessions(&world, &frontends).await;
     check_replicas(&world).await;
     let history = world.history();
     Outcome {
@@ -239,6 +242,33 @@ fn inject(world: &Arc<World>, frontends: &[Arc<Frontend>], kills: &[Arc<Notify>]
             if let Some(k) = kills.get(client) {
                 k.notify_one();
             }
+        }
+    }
+}
+
+/// A client whose connection is open must have its session attached to that connection:
+/// a session detached behind the client's back (e.g. its frontend declared lost while the
+/// client stayed connected) receives nothing and tells nobody (issue 19 §2, "deaf sessions").
+async fn check_no_deaf_sessions(world: &Arc<World>, frontends: &[Arc<Frontend>]) {
+    for client in &world.plan.subscribers {
+        let Some((slot, epoch)) = world.connection(client) else {
+            continue;
+        };
+        let frontend = &frontends[(slot - 1) as usize];
+        let client_id: Arc<str> = Arc::from(client.as_str());
+        let home = partition_of(client, world.plan.partitions);
+        // An ack of packet id 0 changes nothing; it answers whether the epoch is attached.
+        let probe = Command::Ack {
+            client_id,
+            epoch,
+            kind: AckCmd::PubAck,
+            packet_id: 0,
+        };
+        match frontend.call(home, probe).await {
+            Ok(Reply::Done) => {}
+            other => world.history().violation(format!(
+                "deaf session: {client} is connected (frontend {slot}, epoch {epoch}) but its session answers {other:?}"
+            )),
         }
     }
 }

@@ -64,6 +64,9 @@ pub enum Planted {
     /// The frontend sends PUBREL before the subscriber's PUBREC is durable (issue 19, bug 3):
     /// a lost PUBREC makes the session re-send the message as new.
     EarlyPubrel,
+    /// The publisher is acknowledged once its message reached the leader, before the
+    /// partitions committed it: a leader that dies takes acknowledged messages with it.
+    AckBeforeCommit,
 }
 
 #[derive(Debug, Clone)]

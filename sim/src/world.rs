@@ -63,6 +63,8 @@ pub struct World {
     start: Instant,
     /// Set when the run's traffic phase is over: clients stop starting new work.
     finished: std::sync::atomic::AtomicBool,
+    /// Each client's open connection: (frontend slot, epoch).
+    connections: Mutex<BTreeMap<String, (u64, u64)>>,
     _dir: tempfile::TempDir,
 }
 
@@ -114,6 +116,7 @@ impl World {
             nodes: Mutex::new(nodes),
             start: Instant::now(),
             finished: Default::default(),
+            connections: Default::default(),
             _dir: dir,
         })
     }
@@ -134,6 +137,20 @@ impl World {
 
     pub fn history(&self) -> MutexGuard<'_, History> {
         lock(&self.history)
+    }
+
+    /// Records that `client` is connected through frontend `slot` with `epoch`, or (None)
+    /// that it has no connection.
+    pub fn set_connection(&self, client: &str, connection: Option<(u64, u64)>) {
+        let mut c = lock(&self.connections);
+        match connection {
+            Some(conn) => c.insert(client.to_string(), conn),
+            None => c.remove(client),
+        };
+    }
+
+    pub fn connection(&self, client: &str) -> Option<(u64, u64)> {
+        lock(&self.connections).get(client).copied()
     }
 
     pub fn finish(&self) {
