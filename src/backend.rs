@@ -164,6 +164,12 @@ impl BackendNode {
         })
     }
 
+    /// Resolves when the Raft driver stopped by itself: it could not persist (a failing
+    /// disk) and stopped acknowledging rather than acknowledge what it does not hold.
+    pub async fn raft_stopped(&self) {
+        self.handle.stopped().await;
+    }
+
     /// The partition map of the newest membership record this node has seen.
     pub fn map(&self) -> PartitionMap {
         self.members.map()

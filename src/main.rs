@@ -322,8 +322,15 @@ fn main() -> ExitCode {
             |s| s.cluster.validate_backend(),
             |settings| async move {
                 let node = tiermq::backend::BackendNode::start(&settings).await?;
-                wait_for_signal().await;
+                let failed = tokio::select! {
+                    _ = wait_for_signal() => false,
+                    _ = node.raft_stopped() => true,
+                };
                 node.shutdown().await;
+                if failed {
+                    // Exit non-zero so a supervisor restarts the node from what is durable.
+                    anyhow::bail!("the raft node stopped because its storage failed (see the log)");
+                }
                 Ok(())
             },
         ),

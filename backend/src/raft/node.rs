@@ -33,7 +33,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::clock::WallClock;
-use super::storage::SledRaftStorage;
+use super::storage::{DiskFaults, SledRaftStorage};
 use crate::partition::command::{Command, Effect, Entry, Query, Reply};
 use crate::partition::session::Attachment;
 use crate::partition::session::SessionLimits;
@@ -95,6 +95,8 @@ pub struct RaftConfig {
     /// `election_tick` drawn from its seed: raft-rs draws the timeout from the thread's
     /// random generator, which no seed reaches.
     pub max_election_tick: usize,
+    /// Makes every Raft storage write of this node fail while on ([`RaftHandle::disk_faults`]).
+    pub disk_faults: Arc<DiskFaults>,
 }
 
 impl RaftConfig {
@@ -114,6 +116,7 @@ impl RaftConfig {
             clock: WallClock::system(),
             sync_flush: false,
             max_election_tick: 0,
+            disk_faults: Arc::default(),
         }
     }
 }
@@ -441,6 +444,7 @@ impl ClusterHub {
 #[derive(Clone)]
 pub struct RaftHandle {
     node_id: NodeId,
+    disk_faults: Arc<DiskFaults>,
     tx: mpsc::UnboundedSender<NodeMsg>,
     stats: Arc<RaftStats>,
     hub: Arc<ClusterHub>,
@@ -562,6 +566,16 @@ impl RaftHandle {
 
     pub fn hub(&self) -> &Arc<ClusterHub> {
         &self.hub
+    }
+
+    /// The switch that makes this node's disk fail (tests of what it may acknowledge then).
+    pub fn disk_faults(&self) -> &Arc<DiskFaults> {
+        &self.disk_faults
+    }
+
+    /// Resolves once the driver has stopped (asked to, or because it could not persist).
+    pub async fn stopped(&self) {
+        self.tx.closed().await;
     }
 
     /// Hands a Raft message from a peer to its group. False once the driver has stopped.
@@ -975,6 +989,7 @@ pub fn start(
     let (tx, rx) = mpsc::unbounded_channel();
     let stats = Arc::new(RaftStats::default());
     let node_id = config.node_id;
+    let disk_faults = config.disk_faults.clone();
     let driver = Driver {
         stats: stats.clone(),
         missing_frontends: HashMap::new(),
@@ -990,6 +1005,7 @@ pub fn start(
     let task = tokio::spawn(driver.run());
     Ok(RaftHandle {
         node_id,
+        disk_faults,
         tx,
         stats,
         hub,
@@ -1008,7 +1024,7 @@ fn open_group(
     partition: u32,
     bootstrap: Option<&[NodeId]>,
 ) -> Result<Group, raft::Error> {
-    let storage = SledRaftStorage::open(db, partition)?;
+    let storage = SledRaftStorage::open_with_faults(db, partition, config.disk_faults.clone())?;
     if storage.is_empty() {
         if let Some(voters) = bootstrap {
             storage.initialize(voters)?;
@@ -1462,16 +1478,18 @@ impl Driver {
                 wrote = true;
             }
             g.apply_committed(rd.take_committed_entries(), &self.hub);
+            // Entries and hard state not stored must not be acknowledged (an append ack for
+            // entries a follower lacks, a vote forgotten by a restart): stop instead.
             if !rd.entries().is_empty() {
-                if let Err(e) = g.storage.append(rd.entries()) {
-                    tiermq_common::warn_limited!(STORAGE_WARNINGS, "append", partition = p, error = %e, "cannot append entries");
-                }
+                g.storage
+                    .append(rd.entries())
+                    .map_err(|e| format!("partition {p}: cannot append entries: {e}"))?;
                 wrote = true;
             }
             if let Some(hs) = rd.hs() {
-                if let Err(e) = g.storage.set_hard_state(hs.clone()) {
-                    tiermq_common::warn_limited!(STORAGE_WARNINGS, "hard-state", partition = p, error = %e, "cannot store hard state");
-                }
+                g.storage
+                    .set_hard_state(hs.clone())
+                    .map_err(|e| format!("partition {p}: cannot store the hard state: {e}"))?;
                 wrote = true;
             }
             readies.push((p, rd));
@@ -1481,14 +1499,16 @@ impl Driver {
             // One fsync for every group's entries: the group commit that makes QoS1 fast.
             let flushing = Instant::now();
             // Not `flush_async`: see `flush_db` (a process-wide deadlock in sled).
+            self.config
+                .disk_faults
+                .check()
+                .map_err(|e| format!("flush failed: {e}"))?;
             let flushed = if self.config.sync_flush {
                 self.db.flush()
             } else {
                 crate::storage::flush_db(&self.db).await
             };
-            if let Err(e) = flushed {
-                tiermq_common::warn_limited!(STORAGE_WARNINGS, "flush", error = %e, "flush failed");
-            }
+            flushed.map_err(|e| format!("flush failed: {e}"))?;
             self.stats
                 .timings
                 .flush
@@ -1500,9 +1520,9 @@ impl Driver {
             outbox.add(p, rd.take_persisted_messages());
             let mut light = g.raw.advance(rd);
             if let Some(commit) = light.commit_index() {
-                if let Err(e) = g.storage.set_commit(commit) {
-                    tiermq_common::warn_limited!(STORAGE_WARNINGS, "commit-index", partition = p, error = %e, "cannot store commit index");
-                }
+                g.storage
+                    .set_commit(commit)
+                    .map_err(|e| format!("partition {p}: cannot store the commit index: {e}"))?;
             }
             outbox.add(p, light.take_messages());
             g.apply_committed(light.take_committed_entries(), &self.hub);

@@ -41,7 +41,7 @@
 //! touch both trees (`apply_snapshot`, `compact`) run as one sled transaction so a crash never
 //! leaves a log that disagrees with its truncated state; `append` is one [`sled::Batch`].
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use protobuf::Message as _;
@@ -91,6 +91,34 @@ impl From<RaftStorageError> for raft::Error {
     }
 }
 
+/// A switch that makes a node's Raft storage fail every write, as a broken or full disk would:
+/// how tests (and simulations) check that a node which cannot persist acknowledges nothing.
+/// Always present, off by default; one relaxed atomic load per write.
+#[derive(Debug, Default)]
+pub struct DiskFaults {
+    failing: AtomicBool,
+}
+
+impl DiskFaults {
+    pub fn set_failing(&self, failing: bool) {
+        self.failing.store(failing, Ordering::Relaxed);
+    }
+
+    pub fn is_failing(&self) -> bool {
+        self.failing.load(Ordering::Relaxed)
+    }
+
+    /// The error a failing disk gives a write.
+    pub fn check(&self) -> Result<(), sled::Error> {
+        if self.is_failing() {
+            return Err(sled::Error::Io(std::io::Error::other(
+                "injected disk failure",
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// The in-memory cache of everything small: answered without touching sled.
 #[derive(Debug, Clone, Default)]
 struct Cached {
@@ -120,6 +148,7 @@ struct Inner {
     state: RwLock<Cached>,
     /// Lowest snapshot index raft asked for and we could not serve (0 = none).
     wanted: AtomicU64,
+    faults: Arc<DiskFaults>,
 }
 
 /// One Raft group's durable state (log, hard state, conf state, snapshot) in sled trees named
@@ -143,6 +172,15 @@ fn key(index: u64) -> [u8; 8] {
 impl SledRaftStorage {
     /// Opens (or creates) group `partition`'s trees and loads the cache.
     pub fn open(db: &sled::Db, partition: u32) -> Result<Self, RaftStorageError> {
+        Self::open_with_faults(db, partition, Arc::default())
+    }
+
+    /// Like [`SledRaftStorage::open`]; every write fails while `faults` says so.
+    pub fn open_with_faults(
+        db: &sled::Db,
+        partition: u32,
+        faults: Arc<DiskFaults>,
+    ) -> Result<Self, RaftStorageError> {
         let log = db.open_tree(format!("g{partition}/raft_log"))?;
         let meta = db.open_tree(format!("g{partition}/raft_meta"))?;
         let decode_err = |what: &str, source| RaftStorageError::Decode {
@@ -230,6 +268,7 @@ impl SledRaftStorage {
                 meta,
                 state: RwLock::new(c),
                 wanted: AtomicU64::new(0),
+                faults,
             }),
         })
     }
@@ -267,6 +306,7 @@ impl SledRaftStorage {
         let Some(head) = entries.first() else {
             return Ok(());
         };
+        self.writable()?;
         let mut st = self.write();
         if head.index < st.first_index() {
             // MemStorage panics: "overwrite compacted raft logs".
@@ -305,6 +345,7 @@ impl SledRaftStorage {
     /// Saves the hard state (`Ready::hs`). Append the Ready's entries first: the commit index
     /// must not exceed the last index (raft refuses to restart from such a state).
     pub fn set_hard_state(&self, hs: HardState) -> raft::Result<()> {
+        self.writable()?;
         let mut st = self.write();
         self.check_commit(&st, hs.commit)?;
         self.inner
@@ -317,6 +358,7 @@ impl SledRaftStorage {
 
     /// Saves a new commit index (`LightReady::commit_index`), keeping term and vote.
     pub fn set_commit(&self, commit: u64) -> raft::Result<()> {
+        self.writable()?;
         let mut st = self.write();
         self.check_commit(&st, commit)?;
         let mut hs = st.hard_state.clone();
@@ -331,6 +373,7 @@ impl SledRaftStorage {
 
     /// Saves the conf state (after applying a conf change).
     pub fn set_conf_state(&self, cs: ConfState) -> raft::Result<()> {
+        self.writable()?;
         let mut st = self.write();
         self.inner
             .meta
@@ -382,6 +425,7 @@ impl SledRaftStorage {
     /// and keeps the snapshot so this replica can serve it in turn. `SnapshotOutOfDate` when the
     /// snapshot is older than the first index (as `MemStorage`). One sled transaction.
     pub fn apply_snapshot(&self, mut snap: Snapshot) -> raft::Result<()> {
+        self.writable()?;
         let mut st = self.write();
         let meta = snap.take_metadata();
         let index = meta.index;
@@ -428,6 +472,7 @@ impl SledRaftStorage {
         conf_state: ConfState,
         data: Vec<u8>,
     ) -> raft::Result<()> {
+        self.writable()?;
         let st = self.write();
         if index == 0 {
             return Err(self.invalid("snapshot at index 0".into()).into());
@@ -475,6 +520,7 @@ impl SledRaftStorage {
     /// beyond `commit + 1` (never compact what is not committed — and not beyond the applied
     /// index, which only the caller knows). One sled transaction.
     pub fn compact(&self, index: u64) -> raft::Result<()> {
+        self.writable()?;
         let mut st = self.write();
         if index <= st.first_index() {
             return Ok(());
@@ -556,6 +602,11 @@ impl SledRaftStorage {
             .state
             .write()
             .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// An error while the disk is failing ([`DiskFaults`]).
+    fn writable(&self) -> raft::Result<()> {
+        self.inner.faults.check().map_err(self.sled_err())
     }
 
     fn invalid(&self, detail: String) -> RaftStorageError {

@@ -11,7 +11,7 @@ use tiermq_backend::partition::command::Entry;
 use tiermq_backend::partition::session::SessionLimits;
 use tiermq_backend::partition::Partition;
 use tiermq_backend::placement::{NodeId, PartitionMap, DEFAULT_VNODES};
-use tiermq_backend::raft::node::{start, ClusterHub, RaftConfig, Transport};
+use tiermq_backend::raft::node::{start, ClusterHub, ProposeError, RaftConfig, Transport};
 use tiermq_backend::raft::storage::SledRaftStorage;
 use tiermq_backend::storage::PartitionStore;
 
@@ -184,4 +184,56 @@ struct Nowhere;
 
 impl Transport for Nowhere {
     fn send(&self, _: NodeId, _: Vec<(u32, raft::prelude::Message)>) {}
+}
+
+/// Issue 19, bug 2: a follower whose disk fails must not acknowledge entries it could not
+/// store. With the leader's other follower cut off, the failing one is the only way to a
+/// quorum: nothing may commit, and the failing node stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_cannot_persist_acknowledges_nothing() {
+    let c = Cluster::new(&[1, 2, 3]);
+    let leaders = c.wait_leaders(T).await;
+    let p = 0;
+    let leader = leaders[&p];
+    c.propose(p, retained("d/0", "v"), T).await.unwrap();
+    let followers: Vec<NodeId> = c.live().into_iter().filter(|&n| n != leader).collect();
+    let (failing, cut) = (followers[0], followers[1]);
+    c.net
+        .cut
+        .lock()
+        .unwrap()
+        .extend([(leader, cut), (cut, leader)]);
+    let failing_node = c.handle(failing).unwrap();
+    failing_node.disk_faults().set_failing(true);
+    let r = tokio::time::timeout(
+        Duration::from_secs(2),
+        c.handle(leader).unwrap().propose(p, retained("d/1", "v")),
+    )
+    .await;
+    assert!(
+        !matches!(r, Ok(Ok(_))),
+        "committed on a quorum whose second copy could not be stored: {r:?}"
+    );
+    tokio::time::timeout(T, failing_node.stopped())
+        .await
+        .expect("the node that cannot persist is still running");
+}
+
+/// Issue 19, bug 2: a leader whose disk fails stops, and its proposers are told so rather
+/// than acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_that_cannot_persist_fails_its_proposals() {
+    let c = Cluster::new(&[1, 2, 3]);
+    let leaders = c.wait_leaders(T).await;
+    let p = 0;
+    let leader = c.handle(leaders[&p]).unwrap();
+    c.propose(p, retained("d/0", "v"), T).await.unwrap();
+    leader.disk_faults().set_failing(true);
+    let r = tokio::time::timeout(T, leader.propose(p, retained("d/1", "v")))
+        .await
+        .expect("a proposal to a leader that cannot persist hangs");
+    assert_eq!(r, Err(ProposeError::Stopped));
+    tokio::time::timeout(T, leader.stopped())
+        .await
+        .expect("the node that cannot persist is still running");
 }
