@@ -638,16 +638,24 @@ impl SessionService for LocalBroker {
         packet_id: u16,
     ) -> impl Future<Output = ServiceResult<()>> + Send + 'static {
         let home = self.partition_of(&session.client_id);
-        self.cast(
-            home,
-            Command::Ack {
-                client_id: session.client_id.clone(),
-                epoch: session.epoch,
-                kind: AckCmd::from(kind),
-                packet_id,
-            },
-        );
-        std::future::ready(Ok(()))
+        let command = Command::Ack {
+            client_id: session.client_id.clone(),
+            epoch: session.epoch,
+            kind: AckCmd::from(kind),
+            packet_id,
+        };
+        if kind != AckKind::PubRec {
+            self.cast(home, command);
+            return futures::future::Either::Left(std::future::ready(Ok(())));
+        }
+        // PUBREC is flushed before it is applied and answered (`needs_durability`).
+        let wait = self.submit(home, command);
+        futures::future::Either::Right(async move {
+            match wait.await? {
+                Reply::Done => Ok(()),
+                other => Err(reply_error(other)),
+            }
+        })
     }
 
     async fn disconnect(&self, session: &SessionRef, req: DisconnectRequest) -> ServiceResult<()> {

@@ -250,12 +250,15 @@ pub enum Command {
 
 impl Command {
     /// Whether the proposer must wait for the entry to be durable before answering.
-    /// Acks and ticks may be lost in a crash (the message is redelivered, time ticks again).
+    /// Acks and ticks may be lost in a crash (the message is redelivered, time ticks again) —
+    /// except PUBREC: the PUBREL that follows it lets the client complete the exchange and
+    /// forget the packet id, so a PUBREC lost after that would re-send the PUBLISH, and the
+    /// client would take it for a new message (QoS2 delivered twice).
     pub fn needs_durability(&self) -> bool {
         match self {
+            Command::Ack { kind, .. } => *kind == AckCmd::PubRec,
             // Losing one of these in a crash re-runs a handoff: a duplicate, never a loss.
-            Command::Ack { .. }
-            | Command::Tick
+            Command::Tick
             | Command::SharedHandoffDone { .. }
             | Command::SharedReturnDone { .. } => false,
             Command::SharedDeliver { message, .. } => message.qos != crate::QoS::AtMostOnce,

@@ -232,8 +232,14 @@ pub trait SessionService: Send + Sync + 'static {
         packet_id: u16,
     ) -> impl Future<Output = ServiceResult<bool>> + Send + 'static;
 
-    /// PUBACK / PUBREC / PUBCOMP from the client for a delivery. Submitted at call time;
-    /// the future may be dropped (acks need no durability: a lost one means a redelivery).
+    /// PUBACK / PUBREC / PUBCOMP from the client for a delivery. Submitted at call time.
+    ///
+    /// PUBACK and PUBCOMP need no durability (a lost one means a redelivery MQTT allows, or a
+    /// PUBREL the client answers again): their futures may be dropped. A PUBREC's future
+    /// resolves only when the ack is durable (flushed standalone, committed in the cluster),
+    /// and PUBREL must wait for it: after PUBCOMP the client forgets the packet id, so a
+    /// PUBREC lost in a crash would make the session re-send the PUBLISH, which the client
+    /// would take for a new message — a QoS2 message delivered twice.
     fn ack(
         &self,
         session: &SessionRef,

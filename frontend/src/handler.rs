@@ -48,6 +48,8 @@ use crate::metrics::{ConnectionMetrics, DropReason};
 use crate::sys_topics::is_sys_topic;
 
 type PendingAck = Pin<Box<dyn Future<Output = Outgoing> + Send>>;
+/// A subscriber's PUBREC on its way to being durable; PUBREL (the packet id) follows it.
+type PendingRelease = Pin<Box<dyn Future<Output = (u16, ServiceResult<()>)> + Send>>;
 
 /// Initial read buffer of a connection (it grows while a client sends faster).
 const READ_BUFFER_START: usize = 1024;
@@ -255,6 +257,9 @@ pub struct Handler<S: SessionService, IO> {
     /// Authorization ([`crate::acl`]) for this client; `None`: everything allowed.
     acl: Option<AclView>,
     pending: FuturesOrdered<PendingAck>,
+    /// PUBRECs of deliveries not yet durable: each PUBREL waits for its own (see
+    /// `SessionService::ack`). Apart from `pending`, which the client's Receive Maximum bounds.
+    releases: FuturesOrdered<PendingRelease>,
     metrics: ConnectionMetrics,
     /// `limits.publish_rate` / `publish_bandwidth` of this connection.
     throttle: PublishThrottle,
@@ -523,6 +528,7 @@ where
             client_max_packet,
             acl,
             pending: FuturesOrdered::new(),
+            releases: FuturesOrdered::new(),
             throttle,
         })
     }
@@ -575,6 +581,9 @@ where
                 },
                 Some(done) = self.pending.next(), if !self.pending.is_empty() => {
                     self.on_durable(done)
+                }
+                Some((pid, done)) = self.releases.next(), if !self.releases.is_empty() => {
+                    self.on_pubrec_durable(pid, done)
                 }
                 _ = &mut throttle_timer, if throttled => {
                     throttled = false;
@@ -785,13 +794,21 @@ where
                 Ok(())
             }
             Packet::PubRec(a) => {
-                self.ack(AckKind::PubRec, a.packet_id).await;
                 if a.reason_code.is_error() {
-                    // The receiver refused the message: the exchange ends here (§4.3.3).
+                    // The receiver refused the message: the exchange ends here (§4.3.3), and
+                    // nothing is sent that a lost ack could make it see twice.
+                    self.ack(AckKind::PubRec, a.packet_id).await;
                     self.ack(AckKind::PubComp, a.packet_id).await;
                     return Ok(());
                 }
-                self.feed(Packet::PubRel(PubRel::new(a.packet_id)))
+                // PUBREL only once the PUBREC is durable (`SessionService::ack`).
+                let wait = self
+                    .service
+                    .ack(&self.session, AckKind::PubRec, a.packet_id);
+                let pid = a.packet_id;
+                self.releases
+                    .push_back(Box::pin(async move { (pid, wait.await) }));
+                Ok(())
             }
             Packet::PubComp(a) => {
                 self.ack(AckKind::PubComp, a.packet_id).await;
@@ -867,8 +884,23 @@ where
     }
 
     async fn ack(&mut self, kind: AckKind, packet_id: u16) {
-        // Acks need no durability (a lost one means a redelivery): submit and move on.
+        // PUBACK / PUBCOMP need no durability (a lost one means a redelivery): submit and
+        // move on. (A PUBREC followed by PUBREL waits: `on_pubrec_durable`.)
         drop(self.service.ack(&self.session, kind, packet_id));
+    }
+
+    /// The PUBREC of delivery `pid` is durable: PUBREL may go out. If it could not be made
+    /// durable, no PUBREL: the session re-sends the PUBLISH (DUP) to the next connection,
+    /// which the client, still holding the packet id, answers with PUBREC again.
+    fn on_pubrec_durable(&mut self, pid: u16, done: ServiceResult<()>) -> Result<(), Close> {
+        match done {
+            Ok(()) => self.feed(Packet::PubRel(PubRel::new(pid))),
+            Err(ServiceError::SessionTakenOver) => Err(Close::Fenced),
+            Err(e) => {
+                debug!(peer = %self.peer, error = %e, "PUBREC not recorded; closing");
+                Err(Close::Abnormal)
+            }
+        }
     }
 
     async fn on_publish(&mut self, mut p: Publish) -> Result<(), Close> {

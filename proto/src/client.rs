@@ -1158,12 +1158,22 @@ impl SessionService for ClusterClient {
             packet_id,
         };
         // An ack must reach the session's *current* leader (a lost one stalls the in-flight
-        // window), so it goes through the retrying pipe; nobody waits for the answer.
-        drop(self.call(
-            home,
-            op::Kind::Command(postcard::to_stdvec(&command).unwrap_or_default()),
-        ));
-        std::future::ready(Ok(()))
+        // window), so it goes through the retrying pipe. Nobody waits for PUBACK and PUBCOMP;
+        // a PUBREC is answered once committed, and PUBREL waits for that (`SessionService::ack`).
+        if kind != AckKind::PubRec {
+            drop(self.call(
+                home,
+                op::Kind::Command(postcard::to_stdvec(&command).unwrap_or_default()),
+            ));
+            return futures::future::Either::Left(std::future::ready(Ok(())));
+        }
+        let wait = self.command(home, &command);
+        futures::future::Either::Right(async move {
+            match wait.await? {
+                Reply::Done => Ok(()),
+                other => Err(reply_error(other)),
+            }
+        })
     }
 
     async fn disconnect(&self, session: &SessionRef, req: DisconnectRequest) -> ServiceResult<()> {

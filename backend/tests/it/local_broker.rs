@@ -505,3 +505,47 @@ async fn qos0_queued_for_offline_session_when_enabled() {
     assert_eq!(payload(&next_delivery(&mut s.events).await), "q0");
     broker.shutdown().await;
 }
+
+/// Bug 3 (issue 19): the subscriber's PUBREC must be durable before PUBREL goes out. If it
+/// were lost in a crash, the session would re-send PUBLISH (DUP) with the same id after the
+/// client completed PUBREL/PUBCOMP and forgot it: a second delivery. So the future of a
+/// PUBREC ack resolves only once it is applied and flushed, and a reconnect then gets PUBREL.
+#[tokio::test]
+async fn pubrec_ack_resolves_only_when_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = open(dir.path(), 1).await;
+    let mut s = broker.connect(req("sub", false, 10)).await.unwrap();
+    broker
+        .subscribe(&s.session, vec![sub("q", QoS::ExactlyOnce)])
+        .await
+        .unwrap();
+    let p = broker.connect(req("pub", true, 10)).await.unwrap();
+    let m = Message::new("q", "once", QoS::ExactlyOnce, false);
+    broker.publish(&p.session, m, None).await.unwrap();
+    let d = next_delivery(&mut s.events).await;
+    let pid = d.packet_id.unwrap();
+    let flushes = || {
+        broker
+            .stats()
+            .flushes
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let before = flushes();
+    broker.ack(&s.session, AckKind::PubRec, pid).await.unwrap();
+    assert!(
+        flushes() > before,
+        "the PUBREC ack resolved before it was flushed"
+    );
+    // Applied too: the next connection gets PUBREL for it, not the PUBLISH again.
+    let mut again = broker.connect(req("sub", false, 10)).await.unwrap();
+    assert_eq!(
+        next_event(&mut again.events).await,
+        SessionEvent::Release { packet_id: pid }
+    );
+    // A PUBREC for a session taken over fails (so no PUBREL is sent on the old connection).
+    assert_eq!(
+        broker.ack(&s.session, AckKind::PubRec, pid).await,
+        Err(ServiceError::SessionTakenOver)
+    );
+    broker.shutdown().await;
+}
