@@ -698,7 +698,8 @@ impl Partition {
         }
         self.dirty.sessions.insert(client_id.clone());
         // Shared-subscription messages this member did not acknowledge go to another member
-        // now, rather than wait for it to come back (§4.8.2 allows both).
+        // now, rather than wait for it to come back (§4.8.2 allows both for QoS1; QoS2 ones
+        // already sent stay, see `Session::take_shared_unacked`).
         self.return_shared(client_id, effects);
         if expiry == 0 {
             self.remove_session(client_id, effects);

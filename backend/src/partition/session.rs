@@ -293,8 +293,11 @@ impl Session {
         }
     }
 
-    /// Removes the shared-subscription messages not yet acknowledged (QoS2 ones already
-    /// PUBREC'd stay: the client has them), grouped by their group in delivery order.
+    /// Removes the shared-subscription messages not yet acknowledged, grouped by their group in
+    /// delivery order. QoS2 messages in flight stay: once sent, a QoS2 message must be
+    /// completed with this member when it reconnects and never go to another (§4.8.2,
+    /// [MQTT-4.8.2-4], [MQTT-4.8.2-5]) — the client may hold it already, and giving it to
+    /// another member too would deliver it twice. Queued ones were never sent and may go.
     pub fn take_shared_unacked(&mut self) -> BTreeMap<String, Vec<Arc<Message>>> {
         let mut out: BTreeMap<String, Vec<Arc<Message>>> = BTreeMap::new();
         let mut take = |item: &QueuedMessage| match &item.shared {
@@ -307,7 +310,7 @@ impl Session {
             _ => true,
         };
         self.inflight
-            .retain(|i| i.state == InflightState::Released || take(&i.item));
+            .retain(|i| i.item.qos == QoS::ExactlyOnce || take(&i.item));
         self.queue.retain(|q| take(q));
         out
     }

@@ -18,9 +18,10 @@
 //!    in which case it is asked again.
 //!
 //! When a member disconnects (or its session ends), the messages it did not acknowledge go
-//! back: its partition moves them into a **return batch** in the same entry that records the
-//! disconnect, the runtime hands the batch to the group (`SharedEnqueue`, which starts new
-//! handoffs, the departed member last), and `SharedReturnDone` drops the batch.
+//! back (except QoS2 ones already sent, which stay with it, §4.8.2): its partition moves them
+//! into a **return batch** in the same entry that records the disconnect, the runtime hands
+//! the batch to the group (`SharedEnqueue`, which starts new handoffs, the departed member
+//! last), and `SharedReturnDone` drops the batch.
 //!
 //! Pending handoffs and return batches are state: a runtime that starts, or a replica that
 //! becomes leader, carries out all of them again ([`Partition::shared_work`]). A crash between

@@ -2258,6 +2258,52 @@ mod shared {
         assert!(h.p.shared_work().is_empty());
     }
 
+    /// Bug 9 (issue 19), [MQTT-4.8.2-4]/[-5]: a QoS2 message sent to the chosen member stays
+    /// with it when its connection drops before the PUBREC is applied: the member completes it
+    /// when it reconnects, and no other member ever gets it (even if the session then ends).
+    /// QoS1 still goes to another member.
+    #[test]
+    fn a_qos2_message_sent_to_a_member_stays_with_it() {
+        let mut h = H::new();
+        let a = h.online("a");
+        let b = h.online("b");
+        h.join("a", a, QoS::ExactlyOnce);
+        h.join("b", b, QoS::ExactlyOnce);
+        let mut to_a = Vec::new();
+        for (i, q) in [
+            QoS::ExactlyOnce,
+            QoS::ExactlyOnce,
+            QoS::AtLeastOnce,
+            QoS::AtLeastOnce,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let fx = h.publish_shared(&format!("{i}"), q);
+            to_a.extend(deliveries(&fx, "a"));
+        }
+        assert_eq!(payloads(&to_a), vec!["0", "2"]);
+        assert_eq!(to_a[0].qos, QoS::ExactlyOnce);
+        let fx = h.drop_conn("a", a);
+        let fx = h.run_shared(fx);
+        assert_eq!(
+            payloads(&deliveries(&fx, "b")),
+            vec!["2"],
+            "only the QoS1 one moves"
+        );
+        let (a2, _, fx) = h.connect("a", conn());
+        let again = deliveries(&fx, "a");
+        assert_eq!(payloads(&again), vec!["0"]);
+        assert!(again[0].dup);
+        // Its session ends before it completes: the message goes to nobody else.
+        let fx = h.drop_conn("a", a2);
+        let fx = h.run_shared(fx);
+        assert!(deliveries(&fx, "b").is_empty());
+        let (_, _, fx) = h.connect("a", conn().clean(true));
+        let fx = h.run_shared(fx);
+        assert!(deliveries(&fx, "b").is_empty() && deliveries(&fx, "a").is_empty());
+    }
+
     #[test]
     fn acknowledged_messages_are_not_returned() {
         let mut h = H::new();
