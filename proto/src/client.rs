@@ -929,6 +929,52 @@ impl ClusterClient {
         s.live.insert(client_id.clone(), (epoch, tx));
     }
 
+    /// Closes every connection of this frontend whose session no longer belongs to it.
+    ///
+    /// Run when an event stream to a backend comes back. While it was down, a leader that
+    /// had no stream from this frontend for its lease declared the frontend lost
+    /// (`FrontendLost`) and detached its sessions there: their connections would stay open
+    /// and deaf — nothing is delivered to a detached session's old epoch and nothing tells
+    /// the connection (found by the deterministic simulation). A `Qos2Check` of packet id 0
+    /// is a leader read that answers `Fenced`/`NoSession` for exactly those; they get
+    /// DISCONNECT 0x80, and the client reconnects to its session.
+    fn audit_sessions(&self) {
+        let live: Vec<(Arc<str>, u64)> = {
+            let s = self
+                .inner
+                .sessions
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            s.live.iter().map(|(c, (e, _))| (c.clone(), *e)).collect()
+        };
+        for (client_id, epoch) in live {
+            let check = self.query::<Reply>(
+                self.partition_of(&client_id),
+                &Query::Qos2Check {
+                    client_id: client_id.clone(),
+                    epoch,
+                    packet_id: 0,
+                },
+            );
+            let inner = Arc::downgrade(&self.inner);
+            tokio::spawn(async move {
+                if !matches!(check.await, Ok(Reply::Fenced | Reply::NoSession)) {
+                    return;
+                }
+                let Some(inner) = inner.upgrade() else { return };
+                let s = inner.sessions.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some((e, tx)) = s.live.get(&client_id) {
+                    if *e == epoch {
+                        info!(client_id = %client_id, epoch, "session detached while this frontend was cut off: closing its connection");
+                        let _ = tx.send(SessionEvent::Disconnect {
+                            reason: ReasonCode::UNSPECIFIED_ERROR,
+                        });
+                    }
+                }
+            });
+        }
+    }
+
     fn forget(&self, session: &SessionRef) {
         let mut s = self
             .inner
@@ -1448,6 +1494,7 @@ async fn event_stream(
     addr: String,
     mut control: watch::Receiver<bool>,
 ) {
+    let mut opened_before = false;
     loop {
         let Some(alive) = inner.upgrade() else { return };
         let frontend_id = alive.frontend_id;
@@ -1473,6 +1520,12 @@ async fn event_stream(
         match stream {
             Ok(mut stream) => {
                 debug!(node, "event stream open");
+                if opened_before {
+                    if let Some(inner) = inner.upgrade() {
+                        ClusterClient { inner }.audit_sessions();
+                    }
+                }
+                opened_before = true;
                 loop {
                     let batch = tokio::select! {
                         m = stream.message() => match m {

@@ -16,8 +16,10 @@ use std::time::Duration;
 
 use tiermq_backend::placement::NodeId;
 use tiermq_backend::raft::node::{LeaderWork, ProposeError};
+use tiermq_common::hashing::partition_of;
 use tiermq_common::partition_api::{Command, Query, Reply};
 use tiermq_common::session_api::SessionEvent;
+use tiermq_common::ReasonCode;
 use tokio::sync::mpsc;
 use tokio::time::{sleep, timeout, Instant};
 
@@ -266,12 +268,45 @@ async fn supervise_event_streams(frontend: Arc<Frontend>, id: u64) {
             };
             let events = handle.attach_frontend(id);
             let task = tokio::spawn(pump_events(frontend.clone(), id, node, incarnation, events));
-            open.insert(node, (incarnation, task));
+            if open.insert(node, (incarnation, task)).is_some() {
+                tokio::spawn(audit_sessions(frontend.clone()));
+            }
         }
         sleep(Duration::from_millis(100)).await;
     }
     for (_, (_, task)) in open {
         task.abort();
+    }
+}
+
+/// `ClusterClient::audit_sessions`: after an event stream comes back, close the connections
+/// whose session was detached meanwhile (a leader declared this frontend lost).
+async fn audit_sessions(frontend: Arc<Frontend>) {
+    let live: Vec<(Arc<str>, u64)> = lock(&frontend.sessions)
+        .live
+        .iter()
+        .map(|(c, (e, _))| (c.clone(), *e))
+        .collect();
+    for (client_id, epoch) in live {
+        let home = partition_of(&client_id, frontend.world.plan.partitions);
+        let check = Query::Qos2Check {
+            client_id: client_id.clone(),
+            epoch,
+            packet_id: 0,
+        };
+        if let Ok(Reply::Fenced | Reply::NoSession) = frontend.query(home, check).await {
+            frontend.world.trace(format!(
+                "frontend {}: {client_id} (epoch {epoch}) was detached: closing its connection",
+                frontend.slot
+            ));
+            frontend.deliver(
+                client_id,
+                epoch,
+                SessionEvent::Disconnect {
+                    reason: ReasonCode::UNSPECIFIED_ERROR,
+                },
+            );
+        }
     }
 }
 

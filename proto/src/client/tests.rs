@@ -9,7 +9,7 @@
 //! fails, the metrics, and the tasks ending with the client.
 
 use std::pin::Pin;
-use std::sync::atomic::AtomicI64;
+use std::sync::atomic::{AtomicBool, AtomicI64};
 
 use futures::Stream;
 use tonic::{Request, Response, Status, Streaming};
@@ -36,6 +36,11 @@ struct Record {
 struct FakeCluster {
     record: Mutex<Record>,
     changed: watch::Sender<u64>,
+    /// Session semantics for the deaf-session test: a `Connect` is answered `Connected`
+    /// (epoch 9), a `Qos2Check` `Fenced` once this is set (the session was detached).
+    detached: AtomicBool,
+    /// Bumped to end every open event stream (the frontend cut off for a while).
+    cut_events: watch::Sender<u64>,
 }
 
 impl FakeCluster {
@@ -49,7 +54,32 @@ impl FakeCluster {
                 leaders: vec![0; partitions as usize],
             }),
             changed: watch::channel(0).0,
+            detached: AtomicBool::new(false),
+            cut_events: watch::channel(0).0,
         })
+    }
+
+    /// The leader's answer to `kind`: the serving node's name, except for the session
+    /// operations the deaf-session test makes.
+    fn answer(&self, me: u64, kind: &Option<op::Kind>) -> Vec<u8> {
+        let reply = match kind {
+            Some(op::Kind::Command(b)) => match postcard::from_bytes::<Command>(b) {
+                Ok(Command::Connect { .. }) => Reply::Connected {
+                    epoch: 9,
+                    session_present: false,
+                },
+                _ => return served_by(me),
+            },
+            Some(op::Kind::Query(b)) => match postcard::from_bytes::<Query>(b) {
+                Ok(Query::Qos2Check { .. }) if self.detached.load(Ordering::Relaxed) => {
+                    Reply::Fenced
+                }
+                Ok(Query::Qos2Check { .. }) => Reply::Qos2Received { duplicate: false },
+                _ => return served_by(me),
+            },
+            _ => return served_by(me),
+        };
+        postcard::to_stdvec(&reply).unwrap()
     }
 
     fn change(&self, f: impl FnOnce(&mut Record)) {
@@ -92,6 +122,7 @@ struct Seen {
     cluster_calls: AtomicU64,
     routes_open: AtomicI64,
     events_open: AtomicI64,
+    events_opened: AtomicU64,
 }
 
 #[derive(Clone)]
@@ -215,7 +246,7 @@ impl Broker for FakeService {
                 me.seen.ops.fetch_add(1, Ordering::Relaxed);
                 let leader = me.cluster.record.lock().unwrap().leaders[op.partition as usize];
                 let result = if leader == me.id {
-                    op_reply::Result::Reply(served_by(me.id))
+                    op_reply::Result::Reply(me.cluster.answer(me.id, &op.kind))
                 } else {
                     op_reply::Result::NotLeader(NotLeader { leader })
                 };
@@ -240,9 +271,14 @@ impl Broker for FakeService {
         let (tx, rx) = mpsc::unbounded_channel::<Result<EventBatch, Status>>();
         let me = self.clone();
         me.seen.events_open.fetch_add(1, Ordering::Relaxed);
+        me.seen.events_opened.fetch_add(1, Ordering::Relaxed);
+        let mut cut = me.cluster.cut_events.subscribe();
         tokio::spawn(async move {
             tokio::select! {
                 _ = tx.closed() => {}
+                _ = cut.changed() => {
+                    let _ = tx.send(Err(Status::unavailable("cut off")));
+                }
                 _ = died(me.dead.clone()) => {
                     let _ = tx.send(Err(Status::unavailable("down")));
                 }
@@ -647,4 +683,60 @@ fn metrics_are_encoded_with_their_names() {
             "{line} missing in:\n{text}"
         );
     }
+}
+
+/// A leader that lost this frontend's event stream for its lease detaches the frontend's
+/// sessions (`FrontendLost`). When the stream comes back, the client must find those
+/// sessions and close their connections — before this, they stayed open and deaf (found by
+/// the deterministic simulation, `scripts/simulate`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_detached_while_cut_off_gets_its_connection_closed() {
+    let cluster = FakeCluster::new(1);
+    let n1 = FakeNode::start(&cluster, 1).await;
+    cluster.change(|r| {
+        r.replicas = vec![vec![1]];
+        r.leaders = vec![1];
+    });
+    let client = connect(&[&n1], Duration::from_secs(600)).await;
+    let mut connected = client
+        .connect(ConnectRequest {
+            client_id: Arc::from("deaf"),
+            protocol: tiermq_common::ProtocolVersion::V5,
+            clean_start: false,
+            session_expiry_secs: 3600,
+            receive_maximum: 10,
+            will: None,
+            frontend_id: 0,
+        })
+        .await
+        .expect("connected");
+    until(Duration::from_secs(5), "the event stream", || {
+        n1.seen.events_opened.load(Ordering::Relaxed) == 1
+    })
+    .await;
+
+    // A cut that the session survives: the stream comes back, the connection stays.
+    cluster.cut_events.send_modify(|v| *v += 1);
+    until(Duration::from_secs(5), "the stream back", || {
+        n1.seen.events_opened.load(Ordering::Relaxed) == 2
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        connected.events.try_recv().is_err(),
+        "an attached session keeps its connection"
+    );
+
+    // A cut during which the leader detached the session.
+    cluster.detached.store(true, Ordering::Relaxed);
+    cluster.cut_events.send_modify(|v| *v += 1);
+    let event = tokio::time::timeout(Duration::from_secs(5), connected.events.recv())
+        .await
+        .expect("the connection is told within 5 s");
+    assert_eq!(
+        event,
+        Some(SessionEvent::Disconnect {
+            reason: ReasonCode::UNSPECIFIED_ERROR
+        })
+    );
 }
