@@ -134,6 +134,8 @@ pub async fn run_publisher(ctx: Ctx, spec: Publisher, preferred: usize, kill: Ar
     let mut seq = 1u32;
     // A QoS2 message whose PUBREC arrived: only PUBREL remains.
     let mut released_pending = false;
+    // The current message already went out on an earlier connection.
+    let mut resend = false;
     while seq <= spec.count {
         if ctx.world.finished() && !released_pending {
             // Stop starting new messages once faults are over and the run is settling:
@@ -147,9 +149,13 @@ pub async fn run_publisher(ctx: Ctx, spec: Publisher, preferred: usize, kill: Ar
             _ = kill.notified() => Err(CallError::FrontendDown),
             r = async {
                 if !released_pending {
-                    ctx.world
-                        .history()
-                        .sending(ctx.world.elapsed_ms(), &id, spec.qos);
+                    {
+                        let mut history = ctx.world.history();
+                        if resend {
+                            history.resending(&id);
+                        }
+                        history.sending(ctx.world.elapsed_ms(), &id, spec.qos);
+                    }
                     publish(&ctx, &conn, &client_id, home, &spec, seq, packet_id).await?;
                     ctx.world.history().acked(&id);
                     ctx.world.trace(format!("{}:{seq} acknowledged", spec.client_id));
@@ -180,9 +186,11 @@ pub async fn run_publisher(ctx: Ctx, spec: Publisher, preferred: usize, kill: Ar
         match outcome {
             Ok(()) => {
                 seq += 1;
+                resend = false;
                 sleep(Duration::from_millis(spec.gap_ms)).await;
             }
             Err(e) => {
+                resend = true;
                 ctx.world
                     .trace(format!("{}:{seq} not acknowledged: {e:?}", spec.client_id));
                 ctx.drop_conn(&client_id, conn);
@@ -369,17 +377,23 @@ pub async fn run_subscriber(ctx: Ctx, client_id: String, preferred: usize, kill:
                         if d.dup { " dup" } else { "" }
                     ));
                     let Some(packet_id) = d.packet_id else {
-                        ctx.world
-                            .history()
-                            .delivered(&client_id, (publisher, seq), d.qos);
+                        ctx.world.history().delivered(
+                            &client_id,
+                            (publisher, seq),
+                            d.qos,
+                            d.packet_id,
+                        );
                         continue;
                     };
                     match d.qos {
                         QoS::ExactlyOnce => {
                             if awaiting_rel.insert(packet_id) {
-                                ctx.world
-                                    .history()
-                                    .delivered(&client_id, (publisher, seq), d.qos);
+                                ctx.world.history().delivered(
+                                    &client_id,
+                                    (publisher, seq),
+                                    d.qos,
+                                    d.packet_id,
+                                );
                             }
                             // PUBREC: the frontend sends PUBREL once the PUBREC is durable
                             // (issue 19, bug 3), and the client answers PUBCOMP.
@@ -390,9 +404,12 @@ pub async fn run_subscriber(ctx: Ctx, client_id: String, preferred: usize, kill:
                             }
                         }
                         _ => {
-                            ctx.world
-                                .history()
-                                .delivered(&client_id, (publisher, seq), d.qos);
+                            ctx.world.history().delivered(
+                                &client_id,
+                                (publisher, seq),
+                                d.qos,
+                                d.packet_id,
+                            );
                             let _ = acks.send(AckJob::Plain(AckCmd::PubAck, packet_id));
                         }
                     }

@@ -25,8 +25,10 @@ pub struct History {
     published: BTreeMap<MessageId, Published>,
     /// Subscriber → when its SUBACK arrived.
     subscribed_ms: BTreeMap<String, u64>,
-    /// Subscriber → messages handed to its application, in order.
-    delivered: BTreeMap<String, Vec<(MessageId, QoS)>>,
+    /// Subscriber → messages handed to its application, in order, with their packet ids.
+    delivered: BTreeMap<String, Vec<(MessageId, QoS, Option<u16>)>>,
+    /// QoS2 messages their publisher sent again after a connection ended unacknowledged.
+    resent: BTreeSet<MessageId>,
     violations: Vec<String>,
 }
 
@@ -47,6 +49,11 @@ impl History {
         }
     }
 
+    /// The publisher sends `id` again on a new connection (same packet id, DUP).
+    pub fn resending(&mut self, id: &MessageId) {
+        self.resent.insert(id.clone());
+    }
+
     pub fn acked(&mut self, id: &MessageId) {
         if let Some(p) = self.published.get_mut(id) {
             p.acked = true;
@@ -59,11 +66,11 @@ impl History {
             .or_insert(t);
     }
 
-    pub fn delivered(&mut self, subscriber: &str, id: MessageId, qos: QoS) {
+    pub fn delivered(&mut self, subscriber: &str, id: MessageId, qos: QoS, packet_id: Option<u16>) {
         self.delivered
             .entry(subscriber.to_string())
             .or_default()
-            .push((id, qos));
+            .push((id, qos, packet_id));
     }
 
     pub fn acked_count(&self) -> usize {
@@ -98,20 +105,33 @@ impl History {
     pub fn check(&self) -> Vec<String> {
         let mut out = self.violations.clone();
         for (subscriber, deliveries) in &self.delivered {
-            let mut seen: BTreeMap<&MessageId, u32> = BTreeMap::new();
+            // Per message: deliveries so far, and the packet id of the first.
+            let mut seen: BTreeMap<&MessageId, (u32, Option<u16>)> = BTreeMap::new();
             let mut last_seq: BTreeMap<&str, u32> = BTreeMap::new();
-            for (id, qos) in deliveries {
+            for (id, qos, packet_id) in deliveries {
                 let Some(p) = self.published.get(id) else {
                     out.push(format!(
                         "unexpected: {subscriber} got {id:?}, never published"
                     ));
                     continue;
                 };
-                let count = seen.entry(id).or_default();
+                let (count, first_id) = seen.entry(id).or_insert((0, *packet_id));
                 *count += 1;
                 if *count == 2 && *qos == QoS::ExactlyOnce {
+                    // Under another packet id: a partition queued the message twice — the
+                    // known gap of issue 19 §2 (a publish retried after a lost answer, or
+                    // re-sent by its publisher after a reconnect, is applied again by a
+                    // partition other than the publisher's: no idempotency key there yet).
+                    // Under the same id: the session re-sent it after the client completed it.
+                    let gap = if *first_id == *packet_id {
+                        ""
+                    } else if self.resent.contains(id) {
+                        " (queued twice, publisher re-sent)"
+                    } else {
+                        " (queued twice, publish retried)"
+                    };
                     out.push(format!(
-                        "qos2-duplicated: {subscriber} got {}:{} twice",
+                        "qos2-duplicated{gap}: {subscriber} got {}:{} twice",
                         id.0, id.1
                     ));
                 }
@@ -138,7 +158,7 @@ impl History {
             let got: BTreeSet<&MessageId> = self
                 .delivered
                 .get(subscriber)
-                .map(|d| d.iter().map(|(id, _)| id).collect())
+                .map(|d| d.iter().map(|(id, _, _)| id).collect())
                 .unwrap_or_default();
             for (id, p) in &self.published {
                 if p.acked && p.first_sent_ms > *since && !got.contains(id) {
@@ -170,11 +190,11 @@ mod tests {
             h.sending(20, &id("pub", s), QoS::ExactlyOnce);
             h.acked(&id("pub", s));
         }
-        h.delivered("sub", id("pub", 2), QoS::ExactlyOnce);
-        h.delivered("sub", id("pub", 1), QoS::ExactlyOnce);
-        h.delivered("sub", id("pub", 2), QoS::ExactlyOnce);
-        h.delivered("sub", id("pub", 3), QoS::ExactlyOnce);
-        h.delivered("sub", id("ghost", 1), QoS::AtLeastOnce);
+        h.delivered("sub", id("pub", 2), QoS::ExactlyOnce, Some(2));
+        h.delivered("sub", id("pub", 1), QoS::ExactlyOnce, Some(1));
+        h.delivered("sub", id("pub", 2), QoS::ExactlyOnce, Some(2));
+        h.delivered("sub", id("pub", 3), QoS::ExactlyOnce, Some(3));
+        h.delivered("sub", id("ghost", 1), QoS::AtLeastOnce, Some(1));
         let found = h.check().join("\n");
         assert!(
             found.contains("out-of-order: sub got pub:1 after pub:2"),
@@ -196,8 +216,8 @@ mod tests {
         h.sending(20, &id("pub", 1), QoS::AtLeastOnce);
         h.acked(&id("pub", 1));
         h.sending(30, &id("pub", 2), QoS::AtLeastOnce); // never acked, never delivered: fine
-        h.delivered("sub", id("pub", 1), QoS::AtLeastOnce);
-        h.delivered("sub", id("pub", 1), QoS::AtLeastOnce);
+        h.delivered("sub", id("pub", 1), QoS::AtLeastOnce, Some(1));
+        h.delivered("sub", id("pub", 1), QoS::AtLeastOnce, Some(1));
         assert!(h.check().is_empty(), "{:?}", h.check());
     }
 }

@@ -238,6 +238,19 @@ fn inject(world: &Arc<World>, frontends: &[Arc<Frontend>], kills: &[Arc<Notify>]
                 later(down_ms, Box::new(move || f.start()));
             }
         }
+        Fault::DiskError { node, ms } => {
+            world.fail_disk(node);
+            let w = world.clone();
+            later(
+                ms,
+                Box::new(move || {
+                    // The driver stopped itself (or will at its next write): the process is
+                    // restarted on a working disk from what it had flushed.
+                    w.crash_node(node);
+                    w.start_node(node);
+                }),
+            );
+        }
         Fault::DropClient { client } => {
             if let Some(k) = kills.get(client) {
                 k.notify_one();

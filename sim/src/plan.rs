@@ -39,6 +39,9 @@ pub enum Fault {
     CrashFrontend { frontend: u64, down_ms: u64 },
     /// One client's connection drops without DISCONNECT.
     DropClient { client: usize },
+    /// Every Raft storage write of a backend fails (its driver must stop, not acknowledge);
+    /// after `ms` the disk works again and the node restarts from what it had flushed.
+    DiskError { node: NodeId, ms: u64 },
 }
 
 impl fmt::Display for Fault {
@@ -54,6 +57,7 @@ impl fmt::Display for Fault {
                 write!(f, "crash frontend {frontend} for {down_ms} ms")
             }
             Fault::DropClient { client } => write!(f, "drop the connection of client #{client}"),
+            Fault::DiskError { node, ms } => write!(f, "disk of node {node} fails for {ms} ms"),
         }
     }
 }
@@ -136,7 +140,11 @@ impl Plan {
                     node,
                     ms: rng.random_range(300..5_000),
                 },
-                70..=79 => Fault::CrashFrontend {
+                70..=74 => Fault::DiskError {
+                    node,
+                    ms: rng.random_range(300..4_000),
+                },
+                75..=79 => Fault::CrashFrontend {
                     frontend: rng.random_range(1..=frontends),
                     down_ms: rng.random_range(300..4_000),
                 },

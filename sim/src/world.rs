@@ -287,6 +287,14 @@ impl World {
         ));
     }
 
+    /// Makes every Raft storage write of node `id` fail (a broken disk).
+    pub fn fail_disk(&self, id: NodeId) {
+        if let Some(h) = self.handle(id) {
+            h.disk_faults().set_failing(true);
+            self.trace(format!("node {id}: disk failing"));
+        }
+    }
+
     /// Kills node `id` at once (kill -9): what each Raft round flushed stays on its disk.
     pub fn crash_node(&self, id: NodeId) {
         let handle = lock(&self.nodes).get_mut(&id).and_then(|n| n.handle.take());
