@@ -114,6 +114,8 @@ struct Inner {
     stats: Stats,
     /// QoS0 must be logged (to be queued for offline sessions) rather than only delivered.
     queue_qos0_offline: bool,
+    /// Publishers with an inbound QoS2 second stage in progress (see [`Lane`]).
+    lanes: std::sync::Mutex<HashMap<Arc<str>, mpsc::UnboundedSender<LaneJob>>>,
 }
 
 /// The standalone broker's partitions behind [`SessionService`].
@@ -173,6 +175,7 @@ impl LocalBroker {
             routes: RwLock::new(routes),
             stats: Stats::default(),
             queue_qos0_offline: config.limits.queue_qos0_offline,
+            lanes: Default::default(),
         });
         for (p, ((partition, store), rx)) in recovered.into_iter().zip(receivers).enumerate() {
             let task = PartitionTask {
@@ -262,15 +265,32 @@ impl LocalBroker {
         }
     }
 
-    /// The publish path shared by clients and wills. Everything is sent to the partitions
-    /// before this returns (see [`SessionService::publish`] on ordering); the future only
-    /// waits for the replies.
+    /// The publish path of wills and `$SYS` messages (no inbound QoS2): everything is sent to
+    /// the partitions before this returns; the future only waits for the replies.
     fn submit_publish(
         &self,
         message: Message,
         publisher: Option<Arc<str>>,
         inbound: Option<(&SessionRef, u16)>,
-    ) -> impl Future<Output = ServiceResult<Published>> + Send + 'static {
+    ) -> ReplyWait {
+        match self.stage_publish(message, publisher, inbound) {
+            Stage::Submitted(wait) => wait,
+            Stage::Checking(check) => Box::pin(async move { check.await.await }),
+        }
+    }
+
+    /// Submits a publish now, as far as it can be: all of it, or — an inbound QoS2 message
+    /// for several partitions — the home partition's duplicate check, after which
+    /// [`Stage::Checking`] submits the rest.
+    // `Stage::Checking` yields the wait for the replies once the second stage is submitted:
+    // its caller (a lane) must know when that is, before the replies come.
+    #[allow(clippy::async_yields_async)]
+    fn stage_publish(
+        &self,
+        message: Message,
+        publisher: Option<Arc<str>>,
+        inbound: Option<(&SessionRef, u16)>,
+    ) -> Stage {
         let message = Arc::new(message);
         let retained_home = message.retain.then(|| self.partition_of(&message.topic));
         let mut targets = self.route(&message.topic);
@@ -292,11 +312,11 @@ impl LocalBroker {
                 });
             }
             let matched = !targets.is_empty();
-            return futures::future::Either::Left(std::future::ready(Ok(Published {
+            return Stage::Submitted(Box::pin(std::future::ready(Ok(Published {
                 matched,
                 duplicate: false,
                 refused: false,
-            })));
+            }))));
         }
         let inbound = inbound.map(|(session, packet_id)| {
             let home = self.partition_of(&session.client_id);
@@ -309,83 +329,54 @@ impl LocalBroker {
                 },
             )
         });
-        let broker = self.clone();
         // Inbound QoS2 is exactly-once because the publisher's partition records the packet
         // id in the same log entry that delivers the message there. When subscribers live in
         // other partitions too, those get the message only after the home partition has
         // checked (read-only) that the id is new, and the home partition records it last: a
         // crash in between can only cause a duplicate on re-send, never a loss.
-        let (first, rest) = match inbound {
-            None => (
-                self.send_publish(&message, &publisher, &targets, retained_home, None),
-                None,
-            ),
-            Some((home, mark)) => {
-                if targets.iter().all(|p| *p == home) {
-                    (
-                        self.send_publish(&message, &publisher, &[home], retained_home, Some(mark)),
-                        None,
-                    )
-                } else {
-                    let (tx, rx) = oneshot::channel();
-                    let _ = self.inner.partitions[home as usize].send(Request::Qos2Check {
-                        client_id: mark.client_id.clone(),
-                        epoch: mark.epoch,
-                        packet_id: mark.packet_id,
-                        reply: tx,
-                    });
-                    (Vec::new(), Some((rx, home, mark, targets)))
-                }
-            }
+        let Some((home, mark)) = inbound else {
+            let waits = self.send_publish(&message, &publisher, &targets, retained_home, None);
+            return Stage::Submitted(Box::pin(collect_published(waits)));
         };
-        futures::future::Either::Right(async move {
-            let mut matched = false;
-            let mut duplicate = false;
-            let mut refused = false;
-            let mut collect = |reply: Reply| match reply {
-                Reply::Published {
-                    matched: m,
-                    duplicate: d,
-                    refused: r,
-                } => {
-                    matched |= m;
-                    duplicate |= d;
-                    refused |= r;
-                    Ok(())
+        if targets.iter().all(|p| *p == home) {
+            let waits = self.send_publish(&message, &publisher, &[home], retained_home, Some(mark));
+            return Stage::Submitted(Box::pin(collect_published(waits)));
+        }
+        let (tx, check) = oneshot::channel();
+        let _ = self.inner.partitions[home as usize].send(Request::Qos2Check {
+            client_id: mark.client_id.clone(),
+            epoch: mark.epoch,
+            packet_id: mark.packet_id,
+            reply: tx,
+        });
+        let broker = self.clone();
+        Stage::Checking(Box::pin(async move {
+            match check.await {
+                Ok(Reply::Qos2Received { duplicate: false }) => {}
+                Ok(Reply::Qos2Received { duplicate: true }) => {
+                    return Box::pin(std::future::ready(Ok(Published {
+                        matched: true,
+                        duplicate: true,
+                        refused: false,
+                    }))) as ReplyWait
                 }
-                other => Err(reply_error(other)),
-            };
-            for rx in first {
-                collect(rx.await.map_err(|_| ServiceError::ShuttingDown)?)?;
+                Ok(other) => return Box::pin(std::future::ready(Err(reply_error(other)))),
+                Err(_) => return Box::pin(std::future::ready(Err(ServiceError::ShuttingDown))),
             }
-            if let Some((check, home, mark, targets)) = rest {
-                match check.await.map_err(|_| ServiceError::ShuttingDown)? {
-                    Reply::Qos2Received { duplicate: true } => {
-                        return Ok(Published {
-                            matched: true,
-                            duplicate: true,
-                            refused: false,
-                        })
-                    }
-                    Reply::Qos2Received { duplicate: false } => {}
-                    other => return Err(reply_error(other)),
-                }
-                let others: Vec<u32> = targets.iter().copied().filter(|p| *p != home).collect();
-                for rx in broker.send_publish(&message, &publisher, &others, retained_home, None) {
-                    collect(rx.await.map_err(|_| ServiceError::ShuttingDown)?)?;
-                }
-                for rx in
-                    broker.send_publish(&message, &publisher, &[home], retained_home, Some(mark))
-                {
-                    collect(rx.await.map_err(|_| ServiceError::ShuttingDown)?)?;
-                }
-            }
-            Ok(Published {
-                matched,
-                duplicate,
-                refused,
-            })
-        })
+            let others: Vec<u32> = targets.iter().copied().filter(|p| *p != home).collect();
+            let others = broker.send_publish(&message, &publisher, &others, retained_home, None);
+            // The home partition records the id once the others have the message (durable).
+            Box::pin(async move {
+                let mut published = collect_published(others).await?;
+                let at_home =
+                    broker.send_publish(&message, &publisher, &[home], retained_home, Some(mark));
+                let home = collect_published(at_home).await?;
+                published.matched |= home.matched;
+                published.duplicate |= home.duplicate;
+                published.refused |= home.refused;
+                Ok(published)
+            }) as ReplyWait
+        }))
     }
 
     fn send_publish(
@@ -466,6 +457,105 @@ impl PartitionCaller for LocalBroker {
     ) -> impl Future<Output = ServiceResult<Reply>> + Send + 'static {
         self.submit(partition, command)
     }
+}
+
+/// A publish waiting in a [`Lane`].
+struct LaneJob {
+    message: Message,
+    inbound: Option<(SessionRef, u16)>,
+    reply: oneshot::Sender<ServiceResult<Published>>,
+}
+
+/// One publisher's publishes while the second stage of one of its inbound QoS2 messages is
+/// not yet submitted (several partitions only). The second stage runs here, not in the
+/// connection's future, so a connection that goes away cannot stop it half-way (the message
+/// in some partitions, the id not recorded at home: a re-send would be delivered twice); and
+/// the publisher's later publishes wait here, so none overtakes it. The lane closes when it
+/// has nothing left to submit: later publishes are then submitted at call time again.
+struct Lane {
+    broker: LocalBroker,
+    client_id: Arc<str>,
+    jobs: mpsc::UnboundedReceiver<LaneJob>,
+}
+
+impl Lane {
+    async fn run(
+        mut self,
+        first: std::pin::Pin<Box<dyn Future<Output = ReplyWait> + Send>>,
+        reply: oneshot::Sender<ServiceResult<Published>>,
+    ) {
+        Self::answer(first.await, reply);
+        loop {
+            let job = match self.jobs.try_recv() {
+                Ok(job) => job,
+                Err(_) => {
+                    let mut lanes = self
+                        .broker
+                        .inner
+                        .lanes
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner());
+                    match self.jobs.try_recv() {
+                        Ok(job) => job,
+                        Err(_) => {
+                            lanes.remove(&self.client_id);
+                            return;
+                        }
+                    }
+                }
+            };
+            let publisher = Some(self.client_id.clone());
+            let inbound = job.inbound.as_ref().map(|(s, pid)| (s, *pid));
+            let wait = match self.broker.stage_publish(job.message, publisher, inbound) {
+                Stage::Submitted(wait) => wait,
+                Stage::Checking(check) => check.await,
+            };
+            Self::answer(wait, job.reply);
+        }
+    }
+
+    /// Passes the replies on without holding up the lane.
+    fn answer(wait: ReplyWait, reply: oneshot::Sender<ServiceResult<Published>>) {
+        tokio::spawn(async move {
+            let _ = reply.send(wait.await);
+        });
+    }
+}
+
+/// The wait for a publish's replies.
+type ReplyWait = std::pin::Pin<Box<dyn Future<Output = ServiceResult<Published>> + Send>>;
+
+/// How far [`LocalBroker::stage_publish`] got at call time.
+enum Stage {
+    /// Everything is submitted; the replies are on their way.
+    Submitted(ReplyWait),
+    /// An inbound QoS2 message for several partitions: the home partition's check is
+    /// submitted; this future submits the rest once it answers, then yields the wait.
+    Checking(std::pin::Pin<Box<dyn Future<Output = ReplyWait> + Send>>),
+}
+
+/// Waits for the partitions' answers to one publish and merges them.
+async fn collect_published(waits: Vec<oneshot::Receiver<Reply>>) -> ServiceResult<Published> {
+    let mut out = Published {
+        matched: false,
+        duplicate: false,
+        refused: false,
+    };
+    for rx in waits {
+        match rx.await.map_err(|_| ServiceError::ShuttingDown)? {
+            Reply::Published {
+                matched,
+                duplicate,
+                refused,
+            } => {
+                out.matched |= matched;
+                out.duplicate |= duplicate;
+                out.refused |= refused;
+            }
+            other => return Err(reply_error(other)),
+        }
+    }
+    Ok(out)
 }
 
 fn reply_error(reply: Reply) -> ServiceError {
@@ -605,8 +695,46 @@ impl SessionService for LocalBroker {
         message: Message,
         inbound_packet_id: Option<u16>,
     ) -> impl Future<Output = ServiceResult<Published>> + Send + 'static {
-        let inbound = inbound_packet_id.map(|pid| (session, pid));
-        self.submit_publish(message, Some(session.client_id.clone()), inbound)
+        if self.partition_count() == 1 {
+            // One partition: everything is submitted at call time, no second stage.
+            let inbound = inbound_packet_id.map(|pid| (session, pid));
+            return self.submit_publish(message, Some(session.client_id.clone()), inbound);
+        }
+        let client_id = session.client_id.clone();
+        let (reply, wait) = oneshot::channel();
+        let answer: ReplyWait =
+            Box::pin(async move { wait.await.unwrap_or(Err(ServiceError::ShuttingDown)) });
+        let job = LaneJob {
+            message,
+            inbound: inbound_packet_id.map(|pid| (session.clone(), pid)),
+            reply,
+        };
+        // Under the lock, so a lane opened by another publish of this client is either seen
+        // here or opened after this one is submitted.
+        let mut lanes = self.inner.lanes.lock().unwrap_or_else(|e| e.into_inner());
+        let job = match lanes.get(&client_id) {
+            Some(lane) => match lane.send(job) {
+                Ok(()) => return answer,
+                // The lane's task ended without closing it (it panicked): submit directly.
+                Err(mpsc::error::SendError(job)) => job,
+            },
+            None => job,
+        };
+        let inbound = job.inbound.as_ref().map(|(s, pid)| (s, *pid));
+        match self.stage_publish(job.message, Some(client_id.clone()), inbound) {
+            Stage::Submitted(wait) => wait,
+            Stage::Checking(check) => {
+                let (tx, jobs) = mpsc::unbounded_channel();
+                lanes.insert(client_id.clone(), tx);
+                let lane = Lane {
+                    broker: self.clone(),
+                    client_id,
+                    jobs,
+                };
+                tokio::spawn(lane.run(check, job.reply));
+                answer
+            }
+        }
     }
 
     fn release(

@@ -549,3 +549,85 @@ async fn pubrec_ack_resolves_only_when_durable() {
     );
     broker.shutdown().await;
 }
+
+/// Client ids whose sessions live in different partitions of `partitions`.
+fn ids_in_different_partitions(partitions: u32) -> (String, String) {
+    let a = "pub-0".to_string();
+    let b = (0..)
+        .map(|i| format!("sub-{i}"))
+        .find(|b| partition_of(b, partitions) != partition_of(&a, partitions))
+        .unwrap();
+    (a, b)
+}
+
+/// Bug 11 (issue 19): with several partitions, the second stage of an inbound QoS2 publish
+/// (after the home partition's duplicate check) ran in the connection's future. A connection
+/// lost in between left the message undelivered and its id unrecorded (a re-send that had
+/// reached some partitions was delivered twice there), and the client's later publishes
+/// overtook it.
+#[tokio::test]
+async fn inbound_qos2_second_stage_survives_the_connection_and_keeps_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = open(dir.path(), 4).await;
+    let (publisher, subscriber) = ids_in_different_partitions(4);
+    let mut s = broker.connect(req(&subscriber, true, 100)).await.unwrap();
+    broker
+        .subscribe(&s.session, vec![sub("o/#", QoS::ExactlyOnce)])
+        .await
+        .unwrap();
+    let p = broker.connect(req(&publisher, true, 100)).await.unwrap();
+    // Order: a QoS2 message, then QoS1 and QoS0 ones, pipelined as a connection sends them.
+    let first = broker.publish(
+        &p.session,
+        Message::new("o/1", "qos2", QoS::ExactlyOnce, false),
+        Some(1),
+    );
+    let second = broker.publish(
+        &p.session,
+        Message::new("o/2", "qos1", QoS::AtLeastOnce, false),
+        None,
+    );
+    let third = broker.publish(
+        &p.session,
+        Message::new("o/3", "qos0", QoS::AtMostOnce, false),
+        None,
+    );
+    let (a, b, c) = tokio::join!(first, second, third);
+    assert!(!a.unwrap().duplicate && b.is_ok() && c.is_ok());
+    let got: Vec<String> = [
+        next_delivery(&mut s.events).await,
+        next_delivery(&mut s.events).await,
+        next_delivery(&mut s.events).await,
+    ]
+    .iter()
+    .map(payload)
+    .collect();
+    assert_eq!(
+        got,
+        vec!["qos2", "qos1", "qos0"],
+        "a later publish overtook QoS2"
+    );
+    // The connection goes away right after sending (its future is dropped unpolled): the
+    // message is still delivered and its id recorded.
+    drop(broker.publish(
+        &p.session,
+        Message::new("o/4", "dropped", QoS::ExactlyOnce, false),
+        Some(2),
+    ));
+    let d = next_delivery(&mut s.events).await;
+    assert_eq!(payload(&d), "dropped");
+    let again = broker
+        .publish(
+            &p.session,
+            Message::new("o/4", "dropped", QoS::ExactlyOnce, false),
+            Some(2),
+        )
+        .await
+        .unwrap();
+    assert!(
+        again.duplicate,
+        "the id of the first attempt was not recorded"
+    );
+    nothing_more(&mut s.events).await;
+    broker.shutdown().await;
+}
