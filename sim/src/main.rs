@@ -49,6 +49,26 @@ struct Args {
     /// Put a known bug in, to show that the simulation finds it.
     #[arg(long, value_enum)]
     plant: Option<Planted>,
+    /// Report the broken promises of a known, documented gap without failing the seed
+    /// (CI uses it while the gap is open; a plain run counts everything).
+    #[arg(long, value_enum)]
+    known_gap: Vec<KnownGap>,
+}
+
+/// A gap the docs state (docs/architecture.md §6), told apart from new failures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum KnownGap {
+    /// Inbound QoS2 queued twice by a partition other than the publisher's (a publish
+    /// retried after a lost answer or re-sent after a reconnect): no idempotency key there.
+    InboundQos2,
+}
+
+impl KnownGap {
+    fn covers(self, violation: &str) -> bool {
+        match self {
+            KnownGap::InboundQos2 => violation.starts_with("qos2-duplicated (queued twice"),
+        }
+    }
 }
 
 /// What one seed's run came to.
@@ -63,6 +83,7 @@ struct Outcome {
 fn main() -> ExitCode {
     let args = Args::parse();
     let mut failed = 0u64;
+    let mut seeds_with_gaps = 0u64;
     for seed in args.first..args.first + args.seeds {
         let plan = Plan {
             planted: args.plant,
@@ -79,6 +100,20 @@ fn main() -> ExitCode {
             }
         }
         let faults = plan.faults.len();
+        let (gaps, broken): (Vec<String>, Vec<String>) = outcome
+            .violations
+            .drain(..)
+            .partition(|v| args.known_gap.iter().any(|g| g.covers(v)));
+        outcome.violations = broken;
+        if !gaps.is_empty() {
+            seeds_with_gaps += 1;
+            println!(
+                "seed {seed}: {} broken promises of known gaps ({:?}), e.g. {}",
+                gaps.len(),
+                args.known_gap,
+                gaps[0]
+            );
+        }
         if outcome.violations.is_empty() {
             println!(
                 "seed {seed}: ok — {} acknowledged, {} delivered, {faults} faults, history {:016x}",
@@ -104,6 +139,12 @@ fn main() -> ExitCode {
             println!("{plan}");
             print!("{}", outcome.history);
         }
+    }
+    if !args.known_gap.is_empty() {
+        println!(
+            "simulate: {seeds_with_gaps} seeds broke promises of the known gaps {:?} (not counted as failed for them)",
+            args.known_gap
+        );
     }
     println!(
         "simulate: {} seeds (first {}), {failed} failed",
