@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 
+use super::wills::{self, WillSummary};
 use super::{subscriber_version, Delivery, Record};
 
 /// One finding worth printing.
@@ -45,12 +46,21 @@ pub struct Summary {
     pub failovers: Vec<(String, Option<u64>)>,
     /// Longest time any publisher waited between two acknowledgements while publishing.
     pub max_ack_gap_ms: u64,
+    /// `--wills`: owed, delivered, lost, duplicated, unexpected wills.
+    pub wills: WillSummary,
     pub findings: Vec<Finding>,
 }
 
 impl Summary {
+    /// No lost, out-of-order or unexpected message or will. Duplicates (QoS2 ones and wills
+    /// included) are reported, not judged here: see the module doc.
     pub fn passed(&self) -> bool {
-        self.lost == 0 && self.out_of_order == 0 && self.unexpected == 0 && self.acked > 0
+        self.lost == 0
+            && self.out_of_order == 0
+            && self.unexpected == 0
+            && self.wills.lost == 0
+            && self.wills.unexpected == 0
+            && self.acked > 0
     }
 
     /// The largest failover time, `None` if some fault never recovered or there was none.
@@ -105,6 +115,24 @@ impl Summary {
                 }
             );
         }
+        for (i, w) in record.wills.iter().enumerate() {
+            if w.connect_failures > 0 {
+                println!(
+                    "check: will client {i}: {} failed attempts; last errors: {}",
+                    w.connect_failures,
+                    last(&w.errors, 3)
+                );
+            }
+        }
+        for (i, s) in record.will_subscribers.iter().enumerate() {
+            println!(
+                "check: will subscriber {i}: {} receptions, {} connections, {} failed attempts, {} sessions lost",
+                s.deliveries.len(),
+                s.connects,
+                s.connect_failures,
+                s.sessions_lost
+            );
+        }
         for (label, t) in &self.failovers {
             match t {
                 Some(ms) => println!("check: failover after {label}: {ms} ms"),
@@ -132,15 +160,28 @@ impl Summary {
             self.unexpected,
             self.unacked_delivered
         );
+        let w = &self.wills;
+        if w.clients > 0 {
+            println!(
+                "check: wills: {} clients, {} owed (connection broken), delivered {}, lost {}, duplicated {}, unexpected {}, unsure {}",
+                w.clients, w.expected, w.delivered, w.lost, w.duplicated, w.unexpected, w.unsure
+            );
+        }
         println!(
-            "RESULT sent={} acked={} delivered={} lost={} duplicated={} out-of-order={} unexpected={} sessions-lost={} reconnects={} failover-ms={} max-ack-gap-ms={} verdict={}",
+            "RESULT sent={} acked={} delivered={} lost={} duplicated={} qos2-duplicated={} out-of-order={} unexpected={} wills-expected={} wills-delivered={} wills-lost={} wills-duplicated={} wills-unexpected={} sessions-lost={} reconnects={} failover-ms={} max-ack-gap-ms={} verdict={}",
             self.sent,
             self.acked,
             self.delivered,
             self.lost,
             self.duplicated,
+            self.duplicated_qos2,
             self.out_of_order,
             self.unexpected,
+            w.expected,
+            w.delivered,
+            w.lost,
+            w.duplicated,
+            w.unexpected,
             self.sessions_lost,
             self.reconnects,
             match (self.failovers.is_empty(), self.failover_ms()) {
@@ -178,6 +219,7 @@ pub fn analyse(record: &Record, faults: &[(u64, String)], publish_started_ms: u6
             }
         }
         s.reconnects += u64::from(p.connects.saturating_sub(1));
+        s.sessions_lost += u64::from(p.sessions_lost);
     }
     for (si, sub) in record.subscribers.iter().enumerate() {
         let si = si as u32;
@@ -186,12 +228,16 @@ pub fn analyse(record: &Record, faults: &[(u64, String)], publish_started_ms: u6
         let mut count: HashMap<(u32, u64), u32> = HashMap::new();
         let mut last_seq: HashMap<(u32, u32), u64> = HashMap::new();
         for d in &sub.deliveries {
-            let (publisher, seq, topic, topic_ok, qos) = match d {
-                Delivery::Unexpected(text) => {
+            let (publisher, seq, topic, topic_ok, qos, dup) = match d {
+                Delivery::Unexpected(_) | Delivery::Will { .. } => {
+                    let what = match d {
+                        Delivery::Unexpected(text) => format!("unexpected: {text}"),
+                        will => format!("unexpected: {will:?} on a message topic"),
+                    };
                     s.unexpected += 1;
                     s.findings.push(Finding {
                         subscriber: si,
-                        what: format!("unexpected: {text}"),
+                        what,
                     });
                     continue;
                 }
@@ -201,8 +247,8 @@ pub fn analyse(record: &Record, faults: &[(u64, String)], publish_started_ms: u6
                     topic,
                     topic_ok,
                     qos,
-                    ..
-                } => (*publisher, *seq, *topic, *topic_ok, *qos),
+                    dup,
+                } => (*publisher, *seq, *topic, *topic_ok, *qos, *dup),
             };
             let sent = record
                 .publishers
@@ -226,7 +272,13 @@ pub fn analyse(record: &Record, faults: &[(u64, String)], publish_started_ms: u6
                     s.duplicated_qos2 += 1;
                     s.findings.push(Finding {
                         subscriber: si,
-                        what: format!("QoS2 duplicate: publisher {publisher} seq {seq}"),
+                        // Sent more than once: the publisher's re-send may have been taken
+                        // for a new message (inbound); once: the broker sent it twice.
+                        what: format!(
+                            "QoS2 duplicate: publisher {publisher} seq {seq} (sent {} time(s), this copy DUP={})",
+                            sent.sends,
+                            u8::from(dup)
+                        ),
                     });
                 }
                 continue;
@@ -307,6 +359,7 @@ pub fn analyse(record: &Record, faults: &[(u64, String)], publish_started_ms: u6
         }
         s.failovers.push((label.clone(), worst));
     }
+    s.wills = wills::analyse(record, &mut s.findings);
     for p in &record.publishers {
         let mut acks: Vec<u64> = p.sent.iter().filter_map(|m| m.acked_ms).collect();
         acks.sort_unstable();

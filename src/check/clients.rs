@@ -8,30 +8,34 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use bytes::{Bytes, BytesMut};
 use tiermq_common::codec::{
-    ConnAck, Connect, ConnectProperties, Disconnect, Packet, PubAck, PubComp, PubRec, PubRel,
-    Publish,
+    ConnAck, Connect, ConnectProperties, Disconnect, LastWill, Packet, PubAck, PubComp, PubRec,
+    PubRel, Publish,
 };
 use tiermq_common::{ProtocolVersion, QoS, ReasonCode};
 use tokio::time::{Instant, MissedTickBehavior};
 
-use super::{lock, now_ms, publisher_qos, subscriber_version, Delivery, Plan, Sent, Shared};
+use super::{
+    lock, now_ms, subscriber_version, wills, Delivery, Plan, Record, Sent, Shared, SubscriberLog,
+};
 use crate::bench::client::{tcp_connect, Conn};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const KEEP_ALIVE: u16 = 10;
 const PING_EVERY: Duration = Duration::from_secs(3);
 /// Nothing heard from the broker for this long while waiting for it: reconnect.
-const SILENCE: Duration = Duration::from_secs(12);
+pub const SILENCE: Duration = Duration::from_secs(12);
 /// Between failed connection attempts.
 const RETRY_PAUSE: Duration = Duration::from_millis(250);
 
-/// Connects with the persistent-session options the checker needs.
+/// Connects with the persistent-session options the checker needs (and a will, for the will
+/// clients).
 pub async fn connect(
     broker: SocketAddr,
     version: ProtocolVersion,
     client_id: &str,
     clean_start: bool,
     session_expiry: u32,
+    will: Option<LastWill>,
 ) -> anyhow::Result<Conn> {
     tokio::time::timeout(CONNECT_TIMEOUT, async {
         let stream = tcp_connect(broker, None)
@@ -62,7 +66,7 @@ pub async fn connect(
             clean_start,
             keep_alive: KEEP_ALIVE,
             client_id: client_id.to_string(),
-            will: None,
+            will,
             username: None,
             password: None,
             properties,
@@ -80,6 +84,23 @@ pub async fn connect(
     })
     .await
     .map_err(|_| anyhow::anyhow!("no CONNACK from {broker} within {CONNECT_TIMEOUT:?}"))?
+}
+
+/// Ticks every [`PING_EVERY`], the first tick one period from now: when a client pings.
+pub async fn ping_interval() -> tokio::time::Interval {
+    let mut ping = tokio::time::interval(PING_EVERY);
+    ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    ping.tick().await;
+    ping
+}
+
+/// Waits for more bytes from the broker; `Err(why)` when the connection ended.
+pub async fn read_more(conn: &mut Conn) -> Result<(), String> {
+    match conn.fill().await {
+        Ok(0) => Err("closed by the broker".into()),
+        Err(e) => Err(format!("read: {e}")),
+        Ok(_) => Ok(()),
+    }
 }
 
 fn packet_id(seq: u64) -> u16 {
@@ -104,7 +125,7 @@ enum Stage {
 
 /// One publisher: sends `run|id|seq` to topic `seq % topics` at the plan's rate.
 pub async fn publisher(id: u32, plan: Plan, start_at: usize, record: Shared) {
-    let qos = publisher_qos(id);
+    let qos = plan.qos.of(id);
     let client_id = format!("{}-pub-{id}", plan.run);
     let mut front = start_at % plan.frontends.len();
     let mut inflight: BTreeMap<u64, Stage> = BTreeMap::new();
@@ -127,6 +148,7 @@ pub async fn publisher(id: u32, plan: Plan, start_at: usize, record: Shared) {
                 &client_id,
                 first,
                 plan.session_expiry,
+                None,
             ),
         )
         .await
@@ -147,8 +169,15 @@ pub async fn publisher(id: u32, plan: Plan, start_at: usize, record: Shared) {
             }
             Err(_) => break,
         };
+        {
+            let mut r = lock(&record);
+            let log = &mut r.publishers[id as usize];
+            log.connects += 1;
+            if !first && !conn.connack.session_present {
+                log.sessions_lost += 1;
+            }
+        }
         first = false;
-        lock(&record).publishers[id as usize].connects += 1;
         let end = publish_on(
             &mut conn,
             id,
@@ -218,9 +247,7 @@ async fn publish_on(
     if let Err(e) = conn.flush().await {
         return End::Lost(format!("write: {e}"));
     }
-    let mut ping = tokio::time::interval(PING_EVERY);
-    ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    ping.tick().await;
+    let mut ping = ping_interval().await;
     let mut last_heard = Instant::now();
     loop {
         let publishing = Instant::now() < plan.publish_until;
@@ -247,11 +274,9 @@ async fn publish_on(
                     return End::Lost(format!("encode: {e}"));
                 }
             }
-            read = conn.fill() => {
-                match read {
-                    Ok(0) => return End::Lost("closed by the broker".into()),
-                    Err(e) => return End::Lost(format!("read: {e}")),
-                    Ok(_) => {}
+            read = read_more(conn) => {
+                if let Err(why) = read {
+                    return End::Lost(why);
                 }
                 last_heard = Instant::now();
                 loop {
@@ -399,8 +424,49 @@ pub fn decode_delivery(plan: &Plan, p: &Publish) -> Delivery {
     }
 }
 
-/// One persistent subscriber on `check/RUN/#` (QoS2), acknowledging everything it receives.
+/// What a subscriber listens to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Feed {
+    /// The publishers' messages, `check/RUN/#`.
+    Checks,
+    /// The will clients' wills, `checkwill/RUN/#` (outside the checks' filter).
+    Wills,
+}
+
+impl Feed {
+    fn client_id(self, plan: &Plan, id: u32) -> String {
+        match self {
+            Feed::Checks => format!("{}-sub-{id}", plan.run),
+            Feed::Wills => format!("{}-willsub-{id}", plan.run),
+        }
+    }
+
+    fn filter(self, plan: &Plan) -> String {
+        match self {
+            Feed::Checks => plan.filter(),
+            Feed::Wills => wills::filter(plan),
+        }
+    }
+
+    fn decode(self, plan: &Plan, p: &Publish) -> Delivery {
+        match self {
+            Feed::Checks => decode_delivery(plan, p),
+            Feed::Wills => wills::decode(plan, p),
+        }
+    }
+
+    fn log(self, record: &mut Record, id: u32) -> &mut SubscriberLog {
+        match self {
+            Feed::Checks => &mut record.subscribers[id as usize],
+            Feed::Wills => &mut record.will_subscribers[id as usize],
+        }
+    }
+}
+
+/// One persistent subscriber on its feed's filter (QoS2), acknowledging everything it
+/// receives.
 pub async fn subscriber(
+    feed: Feed,
     id: u32,
     plan: Plan,
     start_at: usize,
@@ -409,7 +475,7 @@ pub async fn subscriber(
     ready: tokio::sync::mpsc::Sender<Result<(), String>>,
 ) {
     let version = subscriber_version(id);
-    let client_id = format!("{}-sub-{id}", plan.run);
+    let client_id = feed.client_id(&plan, id);
     let mut front = start_at % plan.frontends.len();
     let mut subscribed = false;
     // QoS2 packet ids received and not yet released: a PUBLISH with one of them is the same
@@ -426,6 +492,7 @@ pub async fn subscriber(
             // are unique, so there is no old session to clear.
             false,
             plan.session_expiry,
+            None,
         )
         .await
         {
@@ -433,7 +500,7 @@ pub async fn subscriber(
             Err(e) => {
                 {
                     let mut r = lock(&record);
-                    let log = &mut r.subscribers[id as usize];
+                    let log = feed.log(&mut r, id);
                     log.connect_failures += 1;
                     if log.errors.len() < 50 {
                         log.errors.push(format!("{addr}: {e:#}"));
@@ -446,7 +513,7 @@ pub async fn subscriber(
         };
         {
             let mut r = lock(&record);
-            let log = &mut r.subscribers[id as usize];
+            let log = feed.log(&mut r, id);
             log.connects += 1;
             if subscribed && !conn.connack.session_present {
                 log.sessions_lost += 1;
@@ -456,8 +523,14 @@ pub async fn subscriber(
                 }
             }
         }
+        if !conn.connack.session_present {
+            // A new session knows none of the old one's QoS2 exchanges (§4.1: the client
+            // discards its session state too); keeping them would drop new messages that
+            // reuse those packet ids.
+            awaiting_release.clear();
+        }
         if !subscribed || !conn.connack.session_present {
-            let filter = vec![plan.filter()];
+            let filter = vec![feed.filter(&plan)];
             match tokio::time::timeout(
                 Duration::from_secs(20),
                 conn.subscribe(&filter, QoS::ExactlyOnce),
@@ -471,14 +544,14 @@ pub async fn subscriber(
                     }
                 }
                 Ok(Err(e)) => {
-                    lock(&record).subscribers[id as usize]
+                    feed.log(&mut lock(&record), id)
                         .errors
                         .push(format!("{addr}: subscribe: {e:#}"));
                     tokio::time::sleep(RETRY_PAUSE).await;
                     continue;
                 }
                 Err(_) => {
-                    lock(&record).subscribers[id as usize]
+                    feed.log(&mut lock(&record), id)
                         .errors
                         .push(format!("{addr}: no SUBACK within 20s"));
                     continue;
@@ -487,6 +560,7 @@ pub async fn subscriber(
         }
         let end = receive_on(
             &mut conn,
+            feed,
             id,
             &plan,
             &record,
@@ -501,7 +575,7 @@ pub async fn subscriber(
             }
             End::Lost(why) => {
                 let mut r = lock(&record);
-                let log = &mut r.subscribers[id as usize];
+                let log = feed.log(&mut r, id);
                 if log.errors.len() < 50 {
                     log.errors.push(format!("{addr}: {why}"));
                 }
@@ -515,23 +589,20 @@ pub async fn subscriber(
 
 async fn receive_on(
     conn: &mut Conn,
+    feed: Feed,
     id: u32,
     plan: &Plan,
     record: &Shared,
     awaiting_release: &mut HashSet<u16>,
     stop: &mut tokio::sync::watch::Receiver<bool>,
 ) -> End {
-    let mut ping = tokio::time::interval(PING_EVERY);
-    ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    ping.tick().await;
+    let mut ping = ping_interval().await;
     let mut last_heard = Instant::now();
     loop {
         tokio::select! {
-            read = conn.fill() => {
-                match read {
-                    Ok(0) => return End::Lost("closed by the broker".into()),
-                    Err(e) => return End::Lost(format!("read: {e}")),
-                    Ok(_) => {}
+            read = read_more(conn) => {
+                if let Err(why) = read {
+                    return End::Lost(why);
                 }
                 last_heard = Instant::now();
                 loop {
@@ -547,11 +618,11 @@ async fn receive_on(
                                 _ => true,
                             };
                             if fresh {
-                                let d = decode_delivery(plan, &p);
+                                let d = feed.decode(plan, &p);
                                 let mut r = lock(record);
-                                let log = &mut r.subscribers[id as usize];
-                                if let Delivery::Message { publisher, seq, .. } = &d {
-                                    log.seen.insert((*publisher, *seq));
+                                let log = feed.log(&mut r, id);
+                                if let Some(key) = d.key() {
+                                    log.seen.insert(key);
                                 }
                                 log.deliveries.push(d);
                             }

@@ -14,9 +14,16 @@
 //!   topic,
 //! * **unexpected**: a payload nobody sent, on a wrong topic, or undecodable.
 //!
+//! With `--wills N`, N more clients connect (to the first frontend, once, no reconnect) with a
+//! QoS2 will each, and will subscribers (on the second frontend) count the wills that arrive:
+//! a client whose connection broke must have its will delivered exactly once, one that sent
+//! DISCONNECT never ([`wills`]).
+//!
 //! The run is bounded: publishing lasts `--duration`, then at most `--drain` more for
 //! acknowledgements and deliveries. Exit status 1 on any lost, out-of-order or unexpected
-//! message (or if nothing at all was acknowledged).
+//! message or will (or if nothing at all was acknowledged). QoS2 and will duplicates are
+//! counted (`RESULT ... qos2-duplicated=N wills-duplicated=N`) but left to the caller to judge:
+//! the fault suite fails on them with `FAULTS_STRICT_QOS2=1`.
 //!
 //! Failover times: with `--fault-file`, each line `EPOCH_MS label` (written by the fault
 //! script when it injects a fault) gets a recovery time: the moment, after the fault, when
@@ -24,6 +31,7 @@
 
 mod analysis;
 mod clients;
+mod wills;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -38,6 +46,7 @@ use tiermq_common::{ProtocolVersion, QoS};
 use crate::bench::parse_duration;
 
 pub use analysis::Summary;
+pub use wills::{WillEnd, WillLog};
 
 /// `tiermq check [options]`.
 #[derive(Args, Debug, Clone)]
@@ -46,9 +55,17 @@ pub struct CheckArgs {
     /// on the second (or the first if only one); both move to the next one when theirs fails.
     #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:1883")]
     pub frontends: Vec<String>,
-    /// Publishers (even ones publish QoS1, odd ones QoS2).
+    /// Publishers (QoS per `--qos`).
     #[arg(long, default_value_t = 4)]
     pub publishers: u32,
+    /// QoS of the publishers: `mixed` (even ones QoS1, odd ones QoS2), `1` or `2` (all).
+    #[arg(long, default_value = "mixed", value_parser = parse_publisher_qos)]
+    pub qos: PublisherQos,
+    /// Clients with a QoS2 will, connected once to the first frontend for the whole run (a
+    /// fault that breaks their connections must fire each will exactly once), plus one will
+    /// subscriber on the second frontend. 0: none.
+    #[arg(long, default_value_t = 0)]
+    pub wills: u32,
     /// Persistent subscribers on `check/RUN/#` (odd ones speak MQTT 3.1.1, even ones 5.0).
     #[arg(long, default_value_t = 2)]
     pub subscribers: u32,
@@ -112,6 +129,9 @@ pub struct PublisherLog {
     pub sent: Vec<Sent>,
     pub connects: u32,
     pub connect_failures: u32,
+    /// Reconnects where the broker said Session Present = 0 (its QoS2 state is gone, so a
+    /// re-sent QoS2 message may be taken for a new one).
+    pub sessions_lost: u32,
     pub errors: Vec<String>,
 }
 
@@ -138,7 +158,23 @@ pub enum Delivery {
         qos: u8,
         dup: bool,
     },
+    /// The will of will client `client`.
+    Will {
+        client: u32,
+    },
     Unexpected(String),
+}
+
+impl Delivery {
+    /// What the drain wait looks for in [`SubscriberLog::seen`]: (publisher, seq) of a
+    /// message, (client, 0) of a will.
+    pub fn key(&self) -> Option<(u32, u64)> {
+        match self {
+            Delivery::Message { publisher, seq, .. } => Some((*publisher, *seq)),
+            Delivery::Will { client, .. } => Some((*client, 0)),
+            Delivery::Unexpected(_) => None,
+        }
+    }
 }
 
 /// Everything recorded during a run.
@@ -146,6 +182,9 @@ pub enum Delivery {
 pub struct Record {
     pub publishers: Vec<PublisherLog>,
     pub subscribers: Vec<SubscriberLog>,
+    /// `--wills`: the will clients and the subscribers of their will topics.
+    pub wills: Vec<WillLog>,
+    pub will_subscribers: Vec<SubscriberLog>,
 }
 
 pub type Shared = Arc<Mutex<Record>>;
@@ -160,6 +199,7 @@ pub struct Plan {
     pub run: String,
     pub frontends: Vec<SocketAddr>,
     pub topics: u32,
+    pub qos: PublisherQos,
     pub rate: u32,
     pub inflight: usize,
     pub session_expiry: u32,
@@ -176,11 +216,30 @@ impl Plan {
     }
 }
 
-pub fn publisher_qos(i: u32) -> QoS {
-    if i.is_multiple_of(2) {
-        QoS::AtLeastOnce
-    } else {
-        QoS::ExactlyOnce
+/// `--qos`: which QoS each publisher uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublisherQos {
+    /// Even publishers QoS1, odd ones QoS2.
+    Mixed,
+    Only(QoS),
+}
+
+impl PublisherQos {
+    pub fn of(self, publisher: u32) -> QoS {
+        match self {
+            PublisherQos::Only(q) => q,
+            PublisherQos::Mixed if publisher.is_multiple_of(2) => QoS::AtLeastOnce,
+            PublisherQos::Mixed => QoS::ExactlyOnce,
+        }
+    }
+}
+
+fn parse_publisher_qos(s: &str) -> Result<PublisherQos, String> {
+    match s {
+        "mixed" => Ok(PublisherQos::Mixed),
+        "1" => Ok(PublisherQos::Only(QoS::AtLeastOnce)),
+        "2" => Ok(PublisherQos::Only(QoS::ExactlyOnce)),
+        _ => Err(format!("{s:?}: expected mixed, 1 or 2")),
     }
 }
 
@@ -246,11 +305,17 @@ pub async fn run(args: CheckArgs) -> anyhow::Result<Summary> {
     let record: Shared = Arc::new(Mutex::new(Record {
         publishers: (0..args.publishers)
             .map(|i| PublisherLog {
-                qos: publisher_qos(i) as u8,
+                qos: args.qos.of(i) as u8,
                 ..Default::default()
             })
             .collect(),
         subscribers: (0..args.subscribers)
+            .map(|_| SubscriberLog::default())
+            .collect(),
+        wills: (0..args.wills)
+            .map(|i| WillLog::new(wills::variant(i)))
+            .collect(),
+        will_subscribers: (0..wills::subscribers(args.wills))
             .map(|_| SubscriberLog::default())
             .collect(),
     }));
@@ -261,22 +326,38 @@ pub async fn run(args: CheckArgs) -> anyhow::Result<Summary> {
         run: run.clone(),
         frontends: frontends.clone(),
         topics: args.topics,
+        qos: args.qos,
         rate: args.rate,
         inflight: args.inflight,
         session_expiry: args.session_expiry,
         publish_until: sub_deadline,
         hard_deadline: sub_deadline,
     };
+    let qos = match args.qos {
+        PublisherQos::Mixed => "QoS1/QoS2".to_string(),
+        PublisherQos::Only(q) => format!("QoS{}", q as u8),
+    };
     println!(
-        "check: run {run}: {} publishers (QoS1/QoS2) → {} topics → {} persistent subscribers, {} msg/s each for {:?}, frontends {:?}",
+        "check: run {run}: {} publishers ({qos}) → {} topics → {} persistent subscribers, {} msg/s each for {:?}, frontends {:?}",
         args.publishers, args.topics, args.subscribers, args.rate, args.duration, frontends
     );
+    if args.wills > 0 {
+        println!(
+            "check: {} clients with QoS2 wills on the first frontend → {} will subscriber(s)",
+            args.wills,
+            wills::subscribers(args.wills)
+        );
+    }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<Result<(), String>>(64);
     let mut subscribers = Vec::new();
-    for i in 0..args.subscribers {
-        let start_at = if frontends.len() > 1 { 1 } else { 0 };
+    let start_at = if frontends.len() > 1 { 1 } else { 0 };
+    let feeds = (0..args.subscribers)
+        .map(|i| (clients::Feed::Checks, i))
+        .chain((0..wills::subscribers(args.wills)).map(|i| (clients::Feed::Wills, i)));
+    for (feed, i) in feeds {
         subscribers.push(tokio::spawn(clients::subscriber(
+            feed,
             i,
             plan.clone(),
             start_at,
@@ -285,16 +366,26 @@ pub async fn run(args: CheckArgs) -> anyhow::Result<Summary> {
             ready_tx.clone(),
         )));
     }
-    drop(ready_tx);
     let subscribe_by = tokio::time::Instant::now() + Duration::from_secs(60);
-    for _ in 0..args.subscribers {
-        match tokio::time::timeout_at(subscribe_by, ready_rx.recv()).await {
-            Ok(Some(Ok(()))) => {}
-            Ok(Some(Err(e))) => anyhow::bail!("a subscriber could not subscribe: {e}"),
-            Ok(None) => anyhow::bail!("subscribers ended before subscribing"),
-            Err(_) => anyhow::bail!("subscribers not subscribed within 60s"),
-        }
+    await_ready(&mut ready_rx, subscribers.len(), subscribe_by, "subscriber").await?;
+    // Will clients once their wills have subscribers; they stay until publishing ends.
+    let mut will_clients = Vec::new();
+    for i in 0..args.wills {
+        will_clients.push(tokio::spawn(wills::will_client(
+            i,
+            plan.clone(),
+            record.clone(),
+            ready_tx.clone(),
+        )));
     }
+    drop(ready_tx);
+    await_ready(
+        &mut ready_rx,
+        will_clients.len(),
+        subscribe_by,
+        "will client",
+    )
+    .await?;
     tokio::time::sleep(args.settle).await;
     let begin = tokio::time::Instant::now();
     plan.publish_until = begin + args.duration;
@@ -312,6 +403,9 @@ pub async fn run(args: CheckArgs) -> anyhow::Result<Summary> {
     for p in publishers {
         let _ = p.await;
     }
+    for w in will_clients {
+        let _ = w.await;
+    }
     // Wait until every acknowledged message reached every subscriber, or the drain ends.
     loop {
         let complete = {
@@ -328,9 +422,13 @@ pub async fn run(args: CheckArgs) -> anyhow::Result<Summary> {
                         .map(move |(seq, _)| (p as u32, seq as u64))
                 })
                 .collect();
+            let wills_due = wills::due(&r);
             r.subscribers
                 .iter()
                 .all(|s| acked.iter().all(|k| s.seen.contains(k)))
+                && r.will_subscribers
+                    .iter()
+                    .all(|s| wills_due.iter().all(|k| s.seen.contains(k)))
         };
         if complete || tokio::time::Instant::now() >= plan.hard_deadline {
             break;
@@ -351,6 +449,24 @@ pub async fn run(args: CheckArgs) -> anyhow::Result<Summary> {
     let summary = analysis::analyse(&r, &faults, publish_started_ms);
     summary.print(&r, args.show);
     Ok(summary)
+}
+
+/// Waits (until `by`) for `n` clients to report that they are connected and subscribed.
+async fn await_ready(
+    ready: &mut tokio::sync::mpsc::Receiver<Result<(), String>>,
+    n: usize,
+    by: tokio::time::Instant,
+    what: &str,
+) -> anyhow::Result<()> {
+    for _ in 0..n {
+        match tokio::time::timeout_at(by, ready.recv()).await {
+            Ok(Some(Ok(()))) => {}
+            Ok(Some(Err(e))) => anyhow::bail!("a {what} could not start: {e}"),
+            Ok(None) => anyhow::bail!("{what}s ended before they were ready"),
+            Err(_) => anyhow::bail!("{what}s not ready within 60s"),
+        }
+    }
+    Ok(())
 }
 
 /// `EPOCH_MS label` lines; anything else is skipped.
