@@ -676,6 +676,8 @@ struct Group {
     connections: HashMap<Arc<str>, (u64, EventSender)>,
     applied_since_checkpoint: u64,
     was_leader: bool,
+    /// The term whose leader work ([`Group::take_over`]) has run here (0: none yet).
+    taken_over: u64,
     /// A conf change removed this node from the group: the driver destroys it after the round.
     removed: bool,
 }
@@ -736,10 +738,24 @@ impl Group {
     }
 
     /// Applies committed Raft entries to the state machine and answers their proposers.
-    fn apply_committed(&mut self, entries: Vec<RaftEntry>, hub: &ClusterHub) {
+    ///
+    /// Effects are carried out only for entries of the leader's own term. An entry of an
+    /// earlier term was proposed by an earlier leader, which carried out its effects when it
+    /// applied it (a new leader often applies such entries only now, having learned of their
+    /// commit with its first own entry): doing it again would deliver the same packet id as a
+    /// new message, fire a will twice and repeat shared-subscription steps. What the earlier
+    /// leader may not have finished is taken over once, from the state as of its last entry,
+    /// just before the first entry of the new term ([`Group::take_over`]).
+    fn apply_committed(&mut self, entries: Vec<RaftEntry>, hub: &ClusterHub, now: u64) {
         let leading = self.is_leader();
+        let term = self.raw.raft.term;
         for entry in entries {
             let index = entry.index;
+            let own = leading && entry.term == term;
+            if own && self.taken_over != term {
+                self.taken_over = term;
+                self.take_over(hub, now);
+            }
             let mut waiter = None;
             while let Some(front) = self.pending.front() {
                 if front.index < index {
@@ -791,7 +807,7 @@ impl Group {
                             (Reply::Connected { epoch, .. }, Some(tx)) => Some((*epoch, tx)),
                             _ => None,
                         };
-                        if leading {
+                        if own {
                             self.dispatch(fx, new_conn.as_ref(), previous, hub);
                             if let (Some(client), Some(conn)) = (client, new_conn) {
                                 self.connections.insert(client, conn);
@@ -808,6 +824,29 @@ impl Group {
                 }
             }
             self.applied_since_checkpoint += 1;
+        }
+    }
+
+    /// A new leader, once it has applied every entry of earlier terms: announces its routes and
+    /// carries on what the old leader may not have finished — the in-flight windows of the
+    /// frontends attached here are sent again (DUP: they may not have reached the clients),
+    /// and pending shared-subscription steps are handed over again.
+    fn take_over(&mut self, hub: &ClusterHub, now: u64) {
+        info!(
+            partition = self.partition,
+            term = self.raw.raft.term,
+            "leading: taking over the old leader's work"
+        );
+        hub.broadcast_route(self.route_snapshot());
+        for f in self.sm.attached_frontends() {
+            let fx = self.sm.replay_for_frontend(f, now);
+            self.dispatch(fx, None, None, hub);
+        }
+        for work in self.sm.shared_work() {
+            hub.hand_over(LeaderWork::Shared {
+                origin: self.partition,
+                work,
+            });
         }
     }
 
@@ -1063,6 +1102,7 @@ fn open_group(
         connections: HashMap::new(),
         applied_since_checkpoint: 0,
         was_leader: false,
+        taken_over: 0,
         removed: false,
     })
 }
@@ -1467,6 +1507,7 @@ impl Driver {
         let mut outbox = Outbox::default();
         let mut readies = Vec::new();
         let mut wrote = false;
+        let now = self.now();
         for (&p, g) in self.groups.iter_mut() {
             if !g.raw.has_ready() {
                 continue;
@@ -1477,7 +1518,7 @@ impl Driver {
                 g.install_snapshot(rd.snapshot().clone(), self.config.limits)?;
                 wrote = true;
             }
-            g.apply_committed(rd.take_committed_entries(), &self.hub);
+            g.apply_committed(rd.take_committed_entries(), &self.hub, now);
             // Entries and hard state not stored must not be acknowledged (an append ack for
             // entries a follower lacks, a vote forgotten by a restart): stop instead.
             if !rd.entries().is_empty() {
@@ -1525,7 +1566,7 @@ impl Driver {
                     .map_err(|e| format!("partition {p}: cannot store the commit index: {e}"))?;
             }
             outbox.add(p, light.take_messages());
-            g.apply_committed(light.take_committed_entries(), &self.hub);
+            g.apply_committed(light.take_committed_entries(), &self.hub, now);
             g.raw.advance_apply();
         }
         outbox.send(&*self.transport);
@@ -1545,21 +1586,8 @@ impl Driver {
                     term = g.raw.raft.term,
                     "became leader"
                 );
-                self.hub.broadcast_route(g.route_snapshot());
-                // What the old leader had sent may not have reached the clients: send the
-                // in-flight windows again (DUP) to the frontends attached here.
-                let now = self.config.clock.now_ms();
-                for f in g.sm.attached_frontends() {
-                    let fx = g.sm.replay_for_frontend(f, now);
-                    g.dispatch(fx, None, None, &self.hub);
-                }
-                // Shared-subscription steps the old leader may not have finished.
-                for work in g.sm.shared_work() {
-                    self.hub.hand_over(LeaderWork::Shared {
-                        origin: g.partition,
-                        work,
-                    });
-                }
+                // Routes, replays and shared steps follow once the entries of earlier terms
+                // are applied (`Group::take_over`).
             }
             g.was_leader = leading;
         }

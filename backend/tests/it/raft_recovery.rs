@@ -7,13 +7,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use raft::prelude::Snapshot;
-use tiermq_backend::partition::command::Entry;
+use tiermq_backend::partition::command::{Command, Entry, Reply};
 use tiermq_backend::partition::session::SessionLimits;
 use tiermq_backend::partition::Partition;
 use tiermq_backend::placement::{NodeId, PartitionMap, DEFAULT_VNODES};
-use tiermq_backend::raft::node::{start, ClusterHub, ProposeError, RaftConfig, Transport};
+use tiermq_backend::raft::node::{
+    start, ClusterHub, FrontendEvent, ProposeError, RaftConfig, Transport,
+};
 use tiermq_backend::raft::storage::SledRaftStorage;
 use tiermq_backend::storage::PartitionStore;
+use tiermq_common::session_api::{Delivery, SessionEvent, SubscribeRequest, SubscriptionOptions};
+use tiermq_common::{Message, ProtocolVersion, QoS};
+use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::raft_cluster::{open_db, retained, retained_in, Cluster, PARTITIONS, T};
 
@@ -236,4 +241,119 @@ async fn a_leader_that_cannot_persist_fails_its_proposals() {
     tokio::time::timeout(T, leader.stopped())
         .await
         .expect("the node that cannot persist is still running");
+}
+
+/// Issue 19, bug 5: the old leader committed a publish and delivered it, then died before the
+/// follower that takes over learned the entry was committed. The new leader applies it in its
+/// own term: it must not deliver it again as a new message (same packet id, no DUP flag) but,
+/// once it has applied the entry, re-send the in-flight window as DUP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_leader_does_not_repeat_the_old_leaders_deliveries() {
+    // No Tick entries: the message filter below keys on the commit index.
+    let mut c = Cluster::with_config(&[1, 2, 3], PARTITIONS, |c| {
+        c.sm_tick_interval = Duration::from_secs(3600);
+    });
+    let leaders = c.wait_leaders(T).await;
+    let p = 0;
+    let old = leaders[&p];
+    const FRONTEND: u64 = 77;
+    let mut streams: HashMap<NodeId, _> = c
+        .live()
+        .into_iter()
+        .map(|id| (id, c.handle(id).unwrap().attach_frontend(FRONTEND)))
+        .collect();
+    let client: Arc<str> = "sub".into();
+    let Ok(Reply::Connected { epoch, .. }) = c
+        .propose(
+            p,
+            Command::Connect {
+                client_id: client.clone(),
+                protocol: ProtocolVersion::V5,
+                clean_start: true,
+                session_expiry_secs: 600,
+                receive_maximum: 10,
+                will: None,
+                frontend_id: FRONTEND,
+            },
+            T,
+        )
+        .await
+    else {
+        panic!("connect failed");
+    };
+    let sub = SubscribeRequest {
+        filter: "t/#".into(),
+        options: SubscriptionOptions {
+            qos: QoS::AtLeastOnce,
+            ..Default::default()
+        },
+        subscription_id: None,
+    };
+    c.propose(
+        p,
+        Command::Subscribe {
+            client_id: client.clone(),
+            epoch,
+            subscriptions: vec![sub],
+        },
+        T,
+    )
+    .await
+    .unwrap();
+    assert_eq!(c.leader(p).await, Some(old), "leadership moved early");
+    // `heir` will hold the publish without learning that it committed; `other` not at all.
+    let followers: Vec<NodeId> = c.live().into_iter().filter(|&n| n != old).collect();
+    let (heir, other) = (followers[0], followers[1]);
+    let k = c.status(old, p).await.unwrap().commit;
+    c.net
+        .cut
+        .lock()
+        .unwrap()
+        .extend([(old, other), (other, old)]);
+    *c.net.filter.lock().unwrap() = Some(Box::new(move |from, to, m| {
+        from == old && to == heir && m.commit > k
+    }));
+    let message = Arc::new(Message::new("t/x", "m", QoS::AtLeastOnce, false));
+    c.handle(old)
+        .unwrap()
+        .propose(
+            p,
+            Command::Publish {
+                message,
+                publisher: None,
+                store_retained: false,
+                inbound_qos2: None,
+            },
+        )
+        .await
+        .unwrap();
+    let first = next_delivery(streams.get_mut(&old).unwrap()).await;
+    assert!(!first.dup, "{first:?}");
+    c.crash(old).await;
+    *c.net.filter.lock().unwrap() = None;
+    c.heal();
+    let deadline = Instant::now() + T;
+    while c.leader(p).await != Some(heir) {
+        assert!(Instant::now() < deadline, "{heir} did not take over");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let again = next_delivery(streams.get_mut(&heir).unwrap()).await;
+    assert_eq!(again.packet_id, first.packet_id);
+    assert!(
+        again.dup,
+        "the new leader delivered the old leader's message again as new: {again:?}"
+    );
+}
+
+/// The next delivery on a frontend's event stream.
+async fn next_delivery(rx: &mut UnboundedReceiver<FrontendEvent>) -> Delivery {
+    loop {
+        let event = tokio::time::timeout(T, rx.recv())
+            .await
+            .expect("no delivery in time")
+            .expect("stream open");
+        if let SessionEvent::Deliver(d) = event.event {
+            return d;
+        }
+    }
 }
