@@ -69,8 +69,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Frontend {
     pub fn new(world: Arc<World>, slot: u64) -> Arc<Frontend> {
+        let map = world.map();
         let guesses = (0..world.plan.partitions)
-            .map(|p| world.map.replicas_of(p)[0])
+            .map(|p| map.replicas_of(p)[0])
             .collect();
         let f = Arc::new(Frontend {
             slot,
@@ -182,8 +183,8 @@ impl Frontend {
         >,
     ) -> Result<Reply, CallError> {
         let deadline = Instant::now() + OP_DEADLINE;
-        let replicas = self.world.map.replicas_of(partition).to_vec();
         loop {
+            let replicas = self.world.map().replicas_of(partition).to_vec();
             if !self.is_up() {
                 return Err(CallError::FrontendDown);
             }

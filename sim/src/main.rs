@@ -172,7 +172,7 @@ fn run(plan: Plan) -> Outcome {
 async fn simulate(plan: Plan) -> Outcome {
     let world = World::new(plan.clone());
     let start = Instant::now();
-    for id in world.node_ids() {
+    for id in 1..=plan.nodes {
         world.start_node(id);
     }
     let frontends: Vec<Arc<Frontend>> = (1..=plan.frontends)
@@ -203,7 +203,9 @@ async fn simulate(plan: Plan) -> Outcome {
     world.trace("heal: every link restored, every process started");
     world.heal_all();
     for id in world.node_ids() {
-        world.start_node(id);
+        if world.incarnation(id) > 0 {
+            world.start_node(id);
+        }
     }
     for f in &frontends {
         if !f.is_up() {
@@ -292,6 +294,13 @@ fn inject(world: &Arc<World>, frontends: &[Arc<Frontend>], kills: &[Arc<Notify>]
                 }),
             );
         }
+        Fault::Members { members, count } => {
+            let members = &members[..count];
+            world.set_map(members);
+            for &n in members {
+                world.start_node(n); // a joining node (no-op for running ones)
+            }
+        }
         Fault::DropClient { client } => {
             if let Some(k) = kills.get(client) {
                 k.notify_one();
@@ -331,16 +340,25 @@ async fn check_no_deaf_sessions(world: &Arc<World>, frontends: &[Arc<Frontend>])
 /// a replica restored from a checkpoint or a snapshot must equal one that replayed the log).
 async fn check_replicas(world: &Arc<World>) {
     for partition in 0..world.plan.partitions {
-        let replicas = world.map.replicas_of(partition).to_vec();
+        let replicas = world.map().replicas_of(partition).to_vec();
         let mut compared = false;
         for _ in 0..40 {
             let mut images = Vec::new();
+            let mut missing = Vec::new();
             for &node in &replicas {
                 if let Some(h) = world.handle(node) {
-                    if let Some((applied, image)) = h.applied_image(partition).await {
-                        images.push((node, applied, image));
+                    match h.applied_image(partition).await {
+                        Some((applied, image)) => images.push((node, applied, image)),
+                        None => missing.push(node),
                     }
                 }
+            }
+            if !missing.is_empty() {
+                // 30 s after every fault healed, each replica of the map must exist.
+                world.history().violation(format!(
+                    "replica missing: partition {partition} has no replica on nodes {missing:?} of its map {replicas:?}"
+                ));
+                return;
             }
             for (i, (na, aa, ia)) in images.iter().enumerate() {
                 for (nb, ab, ib) in &images[i + 1..] {

@@ -42,6 +42,9 @@ pub enum Fault {
     /// Every Raft storage write of a backend fails (its driver must stop, not acknowledge);
     /// after `ms` the disk works again and the node restarts from what it had flushed.
     DiskError { node: NodeId, ms: u64 },
+    /// A membership change: the members become `members` (a new node joins, or one is
+    /// removed); replicas move by learner, snapshot and promotion.
+    Members { members: [NodeId; 4], count: usize },
 }
 
 impl fmt::Display for Fault {
@@ -58,6 +61,9 @@ impl fmt::Display for Fault {
             }
             Fault::DropClient { client } => write!(f, "drop the connection of client #{client}"),
             Fault::DiskError { node, ms } => write!(f, "disk of node {node} fails for {ms} ms"),
+            Fault::Members { members, count } => {
+                write!(f, "members become {:?}", &members[..*count])
+            }
         }
     }
 }
@@ -84,6 +90,8 @@ pub struct Plan {
     pub log_keep_entries: u64,
     pub loss: f64,
     pub max_delay_ms: u64,
+    /// Nodes that join during the run (ids after `nodes`).
+    pub joins: Vec<NodeId>,
     pub publishers: Vec<Publisher>,
     pub subscribers: Vec<String>,
     /// (virtual time in ms, fault), in time order.
@@ -155,10 +163,39 @@ impl Plan {
             faults.push((t, fault));
             t += rng.random_range(200..3_000);
         }
+        // Half the seeds change the membership: node 4 joins, later one of 1..3 is removed.
+        let mut joins = Vec::new();
+        if rng.random_bool(0.5) {
+            joins.push(nodes + 1);
+            let join_at = rng.random_range(TRAFFIC_START_MS..12_000);
+            let removed = rng.random_range(1..=nodes);
+            let remove_at = join_at + rng.random_range(2_000..8_000);
+            let mut all = [0; 4];
+            all[..4].copy_from_slice(&[1, 2, 3, 4]);
+            faults.push((
+                join_at,
+                Fault::Members {
+                    members: all,
+                    count: 4,
+                },
+            ));
+            let mut rest = [0; 4];
+            let kept: Vec<NodeId> = (1..=4).filter(|n| *n != removed).collect();
+            rest[..3].copy_from_slice(&kept);
+            faults.push((
+                remove_at,
+                Fault::Members {
+                    members: rest,
+                    count: 3,
+                },
+            ));
+            faults.sort_by_key(|(t, _)| *t);
+        }
         Plan {
             seed,
             planted: None,
             nodes,
+            joins,
             partitions: rng.random_range(2..5),
             frontends,
             checkpoint_entries: rng.random_range(8..60),

@@ -55,7 +55,8 @@ struct Node {
 
 pub struct World {
     pub plan: Plan,
-    pub map: PartitionMap,
+    /// The target partition map (membership changes replace it).
+    map: Mutex<PartitionMap>,
     pub history: Mutex<History>,
     rng: Mutex<StdRng>,
     net: Mutex<Net>,
@@ -77,6 +78,8 @@ impl World {
         let mut rng = StdRng::seed_from_u64(plan.seed ^ 0x9e37_79b9_7f4a_7c15);
         let ids: Vec<NodeId> = (1..=plan.nodes).collect();
         let map = PartitionMap::compute(1, &ids, plan.partitions, 3, DEFAULT_VNODES);
+        // Disks for the nodes that may join later too.
+        let all: Vec<NodeId> = (1..=plan.nodes + plan.joins.len() as u64).collect();
         // tmpfs when there is one: the disk here is only a place for sled's files.
         let base = std::path::Path::new("/dev/shm");
         let dir = if base.is_dir() {
@@ -86,7 +89,7 @@ impl World {
         }
         .expect("temporary folder");
         let mut nodes = BTreeMap::new();
-        for &id in &ids {
+        for &id in &all {
             let db = sled::Config::new()
                 .path(dir.path().join(format!("node{id}")))
                 .flush_every_ms(None)
@@ -109,7 +112,7 @@ impl World {
         };
         Arc::new(World {
             plan,
-            map,
+            map: Mutex::new(map),
             history: Mutex::new(History::default()),
             rng: Mutex::new(rng),
             net: Mutex::new(net),
@@ -212,6 +215,35 @@ impl World {
 
     // ---- backend nodes ----
 
+    pub fn map(&self) -> PartitionMap {
+        lock(&self.map).clone()
+    }
+
+    /// A membership change: every running node gets the new target map (a node down now gets
+    /// it when it starts, as a backend reads the stored record).
+    pub fn set_map(&self, members: &[NodeId]) {
+        let map = {
+            let mut m = lock(&self.map);
+            *m = PartitionMap::compute(
+                m.epoch + 1,
+                members,
+                self.plan.partitions,
+                3,
+                DEFAULT_VNODES,
+            );
+            m.clone()
+        };
+        self.trace(format!(
+            "members are now {members:?} (map epoch {})",
+            map.epoch
+        ));
+        for id in self.node_ids() {
+            if let Some(h) = self.handle(id) {
+                h.set_map(map.clone());
+            }
+        }
+    }
+
     pub fn node_ids(&self) -> Vec<NodeId> {
         lock(&self.nodes).keys().copied().collect()
     }
@@ -248,7 +280,12 @@ impl World {
             n.incarnation += 1;
             (n.db.clone(), n.election_tick, n.incarnation)
         };
+        let map = self.map();
+        let member = map.replicas.iter().any(|r| r.contains(&id));
         let mut config = RaftConfig::new(id);
+        // Only the first static cluster bootstraps its groups; a node that joins, or restarts
+        // under a later map, starts its new replicas empty and learns them from the leaders.
+        config.bootstrap = map.epoch == 1;
         config.tick_interval = Duration::from_millis(20);
         config.election_tick = election_tick;
         config.max_election_tick = election_tick + 1;
@@ -269,7 +306,12 @@ impl World {
             incarnation,
             world: self.clone(),
         });
-        let handle = match start(config, db, &self.map, transport, hub) {
+        let start_map = if member {
+            map.clone()
+        } else {
+            PartitionMap::compute(0, &[], self.plan.partitions, 3, DEFAULT_VNODES)
+        };
+        let handle = match start(config, db, &start_map, transport, hub) {
             Ok(h) => h,
             Err(e) => {
                 self.history()
@@ -277,6 +319,9 @@ impl World {
                 return;
             }
         };
+        if map.epoch > 1 {
+            handle.set_map(map);
+        }
         lock(&self.nodes).get_mut(&id).expect("known node").handle = Some(handle);
         self.trace(format!("node {id} started (incarnation {incarnation})"));
         tokio::spawn(crate::frontend::run_leader_work(
