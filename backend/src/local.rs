@@ -114,6 +114,8 @@ struct Inner {
     stats: Stats,
     /// QoS0 must be logged (to be queued for offline sessions) rather than only delivered.
     queue_qos0_offline: bool,
+    /// Test hook: how many of the next durable batches fail as a failing disk would.
+    fail_durable_batches: std::sync::atomic::AtomicU32,
     /// Publishers with an inbound QoS2 second stage in progress (see [`Lane`]).
     lanes: std::sync::Mutex<HashMap<Arc<str>, mpsc::UnboundedSender<LaneJob>>>,
 }
@@ -175,6 +177,7 @@ impl LocalBroker {
             routes: RwLock::new(routes),
             stats: Stats::default(),
             queue_qos0_offline: config.limits.queue_qos0_offline,
+            fail_durable_batches: Default::default(),
             lanes: Default::default(),
         });
         for (p, ((partition, store), rx)) in recovered.into_iter().zip(receivers).enumerate() {
@@ -203,6 +206,14 @@ impl LocalBroker {
 
     pub fn stats(&self) -> &Stats {
         &self.inner.stats
+    }
+
+    /// Makes the next `n` batches that need durability fail (in whichever partition), as an
+    /// append or flush on a failing disk does: for tests of what a storage error does to the
+    /// connections waiting on it.
+    pub fn fail_next_durable_batches(&self, n: u32) {
+        use std::sync::atomic::Ordering;
+        self.inner.fail_durable_batches.store(n, Ordering::Relaxed);
     }
 
     /// Flushes and checkpoints every partition, then stops their tasks.
@@ -829,6 +840,17 @@ static STORAGE_WARNINGS: tiermq_common::log_limit::LogLimiter =
     tiermq_common::log_limit::LogLimiter::new(Duration::from_secs(60));
 
 impl PartitionTask {
+    /// Whether this durable batch is one that [`LocalBroker::fail_next_durable_batches`]
+    /// asked to fail.
+    fn injected_failure(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        self.broker.upgrade().is_some_and(|b| {
+            b.fail_durable_batches
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                .is_ok()
+        })
+    }
+
     fn now(&mut self) -> u64 {
         // Time in the log never runs backwards, whatever the wall clock does.
         self.last_now = self.last_now.max(now_ms());
@@ -911,6 +933,9 @@ impl PartitionTask {
         if !entries.is_empty() {
             let flushing = std::time::Instant::now();
             let result = match self.store.append(first_index, &entries) {
+                Ok(()) if durable && self.injected_failure() => Err(StorageError::Sled(
+                    sled::Error::Io(std::io::Error::other("injected disk failure")),
+                )),
                 Ok(()) if durable => self.store.flush().await,
                 other => other,
             };

@@ -895,10 +895,9 @@ where
     fn on_pubrec_durable(&mut self, pid: u16, done: ServiceResult<()>) -> Result<(), Close> {
         match done {
             Ok(()) => self.feed(Packet::PubRel(PubRel::new(pid))),
-            Err(ServiceError::SessionTakenOver) => Err(Close::Fenced),
             Err(e) => {
                 debug!(peer = %self.peer, error = %e, "PUBREC not recorded; closing");
-                Err(Close::Abnormal)
+                Err(close_after(&e))
             }
         }
     }
@@ -1031,7 +1030,7 @@ where
             Ok(_) => Ok(ReasonCode::SUCCESS),
             Err(ServiceError::QuotaExceeded(_)) => Ok(ReasonCode::QUOTA_EXCEEDED),
             // Not durable: never acknowledge. The client re-sends after reconnecting.
-            Err(_) => Err(Close::Fenced),
+            Err(e) => Err(close_after(e)),
         };
         let v5 = self.version.is_v5();
         match done {
@@ -1059,7 +1058,7 @@ where
                 let code = match r {
                     Ok(true) => ReasonCode::SUCCESS,
                     Ok(false) => ReasonCode::PACKET_IDENTIFIER_NOT_FOUND,
-                    Err(_) => return Err(Close::Fenced),
+                    Err(e) => return Err(close_after(&e)),
                 };
                 self.feed(Packet::PubComp(PubComp {
                     reason_code: code,
@@ -1168,7 +1167,7 @@ where
             }
             ServiceError::ShuttingDown => {
                 self.send_disconnect(ReasonCode::SERVER_SHUTTING_DOWN).await;
-                Err(Close::Fenced)
+                Err(close_after(&e))
             }
             _ => {
                 self.send_disconnect(ReasonCode::UNSPECIFIED_ERROR).await;
@@ -1337,6 +1336,18 @@ where
                 Err(Close::Fenced)
             }
         }
+    }
+}
+
+/// How a connection closes after a partition call failed. A takeover says nothing more (the
+/// newer connection owns the session). Any other failure (a partition unavailable past the
+/// deadline, a standalone log append or flush that failed) still tells the session that its
+/// connection ended ([`Close::Abnormal`]: the will fires, expiry starts, the queue stops
+/// growing for a connection that is gone); closing silently left it attached to nothing.
+fn close_after(e: &ServiceError) -> Close {
+    match e {
+        ServiceError::SessionTakenOver => Close::Fenced,
+        _ => Close::Abnormal,
     }
 }
 

@@ -271,3 +271,35 @@ async fn v3_keep_alive_zero_is_not_capped_silently() {
     }
     c.ping().await;
 }
+
+/// Issue 19, bug 13: a publish whose log append (or flush) fails is not acknowledged and its
+/// connection is closed; the session must still hear that the connection ended, so the will
+/// fires (before the fix the connection closed silently and the session stayed attached to
+/// nothing: no will, no expiry, a growing queue).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_log_append_closes_the_connection_and_fires_the_will() {
+    let b = start_broker().await;
+    let mut w = watcher(b.addr).await;
+    let (mut c, _) = Raw::connect(b.addr, V5, "unlucky", |c: &mut Connect| {
+        c.will = Some(will("will/unlucky", "disk"));
+    })
+    .await;
+    // The publish's batch (in the watcher's partition) fails; the disconnect that follows
+    // finds the disk working again.
+    b.standalone().broker().fail_next_durable_batches(1);
+    c.send(&Packet::Publish(publish_packet(
+        "will/lost",
+        QoS::AtLeastOnce,
+        Some(1),
+        b"lost",
+    )))
+    .await;
+    let seen = c.expect_closed().await;
+    assert!(
+        !seen.iter().any(|p| matches!(p, Packet::PubAck(_))),
+        "a publish that was not logged was acknowledged: {seen:?}"
+    );
+    // The lost publish never arrives; the will does.
+    let p = w.recv_publish().await;
+    assert_eq!(p.topic, "will/unlucky");
+}
