@@ -12,9 +12,13 @@
 //!
 //! **How a change happens** ([`Members::change`]): on the metadata group's leader, under a
 //! lock: commit a barrier entry (so everything committed before is applied here and the read
-//! below is not stale), read the record, change it, epoch + 1, propose it. A retry of a change
-//! that was committed but whose answer was lost finds nothing to change and answers with the
-//! current record: changes are idempotent.
+//! below is not stale), read the record, change it, epoch + 1, propose it as a
+//! compare-and-swap on the record read (`Command::ReplaceRetained`). The read and the proposal
+//! are not one step: leadership can move away and back in between, and two nodes can each
+//! believe they lead. The swap is decided where the entry is applied, in log order, so of two
+//! changes computed from one record only the first commits; the other is refused and retried
+//! from the new record. A retry of a change that was committed but whose answer was lost finds
+//! nothing to change and answers with the current record: changes are idempotent.
 //!
 //! **How it spreads** ([`Members::run_poller`]): every node keeps the newest record it has
 //! seen, in memory and in its data folder, and twice a second (a) reads the record from the
@@ -32,7 +36,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tiermq_common::partition_api::{Command, Query};
+use tiermq_common::partition_api::{Command, Query, Reply};
 use tiermq_common::{Message, QoS};
 use tiermq_proto::broker::broker_client::BrokerClient;
 use tiermq_proto::broker::ClusterRequest;
@@ -268,8 +272,10 @@ impl Members {
             .await
             .map_err(not_leader)?;
         let stored = self.read_stored(meta).await.map_err(not_leader)?;
+        // The swap compares with what the group holds, whatever this node believes.
+        let expected = stored.as_ref().map(|(_, raw)| raw.clone());
         let base = match stored {
-            Some(r) if r.epoch >= current.epoch => r,
+            Some((r, _)) if r.epoch >= current.epoch => r,
             _ => current,
         };
         let mut next = base.clone();
@@ -290,19 +296,20 @@ impl Members {
             return Ok(base);
         }
         next.epoch = base.epoch + 1;
-        let publish = Command::Publish {
+        let swap = Command::ReplaceRetained {
             message: Arc::new(Message::new(
                 MEMBERS_TOPIC,
                 next.encode(),
                 QoS::AtLeastOnce,
                 true,
             )),
-            publisher: None,
-            store_retained: true,
-            inbound_qos2: None,
+            expected,
         };
-        match self.handle.propose(meta, publish).await {
-            Ok(_) => {
+        match self.handle.propose(meta, swap).await {
+            Ok(Reply::Replaced { done: false }) => Err(ChangeError::Failed(
+                "the membership record changed during the change: retry".into(),
+            )),
+            Ok(Reply::Replaced { done: true }) => {
                 info!(
                     epoch = next.epoch,
                     members = ?next.members.keys().collect::<Vec<_>>(),
@@ -311,6 +318,7 @@ impl Members {
                 self.adopt(next.clone());
                 Ok(next)
             }
+            Ok(other) => Err(ChangeError::Failed(format!("unexpected reply {other:?}"))),
             Err(e) => Err(match not_leader(e) {
                 ChangeError::NotLeader(_) => {
                     ChangeError::Failed("leadership moved during the change".into())
@@ -320,8 +328,12 @@ impl Members {
         }
     }
 
-    /// The record stored in the metadata group (a leader read on this node).
-    async fn read_stored(&self, meta: u32) -> Result<Option<MemberRecord>, ProposeError> {
+    /// The record stored in the metadata group (a leader read on this node), with its encoding
+    /// as stored.
+    async fn read_stored(
+        &self,
+        meta: u32,
+    ) -> Result<Option<(MemberRecord, bytes::Bytes)>, ProposeError> {
         let bytes = self
             .handle
             .query(
@@ -335,8 +347,8 @@ impl Members {
         Ok(messages
             .iter()
             .filter(|m| m.topic == MEMBERS_TOPIC)
-            .filter_map(|m| MemberRecord::decode(&m.payload))
-            .max_by_key(|r| r.epoch))
+            .filter_map(|m| Some((MemberRecord::decode(&m.payload)?, m.payload.clone())))
+            .max_by_key(|(r, _)| r.epoch))
     }
 
     /// Spreads newer records until `shutdown` (see the module docs).
@@ -353,7 +365,7 @@ impl Members {
             let record = self.record();
             // (a) The truth, when this node leads the metadata group (a NotLeader answer is
             // the common case and costs one message to the driver).
-            if let Ok(Some(stored)) = self.read_stored(record.partitions).await {
+            if let Ok(Some((stored, _))) = self.read_stored(record.partitions).await {
                 self.adopt(stored);
             }
             // (b) One other member per round.

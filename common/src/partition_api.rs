@@ -246,6 +246,15 @@ pub enum Command {
     },
     /// On the member's partition: the group has taken back return batch `seq`.
     SharedReturnDone { seq: u64 },
+    /// Stores `message` as the retained message of its topic only if the one stored now has
+    /// the payload `expected` (`None`: no retained message) — a compare-and-swap decided where
+    /// the entry is applied, in log order, for records kept as retained messages (the cluster's
+    /// membership record): a change computed from a stale read is refused, whoever proposed
+    /// it. Nothing is delivered to subscribers. Answered with [`Reply::Replaced`].
+    ReplaceRetained {
+        message: Arc<Message>,
+        expected: Option<bytes::Bytes>,
+    },
 }
 
 impl Command {
@@ -299,6 +308,11 @@ pub enum Reply {
     Done,
     /// The command named a connection that is no longer the session's current one.
     Fenced,
+    /// The answer to [`Command::ReplaceRetained`]: whether the stored message was the expected
+    /// one (and is now replaced).
+    Replaced {
+        done: bool,
+    },
     NoSession,
 }
 

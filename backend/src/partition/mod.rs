@@ -308,6 +308,18 @@ impl Partition {
         self.retained.get(topic)
     }
 
+    /// [`Command::ReplaceRetained`]: a compare-and-swap of `message`'s topic on its payload.
+    fn replace_retained(&mut self, message: Arc<Message>, expected: Option<bytes::Bytes>) -> Reply {
+        let current = self.retained.get(&message.topic).map(|m| &m.payload);
+        if current != expected.as_ref() {
+            return Reply::Replaced { done: false };
+        }
+        let topic = message.topic.clone();
+        self.store_retained(message);
+        self.dirty.retained.insert(topic);
+        Reply::Replaced { done: true }
+    }
+
     /// Retained messages matching `filter` (read-only; used to answer a subscribe made on
     /// another partition).
     pub fn retained_matching(&self, filter: &str, now_ms: u64) -> Vec<Arc<Message>> {
@@ -551,6 +563,9 @@ impl Partition {
                 messages,
             } => self.shared_enqueue(group, &from, messages, index, &mut effects),
             Command::SharedReturnDone { seq } => self.shared_return_done(seq),
+            Command::ReplaceRetained { message, expected } => {
+                self.replace_retained(message, expected)
+            }
         };
         (reply, effects)
     }

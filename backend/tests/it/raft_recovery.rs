@@ -2,11 +2,12 @@
 //! after kill -9 at awkward moments, and what a node whose disk fails may acknowledge. Reuses
 //! the in-memory cluster of `raft_cluster`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use raft::prelude::Snapshot;
+use tiermq_backend::members::{MemberRecord, Members};
 use tiermq_backend::partition::command::{Command, Entry, Reply};
 use tiermq_backend::partition::session::SessionLimits;
 use tiermq_backend::partition::Partition;
@@ -15,6 +16,7 @@ use tiermq_backend::raft::node::{
     start, ClusterHub, FrontendEvent, ProposeError, RaftConfig, Transport,
 };
 use tiermq_backend::raft::storage::SledRaftStorage;
+use tiermq_backend::raft::transport::GrpcTransport;
 use tiermq_backend::storage::PartitionStore;
 use tiermq_common::session_api::{Delivery, SessionEvent, SubscribeRequest, SubscriptionOptions};
 use tiermq_common::{Message, ProtocolVersion, QoS};
@@ -356,4 +358,65 @@ async fn next_delivery(rx: &mut UnboundedReceiver<FrontendEvent>) -> Delivery {
             return d;
         }
     }
+}
+
+/// Issue 19, bug 7: two changes of the membership record that read the same base (two nodes
+/// that each believe they lead the metadata group; here two `Members` over one leader, which
+/// interleaves their read and their proposal the same way) must not both commit a record with
+/// the same epoch: the replicated entry is a compare-and-swap on the base.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_membership_changes_from_one_base_do_not_share_an_epoch() {
+    // Partitions 0..2 and the metadata group, 2.
+    let c = Cluster::with_partitions(&[1, 2, 3], 3);
+    let leaders = c.wait_leaders(T).await;
+    let meta = 2;
+    let leader = c.handle(leaders[&meta]).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let record = MemberRecord {
+        epoch: 1,
+        partitions: meta,
+        replication: 3,
+        members: (1..=3)
+            .map(|id| (id, format!("127.0.0.1:{}", id)))
+            .collect(),
+    };
+    let view = |name: &str| {
+        let db = sled::open(tmp.path().join(name)).unwrap();
+        let transport = GrpcTransport::start(leader.node_id(), &BTreeMap::new(), None);
+        Members::new(
+            leader.node_id(),
+            db,
+            leader.clone(),
+            transport,
+            None,
+            record.clone(),
+        )
+        .unwrap()
+    };
+    let (a, b) = (view("a"), view("b"));
+    let (ra, rb) = tokio::join!(
+        a.change(vec![(4, "127.0.0.1:4".into())], Vec::new()),
+        b.change(vec![(5, "127.0.0.1:5".into())], Vec::new()),
+    );
+    if let (Ok(ra), Ok(rb)) = (&ra, &rb) {
+        assert_ne!(
+            ra.epoch, rb.epoch,
+            "two different records committed with one epoch: {ra:?} and {rb:?}"
+        );
+    }
+    // Whatever was refused is retried from the record that won, and both changes land.
+    let retried = match (ra, rb) {
+        (Ok(_), Ok(r)) => r,
+        (Ok(_), Err(_)) => b
+            .change(vec![(5, "127.0.0.1:5".into())], Vec::new())
+            .await
+            .unwrap(),
+        (Err(_), Ok(_)) => a
+            .change(vec![(4, "127.0.0.1:4".into())], Vec::new())
+            .await
+            .unwrap(),
+        (Err(ea), Err(eb)) => panic!("both changes failed: {ea:?}, {eb:?}"),
+    };
+    assert_eq!(retried.epoch, 3, "{retried:?}");
+    assert!(retried.members.contains_key(&4) && retried.members.contains_key(&5));
 }
