@@ -195,6 +195,10 @@ impl Summary {
     }
 }
 
+fn show_id(id: Option<u16>) -> String {
+    id.map_or_else(|| "-".to_string(), |i| i.to_string())
+}
+
 fn last(errors: &[String], n: usize) -> String {
     let start = errors.len().saturating_sub(n);
     errors[start..].join(" | ")
@@ -225,10 +229,11 @@ pub fn analyse(record: &Record, faults: &[(u64, String)], publish_started_ms: u6
         let si = si as u32;
         s.sessions_lost += u64::from(sub.sessions_lost);
         s.reconnects += u64::from(sub.connects.saturating_sub(1));
-        let mut count: HashMap<(u32, u64), u32> = HashMap::new();
+        // Copies received, and the packet id of the first.
+        let mut count: HashMap<(u32, u64), (u32, Option<u16>)> = HashMap::new();
         let mut last_seq: HashMap<(u32, u32), u64> = HashMap::new();
         for d in &sub.deliveries {
-            let (publisher, seq, topic, topic_ok, qos, dup) = match d {
+            let (publisher, seq, topic, topic_ok, qos, dup, packet_id) = match d {
                 Delivery::Unexpected(_) | Delivery::Will { .. } => {
                     let what = match d {
                         Delivery::Unexpected(text) => format!("unexpected: {text}"),
@@ -248,7 +253,8 @@ pub fn analyse(record: &Record, faults: &[(u64, String)], publish_started_ms: u6
                     topic_ok,
                     qos,
                     dup,
-                } => (*publisher, *seq, *topic, *topic_ok, *qos, *dup),
+                    packet_id,
+                } => (*publisher, *seq, *topic, *topic_ok, *qos, *dup, *packet_id),
             };
             let sent = record
                 .publishers
@@ -264,7 +270,7 @@ pub fn analyse(record: &Record, faults: &[(u64, String)], publish_started_ms: u6
                 });
                 continue;
             };
-            let n = count.entry((publisher, seq)).or_default();
+            let (n, first_id) = count.entry((publisher, seq)).or_insert((0, packet_id));
             *n += 1;
             if *n > 1 {
                 s.duplicated += 1;
@@ -273,10 +279,13 @@ pub fn analyse(record: &Record, faults: &[(u64, String)], publish_started_ms: u6
                     s.findings.push(Finding {
                         subscriber: si,
                         // Sent more than once: the publisher's re-send may have been taken
-                        // for a new message (inbound); once: the broker sent it twice.
+                        // for a new message (inbound); once: the broker sent it twice —
+                        // queued twice (other packet ids) or sent again as new (same id).
                         what: format!(
-                            "QoS2 duplicate: publisher {publisher} seq {seq} (sent {} time(s), this copy DUP={})",
+                            "QoS2 duplicate: publisher {publisher} seq {seq} (sent {} time(s); packet id {} then {}, DUP={})",
                             sent.sends,
+                            show_id(*first_id),
+                            show_id(packet_id),
                             u8::from(dup)
                         ),
                     });

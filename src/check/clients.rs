@@ -421,6 +421,7 @@ pub fn decode_delivery(plan: &Plan, p: &Publish) -> Delivery {
         topic_ok: p.topic == plan.topic(topic),
         qos: p.qos as u8,
         dup: p.dup,
+        packet_id: p.packet_id,
     }
 }
 

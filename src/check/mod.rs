@@ -157,6 +157,9 @@ pub enum Delivery {
         topic_ok: bool,
         qos: u8,
         dup: bool,
+        /// The broker's packet id for this copy: two copies of a QoS2 message under different
+        /// ids were queued twice; under the same id, one was sent again as new.
+        packet_id: Option<u16>,
     },
     /// The will of will client `client`.
     Will {

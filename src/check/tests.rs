@@ -34,6 +34,7 @@ fn msg(publisher: u32, seq: u64, topics: u32) -> Delivery {
         topic_ok: true,
         qos: 1,
         dup: false,
+        packet_id: None,
     }
 }
 
@@ -171,6 +172,7 @@ fn qos2_duplicates_are_counted_apart_from_qos1_ones() {
         topic_ok: true,
         qos,
         dup: false,
+        packet_id: None,
     };
     let sub = SubscriberLog {
         deliveries: vec![
@@ -193,6 +195,11 @@ fn qos2_duplicates_are_counted_apart_from_qos1_ones() {
     assert_eq!((s.duplicated, s.duplicated_qos2), (2, 1));
     assert_eq!((s.lost, s.delivered), (0, 4));
     assert!(s.passed(), "duplicates are reported, not judged: {s:?}");
+    let found: Vec<&str> = s.findings.iter().map(|f| f.what.as_str()).collect();
+    assert_eq!(
+        found,
+        vec!["QoS2 duplicate: publisher 1 seq 1 (sent 1 time(s); packet id - then -, DUP=0)"]
+    );
 }
 
 fn will_log(i: u32, end: WillEnd) -> WillLog {
