@@ -60,6 +60,21 @@ impl TopicError {
         }
     }
 
+    /// Whether a subscription string with this error breaks the topic filter syntax itself
+    /// (§4.7.1, §4.7.3: empty, `#` not the whole last level, `+` not a whole level, U+0000) —
+    /// a protocol violation that closes the connection — as opposed to a well-formed filter
+    /// that is not a valid shared subscription (§4.8.2), which a SUBACK can refuse (0x8F).
+    pub fn is_ill_formed_filter(&self) -> bool {
+        matches!(
+            self,
+            TopicError::EmptyTopicFilter
+                | TopicError::TopicFilterTooLong(_)
+                | TopicError::NullInTopicFilter
+                | TopicError::MisplacedMultiLevelWildcard
+                | TopicError::MisplacedSingleLevelWildcard
+        )
+    }
+
     /// Whether this error is about a PUBLISH topic name (as opposed to a filter).
     pub fn is_topic_name_error(&self) -> bool {
         matches!(
@@ -317,6 +332,18 @@ mod tests {
             parse_subscription("$share//a").unwrap_err().reason_code(),
             ReasonCode::TOPIC_FILTER_INVALID
         );
+    }
+
+    #[test]
+    fn ill_formed_filters_and_refusable_shared_subscriptions() {
+        for f in ["#/a", "a/b#", "a+/b", "", "$share/g/a#", "$share/g/+x"] {
+            let e = parse_subscription(f).unwrap_err();
+            assert!(e.is_ill_formed_filter(), "{f:?}: {e}");
+        }
+        for f in ["$share//t", "$share/g", "$share/g+/t", "$share/g/"] {
+            let e = parse_subscription(f).unwrap_err();
+            assert!(!e.is_ill_formed_filter(), "{f:?}: {e}");
+        }
     }
 
     #[test]

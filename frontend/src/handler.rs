@@ -62,6 +62,9 @@ enum Outgoing {
     PubAck(u16, ServiceResult<Published>),
     PubRec(u16, ServiceResult<Published>),
     PubComp(u16, ServiceResult<bool>),
+    /// An answer decided at once (a refused publish): it still waits for the acks of the
+    /// publishes before it, so acks leave in the order the publishes arrived (§4.6).
+    Decided(Box<Packet>),
 }
 
 /// Why the connection ends, which decides what the session is told.
@@ -329,6 +332,13 @@ where
             },
         };
         if let Some(will) = &connect.will {
+            if !v5 && topic::validate_topic_name(&will.topic).is_err() {
+                // 3.1.1 has no CONNACK code for an ill-formed will topic (a zero-length one,
+                // wildcards): a protocol violation, closed without CONNACK ([MQTT-3.2.2-6],
+                // [MQTT-4.8.0-1]). Return code 5 would tell the client it is not authorized.
+                debug!(%peer, topic = %will.topic, "ill-formed will topic: closing");
+                return None;
+            }
             let over_limit = config.limits.check_topic(&will.topic);
             if let Err(limit) = over_limit {
                 config.metrics.limit_hit(limit);
@@ -1002,24 +1012,30 @@ where
     }
 
     /// Answers a publish that is not passed on with `code` in its PUBACK / PUBREC (a v3.1.1
-    /// client sees a plain ack); a QoS0 publish is dropped silently.
+    /// client sees a plain ack), behind the acks still owed for earlier publishes; a QoS0
+    /// publish is dropped silently.
     fn refuse_publish(
         &mut self,
         qos: QoS,
         packet_id: Option<u16>,
         code: ReasonCode,
     ) -> Result<(), Close> {
-        match (qos, packet_id) {
-            (QoS::AtLeastOnce, Some(pid)) => self.feed(Packet::PubAck(PubAck {
+        let answer = match (qos, packet_id) {
+            (QoS::AtLeastOnce, Some(pid)) => Packet::PubAck(PubAck {
                 reason_code: code,
                 ..PubAck::new(pid)
-            })),
-            (QoS::ExactlyOnce, Some(pid)) => self.feed(Packet::PubRec(PubRec {
+            }),
+            (QoS::ExactlyOnce, Some(pid)) => Packet::PubRec(PubRec {
                 reason_code: code,
                 ..PubRec::new(pid)
-            })),
-            _ => Ok(()),
-        }
+            }),
+            _ => return Ok(()),
+        };
+        self.pending
+            .push_back(Box::pin(std::future::ready(Outgoing::Decided(Box::new(
+                answer,
+            )))));
+        Ok(())
     }
 
     /// A publish (or release) became durable: acknowledge it to the client.
@@ -1055,20 +1071,24 @@ where
                 }))
             }
             Outgoing::PubComp(pid, r) => {
-                let code = match r {
-                    Ok(true) => ReasonCode::SUCCESS,
-                    Ok(false) => ReasonCode::PACKET_IDENTIFIER_NOT_FOUND,
-                    Err(e) => return Err(close_after(&e)),
-                };
-                self.feed(Packet::PubComp(PubComp {
-                    reason_code: code,
-                    ..PubComp::new(pid)
-                }))
+                // A PUBREL for a flow already complete is most likely re-sent after a
+                // reconnect that lost our PUBCOMP: 0x00, as Mosquitto and EMQX answer. 0x92 is
+                // allowed, but many client libraries take any code >= 0x80 as a failed delivery.
+                match r {
+                    Ok(_) => self.feed(Packet::PubComp(PubComp::new(pid))),
+                    Err(e) => Err(close_after(&e)),
+                }
             }
+            Outgoing::Decided(answer) => self.feed(*answer),
         }
     }
 
     async fn on_subscribe(&mut self, mut s: Subscribe) -> Result<(), Close> {
+        if let Some(e) = ill_formed_filter(s.filters.iter().map(|(f, _)| f)) {
+            return self
+                .protocol_error(ReasonCode::MALFORMED_PACKET, &e.to_string())
+                .await;
+        }
         let subscription_id = s.properties.subscription_identifier;
         if subscription_id == Some(0) {
             return self
@@ -1139,6 +1159,11 @@ where
     }
 
     async fn on_unsubscribe(&mut self, u: Unsubscribe) -> Result<(), Close> {
+        if let Some(e) = ill_formed_filter(&u.filters) {
+            return self
+                .protocol_error(ReasonCode::MALFORMED_PACKET, &e.to_string())
+                .await;
+        }
         let reason_codes = match self
             .service
             .unsubscribe(&self.session, u.filters.clone())
@@ -1349,6 +1374,19 @@ fn close_after(e: &ServiceError) -> Close {
         ServiceError::SessionTakenOver => Close::Fenced,
         _ => Close::Abnormal,
     }
+}
+
+/// The first filter of a SUBSCRIBE / UNSUBSCRIBE that breaks the topic filter syntax, if any:
+/// a protocol violation that closes the connection ([MQTT-4.7.1-1], [MQTT-4.7.3-1], §4.13),
+/// 0x81 in v5. A well-formed filter the server does not take (limits, ACL, an invalid share
+/// name) is refused in the SUBACK instead and the connection stays.
+fn ill_formed_filter<'a>(
+    filters: impl IntoIterator<Item = &'a String>,
+) -> Option<topic::TopicError> {
+    filters
+        .into_iter()
+        .filter_map(|f| topic::parse_subscription(f).err())
+        .find(topic::TopicError::is_ill_formed_filter)
 }
 
 /// Answers a CONNECT with a refusal (§3.2.2.2) and lets the connection close.

@@ -2,8 +2,8 @@
 //! where each property may appear and how often, and one struct per property set.
 //!
 //! A property set is decoded in two steps: [`read`] parses the length-prefixed list, checks each
-//! identifier against the table (unknown → Malformed, wrong packet or repeated → Protocol
-//! Error, out-of-range value → Protocol Error) and hands each value to the set's
+//! identifier against the table (unknown or not valid for the packet → Malformed, §2.2.2.2;
+//! repeated → Protocol Error, out-of-range value → Protocol Error) and hands each value to the set's
 //! [`Properties::apply`], which only has to store it. Encoding writes properties in identifier
 //! order; the length prefix is measured with the same code that writes them.
 
@@ -193,9 +193,7 @@ pub fn read<P: Properties>(r: &mut Reader) -> Result<P, DecodeError> {
             spec(pid).ok_or(DecodeError::MalformedPacket("unknown property identifier"))?;
         let pid = pid as u8;
         if allowed & P::CONTEXT == 0 {
-            return Err(DecodeError::ProtocolError(
-                "property not allowed in this packet",
-            ));
+            return Err(NOT_HERE);
         }
         let repeatable = pid == id::USER_PROPERTY
             || (pid == id::SUBSCRIPTION_IDENTIFIER && P::CONTEXT == IN_PUBLISH);
@@ -298,7 +296,9 @@ fn w_user<S: Sink>(s: &mut S, v: &[(String, String)]) {
     }
 }
 
-const NOT_HERE: DecodeError = DecodeError::ProtocolError("property not allowed in this packet");
+/// "A Control Packet which contains an Identifier which is not valid for its packet type ...
+/// is a Malformed Packet" (§2.2.2.2): 0x81, not 0x82.
+const NOT_HERE: DecodeError = DecodeError::MalformedPacket("property not allowed in this packet");
 
 /// CONNECT properties (§3.1.2.11).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -734,10 +734,14 @@ mod tests {
     }
 
     #[test]
-    fn wrong_packet_is_protocol_error() {
-        // Topic Alias in CONNECT.
+    fn wrong_packet_is_malformed() {
+        // Topic Alias in CONNECT, Session Expiry Interval in SUBSCRIBE and UNSUBSCRIBE.
         let e = decode::<ConnectProperties>(b"\x03\x23\x00\x01").unwrap_err();
-        assert!(matches!(e, DecodeError::ProtocolError(_)), "{e}");
+        assert!(matches!(e, DecodeError::MalformedPacket(_)), "{e}");
+        let e = decode::<SubscribeProperties>(b"\x05\x11\x00\x00\x00\x09").unwrap_err();
+        assert!(matches!(e, DecodeError::MalformedPacket(_)), "{e}");
+        let e = decode::<UnsubscribeProperties>(b"\x05\x11\x00\x00\x00\x09").unwrap_err();
+        assert!(matches!(e, DecodeError::MalformedPacket(_)), "{e}");
     }
 
     #[test]

@@ -29,7 +29,12 @@ pub struct SubAck {
 }
 
 fn decode_options(b: u8, v: ProtocolVersion) -> Result<SubscriptionOptions, DecodeError> {
-    let qos = QoS::from_u8(b & 0x03).ok_or(DecodeError::MalformedPacket("subscription QoS 3"))?;
+    // QoS 3 is malformed in 3.1.1 (§3.8.3.1 there) but a Protocol Error in v5 (§3.8.3.1).
+    let qos = QoS::from_u8(b & 0x03).ok_or(if v.is_v5() {
+        DecodeError::ProtocolError("subscription QoS 3")
+    } else {
+        DecodeError::MalformedPacket("subscription QoS 3")
+    })?;
     if !v.is_v5() {
         if b & 0xFC != 0 {
             return Err(DecodeError::MalformedPacket(

@@ -200,8 +200,9 @@ fn error_reason_codes() {
 #[test]
 fn publish_rules() {
     protocol_error(&[0x32, 0x05, 0, 1, b'a', 0, 0], V3); // packet id 0
-                                                         // Property not allowed in PUBLISH (Session Expiry Interval) and a truncated property list.
-    protocol_error(&[0x30, 0x09, 0, 1, b'a', 5, 0x11, 0, 0, 0, 1], V5);
+                                                         // A property not allowed in PUBLISH (Session Expiry Interval) is malformed (§2.2.2.2),
+                                                         // and so is a truncated property list.
+    malformed(&[0x30, 0x09, 0, 1, b'a', 5, 0x11, 0, 0, 0, 1], V5);
     malformed(&[0x30, 0x05, 0, 1, b'a', 5, 0x11], V5);
     // A v5 PUBLISH without property length is malformed.
     malformed(&[0x30, 0x03, 0, 1, b'a'], V5);
@@ -330,7 +331,15 @@ fn subscribe_rules() {
     protocol_error(&[0x82, 0x03, 0, 1, 0], V5);
     malformed(&[0x82, 0x06, 0, 1, 0, 1, b'a', 0x04], V3); // v5 option bits in 3.1.1
     malformed(&[0x82, 0x07, 0, 1, 0, 0, 1, b'a', 0x40], V5); // reserved bits
-    malformed(&[0x82, 0x07, 0, 1, 0, 0, 1, b'a', 0x03], V5); // QoS 3
+                                                             // Maximum QoS 3: a Protocol Error in v5 (§3.8.3.1), malformed in 3.1.1 (§3.8.3.1 of 3.1.1).
+    protocol_error(&[0x82, 0x07, 0, 1, 0, 0, 1, b'a', 0x03], V5);
+    malformed(&[0x82, 0x06, 0, 1, 0, 1, b'a', 0x03], V3);
+    // Session Expiry Interval is not a SUBSCRIBE or UNSUBSCRIBE property: malformed (§2.2.2.2).
+    malformed(
+        &[0x82, 0x0C, 0, 1, 5, 0x11, 0, 0, 0, 9, 0, 1, b'a', 0x01],
+        V5,
+    );
+    malformed(&[0xA2, 0x0B, 0, 1, 5, 0x11, 0, 0, 0, 9, 0, 1, b'a'], V5);
     protocol_error(&[0x82, 0x07, 0, 1, 0, 0, 1, b'a', 0x30], V5); // retain handling 3
     malformed(&[0x82, 0x06, 0, 1, 0, 0, 1, b'a'], V5); // options byte missing
     let Packet::Subscribe(s) = packet(&[0x82, 0x07, 0, 1, 0, 0, 1, b'a', 0x2E], V5) else {
@@ -460,9 +469,9 @@ fn disconnect_and_auth_forms() {
     let a = packet(&[0xF0, 1, 0x18], V5);
     assert_eq!(enc(&a, v5), vec![0xF0, 2, 0x18, 0]);
     protocol_error(&[0xF0, 1, 0x04], V5);
-    // Session Expiry Interval is allowed in DISCONNECT, Authentication Method is not.
+    // Session Expiry Interval is allowed in DISCONNECT, Authentication Method is not (malformed).
     assert!(dec(&[0xE0, 7, 0, 5, 0x11, 0, 0, 0, 9], V5).is_ok());
-    protocol_error(&[0xE0, 6, 0, 4, 0x15, 0, 1, b'm'], V5);
+    malformed(&[0xE0, 6, 0, 4, 0x15, 0, 1, b'm'], V5);
 }
 
 #[test]
@@ -525,4 +534,39 @@ fn tokio_codec_tracks_the_version() {
         fresh.encode(Packet::PingResp, &mut out),
         Err(EncodeError::NoProtocolVersion)
     ));
+}
+
+/// MQTT 3.1 (protocol level 3) has no Session Present flag: the first CONNACK byte is
+/// reserved and 0 (MQTT 3.1 §3.2), whatever the server resumed. 3.1.1 sets it.
+#[test]
+fn mqtt31_connack_has_no_session_present() {
+    use tokio_util::codec::{Decoder, Encoder};
+    let connack = Packet::ConnAck(ConnAck {
+        session_present: true,
+        reason_code: ReasonCode::SUCCESS,
+        properties: Default::default(),
+    });
+    // "MQIsdp", level 3, clean session 0, keep alive 0, client id "c".
+    let v31 = [
+        0x10, 15, 0, 6, b'M', b'Q', b'I', b's', b'd', b'p', 3, 0x00, 0, 0, 0, 1, b'c',
+    ];
+    let mut server = MqttCodec::new(1024);
+    let mut buf = BytesMut::from(&v31[..]);
+    assert!(matches!(
+        server.decode(&mut buf),
+        Ok(Some(Packet::Connect(_)))
+    ));
+    let mut out = BytesMut::new();
+    server.encode(&connack, &mut out).unwrap();
+    assert_eq!(&out[..], &[0x20, 2, 0x00, 0x00]);
+
+    let mut server = MqttCodec::new(1024);
+    let mut buf = BytesMut::from(&connect_v3(0x00, &[])[..]);
+    assert!(matches!(
+        server.decode(&mut buf),
+        Ok(Some(Packet::Connect(_)))
+    ));
+    let mut out = BytesMut::new();
+    server.encode(&connack, &mut out).unwrap();
+    assert_eq!(&out[..], &[0x20, 2, 0x01, 0x00]);
 }

@@ -511,7 +511,7 @@ proptest! {
     #[test]
     fn round_trip_through_tokio_codec((v, p) in versioned_packet()) {
         use tokio_util::codec::{Decoder, Encoder};
-        let mut tx = MqttCodec { version: Some(v), max_incoming_packet_size: MAX_PACKET_SIZE };
+        let mut tx = MqttCodec { version: Some(v), ..MqttCodec::new(MAX_PACKET_SIZE) };
         let mut rx = MqttCodec { version: decode_version(&p, v), ..tx };
         let mut buf = BytesMut::new();
         tx.encode(&p, &mut buf).unwrap();
