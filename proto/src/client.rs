@@ -914,18 +914,30 @@ impl ClusterClient {
         }
     }
 
+    /// Routes the events of connection `epoch` of `client_id` to `tx`. Two CONNECTs of one
+    /// client id on this frontend can have their replies arrive in the other order: a newer
+    /// epoch registered first has taken the session over, so the older connection is told so
+    /// (DISCONNECT 0x8E) instead of replacing it, which would leave the live connection deaf.
     fn register(&self, client_id: &Arc<str>, epoch: u64, tx: mpsc::UnboundedSender<SessionEvent>) {
         let mut s = self
             .inner
             .sessions
             .lock()
             .unwrap_or_else(|e| e.into_inner());
+        if s.live.get(client_id).is_some_and(|(e, _)| *e > epoch) {
+            s.early.remove(&(client_id.clone(), epoch));
+            let _ = tx.send(SessionEvent::Disconnect {
+                reason: ReasonCode::SESSION_TAKEN_OVER,
+            });
+            return;
+        }
         if let Some(early) = s.early.remove(&(client_id.clone(), epoch)) {
             for e in early {
                 let _ = tx.send(e);
             }
         }
-        s.early.retain(|(c, _), _| c != client_id);
+        // Early events of newer epochs stay for their own CONNECT's reply.
+        s.early.retain(|(c, e), _| c != client_id || *e > epoch);
         s.live.insert(client_id.clone(), (epoch, tx));
     }
 

@@ -740,3 +740,35 @@ async fn a_session_detached_while_cut_off_gets_its_connection_closed() {
         })
     );
 }
+
+/// Issue 19, bug 6: two CONNECTs of one client id on this frontend whose replies arrive in
+/// the other order: the older epoch registering last must not replace the newer one (the
+/// session would stay attached to a connection that no longer exists, and the new connection
+/// would be deaf). The older connection is told it was taken over.
+#[tokio::test]
+async fn an_older_epoch_does_not_replace_a_newer_registration() {
+    let cluster = FakeCluster::new(1);
+    let n1 = FakeNode::start(&cluster, 1).await;
+    let client = connect(&[&n1], Duration::from_secs(600)).await;
+    let id: Arc<str> = "c".into();
+    let (new_tx, mut new_rx) = mpsc::unbounded_channel();
+    let (old_tx, mut old_rx) = mpsc::unbounded_channel();
+    client.register(&id, 9, new_tx);
+    client.register(&id, 4, old_tx);
+    let live = client
+        .inner
+        .sessions
+        .lock()
+        .unwrap()
+        .live
+        .get(&id)
+        .map(|(e, _)| *e);
+    assert_eq!(live, Some(9), "the older connection replaced the newer one");
+    assert_eq!(
+        old_rx.try_recv().ok(),
+        Some(SessionEvent::Disconnect {
+            reason: ReasonCode::SESSION_TAKEN_OVER
+        })
+    );
+    assert!(new_rx.try_recv().is_err());
+}
