@@ -10,7 +10,7 @@
 //! alive, shutdown). Writes are fed into the codec's buffer and flushed once per wake-up, so a
 //! burst of deliveries costs one syscall.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -263,6 +263,11 @@ pub struct Handler<S: SessionService, IO> {
     /// PUBRECs of deliveries not yet durable: each PUBREL waits for its own (see
     /// `SessionService::ack`). Apart from `pending`, which the client's Receive Maximum bounds.
     releases: FuturesOrdered<PendingRelease>,
+    /// Outbound QoS2 packet ids whose PUBREL went out and whose PUBCOMP has not come back.
+    /// A PUBLISH re-sent for one of them is stale: a new leader's replay computed before the
+    /// PUBREC was applied can arrive after the PUBREC's answer (events and answers travel
+    /// apart); the client, already released, would take it for a new message.
+    released: HashSet<u16>,
     metrics: ConnectionMetrics,
     /// `limits.publish_rate` / `publish_bandwidth` of this connection.
     throttle: PublishThrottle,
@@ -539,6 +544,7 @@ where
             acl,
             pending: FuturesOrdered::new(),
             releases: FuturesOrdered::new(),
+            released: HashSet::new(),
             throttle,
         })
     }
@@ -821,6 +827,7 @@ where
                 Ok(())
             }
             Packet::PubComp(a) => {
+                self.released.remove(&a.packet_id);
                 self.ack(AckKind::PubComp, a.packet_id).await;
                 Ok(())
             }
@@ -904,7 +911,10 @@ where
     /// which the client, still holding the packet id, answers with PUBREC again.
     fn on_pubrec_durable(&mut self, pid: u16, done: ServiceResult<()>) -> Result<(), Close> {
         match done {
-            Ok(()) => self.feed(Packet::PubRel(PubRel::new(pid))),
+            Ok(()) => {
+                self.released.insert(pid);
+                self.feed(Packet::PubRel(PubRel::new(pid)))
+            }
             Err(e) => {
                 debug!(peer = %self.peer, error = %e, "PUBREC not recorded; closing");
                 Err(close_after(&e))
@@ -1293,6 +1303,12 @@ where
     fn on_event(&mut self, event: SessionEvent) -> Result<(), Close> {
         match event {
             SessionEvent::Deliver(d) => {
+                if d.qos == QoS::ExactlyOnce
+                    && d.packet_id.is_some_and(|pid| self.released.contains(&pid))
+                {
+                    trace!(peer = %self.peer, packet_id = ?d.packet_id, "stale QoS2 re-send after PUBREL dropped");
+                    return Ok(());
+                }
                 if self
                     .acl
                     .as_mut()

@@ -341,6 +341,9 @@ pub async fn run_subscriber(ctx: Ctx, client_id: String, preferred: usize, kill:
         // Acks go out in order on the connection, as on the real ordered pipe.
         let (acks, ack_rx) = mpsc::unbounded_channel();
         let (released, mut released_rx) = mpsc::unbounded_channel();
+        // Per connection, as the handler keeps it.
+        let mut released_ids: BTreeSet<u16> = BTreeSet::new();
+        let (pubcomp_tx, mut pubcomp_rx) = mpsc::unbounded_channel();
         let acker = tokio::spawn(send_acks(
             ctx.world.clone(),
             conn.frontend.clone(),
@@ -355,6 +358,12 @@ pub async fn run_subscriber(ctx: Ctx, client_id: String, preferred: usize, kill:
                 biased;
                 _ = kill.notified() => break true,
                 Some(packet_id) = released_rx.recv() => Some(SessionEvent::Release { packet_id }),
+                Some(packet_id) = pubcomp_rx.recv() => {
+                    // PUBCOMP: the handler forgets the id and acks it to the session.
+                    released_ids.remove(&packet_id);
+                    let _ = acks.send(AckJob::Plain(AckCmd::PubComp, packet_id));
+                    continue;
+                }
                 e = conn.events.recv() => e,
             };
             let Some(event) = event else { break true };
@@ -385,6 +394,11 @@ pub async fn run_subscriber(ctx: Ctx, client_id: String, preferred: usize, kill:
                         );
                         continue;
                     };
+                    // The handler drops a QoS2 re-send for an id whose PUBREL went out
+                    // (`Handler::released`): a replay computed before the PUBREC applied.
+                    if d.qos == QoS::ExactlyOnce && released_ids.contains(&packet_id) {
+                        continue;
+                    }
                     match d.qos {
                         QoS::ExactlyOnce => {
                             if awaiting_rel.insert(packet_id) {
@@ -418,7 +432,14 @@ pub async fn run_subscriber(ctx: Ctx, client_id: String, preferred: usize, kill:
                     ctx.world
                         .trace(format!("{client_id} <- PUBREL id {packet_id}"));
                     awaiting_rel.remove(&packet_id);
-                    let _ = acks.send(AckJob::Plain(AckCmd::PubComp, packet_id));
+                    released_ids.insert(packet_id);
+                    // The client's PUBCOMP reaches the frontend a network hop later.
+                    let pubcomp = pubcomp_tx.clone();
+                    let delay = ctx.world.delay();
+                    tokio::spawn(async move {
+                        sleep(delay).await;
+                        let _ = pubcomp.send(packet_id);
+                    });
                 }
                 SessionEvent::Disconnect { reason } => {
                     ctx.world.trace(format!(

@@ -343,6 +343,15 @@ async fn pump_events(
         if !healthy(&world) {
             return; // the stream breaks; what was in it is lost (replayed on re-attach)
         }
+        let what = match &event.event {
+            SessionEvent::Deliver(d) => format!("PUBLISH id {:?} dup {}", d.packet_id, d.dup),
+            SessionEvent::Release { packet_id } => format!("PUBREL id {packet_id}"),
+            SessionEvent::Disconnect { reason } => format!("DISCONNECT {reason:?}"),
+        };
+        world.trace(format!(
+            "node {node} -> frontend {}: {} (epoch {}) {what}",
+            frontend.slot, event.client_id, event.epoch
+        ));
         frontend.deliver(event.client_id, event.epoch, event.event);
     }
 }

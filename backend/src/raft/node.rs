@@ -1367,7 +1367,11 @@ impl Driver {
                 let now = self.now();
                 self.missing_frontends.remove(&frontend_id);
                 for g in self.groups.values_mut() {
-                    if g.is_leader() {
+                    // Only a leader that has taken over (applied every entry of earlier
+                    // terms): one that has not would replay from a state that lacks acks the
+                    // old leader committed — a PUBLISH re-sent after its PUBREL (found by the
+                    // simulation, seed 34). Its take-over replays to this frontend anyway.
+                    if g.is_leader() && g.taken_over == g.raw.raft.term {
                         let fx = g.sm.replay_for_frontend(frontend_id, now);
                         g.dispatch(fx, None, None, &self.hub);
                     }
