@@ -983,6 +983,42 @@ fn subscribe_rh(h: &mut H, id: &str, epoch: u64, filter: &str, rh: u8) -> Vec<Ef
 }
 
 #[test]
+fn replace_retained_is_a_compare_and_swap_on_the_payload() {
+    let mut h = H::new();
+    let record = |v: &str| {
+        Arc::new(Message::new(
+            "$cluster/r",
+            v.to_string(),
+            QoS::AtLeastOnce,
+            true,
+        ))
+    };
+    let swap = |m, expected: Option<&str>| Command::ReplaceRetained {
+        message: m,
+        expected: expected.map(|e| bytes::Bytes::from(e.to_string())),
+    };
+    // Nothing stored: only `None` matches.
+    assert_eq!(
+        h.apply(swap(record("1"), Some("0"))).0,
+        Reply::Replaced { done: false }
+    );
+    assert!(h.p.retained_message("$cluster/r").is_none());
+    let (reply, fx) = h.apply(swap(record("1"), None));
+    assert_eq!(reply, Reply::Replaced { done: true });
+    assert!(fx.is_empty(), "a swap delivers nothing: {fx:?}");
+    // Two swaps from the same base: the second is refused.
+    assert_eq!(
+        h.apply(swap(record("2a"), Some("1"))).0,
+        Reply::Replaced { done: true }
+    );
+    assert_eq!(
+        h.apply(swap(record("2b"), Some("1"))).0,
+        Reply::Replaced { done: false }
+    );
+    assert_eq!(h.p.retained_message("$cluster/r").unwrap().payload, "2a");
+}
+
+#[test]
 fn retained_on_subscribe_by_retain_handling() {
     let mut h = H::new();
     h.retain("r", "v", QoS::ExactlyOnce);
