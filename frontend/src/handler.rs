@@ -1009,8 +1009,26 @@ where
             }
             (QoS::ExactlyOnce, Some(pid)) => {
                 let wait = self.service.publish(&self.session, message, Some(pid));
-                self.pending
-                    .push_back(Box::pin(async move { Outgoing::PubRec(pid, wait.await) }));
+                // v5: PUBREC 0x97 (a full queue refused it) ends the exchange (§4.3.3) and the
+                // client may reuse the id at once, so the id is released before the client
+                // hears 0x97. The publisher's partition forgets it itself when its own queue
+                // refused; a refusal in another partition it cannot see. (3.1.1 cannot be
+                // told: its connection closes and its re-send must stay a duplicate.)
+                let release = self
+                    .version
+                    .is_v5()
+                    .then(|| (self.service.clone(), self.session.clone()));
+                self.pending.push_back(Box::pin(async move {
+                    let r = wait.await;
+                    if let (Some((service, session)), Ok(p)) = (release, &r) {
+                        if p.refused {
+                            if let Err(e) = service.release(&session, pid).await {
+                                return Outgoing::PubRec(pid, Err(e));
+                            }
+                        }
+                    }
+                    Outgoing::PubRec(pid, r)
+                }));
             }
             _ => {
                 return self

@@ -377,3 +377,66 @@ async fn reconnect_just_after_expiry_finds_no_session() {
     let (_c, ack) = Raw::connect(b.addr, V5, "justexpired", persistent(1)).await;
     assert!(!ack.session_present, "expired session resumed");
 }
+
+/// Issue 19, bug 8 with several partitions: a v5 QoS2 PUBLISH refused with PUBREC 0x97 by a
+/// full queue in a partition other than the publisher's ends its exchange, so its packet id
+/// must be free again: the client reuses it for its next message, which must be delivered
+/// (the home partition, which had no full queue, used to keep the id recorded: PUBREC 0x00 as
+/// for a duplicate, and the message never arrived).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos2_refused_in_another_partition_frees_its_packet_id() {
+    use tiermq_common::codec::{PubRel, Publish};
+    use tiermq_common::partition_api::QueueFullPolicy;
+    let partitions = 4;
+    let b = start_broker_with(|s| {
+        s.storage.partitions = partitions;
+        s.session.max_queued_messages = 1;
+        s.session.queue_full_policy = QueueFullPolicy::RefuseNew;
+    })
+    .await;
+    let publisher = "refused-pub";
+    let home = tiermq_common::hashing::partition_of(publisher, partitions);
+    let subscriber = (0..)
+        .map(|i| format!("refused-sub-{i}"))
+        .find(|s| tiermq_common::hashing::partition_of(s, partitions) != home)
+        .unwrap();
+    let (mut sub, _) = Raw::connect(b.addr, V5, &subscriber, persistent(300)).await;
+    sub.subscribe("refused/t", sub_opts(QoS::ExactlyOnce)).await;
+    sub.disconnect(ReasonCode::NORMAL_DISCONNECTION).await;
+    let mut publ = Raw::v5(b.addr, publisher).await;
+    let qos2 = |pid: u16, payload: &'static str| {
+        Packet::Publish(publish_packet(
+            "refused/t",
+            QoS::ExactlyOnce,
+            Some(pid),
+            payload.as_bytes(),
+        ))
+    };
+    let pubrec = |p: Packet| match p {
+        Packet::PubRec(r) => r,
+        other => panic!("expected PUBREC, got {other:?}"),
+    };
+    // m1 fills the offline queue; m2 (id 7) is refused: 0x97 ends its exchange.
+    publ.send(&qos2(6, "m1")).await;
+    assert_eq!(pubrec(publ.recv().await).reason_code, ReasonCode::SUCCESS);
+    publ.send(&Packet::PubRel(PubRel::new(6))).await;
+    assert!(matches!(publ.recv().await, Packet::PubComp(_)));
+    publ.send(&qos2(7, "m2")).await;
+    assert_eq!(
+        pubrec(publ.recv().await).reason_code,
+        ReasonCode::QUOTA_EXCEEDED
+    );
+    // The subscriber comes back and takes m1; the queue has room again.
+    let (mut sub, _) = Raw::connect(b.addr, V5, &subscriber, persistent(300)).await;
+    let m1: Publish = sub.recv_publish().await;
+    assert_eq!(&m1.payload[..], b"m1");
+    // The publisher reuses id 7 for a new message: it is delivered.
+    publ.send(&qos2(7, "m3")).await;
+    assert_eq!(pubrec(publ.recv().await).reason_code, ReasonCode::SUCCESS);
+    let m3 = sub.recv_publish().await;
+    assert_eq!(
+        &m3.payload[..],
+        b"m3",
+        "the reused packet id was taken for a duplicate"
+    );
+}
