@@ -81,14 +81,6 @@ enum Request {
         filter: String,
         reply: oneshot::Sender<Vec<Arc<Message>>>,
     },
-    /// Read-only: has this session recorded the inbound QoS2 packet id? Answers
-    /// `Reply::Qos2Received { duplicate }`, or `Fenced` / `NoSession`.
-    Qos2Check {
-        client_id: Arc<str>,
-        epoch: u64,
-        packet_id: u16,
-        reply: oneshot::Sender<Reply>,
-    },
     /// Read-only: the partition's session totals (metrics).
     Load {
         reply: oneshot::Sender<crate::partition::PartitionLoad>,
@@ -291,8 +283,8 @@ impl LocalBroker {
     }
 
     /// Submits a publish now, as far as it can be: all of it, or — an inbound QoS2 message
-    /// for several partitions — the home partition's duplicate check, after which
-    /// [`Stage::Checking`] submits the rest.
+    /// for several partitions — the publish to the publisher's own partition, after whose
+    /// answer (the message's token) [`Stage::Checking`] submits the rest.
     // `Stage::Checking` yields the wait for the replies once the second stage is submitted:
     // its caller (a lane) must know when that is, before the replies come.
     #[allow(clippy::async_yields_async)]
@@ -337,54 +329,52 @@ impl LocalBroker {
                     client_id: session.client_id.clone(),
                     epoch: session.epoch,
                     packet_id,
+                    token: None,
                 },
             )
         });
-        // Inbound QoS2 is exactly-once because the publisher's partition records the packet
-        // id in the same log entry that delivers the message there. When subscribers live in
-        // other partitions too, those get the message only after the home partition has
-        // checked (read-only) that the id is new, and the home partition records it last: a
-        // crash in between can only cause a duplicate on re-send, never a loss.
+        // Inbound QoS2 is exactly once because the publisher's partition records the packet
+        // id in the same log entry that delivers the message there, and the other target
+        // partitions deduplicate on the token that entry assigns (`InboundQos2`). So the home
+        // partition goes first; once its entry is durable, the others get the message with the
+        // token. A crash or lost connection in between leaves the id recorded: the client's
+        // re-send is answered `duplicate` with the same token and goes to the others again,
+        // which deliver it only where they had not.
         let Some((home, mark)) = inbound else {
             let waits = self.send_publish(&message, &publisher, &targets, retained_home, None);
             return Stage::Submitted(Box::pin(collect_published(waits)));
         };
+        let at_home = self.send_publish(
+            &message,
+            &publisher,
+            &[home],
+            retained_home,
+            Some(mark.clone()),
+        );
         if targets.iter().all(|p| *p == home) {
-            let waits = self.send_publish(&message, &publisher, &[home], retained_home, Some(mark));
-            return Stage::Submitted(Box::pin(collect_published(waits)));
+            return Stage::Submitted(Box::pin(collect_published(at_home)));
         }
-        let (tx, check) = oneshot::channel();
-        let _ = self.inner.partitions[home as usize].send(Request::Qos2Check {
-            client_id: mark.client_id.clone(),
-            epoch: mark.epoch,
-            packet_id: mark.packet_id,
-            reply: tx,
-        });
         let broker = self.clone();
         Stage::Checking(Box::pin(async move {
-            match check.await {
-                Ok(Reply::Qos2Received { duplicate: false }) => {}
-                Ok(Reply::Qos2Received { duplicate: true }) => {
-                    return Box::pin(std::future::ready(Ok(Published {
-                        matched: true,
-                        duplicate: true,
-                        refused: false,
-                    }))) as ReplyWait
-                }
-                Ok(other) => return Box::pin(std::future::ready(Err(reply_error(other)))),
-                Err(_) => return Box::pin(std::future::ready(Err(ServiceError::ShuttingDown))),
-            }
+            let (mut published, token) = match collect_replies(at_home).await {
+                Ok(answer) => answer,
+                Err(e) => return Box::pin(std::future::ready(Err(e))) as ReplyWait,
+            };
             let others: Vec<u32> = targets.iter().copied().filter(|p| *p != home).collect();
-            let others = broker.send_publish(&message, &publisher, &others, retained_home, None);
-            // The home partition records the id once the others have the message (durable).
+            let Some(token) = token else {
+                let e = ServiceError::Unavailable("the publisher's partition gave no token".into());
+                return Box::pin(std::future::ready(Err(e))) as ReplyWait;
+            };
+            let keyed = InboundQos2 {
+                token: Some(token),
+                ..mark
+            };
+            let others =
+                broker.send_publish(&message, &publisher, &others, retained_home, Some(keyed));
             Box::pin(async move {
-                let mut published = collect_published(others).await?;
-                let at_home =
-                    broker.send_publish(&message, &publisher, &[home], retained_home, Some(mark));
-                let home = collect_published(at_home).await?;
-                published.matched |= home.matched;
-                published.duplicate |= home.duplicate;
-                published.refused |= home.refused;
+                let (elsewhere, _) = collect_replies(others).await?;
+                published.matched |= elsewhere.matched;
+                published.refused |= elsewhere.refused;
                 Ok(published)
             }) as ReplyWait
         }))
@@ -540,33 +530,34 @@ type ReplyWait = std::pin::Pin<Box<dyn Future<Output = ServiceResult<Published>>
 enum Stage {
     /// Everything is submitted; the replies are on their way.
     Submitted(ReplyWait),
-    /// An inbound QoS2 message for several partitions: the home partition's check is
-    /// submitted; this future submits the rest once it answers, then yields the wait.
+    /// An inbound QoS2 message for several partitions: the publish to the publisher's own
+    /// partition is submitted; this future submits the rest once it answers (durable, with
+    /// the token the others deduplicate on), then yields the wait.
     Checking(std::pin::Pin<Box<dyn Future<Output = ReplyWait> + Send>>),
 }
 
 /// Waits for the partitions' answers to one publish and merges them.
 async fn collect_published(waits: Vec<oneshot::Receiver<Reply>>) -> ServiceResult<Published> {
+    Ok(collect_replies(waits).await?.0)
+}
+
+/// [`collect_published`], with the inbound QoS2 token the answers carry (if any).
+async fn collect_replies(
+    waits: Vec<oneshot::Receiver<Reply>>,
+) -> ServiceResult<(Published, Option<u64>)> {
     let mut out = Published {
         matched: false,
         duplicate: false,
         refused: false,
     };
+    let mut token = None;
     for rx in waits {
-        match rx.await.map_err(|_| ServiceError::ShuttingDown)? {
-            Reply::Published {
-                matched,
-                duplicate,
-                refused,
-            } => {
-                out.matched |= matched;
-                out.duplicate |= duplicate;
-                out.refused |= refused;
-            }
-            other => return Err(reply_error(other)),
-        }
+        let reply = rx.await.map_err(|_| ServiceError::ShuttingDown)?;
+        let carried =
+            tiermq_common::partition_api::merge_published(&mut out, reply).map_err(reply_error)?;
+        token = token.or(carried);
     }
-    Ok(out)
+    Ok((out, token))
 }
 
 fn reply_error(reply: Reply) -> ServiceError {
@@ -991,20 +982,6 @@ impl PartitionTask {
                     let publisher = (!publisher.is_empty()).then_some(&*publisher);
                     let (_, effects) = self.partition.deliver_qos0(&message, publisher, now);
                     self.dispatch(effects, None);
-                }
-                Request::Qos2Check {
-                    client_id,
-                    epoch,
-                    packet_id,
-                    reply,
-                } => {
-                    let _ = reply.send(match self.partition.session(&client_id) {
-                        None => Reply::NoSession,
-                        Some(s) if s.epoch() != Some(epoch) => Reply::Fenced,
-                        Some(s) => Reply::Qos2Received {
-                            duplicate: s.inbound_qos2.contains(&packet_id),
-                        },
-                    });
                 }
                 Request::Retained { filter, reply } => {
                     let _ = reply.send(self.partition.retained_matching(&filter, now));

@@ -56,6 +56,8 @@ pub async fn flush_db(db: &sled::Db) -> sled::Result<usize> {
 const APPLIED_KEY: &[u8] = b"m/applied";
 /// Shared subscription groups, handoffs and return batches, written whole when changed.
 const SHARED_KEY: &[u8] = b"m/shared";
+// Other prefixes: `s/<client id>` a session, `r/<topic>` a retained message, `q/<client id>` a
+// publisher's inbound QoS2 keys (`(client id, keys)`, see `partition::qos2_keys`).
 
 /// The sled trees of one partition.
 #[derive(Clone)]
@@ -95,6 +97,7 @@ impl PartitionStore {
             sessions: Vec::new(),
             retained: Vec::new(),
             shared: Default::default(),
+            qos2_keys: Vec::new(),
         };
         if let Some(v) = self.state.get(APPLIED_KEY)? {
             image.applied_index = index_key("state", &v)?;
@@ -105,6 +108,10 @@ impl PartitionStore {
         for kv in self.state.scan_prefix(b"s/") {
             let (_, v) = kv?;
             image.sessions.push(decode::<Session>("state", &v)?);
+        }
+        for kv in self.state.scan_prefix(b"q/") {
+            let (_, v) = kv?;
+            image.qos2_keys.push(decode("state", &v)?);
         }
         for kv in self.state.scan_prefix(b"r/") {
             let (_, v) = kv?;
@@ -169,6 +176,13 @@ impl PartitionStore {
                 None => batch.remove(key),
             }
         }
+        for publisher in &dirty.qos2_keys {
+            let key = prefixed(b"q/", publisher.as_bytes());
+            match partition.qos2_keys_of(publisher) {
+                Some(k) => batch.insert(key, postcard::to_stdvec(&(publisher, k))?),
+                None => batch.remove(key),
+            }
+        }
         if dirty.shared {
             batch.insert(SHARED_KEY, postcard::to_stdvec(partition.shared_state())?);
         }
@@ -223,6 +237,12 @@ impl PartitionStore {
             batch.insert(
                 prefixed(b"r/", m.topic.as_bytes()),
                 postcard::to_stdvec(&**m)?,
+            );
+        }
+        for keys in &image.qos2_keys {
+            batch.insert(
+                prefixed(b"q/", keys.0.as_bytes()),
+                postcard::to_stdvec(keys)?,
             );
         }
         batch.insert(SHARED_KEY, postcard::to_stdvec(&image.shared)?);

@@ -107,12 +107,27 @@ pub enum SharedWork {
     Leave { group: String, client_id: Arc<str> },
 }
 
-/// The publisher of an inbound QoS2 message: its session and the packet id it used.
+/// The publisher of an inbound QoS2 message: its session, the packet id it used and, outside
+/// the publisher's own partition, the message's idempotency token.
+///
+/// Exactly once across partitions works in two steps. The publisher's partition (its *home*)
+/// applies the publish first: it records the packet id with a **token** — the log index of
+/// that entry, unique forever in that partition's log — or, if the id is already recorded,
+/// answers `duplicate` with the token recorded then. Every other target partition then gets
+/// the publish with `token: Some(t)` and keeps, per publisher and packet id, the last token it
+/// delivered: the same token again (a retry after a lost answer, a re-send after a reconnect)
+/// is not delivered twice. A new message under a reused packet id has a new token, so a key
+/// never swallows a new message, and a key left by an ended session never matches its
+/// successor's messages.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InboundQos2 {
     pub client_id: Arc<str>,
+    /// The publisher's connection. Checked (fenced) at home; elsewhere it orders attempts: an
+    /// attempt from an older connection than the one that last used this packet id is stale.
     pub epoch: u64,
     pub packet_id: u16,
+    /// `None` at the publisher's own partition; `Some(token)` from the home's answer elsewhere.
+    pub token: Option<u64>,
 }
 
 /// One log entry: a command plus the time at which its proposer stamped it.
@@ -184,9 +199,10 @@ pub enum Command {
         message: Arc<Message>,
         publisher: Option<Arc<str>>,
         store_retained: bool,
-        /// Set on the publisher's own partition for an inbound QoS2 PUBLISH: the packet id is
-        /// recorded in the same entry that delivers the message, and a re-sent PUBLISH with a
-        /// recorded id is not delivered again (exactly once, atomically).
+        /// Set for an inbound QoS2 PUBLISH. On the publisher's own partition the packet id is
+        /// recorded in the same entry that delivers the message there (a re-sent PUBLISH with
+        /// a recorded id is not delivered again); on the other partitions, its token is (see
+        /// [`InboundQos2`]).
         inbound_qos2: Option<InboundQos2>,
     },
     /// An inbound QoS2 PUBLISH with this packet id was accepted from the client.
@@ -297,6 +313,9 @@ pub enum Reply {
         duplicate: bool,
         /// At least one session's queue was full and refused it (`QueueFullPolicy::RefuseNew`).
         refused: bool,
+        /// Inbound QoS2: the message's idempotency token ([`InboundQos2`]), which the home
+        /// partition assigned (or had assigned, for a duplicate).
+        qos2_token: Option<u64>,
     },
     Qos2Received {
         duplicate: bool,
@@ -328,4 +347,26 @@ pub enum Query {
         epoch: u64,
         packet_id: u16,
     },
+}
+
+/// Adds one partition's answer to a publish to `out`; returns the inbound QoS2 token it
+/// carries, or gives back an answer that is not [`Reply::Published`].
+pub fn merge_published(
+    out: &mut crate::session_api::Published,
+    reply: Reply,
+) -> Result<Option<u64>, Reply> {
+    match reply {
+        Reply::Published {
+            matched,
+            duplicate,
+            refused,
+            qos2_token,
+        } => {
+            out.matched |= matched;
+            out.duplicate |= duplicate;
+            out.refused |= refused;
+            Ok(qos2_token)
+        }
+        other => Err(other),
+    }
 }

@@ -85,13 +85,13 @@ struct Held {
 /// A QoS2 publish's place in its publisher's line: wait for `*_go` (the previous message's
 /// phase was dispatched, or given up), dispatch, then drop `*_sent` to let the next one go.
 struct Turn {
+    /// Resolves once this publisher's previous QoS2 message went to its other partitions.
     others_go: Option<oneshot::Receiver<()>>,
+    /// Dropped once this message went to its other partitions (or gave up).
     others_sent: oneshot::Sender<()>,
-    home_go: Option<oneshot::Receiver<()>>,
-    home_sent: oneshot::Sender<()>,
 }
 
-type Qos2Chain = (oneshot::Receiver<()>, oneshot::Receiver<()>);
+type Qos2Chain = oneshot::Receiver<()>;
 
 /// The ordered path of one partition's operations.
 ///
@@ -779,15 +779,21 @@ impl ClusterClient {
                     client_id: s.client_id.clone(),
                     epoch: s.epoch,
                     packet_id,
+                    token: None,
                 },
             )
         });
         let client = self.clone();
+        type Wait = std::pin::Pin<Box<dyn Future<Output = ServiceResult<Reply>> + Send>>;
         enum Plan {
-            All(Vec<std::pin::Pin<Box<dyn Future<Output = ServiceResult<Reply>> + Send>>>),
+            All(Vec<Wait>),
+            /// Inbound QoS2 for several partitions (`InboundQos2`): the publisher's partition
+            /// first, which records the packet id and answers the message's token; then the
+            /// others with that token, which they deduplicate on, so a retry or a re-send is
+            /// delivered once everywhere.
             Qos2 {
-                check: std::pin::Pin<Box<dyn Future<Output = ServiceResult<Reply>> + Send>>,
-                home: u32,
+                at_home: Wait,
+                others: Vec<u32>,
                 mark: InboundQos2,
                 turn: Turn,
             },
@@ -803,114 +809,80 @@ impl ClusterClient {
                 self.command(home, &publish(home, Some(mark))),
             )]),
             Some((home, mark)) => Plan::Qos2 {
-                check: Box::pin(self.query::<Reply>(
-                    home,
-                    &Query::Qos2Check {
-                        client_id: mark.client_id.clone(),
-                        epoch: mark.epoch,
-                        packet_id: mark.packet_id,
-                    },
-                )),
-                home,
+                at_home: Box::pin(self.command(home, &publish(home, Some(mark.clone())))),
+                others: targets.iter().copied().filter(|p| *p != home).collect(),
                 turn: self.take_turn(&mark.client_id),
                 mark,
             },
         };
         futures::future::Either::Right(async move {
-            let mut matched = false;
-            let mut duplicate = false;
-            let mut refused = false;
-            let mut absorb = |r: Reply| match r {
-                Reply::Published {
-                    matched: m,
-                    duplicate: d,
-                    refused: r,
-                } => {
-                    matched |= m;
-                    duplicate |= d;
-                    refused |= r;
-                    Ok(())
-                }
-                other => Err(reply_error(other)),
+            let mut out = Published {
+                matched: false,
+                duplicate: false,
+                refused: false,
             };
             match plan {
                 Plan::All(waits) => {
                     for w in waits {
-                        absorb(w.await?)?;
+                        merge_published(&mut out, w.await?)?;
                     }
                 }
                 Plan::Qos2 {
-                    check,
-                    home,
+                    at_home,
+                    others,
                     mark,
-                    turn,
+                    turn:
+                        Turn {
+                            others_go,
+                            others_sent,
+                        },
                 } => {
-                    let Turn {
-                        others_go,
-                        others_sent,
-                        home_go,
-                        home_sent,
-                    } = turn;
-                    match check.await? {
-                        Reply::Qos2Received { duplicate: true } => {
-                            return Ok(Published {
-                                matched: true,
-                                duplicate: true,
-                                refused: false,
-                            })
-                        }
-                        Reply::Qos2Received { duplicate: false } => {}
-                        other => return Err(reply_error(other)),
-                    }
-                    // Each phase waits for the same phase of this publisher's previous QoS2
-                    // message, so the partitions' logs keep the client's order.
+                    let token = merge_published(&mut out, at_home.await?)?;
+                    // The previous QoS2 message of this publisher goes to its other partitions
+                    // first, so their logs keep the client's order.
                     if let Some(go) = others_go {
                         let _ = go.await;
                     }
-                    let others: Vec<_> = targets
+                    let Some(token) = token else {
+                        return Err(ServiceError::Unavailable(
+                            "the publisher's partition answered no QoS2 token".into(),
+                        ));
+                    };
+                    let keyed = InboundQos2 {
+                        token: Some(token),
+                        ..mark
+                    };
+                    let waits: Vec<_> = others
                         .iter()
-                        .filter(|p| **p != home)
-                        .map(|p| client.command(*p, &publish(*p, None)))
+                        .map(|p| client.command(*p, &publish(*p, Some(keyed.clone()))))
                         .collect();
                     drop(others_sent);
-                    for w in others {
-                        absorb(w.await?)?;
+                    // The others' `duplicate` (they had the message already) is not the
+                    // answer's: that is the publisher's own record.
+                    let mut elsewhere = out;
+                    for w in waits {
+                        merge_published(&mut elsewhere, w.await?)?;
                     }
-                    if let Some(go) = home_go {
-                        let _ = go.await;
-                    }
-                    let at_home = client.command(home, &publish(home, Some(mark)));
-                    drop(home_sent);
-                    absorb(at_home.await?)?;
+                    out.matched = elsewhere.matched;
+                    out.refused = elsewhere.refused;
                 }
             }
-            Ok(Published {
-                matched,
-                duplicate,
-                refused,
-            })
+            Ok(out)
         })
     }
 
-    /// This publisher's place in line for the two phases of a multi-partition QoS2 publish.
+    /// This publisher's place in line for the second phase of a multi-partition QoS2
+    /// publish (the first, to its own partition, is submitted in call order).
     fn take_turn(&self, client_id: &Arc<str>) -> Turn {
         let (others_sent, others_rx) = oneshot::channel();
-        let (home_sent, home_rx) = oneshot::channel();
         let mut chains = self
             .inner
             .qos2_chains
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        let previous = chains.insert(client_id.clone(), (others_rx, home_rx));
-        let (others_go, home_go) = match previous {
-            Some((a, b)) => (Some(a), Some(b)),
-            None => (None, None),
-        };
         Turn {
-            others_go,
+            others_go: chains.insert(client_id.clone(), others_rx),
             others_sent,
-            home_go,
-            home_sent,
         }
     }
 
@@ -1020,6 +992,11 @@ impl PartitionCaller for ClusterClient {
     ) -> impl Future<Output = ServiceResult<Reply>> + Send + 'static {
         self.command(partition, &command)
     }
+}
+
+/// [`tiermq_common::partition_api::merge_published`], its odd answers made errors.
+fn merge_published(out: &mut Published, reply: Reply) -> ServiceResult<Option<u64>> {
+    tiermq_common::partition_api::merge_published(out, reply).map_err(reply_error)
 }
 
 fn reply_error(reply: Reply) -> ServiceError {

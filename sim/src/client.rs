@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::future::join_all;
 use tiermq_common::hashing::partition_of;
-use tiermq_common::partition_api::{AckCmd, Command, InboundQos2, Query, Reply};
+use tiermq_common::partition_api::{AckCmd, Command, InboundQos2, Reply};
 use tiermq_common::session_api::{SessionEvent, SubscribeRequest, SubscriptionOptions};
 use tiermq_common::{Message, ProtocolVersion, QoS};
 use tokio::sync::{mpsc, Notify};
@@ -203,9 +203,8 @@ pub async fn run_publisher(ctx: Ctx, spec: Publisher, preferred: usize, kill: Ar
         .trace(format!("{} done at seq {}", spec.client_id, seq - 1));
 }
 
-/// One PUBLISH as the cluster client submits it: QoS1 to every partition at once; QoS2 after
-/// a duplicate check on the publisher's partition, to the others first and to the publisher's
-/// partition last with the packet id recorded in the same entry.
+/// One PUBLISH as the cluster client submits it: QoS1 to every partition at once; QoS2 to the
+/// publisher's partition first, then to the others with the token it answered.
 async fn publish(
     ctx: &Ctx,
     conn: &Conn,
@@ -231,18 +230,11 @@ async fn publish(
     // not know: harmless where nobody matches.
     let all: Vec<u32> = (0..ctx.partitions()).collect();
     let others: Vec<u32> = all.iter().copied().filter(|p| *p != home).collect();
-    let sends = |targets: Vec<u32>, mark: Option<InboundQos2>| {
+    let sends = |targets: &[u32], mark: Option<InboundQos2>| {
         join_all(
             targets
-                .into_iter()
-                .map(|p| {
-                    let command = if p == home {
-                        publish(mark.clone())
-                    } else {
-                        publish(None)
-                    };
-                    conn.frontend.call(p, command)
-                })
+                .iter()
+                .map(|p| conn.frontend.call(*p, publish(mark.clone())))
                 .collect::<Vec<_>>(),
         )
     };
@@ -267,31 +259,32 @@ async fn publish(
             sleep(Duration::from_millis(1)).await;
             return Ok(());
         }
-        return check_all(sends(all, None).await);
+        return check_all(sends(&all, None).await);
     }
+    // QoS2: the publisher's partition first (it records the packet id and answers the
+    // message's token), then the others with that token, which they deduplicate on.
     let mark = InboundQos2 {
         client_id: client_id.clone(),
         epoch: conn.epoch,
         packet_id,
+        token: None,
     };
-    match conn
+    let token = match conn
         .frontend
-        .query(
-            home,
-            Query::Qos2Check {
-                client_id: client_id.clone(),
-                epoch: conn.epoch,
-                packet_id,
-            },
-        )
+        .call(home, publish(Some(mark.clone())))
         .await?
     {
-        Reply::Qos2Received { duplicate: true } => return Ok(()),
-        Reply::Qos2Received { duplicate: false } => {}
+        Reply::Published {
+            qos2_token: Some(token),
+            ..
+        } => token,
         _ => return Err(CallError::Deadline),
-    }
-    check_all(sends(others, None).await)?;
-    check_all(sends(vec![home], Some(mark)).await)
+    };
+    let keyed = InboundQos2 {
+        token: Some(token),
+        ..mark
+    };
+    check_all(sends(&others, Some(keyed)).await)
 }
 
 /// Subscribes once to `t/#` at QoS2, then receives until the run ends.

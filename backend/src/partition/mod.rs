@@ -7,6 +7,7 @@
 //! the standalone broker (a single replica with a local log) and the Raft-replicated cluster.
 
 pub mod command;
+pub mod qos2_keys;
 pub mod session;
 pub mod shared;
 #[cfg(test)]
@@ -34,6 +35,8 @@ pub struct Dirty {
     pub retained: HashSet<String>,
     /// The shared-subscription state (groups, handoffs, returns), written whole.
     pub shared: bool,
+    /// Publishers whose inbound QoS2 keys changed.
+    pub qos2_keys: HashSet<Arc<str>>,
 }
 
 /// The state of one partition.
@@ -53,6 +56,8 @@ pub struct Partition {
     expiry_timers: BTreeSet<(u64, Arc<str>)>,
     /// Retained messages with a Message Expiry Interval, by expiry time (removed on Tick).
     retained_expiry: BTreeSet<(u64, String)>,
+    /// Inbound QoS2 idempotency keys of publishers whose sessions live elsewhere.
+    qos2_keys: qos2_keys::Qos2Keys,
     applied_index: u64,
     dirty: Dirty,
 }
@@ -64,6 +69,7 @@ pub struct PartitionImage {
     pub sessions: Vec<Session>,
     pub retained: Vec<Arc<Message>>,
     pub shared: shared::SharedState,
+    pub qos2_keys: Vec<(Arc<str>, qos2_keys::PublisherKeys)>,
 }
 
 /// Totals over a partition's sessions ([`Partition::load`]); they add up across partitions.
@@ -107,6 +113,7 @@ impl Partition {
             will_timers: BTreeSet::new(),
             expiry_timers: BTreeSet::new(),
             retained_expiry: BTreeSet::new(),
+            qos2_keys: qos2_keys::Qos2Keys::default(),
             applied_index: 0,
             dirty: Dirty::default(),
         }
@@ -126,6 +133,9 @@ impl Partition {
             p.shared_filters.insert(&group.filter, key.clone(), ());
         }
         p.shared = image.shared;
+        for (publisher, keys) in image.qos2_keys {
+            p.qos2_keys.install(publisher, keys);
+        }
         p
     }
 
@@ -160,6 +170,7 @@ impl Partition {
             sessions,
             retained,
             shared: self.shared.clone(),
+            qos2_keys: self.qos2_keys.image(),
         }
     }
 
@@ -287,6 +298,7 @@ impl Partition {
                     .iter()
                     .map(|t| format!("retained {t:?}")),
             )
+            .chain(self.qos2_keys.expiry_index())
             .collect();
         out.sort();
         out
@@ -302,6 +314,12 @@ impl Partition {
         self.dirty.sessions.extend(dirty.sessions);
         self.dirty.retained.extend(dirty.retained);
         self.dirty.shared |= dirty.shared;
+        self.dirty.qos2_keys.extend(dirty.qos2_keys);
+    }
+
+    /// One publisher's inbound QoS2 keys held here (for a checkpoint).
+    pub fn qos2_keys_of(&self, publisher: &str) -> Option<&qos2_keys::PublisherKeys> {
+        self.qos2_keys.publisher(publisher)
     }
 
     pub fn retained_message(&self, topic: &str) -> Option<&Arc<Message>> {
@@ -424,21 +442,25 @@ impl Partition {
                 inbound_qos2,
             } => {
                 let mut duplicate = false;
+                let mut qos2_token = None;
                 if let Some(q) = &inbound_qos2 {
-                    match self.attached_mut(&q.client_id, q.epoch) {
-                        Ok(s) => duplicate = !s.inbound_qos2.insert(q.packet_id),
+                    match self.admit_qos2(q, index, now) {
+                        Ok((token, admitted)) => {
+                            qos2_token = Some(token);
+                            duplicate = !admitted;
+                        }
                         Err(r) => return (r, effects),
                     }
-                    self.dirty.sessions.insert(q.client_id.clone());
                 }
                 if duplicate {
                     Reply::Published {
                         matched: true,
                         duplicate: true,
                         refused: false,
+                        qos2_token,
                     }
                 } else {
-                    let reply = self.publish(
+                    let (matched, refused) = self.publish(
                         message,
                         publisher.as_deref(),
                         store_retained,
@@ -446,12 +468,15 @@ impl Partition {
                         now,
                         &mut effects,
                     );
-                    if let (Some(q), Reply::Published { refused: true, .. }) =
-                        (&inbound_qos2, &reply)
-                    {
+                    if let (Some(q), true) = (&inbound_qos2, refused) {
                         self.forget_refused_qos2(q);
                     }
-                    reply
+                    Reply::Published {
+                        matched,
+                        duplicate: false,
+                        refused,
+                        qos2_token,
+                    }
                 }
             }
             Command::Qos2Received {
@@ -460,7 +485,8 @@ impl Partition {
                 packet_id,
             } => match self.attached_mut(&client_id, epoch) {
                 Ok(s) => {
-                    let duplicate = !s.inbound_qos2.insert(packet_id);
+                    let duplicate = s.inbound_qos2.contains_key(&packet_id);
+                    s.inbound_qos2.entry(packet_id).or_insert(index);
                     self.dirty.sessions.insert(client_id);
                     Reply::Qos2Received { duplicate }
                 }
@@ -472,7 +498,7 @@ impl Partition {
                 packet_id,
             } => match self.attached_mut(&client_id, epoch) {
                 Ok(s) => {
-                    let found = s.inbound_qos2.remove(&packet_id);
+                    let found = s.inbound_qos2.remove(&packet_id).is_some();
                     self.dirty.sessions.insert(client_id);
                     Reply::Released { found }
                 }
@@ -576,9 +602,43 @@ impl Partition {
     /// v3.1.1 publisher cannot be told: its connection is closed and it re-sends, which the
     /// recorded id then answers without delivering twice to the subscribers that took it.
     fn forget_refused_qos2(&mut self, q: &InboundQos2) {
+        if q.token.is_some() {
+            // Not the publisher's partition: the key stays, so the v3.1.1 re-send is not
+            // delivered twice here; a v5 client's reused id comes with a new token.
+            return;
+        }
         if let Some(s) = self.sessions.get_mut(&q.client_id) {
             if s.protocol.is_v5() {
                 s.inbound_qos2.remove(&q.packet_id);
+            }
+        }
+    }
+
+    /// Records an inbound QoS2 message before it is delivered here: in the publisher's session
+    /// (its own partition: `q.token` is `None`, the token becomes `index`) or in the keys of
+    /// publishers from elsewhere. Returns the message's token and whether to deliver it.
+    fn admit_qos2(&mut self, q: &InboundQos2, index: u64, now: u64) -> Result<(u64, bool), Reply> {
+        match q.token {
+            None => {
+                let s = self.attached_mut(&q.client_id, q.epoch)?;
+                let (token, admitted) = match s.inbound_qos2.get(&q.packet_id) {
+                    Some(token) => (*token, false),
+                    None => {
+                        s.inbound_qos2.insert(q.packet_id, index);
+                        (index, true)
+                    }
+                };
+                self.dirty.sessions.insert(q.client_id.clone());
+                Ok((token, admitted))
+            }
+            Some(token) => {
+                let verdict = self
+                    .qos2_keys
+                    .admit(&q.client_id, q.packet_id, token, q.epoch, now);
+                if verdict == qos2_keys::Verdict::Deliver {
+                    self.dirty.qos2_keys.insert(q.client_id.clone());
+                }
+                Ok((token, verdict == qos2_keys::Verdict::Deliver))
             }
         }
     }
@@ -939,6 +999,8 @@ impl Partition {
         targets
     }
 
+    /// Queues `message` for the matching sessions (and stores it if retained here).
+    /// Returns whether any subscription matched and whether any queue refused it.
     fn publish(
         &mut self,
         message: Arc<Message>,
@@ -947,7 +1009,7 @@ impl Partition {
         index: u64,
         now: u64,
         effects: &mut Vec<Effect>,
-    ) -> Reply {
+    ) -> (bool, bool) {
         if store_retained && message.retain {
             let topic = message.topic.clone();
             if message.payload.is_empty() {
@@ -981,14 +1043,13 @@ impl Partition {
                 self.dirty.sessions.insert(client_id);
             }
         }
-        Reply::Published {
-            matched,
-            duplicate: false,
-            refused,
-        }
+        (matched, refused)
     }
 
     fn tick(&mut self, now: u64, effects: &mut Vec<Effect>) {
+        for publisher in self.qos2_keys.expire(now) {
+            self.dirty.qos2_keys.insert(publisher);
+        }
         while let Some((at, topic)) = self.retained_expiry.first().cloned() {
             if at > now {
                 break;

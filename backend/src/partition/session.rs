@@ -5,7 +5,7 @@
 //! part of the session (§4.4: after a reconnect, unacknowledged PUBLISH and PUBREL packets are
 //! re-sent with their original packet identifiers) and must survive a failover.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -102,8 +102,10 @@ pub struct Session {
     pub next_packet_id: u16,
     pub inflight: VecDeque<Inflight>,
     pub queue: VecDeque<QueuedMessage>,
-    /// Inbound QoS2 packet ids received and not yet released by PUBREL.
-    pub inbound_qos2: BTreeSet<u16>,
+    /// Inbound QoS2 packet ids received and not yet released by PUBREL, each with its
+    /// message's idempotency token (the log index of the entry that recorded it; see
+    /// `InboundQos2`), which the other target partitions deduplicate on.
+    pub inbound_qos2: BTreeMap<u16, u64>,
     /// Messages dropped because the queue was full (reported in metrics).
     pub dropped: u64,
 }
@@ -123,7 +125,7 @@ impl Session {
             next_packet_id: 1,
             inflight: VecDeque::new(),
             queue: VecDeque::new(),
-            inbound_qos2: BTreeSet::new(),
+            inbound_qos2: BTreeMap::new(),
             dropped: 0,
         }
     }

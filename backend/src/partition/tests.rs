@@ -1241,7 +1241,44 @@ fn inbound_qos2_publish(
     packet_id: u16,
     payload: &str,
 ) -> Reply {
-    h.apply(Command::Publish {
+    qos2_publish(h, publisher, epoch, packet_id, None, payload)
+}
+
+/// The same QoS2 PUBLISH arriving at a partition that is not its publisher's, keyed by the
+/// token the publisher's partition gave it.
+fn keyed_qos2_publish(
+    h: &mut H,
+    publisher: &str,
+    epoch: u64,
+    packet_id: u16,
+    token: u64,
+    payload: &str,
+) -> Reply {
+    qos2_publish(h, publisher, epoch, packet_id, Some(token), payload)
+}
+
+fn qos2_publish(
+    h: &mut H,
+    publisher: &str,
+    epoch: u64,
+    packet_id: u16,
+    token: Option<u64>,
+    payload: &str,
+) -> Reply {
+    h.apply(qos2_publish_command(
+        publisher, epoch, packet_id, token, payload,
+    ))
+    .0
+}
+
+fn qos2_publish_command(
+    publisher: &str,
+    epoch: u64,
+    packet_id: u16,
+    token: Option<u64>,
+    payload: &str,
+) -> Command {
+    Command::Publish {
         message: Arc::new(Message::new(
             "t",
             payload.to_string(),
@@ -1254,9 +1291,9 @@ fn inbound_qos2_publish(
             client_id: publisher.into(),
             epoch,
             packet_id,
+            token,
         }),
-    })
-    .0
+    }
 }
 
 /// A partition whose `refuse-new` subscriber "s" (QoS2 on "t") has room for one message in
@@ -1300,7 +1337,7 @@ fn refused_inbound_qos2_does_not_record_its_packet_id() {
             ..
         }
     ));
-    assert!(!h.p.session("p").unwrap().inbound_qos2.contains(&10));
+    assert!(!h.p.session("p").unwrap().inbound_qos2.contains_key(&10));
     // Room again; the client reuses id 10 for a new message, which is queued.
     h.ack("s", s, AckCmd::PubRec, 1);
     h.ack("s", s, AckCmd::PubComp, 1);
@@ -1337,6 +1374,118 @@ fn refused_inbound_qos2_from_v311_stays_recorded() {
             ..
         }
     ));
+}
+
+/// The publisher's partition answers each inbound QoS2 message's token: the log index that
+/// recorded it, and the same token for a re-send (which it does not deliver again).
+#[test]
+fn inbound_qos2_token_is_the_recording_index_and_stays_for_a_resend() {
+    let mut h = H::new();
+    let s = h.online("s");
+    h.subscribe("s", s, "t", QoS::ExactlyOnce);
+    let p = h.online("p");
+    let first = inbound_qos2_publish(&mut h, "p", p, 4, "m");
+    let token = h.index;
+    assert_eq!(
+        first,
+        Reply::Published {
+            matched: true,
+            duplicate: false,
+            refused: false,
+            qos2_token: Some(token),
+        }
+    );
+    h.drop_conn("p", p);
+    let p2 = h.online("p");
+    let resent = inbound_qos2_publish(&mut h, "p", p2, 4, "m");
+    assert_eq!(
+        resent,
+        Reply::Published {
+            matched: true,
+            duplicate: true,
+            refused: false,
+            qos2_token: Some(token),
+        }
+    );
+    assert_eq!(h.queued("s") + h.p.session("s").unwrap().inflight.len(), 1);
+}
+
+/// Issue 19 §2, inbound QoS2 across partitions: a partition that is not the publisher's
+/// delivers a message once however often it arrives with its token (a frontend's retry after
+/// a lost answer, the client's re-send after a reconnect), delivers the next message under the
+/// same packet id (a new token), and ignores a retry from an older connection that arrives
+/// after the id was reused.
+#[test]
+fn a_keyed_qos2_publish_is_delivered_once_per_token() {
+    let mut h = H::new();
+    let s = h.online("s");
+    h.subscribe("s", s, "t", QoS::ExactlyOnce);
+    let delivered = |h: &H| h.queued("s") + h.p.session("s").unwrap().inflight.len();
+    let duplicate = |r: Reply| match r {
+        Reply::Published { duplicate, .. } => duplicate,
+        other => panic!("{other:?}"),
+    };
+    let first = keyed_qos2_publish(&mut h, "p", 10, 4, 100, "m1");
+    assert!(matches!(
+        first,
+        Reply::Published {
+            qos2_token: Some(100),
+            ..
+        }
+    ));
+    assert!(!duplicate(first));
+    assert!(duplicate(keyed_qos2_publish(&mut h, "p", 10, 4, 100, "m1")));
+    assert!(duplicate(keyed_qos2_publish(&mut h, "p", 12, 4, 100, "m1")));
+    assert_eq!(delivered(&h), 1);
+    // The id reused for a new message.
+    assert!(!duplicate(keyed_qos2_publish(
+        &mut h, "p", 12, 4, 130, "m2"
+    )));
+    assert_eq!(delivered(&h), 2);
+    // A late attempt of connection 10 with an older message under id 4.
+    assert!(duplicate(keyed_qos2_publish(&mut h, "p", 10, 4, 90, "m0")));
+    assert_eq!(delivered(&h), 2);
+    // Another publisher's id 4 is its own; and the keys hold no session.
+    keyed_qos2_publish(&mut h, "q", 3, 4, 100, "n1");
+    assert_eq!(delivered(&h), 3);
+    assert!(h.p.session("p").is_none());
+}
+
+/// The keys are partition state: a replica restored from an image (checkpoint, snapshot)
+/// still recognises the message; they are dropped a day after their last use.
+#[test]
+fn qos2_keys_survive_restore_and_expire() {
+    let mut h = H::new();
+    let s = h.online("s");
+    h.subscribe("s", s, "t", QoS::ExactlyOnce);
+    keyed_qos2_publish(&mut h, "p", 10, 4, 100, "m1");
+    let mut p = Partition::restore(SessionLimits::default(), roundtrip(h.p.image()));
+    assert_eq!(p.derived_indexes(), h.p.derived_indexes());
+    let mut index = h.index;
+    let mut step = |p: &mut Partition, now: u64, command: Command| {
+        index += 1;
+        p.apply(
+            index,
+            Entry {
+                now_ms: now,
+                command,
+            },
+        )
+    };
+    let keyed = |token| qos2_publish_command("p", 10, 4, Some(token), "m1");
+    let (r, _) = step(&mut p, h.now, keyed(100));
+    assert!(matches!(
+        r,
+        Reply::Published {
+            duplicate: true,
+            ..
+        }
+    ));
+    assert!(p.qos2_keys_of("p").is_some());
+    let day = super::qos2_keys::RETENTION_MS;
+    step(&mut p, h.now + day, Command::Tick);
+    assert!(p.qos2_keys_of("p").is_none());
+    assert!(p.take_dirty().qos2_keys.contains("p"));
 }
 
 // ---------------------------------------------------------------------------------------------

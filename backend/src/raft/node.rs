@@ -1355,7 +1355,7 @@ impl Driver {
                             None => Reply::NoSession,
                             Some(s) if s.epoch() != Some(epoch) => Reply::Fenced,
                             Some(s) => Reply::Qos2Received {
-                                duplicate: s.inbound_qos2.contains(&packet_id),
+                                duplicate: s.inbound_qos2.contains_key(&packet_id),
                             },
                         }),
                     }
