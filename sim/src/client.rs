@@ -284,6 +284,9 @@ async fn publish(
         token: Some(token),
         ..mark
     };
+    if ctx.world.plan.planted == Some(Planted::NoQos2Key) {
+        return check_all(sends(&others, None).await);
+    }
     check_all(sends(&others, Some(keyed)).await)
 }
 

@@ -77,6 +77,9 @@ pub enum Planted {
     /// The publisher is acknowledged once its message reached the leader, before the
     /// partitions committed it: a leader that dies takes acknowledged messages with it.
     AckBeforeCommit,
+    /// Inbound QoS2 without the idempotency token outside the publisher's partition (the
+    /// gap issue 19 §2 closed): a retried or re-sent publish is queued twice there.
+    NoQos2Key,
 }
 
 #[derive(Debug, Clone)]
