@@ -31,7 +31,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::debug;
 
 use crate::members::{ChangeError, MemberRecord, Members};
-use crate::raft::node::{ProposeError, RaftHandle};
+use crate::raft::node::{Origin, ProposeError, RaftHandle};
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -106,7 +106,18 @@ impl Broker for BrokerService {
         let handle = self.handle.clone();
         // The metadata group (number P) is not a partition: no frontend op may reach it.
         let partitions = self.members.record().partitions;
+        // A number for this stream, for the driver's fences (`raft::node::Origin`).
+        static STREAMS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let stream = STREAMS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tokio::spawn(async move {
+            /// Forgets the stream's fences however the task ends.
+            struct Closed(RaftHandle, u64);
+            impl Drop for Closed {
+                fn drop(&mut self) {
+                    self.0.stream_closed(self.1);
+                }
+            }
+            let _closed = Closed(handle.clone(), stream);
             let mut waits = FuturesUnordered::new();
             let mut open = true;
             while open || !waits.is_empty() {
@@ -127,7 +138,7 @@ impl Broker for BrokerService {
                                 }));
                                 continue;
                             }
-                            if let Some(wait) = submit(&handle, op) {
+                            if let Some(wait) = submit(&handle, op, stream) {
                                 waits.push(wait);
                             }
                         }
@@ -339,9 +350,13 @@ impl Broker for BrokerService {
 type ReplyFuture = Pin<Box<dyn std::future::Future<Output = Option<OpReply>> + Send>>;
 
 /// Hands one operation to the driver now; returns the wait for its reply, if one is wanted.
-fn submit(handle: &RaftHandle, op: Op) -> Option<ReplyFuture> {
+fn submit(handle: &RaftHandle, op: Op, stream: u64) -> Option<ReplyFuture> {
     let id = op.id;
     let partition = op.partition;
+    let origin = (op.generation != 0).then_some(Origin {
+        stream,
+        generation: op.generation,
+    });
     let bad = |what: &str| -> Option<ReplyFuture> {
         let reply = OpReply {
             id,
@@ -359,7 +374,7 @@ fn submit(handle: &RaftHandle, op: Op) -> Option<ReplyFuture> {
                 command,
                 Command::Subscribe { .. } | Command::SharedJoin { .. }
             );
-            let wait = handle.submit(partition, command);
+            let wait = handle.submit_from(partition, command, origin);
             let hub = handle.hub().clone();
             Some(Box::pin(async move {
                 let r = wait.await;

@@ -117,6 +117,10 @@ struct Pipe {
     /// the leader, no idea who is"). Reaching the replica count means every replica this
     /// client knows failed: the map it holds may be stale, so it asks for a fresh one.
     dead_ends: usize,
+    /// Sent with every operation; grows at each switch. A node that refused one operation
+    /// refuses the later ones of the same generation (they were sent before the refusal was
+    /// known here), so a node that becomes leader meanwhile cannot commit them ahead of it.
+    generation: u64,
 }
 
 /// Routes as learned from the partitions' leaders.
@@ -415,6 +419,7 @@ impl ClusterClient {
         &self,
         node: u64,
         partition: u32,
+        generation: u64,
         kind: op::Kind,
         reply: bool,
     ) -> Option<oneshot::Receiver<Outcome>> {
@@ -434,6 +439,7 @@ impl ClusterClient {
             id,
             partition,
             kind: Some(kind),
+            generation,
         };
         let nodes = self.inner.nodes.read().unwrap_or_else(|e| e.into_inner());
         match nodes.get(&node) {
@@ -513,10 +519,10 @@ impl ClusterClient {
             deadline,
         } = held;
         if done.is_none() {
-            self.send_op(node, partition, kind, false);
+            self.send_op(node, partition, pipe.generation, kind, false);
             return;
         }
-        let rx = self.send_op(node, partition, kind.clone(), true);
+        let rx = self.send_op(node, partition, pipe.generation, kind.clone(), true);
         pipe.inflight += 1;
         let client = self.clone();
         tokio::spawn(async move {
@@ -651,7 +657,9 @@ impl ClusterClient {
             .read()
             .unwrap_or_else(|e| e.into_inner())[partition as usize]
             .clone();
-        let node = if pipe.hint != 0 && pipe.hint != pipe.failed_node {
+        // A hint naming the node that failed is a leader that refused an operation sent before
+        // it led (or before an earlier refusal): back to it, under a new generation.
+        let node = if pipe.hint != 0 {
             pipe.hint
         } else if cached != 0 && cached != pipe.failed_node {
             cached
@@ -668,6 +676,7 @@ impl ClusterClient {
         pipe.node = node;
         pipe.hint = 0;
         pipe.switching = false;
+        pipe.generation += 1;
         let held = std::mem::take(&mut pipe.held);
         for (seq, h) in held {
             self.send_tracked(&mut pipe, partition, node, seq, h);

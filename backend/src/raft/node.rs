@@ -165,7 +165,10 @@ enum NodeMsg {
         command: Command,
         reply: oneshot::Sender<Result<Reply, ProposeError>>,
         events: Option<EventSender>,
+        origin: Option<Origin>,
     },
+    /// A frontend's ordered stream ended: its fences go.
+    StreamClosed { stream: u64 },
     Raft {
         partition: u32,
         message: RaftMessage,
@@ -481,6 +484,7 @@ impl RaftHandle {
                 command,
                 reply,
                 events,
+                origin: None,
             })
             .map_err(|_| ProposeError::Stopped)?;
         rx.await.map_err(|_| ProposeError::Stopped)?
@@ -494,6 +498,18 @@ impl RaftHandle {
         partition: u32,
         command: Command,
     ) -> impl std::future::Future<Output = Result<Reply, ProposeError>> + Send + 'static {
+        self.submit_from(partition, command, None)
+    }
+
+    /// [`RaftHandle::submit`] for an operation of a frontend's ordered stream: once this node
+    /// refuses one of `origin`'s operations, it refuses the later ones of the same stream and
+    /// generation too ([`Origin`]).
+    pub fn submit_from(
+        &self,
+        partition: u32,
+        command: Command,
+        origin: Option<Origin>,
+    ) -> impl std::future::Future<Output = Result<Reply, ProposeError>> + Send + 'static {
         let (reply, rx) = oneshot::channel();
         let sent = self
             .tx
@@ -502,6 +518,7 @@ impl RaftHandle {
                 command,
                 reply,
                 events: None,
+                origin,
             })
             .is_ok();
         async move {
@@ -510,6 +527,11 @@ impl RaftHandle {
             }
             rx.await.map_err(|_| ProposeError::Stopped)?
         }
+    }
+
+    /// Forgets the fences of a frontend stream that ended ([`Origin`]).
+    pub fn stream_closed(&self, stream: u64) {
+        let _ = self.tx.send(NodeMsg::StreamClosed { stream });
     }
 
     /// Delivers a QoS0 message to the partition's online subscribers, if this node leads it.
@@ -652,7 +674,22 @@ impl RaftHandle {
 type ReplySender = oneshot::Sender<Result<Reply, ProposeError>>;
 
 /// A command waiting to be proposed in this round's batch.
-type Proposal = (Command, ReplySender, Option<EventSender>);
+type Proposal = (Command, ReplySender, Option<EventSender>, Option<Origin>);
+
+/// Where a proposal came from: a frontend's ordered operation stream (a number this node gives
+/// each stream) and the generation of the frontend's pipe for the partition, which grows each
+/// time the pipe re-sends after a failure.
+///
+/// Why (issue 19, bug 4): the pipe sends operations A and B of a partition to a node that is
+/// not the leader yet; the node refuses A, becomes leader, and would accept B — then A, retried,
+/// lands after B, and a publisher's order is broken. So once a node refuses an operation, it
+/// refuses every later operation of that stream, partition and generation: the pipe re-sends
+/// them all, in order, under a new generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Origin {
+    pub stream: u64,
+    pub generation: u64,
+}
 
 /// A proposal waiting for its entry to be applied.
 struct Pending {
@@ -660,6 +697,7 @@ struct Pending {
     term: u64,
     replies: Vec<Option<oneshot::Sender<Result<Reply, ProposeError>>>>,
     events: Vec<Option<EventSender>>,
+    origins: Vec<Option<Origin>>,
     timer: super::timings::CommitTimer,
 }
 
@@ -680,6 +718,9 @@ struct Group {
     taken_over: u64,
     /// A conf change removed this node from the group: the driver destroys it after the round.
     removed: bool,
+    /// Stream → the highest pipe generation of which this group refused an operation: later
+    /// operations of that stream and generation are refused too ([`Origin`]).
+    fences: HashMap<u64, u64>,
 }
 
 impl Group {
@@ -730,11 +771,31 @@ impl Group {
     }
 
     fn fail_pending(&mut self, err: ProposeError) {
-        for p in self.pending.drain(..) {
-            for r in p.replies.into_iter().flatten() {
-                let _ = r.send(Err(err.clone()));
+        for p in std::mem::take(&mut self.pending) {
+            for (r, origin) in p.replies.into_iter().zip(p.origins) {
+                if let Some(r) = r {
+                    self.refuse(origin, r, err.clone());
+                }
             }
         }
+    }
+
+    /// Answers a proposal with `err` and fences its stream's later operations ([`Origin`]).
+    fn refuse(&mut self, origin: Option<Origin>, reply: ReplySender, err: ProposeError) {
+        if let Some(o) = origin {
+            let fence = self.fences.entry(o.stream).or_default();
+            *fence = (*fence).max(o.generation);
+        }
+        let _ = reply.send(Err(err));
+    }
+
+    /// Whether an earlier operation of `origin`'s stream and generation was refused here.
+    fn fenced(&self, origin: Option<Origin>) -> bool {
+        origin.is_some_and(|o| {
+            self.fences
+                .get(&o.stream)
+                .is_some_and(|g| *g >= o.generation)
+        })
     }
 
     /// Applies committed Raft entries to the state machine and answers their proposers.
@@ -1104,6 +1165,7 @@ fn open_group(
         was_leader: false,
         taken_over: 0,
         removed: false,
+        fences: HashMap::new(),
     })
 }
 
@@ -1235,7 +1297,7 @@ impl Driver {
                     for g in self.groups.values_mut() {
                         if g.is_leader() {
                             let (reply, _) = oneshot::channel();
-                            g.proposals.push((Command::Tick, reply, None));
+                            g.proposals.push((Command::Tick, reply, None, None));
                         }
                     }
                 }
@@ -1270,15 +1332,22 @@ impl Driver {
                 command,
                 reply,
                 events,
+                origin,
             } => match self.groups.get_mut(&partition) {
                 None => {
                     let _ = reply.send(Err(ProposeError::UnknownPartition(partition)));
                 }
-                Some(g) if !g.is_leader() => {
-                    let _ = reply.send(Err(ProposeError::NotLeader { leader: g.leader() }));
+                Some(g) if !g.is_leader() || g.fenced(origin) => {
+                    let leader = g.leader();
+                    g.refuse(origin, reply, ProposeError::NotLeader { leader });
                 }
-                Some(g) => g.proposals.push((command, reply, events)),
+                Some(g) => g.proposals.push((command, reply, events, origin)),
             },
+            NodeMsg::StreamClosed { stream } => {
+                for g in self.groups.values_mut() {
+                    g.fences.remove(&stream);
+                }
+            }
             NodeMsg::Raft { partition, message } => {
                 if let Some(g) = self
                     .groups
@@ -1419,7 +1488,7 @@ impl Driver {
                 if g.is_leader() && g.sm.attached_frontends().contains(&f) {
                     let (reply, _) = oneshot::channel();
                     g.proposals
-                        .push((Command::FrontendLost { frontend_id: f }, reply, None));
+                        .push((Command::FrontendLost { frontend_id: f }, reply, None, None));
                 }
             }
         }
@@ -1439,8 +1508,8 @@ impl Driver {
             }
             if !g.is_leader() {
                 let leader = g.leader();
-                for (_, reply, _) in g.proposals.drain(..) {
-                    let _ = reply.send(Err(ProposeError::NotLeader { leader }));
+                for (_, reply, _, origin) in std::mem::take(&mut g.proposals) {
+                    g.refuse(origin, reply, ProposeError::NotLeader { leader });
                 }
                 continue;
             }
@@ -1450,13 +1519,15 @@ impl Driver {
                 let mut entries = Vec::with_capacity(batch.len());
                 let mut replies = Vec::with_capacity(batch.len());
                 let mut events = Vec::with_capacity(batch.len());
-                for (command, reply, ev) in batch {
+                let mut origins = Vec::with_capacity(batch.len());
+                for (command, reply, ev, origin) in batch {
                     entries.push(Entry {
                         now_ms: now,
                         command,
                     });
                     replies.push(Some(reply));
                     events.push(ev);
+                    origins.push(origin);
                 }
                 let data = match postcard::to_stdvec(&entries) {
                     Ok(d) => d,
@@ -1468,8 +1539,10 @@ impl Driver {
                 if let Err(e) = g.raw.propose(vec![], data) {
                     let leader = g.leader();
                     debug!(partition = g.partition, error = %e, "proposal refused");
-                    for r in replies.into_iter().flatten() {
-                        let _ = r.send(Err(ProposeError::NotLeader { leader }));
+                    for (r, origin) in replies.into_iter().zip(origins) {
+                        if let Some(r) = r {
+                            g.refuse(origin, r, ProposeError::NotLeader { leader });
+                        }
                     }
                     continue;
                 }
@@ -1482,6 +1555,7 @@ impl Driver {
                     term: g.raw.raft.term,
                     replies,
                     events,
+                    origins,
                     timer: stats.timings.proposed(g.partition),
                 });
             }
@@ -1495,7 +1569,7 @@ impl Driver {
         tracing::error!(node = self.config.node_id, reason, "raft node stopped");
         for g in self.groups.values_mut() {
             g.fail_pending(ProposeError::Stopped);
-            for (_, reply, _) in g.proposals.drain(..) {
+            for (_, reply, _, _) in g.proposals.drain(..) {
                 let _ = reply.send(Err(ProposeError::Stopped));
             }
             if g.was_leader {

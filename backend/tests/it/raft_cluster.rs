@@ -11,8 +11,8 @@ use raft::prelude::Message as RaftMessage;
 use tiermq_backend::partition::command::{Command, Reply};
 use tiermq_backend::placement::{NodeId, PartitionMap, DEFAULT_VNODES};
 use tiermq_backend::raft::node::{
-    decode_message, encode_message, start, ClusterHub, GroupStatus, ProposeError, RaftConfig,
-    RaftHandle, Transport,
+    decode_message, encode_message, start, ClusterHub, GroupStatus, Origin, ProposeError,
+    RaftConfig, RaftHandle, Transport,
 };
 use tiermq_common::{Message, QoS};
 
@@ -824,4 +824,64 @@ fn before_nodes(map: &PartitionMap) -> usize {
     nodes.sort();
     nodes.dedup();
     nodes.len()
+}
+
+/// Issue 19, bug 4: a frontend's pipe sends A then B to a node that is not the leader yet; the
+/// node refuses A, becomes leader, and must refuse B too (same stream, same pipe generation),
+/// or B commits ahead of A's retry and the publisher's order breaks. A later generation (the
+/// pipe re-sending after the refusal) is accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_refused_an_operation_refuses_the_rest_of_its_generation() {
+    let c = Cluster::new(&[1, 2, 3]);
+    let leaders = c.wait_leaders(T).await;
+    let p = 0;
+    let old = leaders[&p];
+    let handles: HashMap<NodeId, RaftHandle> = c.net.nodes.lock().unwrap().clone();
+    let origin = |generation| {
+        Some(Origin {
+            stream: 7,
+            generation,
+        })
+    };
+    // A reaches both followers while they follow: both refuse it.
+    for (id, h) in &handles {
+        if *id != old {
+            let r = h.submit_from(p, retained("o/a", "A"), origin(1)).await;
+            assert!(matches!(r, Err(ProposeError::NotLeader { .. })), "{r:?}");
+        }
+    }
+    // Leadership moves to one of them.
+    assert!(handles[&old].transfer_leadership(T).await.is_empty());
+    let new = loop {
+        if let Some(l) = c.leader(p).await.filter(|l| *l != old) {
+            break l;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let b = handles[&new]
+        .submit_from(p, retained("o/b", "B"), origin(1))
+        .await;
+    assert!(
+        matches!(b, Err(ProposeError::NotLeader { leader: Some(l) }) if l == new),
+        "B of the refused generation was accepted: {b:?}"
+    );
+    // The pipe re-sends A and B under a new generation: accepted, in order.
+    for (k, v) in [("o/a", "A"), ("o/b", "B")] {
+        let r = handles[&new]
+            .submit_from(p, retained(k, v), origin(2))
+            .await;
+        assert!(matches!(r, Ok(Reply::Published { .. })), "{r:?}");
+    }
+    // Another stream is not fenced by this one's refusals.
+    let other = handles[&new]
+        .submit_from(
+            p,
+            retained("o/c", "C"),
+            Some(Origin {
+                stream: 8,
+                generation: 1,
+            }),
+        )
+        .await;
+    assert!(matches!(other, Ok(Reply::Published { .. })), "{other:?}");
 }

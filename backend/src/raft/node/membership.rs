@@ -301,7 +301,7 @@ impl Driver {
         };
         self.membership.leaderless.remove(&p);
         g.fail_pending(ProposeError::NotLeader { leader: None });
-        for (_, reply, _) in g.proposals.drain(..) {
+        for (_, reply, _, _) in g.proposals.drain(..) {
             let _ = reply.send(Err(ProposeError::NotLeader { leader: None }));
         }
         if g.was_leader {
