@@ -17,6 +17,7 @@ use std::sync::Arc;
 use futures::stream::FuturesUnordered;
 use futures::{Stream, StreamExt};
 use tiermq_common::partition_api::{Command, Query};
+use tiermq_common::session_api::SessionEvent;
 use tiermq_common::Message;
 use tiermq_proto::broker::broker_server::{Broker, BrokerServer};
 use tiermq_proto::broker::{
@@ -191,6 +192,10 @@ impl Broker for BrokerService {
                             client_id: e.client_id.to_string(),
                             epoch: e.epoch,
                             event: postcard::to_stdvec(&e.event).unwrap_or_default(),
+                            index: match &e.event {
+                                SessionEvent::Deliver(d) => d.index.unwrap_or(0),
+                                _ => 0,
+                            },
                         })
                         .collect(),
                 };

@@ -766,7 +766,7 @@ impl SessionService for LocalBroker {
         session: &SessionRef,
         kind: AckKind,
         packet_id: u16,
-    ) -> impl Future<Output = ServiceResult<()>> + Send + 'static {
+    ) -> impl Future<Output = ServiceResult<Option<u64>>> + Send + 'static {
         let home = self.partition_of(&session.client_id);
         let command = Command::Ack {
             client_id: session.client_id.clone(),
@@ -776,13 +776,13 @@ impl SessionService for LocalBroker {
         };
         if kind != AckKind::PubRec {
             self.cast(home, command);
-            return futures::future::Either::Left(std::future::ready(Ok(())));
+            return futures::future::Either::Left(std::future::ready(Ok(None)));
         }
         // PUBREC is flushed before it is applied and answered (`needs_durability`).
         let wait = self.submit(home, command);
         futures::future::Either::Right(async move {
             match wait.await? {
-                Reply::Done => Ok(()),
+                Reply::Acked { index } => Ok(Some(index)),
                 other => Err(reply_error(other)),
             }
         })

@@ -333,6 +333,12 @@ pub enum Reply {
         done: bool,
     },
     NoSession,
+    /// The answer to [`Command::Ack`]: the index at which it was applied. A connection drops
+    /// a delivery of a PUBREC'd packet id computed at a lower index: a stale replay
+    /// (`crate::released_ids`). Last in the enum so the other variants keep their encoding.
+    Acked {
+        index: u64,
+    },
 }
 
 /// A read a partition's leader answers without logging anything.

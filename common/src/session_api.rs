@@ -99,6 +99,14 @@ pub struct Delivery {
     /// Message Expiry Interval left, in seconds, if the message has one.
     pub expiry_secs: Option<u32>,
     pub message: Arc<Message>,
+    /// The log index of the session's partition at which this delivery was computed: the
+    /// index of the applied entry whose effect it is, or the applied index a new leader's
+    /// replay was computed from. The connection compares it with the index at which a PUBREC
+    /// was applied to drop a stale replay ([`crate::released_ids`]). `None` when unknown.
+    /// Not in the event's encoding: the cluster carries it beside the event
+    /// (`SessionEventMsg.index`), so the encoding stays the one older nodes speak.
+    #[serde(skip)]
+    pub index: Option<u64>,
 }
 
 /// What the partitions push to a connection.
@@ -240,12 +248,16 @@ pub trait SessionService: Send + Sync + 'static {
     /// and PUBREL must wait for it: after PUBCOMP the client forgets the packet id, so a
     /// PUBREC lost in a crash would make the session re-send the PUBLISH, which the client
     /// would take for a new message — a QoS2 message delivered twice.
+    ///
+    /// A PUBREC's answer is the log index of the session's partition at which it was applied
+    /// (`None` when unknown; always `None` for PUBACK and PUBCOMP): a delivery of that packet
+    /// id computed at a lower index is a stale replay ([`crate::released_ids`]).
     fn ack(
         &self,
         session: &SessionRef,
         kind: AckKind,
         packet_id: u16,
-    ) -> impl Future<Output = ServiceResult<()>> + Send + 'static;
+    ) -> impl Future<Output = ServiceResult<Option<u64>>> + Send + 'static;
 
     fn disconnect(
         &self,

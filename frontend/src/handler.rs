@@ -10,7 +10,7 @@
 //! alive, shutdown). Writes are fed into the codec's buffer and flushed once per wake-up, so a
 //! burst of deliveries costs one syscall.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -25,6 +25,7 @@ use tiermq_common::codec::{
     Packet, PubAck, PubComp, PubRec, PubRel, Publish, ReasonSet, SubAck, Subscribe, UnsubAck,
     Unsubscribe,
 };
+use tiermq_common::released_ids::ReleasedIds;
 use tiermq_common::session_api::{
     AckKind, ConnectRequest, Delivery, DisconnectRequest, Published, ServiceError, ServiceResult,
     SessionEvent, SessionRef, SessionService, SubscribeRequest, SubscriptionOptions,
@@ -49,7 +50,7 @@ use crate::sys_topics::is_sys_topic;
 
 type PendingAck = Pin<Box<dyn Future<Output = Outgoing> + Send>>;
 /// A subscriber's PUBREC on its way to being durable; PUBREL (the packet id) follows it.
-type PendingRelease = Pin<Box<dyn Future<Output = (u16, ServiceResult<()>)> + Send>>;
+type PendingRelease = Pin<Box<dyn Future<Output = (u16, ServiceResult<Option<u64>>)> + Send>>;
 
 /// Initial read buffer of a connection (it grows while a client sends faster).
 const READ_BUFFER_START: usize = 1024;
@@ -263,11 +264,12 @@ pub struct Handler<S: SessionService, IO> {
     /// PUBRECs of deliveries not yet durable: each PUBREL waits for its own (see
     /// `SessionService::ack`). Apart from `pending`, which the client's Receive Maximum bounds.
     releases: FuturesOrdered<PendingRelease>,
-    /// Outbound QoS2 packet ids whose PUBREL went out and whose PUBCOMP has not come back.
-    /// A PUBLISH re-sent for one of them is stale: a new leader's replay computed before the
-    /// PUBREC was applied can arrive after the PUBREC's answer (events and answers travel
-    /// apart); the client, already released, would take it for a new message.
-    released: HashSet<u16>,
+    /// Outbound QoS2 packet ids whose PUBREL went out, with the log index at which their PUBREC
+    /// was applied, kept past the PUBCOMP. A PUBLISH for one of them computed before that
+    /// index is stale: a leader's replay computed before the PUBREC was applied can arrive
+    /// after the PUBREC's answer, even after the client's PUBCOMP (events and answers travel
+    /// apart); the client, done with the id, would take it for a new message.
+    released: ReleasedIds,
     metrics: ConnectionMetrics,
     /// `limits.publish_rate` / `publish_bandwidth` of this connection.
     throttle: PublishThrottle,
@@ -544,7 +546,7 @@ where
             acl,
             pending: FuturesOrdered::new(),
             releases: FuturesOrdered::new(),
-            released: HashSet::new(),
+            released: ReleasedIds::new(),
             throttle,
         })
     }
@@ -827,7 +829,7 @@ where
                 Ok(())
             }
             Packet::PubComp(a) => {
-                self.released.remove(&a.packet_id);
+                self.released.pubcomp(a.packet_id);
                 self.ack(AckKind::PubComp, a.packet_id).await;
                 Ok(())
             }
@@ -909,10 +911,14 @@ where
     /// The PUBREC of delivery `pid` is durable: PUBREL may go out. If it could not be made
     /// durable, no PUBREL: the session re-sends the PUBLISH (DUP) to the next connection,
     /// which the client, still holding the packet id, answers with PUBREC again.
-    fn on_pubrec_durable(&mut self, pid: u16, done: ServiceResult<()>) -> Result<(), Close> {
+    fn on_pubrec_durable(
+        &mut self,
+        pid: u16,
+        done: ServiceResult<Option<u64>>,
+    ) -> Result<(), Close> {
         match done {
-            Ok(()) => {
-                self.released.insert(pid);
+            Ok(index) => {
+                self.released.pubrec_applied(pid, index);
                 self.feed(Packet::PubRel(PubRel::new(pid)))
             }
             Err(e) => {
@@ -1322,9 +1328,10 @@ where
         match event {
             SessionEvent::Deliver(d) => {
                 if d.qos == QoS::ExactlyOnce
-                    && d.packet_id.is_some_and(|pid| self.released.contains(&pid))
+                    && d.packet_id
+                        .is_some_and(|pid| self.released.is_stale(pid, d.index))
                 {
-                    trace!(peer = %self.peer, packet_id = ?d.packet_id, "stale QoS2 re-send after PUBREL dropped");
+                    trace!(peer = %self.peer, packet_id = ?d.packet_id, index = ?d.index, "stale QoS2 re-send after PUBREC dropped");
                     return Ok(());
                 }
                 if self
@@ -1513,3 +1520,6 @@ where
         return None;
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1193,7 +1193,7 @@ impl SessionService for ClusterClient {
         session: &SessionRef,
         kind: AckKind,
         packet_id: u16,
-    ) -> impl Future<Output = ServiceResult<()>> + Send + 'static {
+    ) -> impl Future<Output = ServiceResult<Option<u64>>> + Send + 'static {
         let home = self.partition_of(&session.client_id);
         let command = Command::Ack {
             client_id: session.client_id.clone(),
@@ -1209,12 +1209,14 @@ impl SessionService for ClusterClient {
                 home,
                 op::Kind::Command(postcard::to_stdvec(&command).unwrap_or_default()),
             ));
-            return futures::future::Either::Left(std::future::ready(Ok(())));
+            return futures::future::Either::Left(std::future::ready(Ok(None)));
         }
         let wait = self.command(home, &command);
         futures::future::Either::Right(async move {
             match wait.await? {
-                Reply::Done => Ok(()),
+                Reply::Acked { index } => Ok(Some(index)),
+                // A backend of the version before indexes: committed, index unknown.
+                Reply::Done => Ok(None),
                 other => Err(reply_error(other)),
             }
         })
@@ -1553,9 +1555,12 @@ async fn event_stream(
 fn deliver_events(inner: &Inner, batch: crate::broker::EventBatch) {
     let mut s = inner.sessions.lock().unwrap_or_else(|e| e.into_inner());
     for e in batch.events {
-        let Ok(event) = postcard::from_bytes::<SessionEvent>(&e.event) else {
+        let Ok(mut event) = postcard::from_bytes::<SessionEvent>(&e.event) else {
             continue;
         };
+        if let SessionEvent::Deliver(d) = &mut event {
+            d.index = (e.index != 0).then_some(e.index);
+        }
         let client_id: Arc<str> = Arc::from(e.client_id.as_str());
         match s.live.get(&client_id) {
             Some((epoch, tx)) if *epoch == e.epoch => {

@@ -12,6 +12,7 @@ use bytes::Bytes;
 use futures::future::join_all;
 use tiermq_common::hashing::partition_of;
 use tiermq_common::partition_api::{AckCmd, Command, InboundQos2, Reply};
+use tiermq_common::released_ids::ReleasedIds;
 use tiermq_common::session_api::{SessionEvent, SubscribeRequest, SubscriptionOptions};
 use tiermq_common::{Message, ProtocolVersion, QoS};
 use tokio::sync::{mpsc, Notify};
@@ -337,8 +338,8 @@ pub async fn run_subscriber(ctx: Ctx, client_id: String, preferred: usize, kill:
         // Acks go out in order on the connection, as on the real ordered pipe.
         let (acks, ack_rx) = mpsc::unbounded_channel();
         let (released, mut released_rx) = mpsc::unbounded_channel();
-        // Per connection, as the handler keeps it.
-        let mut released_ids: BTreeSet<u16> = BTreeSet::new();
+        // Per connection, as the handler keeps it (`Handler::released`): the same rule.
+        let mut released_ids = ReleasedIds::new();
         let (pubcomp_tx, mut pubcomp_rx) = mpsc::unbounded_channel();
         let acker = tokio::spawn(send_acks(
             ctx.world.clone(),
@@ -353,10 +354,15 @@ pub async fn run_subscriber(ctx: Ctx, client_id: String, preferred: usize, kill:
             let event = tokio::select! {
                 biased;
                 _ = kill.notified() => break true,
-                Some(packet_id) = released_rx.recv() => Some(SessionEvent::Release { packet_id }),
+                Some((packet_id, index)) = released_rx.recv() => {
+                    // The PUBREC is durable, applied at `index`: PUBREL goes out
+                    // (`Handler::on_pubrec_durable`).
+                    released_ids.pubrec_applied(packet_id, index);
+                    Some(SessionEvent::Release { packet_id })
+                }
                 Some(packet_id) = pubcomp_rx.recv() => {
-                    // PUBCOMP: the handler forgets the id and acks it to the session.
-                    released_ids.remove(&packet_id);
+                    // PUBCOMP: the handler notes the exchange done and acks it to the session.
+                    released_ids.pubcomp(packet_id);
                     let _ = acks.send(AckJob::Plain(AckCmd::PubComp, packet_id));
                     continue;
                 }
@@ -390,9 +396,13 @@ pub async fn run_subscriber(ctx: Ctx, client_id: String, preferred: usize, kill:
                         );
                         continue;
                     };
-                    // The handler drops a QoS2 re-send for an id whose PUBREL went out
-                    // (`Handler::released`): a replay computed before the PUBREC applied.
-                    if d.qos == QoS::ExactlyOnce && released_ids.contains(&packet_id) {
+                    // The handler drops a QoS2 re-send for an id whose PUBREC was applied after
+                    // the delivery was computed (`Handler::released`): a stale replay.
+                    if d.qos == QoS::ExactlyOnce && released_ids.is_stale(packet_id, d.index) {
+                        ctx.world.trace(format!(
+                            "{client_id}: stale re-send of id {packet_id} (index {:?}) dropped",
+                            d.index
+                        ));
                         continue;
                     }
                     match d.qos {
@@ -428,7 +438,6 @@ pub async fn run_subscriber(ctx: Ctx, client_id: String, preferred: usize, kill:
                     ctx.world
                         .trace(format!("{client_id} <- PUBREL id {packet_id}"));
                     awaiting_rel.remove(&packet_id);
-                    released_ids.insert(packet_id);
                     // The client's PUBCOMP reaches the frontend a network hop later.
                     let pubcomp = pubcomp_tx.clone();
                     let delay = ctx.world.delay();
@@ -472,7 +481,7 @@ async fn send_acks(
     epoch: u64,
     home: u32,
     mut acks: mpsc::UnboundedReceiver<AckJob>,
-    released: mpsc::UnboundedSender<u16>,
+    released: mpsc::UnboundedSender<(u16, Option<u64>)>,
 ) {
     while let Some(job) = acks.recv().await {
         let (kind, packet_id) = match job {
@@ -490,11 +499,14 @@ async fn send_acks(
                 },
             )
             .await;
-        let durable = matches!(reply, Ok(Reply::Done));
-        if durable && matches!(job, AckJob::PubRec(_)) {
-            let _ = released.send(packet_id);
+        let durable = match reply {
+            Ok(Reply::Acked { index }) => Some(index),
+            _ => None,
+        };
+        if let (Some(index), AckJob::PubRec(_)) = (durable, job) {
+            let _ = released.send((packet_id, Some(index)));
         }
-        if !durable {
+        if durable.is_none() {
             world.trace(format!(
                 "{client_id} ack {kind:?} id {packet_id} (epoch {epoch}): {reply:?}"
             ));

@@ -328,7 +328,7 @@ async fn check_no_deaf_sessions(world: &Arc<World>, frontends: &[Arc<Frontend>])
             packet_id: 0,
         };
         match frontend.call(home, probe).await {
-            Ok(Reply::Done) => {}
+            Ok(Reply::Acked { .. }) => {}
             other => world.history().violation(format!(
                 "deaf session: {client} is connected (frontend {slot}, epoch {epoch}) but its session answers {other:?}"
             )),

@@ -240,9 +240,14 @@ impl Partition {
             .map(|s| &s.client_id)
             .collect();
         ids.sort();
-        ids.into_iter()
+        let mut effects: Vec<Effect> = ids
+            .into_iter()
             .flat_map(|id| self.sessions[id].replay_inflight(now_ms))
-            .collect()
+            .collect();
+        // Computed from the state as of the last applied entry: a connection recognises a
+        // replay older than a PUBREC's answer by it (`tiermq_common::released_ids`).
+        stamp_deliveries(&mut effects, self.applied_index);
+        effects
     }
 
     /// Frontends holding at least one connection of this partition's sessions.
@@ -375,14 +380,22 @@ impl Partition {
                     subscription_ids: t.subscription_ids,
                     expiry_secs: message.remaining_expiry_secs(now_ms),
                     message: message.clone(),
+                    index: Some(self.applied_index),
                 }),
             });
         }
         (matched, effects)
     }
 
-    /// Applies one log entry. `index` must grow by one per call.
+    /// Applies one log entry. `index` must grow by one per call. The deliveries among the
+    /// effects carry `index` ([`Delivery::index`](tiermq_common::session_api::Delivery)).
     pub fn apply(&mut self, index: u64, entry: Entry) -> (Reply, Vec<Effect>) {
+        let (reply, mut effects) = self.apply_entry(index, entry);
+        stamp_deliveries(&mut effects, index);
+        (reply, effects)
+    }
+
+    fn apply_entry(&mut self, index: u64, entry: Entry) -> (Reply, Vec<Effect>) {
         debug_assert!(index > self.applied_index, "log index must grow");
         self.applied_index = index;
         let now = entry.now_ms;
@@ -515,7 +528,7 @@ impl Partition {
                         s.pump(now, &mut effects);
                         self.dirty.sessions.insert(client_id);
                     }
-                    Reply::Done
+                    Reply::Acked { index }
                 }
                 Err(r) => r,
             },
@@ -1140,6 +1153,19 @@ fn enqueue_retained(
             limits,
             effects,
         );
+    }
+}
+
+/// Sets the index at which deliveries were computed (`Delivery::index`).
+fn stamp_deliveries(effects: &mut [Effect], index: u64) {
+    for effect in effects {
+        if let Effect::Send {
+            event: SessionEvent::Deliver(d),
+            ..
+        } = effect
+        {
+            d.index = Some(index);
+        }
     }
 }
 

@@ -350,6 +350,8 @@ impl Session {
                 subscription_ids: item.subscription_ids.clone(),
                 expiry_secs: item.message.remaining_expiry_secs(now_ms),
                 message: item.message.clone(),
+                // Set by the partition (`Partition::apply`, `replay_for_frontend`).
+                index: None,
             }),
         }
     }

@@ -228,7 +228,7 @@ impl H {
             kind,
             packet_id,
         });
-        assert_eq!(r, Reply::Done);
+        assert!(matches!(r, Reply::Acked { .. }), "{r:?}");
         e
     }
 
@@ -921,6 +921,38 @@ fn qos2_outbound_flow() {
     );
     h.ack("a", a2, AckCmd::PubComp, pid);
     assert!(h.inflight_ids("a").is_empty());
+}
+
+/// Deliveries carry the index at which they were computed and an ack's answer the index at
+/// which it was applied: a connection drops a replay of a packet id computed before that id's
+/// PUBREC was applied (`tiermq_common::released_ids`; issue 19, simulation seed 5041).
+#[test]
+fn deliveries_and_acks_carry_their_log_index() {
+    let mut h = H::new();
+    let a = h.connect("a", conn().frontend(3)).0;
+    h.subscribe("a", a, "t", QoS::ExactlyOnce);
+    let d = deliveries(&h.publish("t", "x", QoS::ExactlyOnce), "a");
+    assert_eq!(d[0].index, Some(h.index), "the entry that computed it");
+    let pid = d[0].packet_id.unwrap();
+    // A new leader's replay, computed before the PUBREC, from the state as of its index.
+    let replay = h.p.replay_for_frontend(3, h.now);
+    let before = h.index;
+    assert_eq!(deliveries(&replay, "a")[0].index, Some(before));
+    let (r, _) = h.apply(Command::Ack {
+        client_id: "a".into(),
+        epoch: a,
+        kind: AckCmd::PubRec,
+        packet_id: pid,
+    });
+    assert_eq!(r, Reply::Acked { index: h.index });
+    assert!(before < h.index, "the stale replay is older than the PUBREC");
+    // Applied every index after it, a replay no longer holds the PUBLISH, only its PUBREL.
+    assert!(deliveries(&h.p.replay_for_frontend(3, h.now), "a").is_empty());
+    // The id used again after PUBCOMP: computed at a higher index than the PUBREC.
+    let rec = h.index;
+    h.ack("a", a, AckCmd::PubComp, pid);
+    let d = deliveries(&h.publish("t", "y", QoS::ExactlyOnce), "a");
+    assert!(d[0].index.unwrap() > rec);
 }
 
 #[test]
