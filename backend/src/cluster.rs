@@ -17,7 +17,6 @@ use std::sync::Arc;
 use futures::stream::FuturesUnordered;
 use futures::{Stream, StreamExt};
 use tiermq_common::partition_api::{Command, Query};
-use tiermq_common::session_api::SessionEvent;
 use tiermq_common::Message;
 use tiermq_proto::broker::broker_server::{Broker, BrokerServer};
 use tiermq_proto::broker::{
@@ -188,15 +187,7 @@ impl Broker for BrokerService {
                 let msg = EventBatch {
                     events: batch
                         .into_iter()
-                        .map(|e| SessionEventMsg {
-                            client_id: e.client_id.to_string(),
-                            epoch: e.epoch,
-                            event: postcard::to_stdvec(&e.event).unwrap_or_default(),
-                            index: match &e.event {
-                                SessionEvent::Deliver(d) => d.index.unwrap_or(0),
-                                _ => 0,
-                            },
-                        })
+                        .map(|e| SessionEventMsg::new(&e.client_id, e.epoch, &e.event))
                         .collect(),
                 };
                 if tx.send(Ok(msg)).is_err() {

@@ -1555,12 +1555,9 @@ async fn event_stream(
 fn deliver_events(inner: &Inner, batch: crate::broker::EventBatch) {
     let mut s = inner.sessions.lock().unwrap_or_else(|e| e.into_inner());
     for e in batch.events {
-        let Ok(mut event) = postcard::from_bytes::<SessionEvent>(&e.event) else {
+        let Some(event) = e.decode() else {
             continue;
         };
-        if let SessionEvent::Deliver(d) = &mut event {
-            d.index = (e.index != 0).then_some(e.index);
-        }
         let client_id: Arc<str> = Arc::from(e.client_id.as_str());
         match s.live.get(&client_id) {
             Some((epoch, tx)) if *epoch == e.epoch => {

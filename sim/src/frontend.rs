@@ -344,7 +344,10 @@ async fn pump_events(
             return; // the stream breaks; what was in it is lost (replayed on re-attach)
         }
         let what = match &event.event {
-            SessionEvent::Deliver(d) => format!("PUBLISH id {:?} dup {}", d.packet_id, d.dup),
+            SessionEvent::Deliver(d) => format!(
+                "PUBLISH id {:?} dup {} at index {:?}",
+                d.packet_id, d.dup, d.index
+            ),
             SessionEvent::Release { packet_id } => format!("PUBREL id {packet_id}"),
             SessionEvent::Disconnect { reason } => format!("DISCONNECT {reason:?}"),
         };

@@ -945,7 +945,10 @@ fn deliveries_and_acks_carry_their_log_index() {
         packet_id: pid,
     });
     assert_eq!(r, Reply::Acked { index: h.index });
-    assert!(before < h.index, "the stale replay is older than the PUBREC");
+    assert!(
+        before < h.index,
+        "the stale replay is older than the PUBREC"
+    );
     // Applied every index after it, a replay no longer holds the PUBLISH, only its PUBREL.
     assert!(deliveries(&h.p.replay_for_frontend(3, h.now), "a").is_empty());
     // The id used again after PUBCOMP: computed at a higher index than the PUBREC.
