@@ -108,6 +108,7 @@ pub fn frontend_config(s: &Settings) -> FrontendConfig {
         limits: tiermq_frontend::limits::Limits::new(s.limits.clone()),
         // Loaded by `acl_set`, which can fail.
         acl: Default::default(),
+        takeovers: Default::default(),
     }
 }
 

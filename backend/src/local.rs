@@ -19,6 +19,7 @@ use std::sync::{Arc, RwLock, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tiermq_common::hashing::partition_of;
+use tiermq_common::pending_routes::PendingRoutes;
 use tiermq_common::session_api::{
     AckKind, ConnectRequest, Connected, DisconnectRequest, Published, ServiceError, ServiceResult,
     SessionEvent, SessionRef, SessionService, SubscribeRequest,
@@ -103,6 +104,8 @@ struct Inner {
     partitions: Vec<mpsc::UnboundedSender<Request>>,
     /// Route table: filter → partitions with at least one subscription on it.
     routes: RwLock<TopicTrie<u32, ()>>,
+    /// Subscriptions submitted and not yet applied: publishes go there too (issue 20, item 9).
+    pending_routes: PendingRoutes,
     stats: Stats,
     /// QoS0 must be logged (to be queued for offline sessions) rather than only delivered.
     queue_qos0_offline: bool,
@@ -167,6 +170,7 @@ impl LocalBroker {
         let inner = Arc::new(Inner {
             partitions: senders,
             routes: RwLock::new(routes),
+            pending_routes: PendingRoutes::default(),
             stats: Stats::default(),
             queue_qos0_offline: config.limits.queue_qos0_offline,
             fail_durable_batches: Default::default(),
@@ -234,13 +238,19 @@ impl LocalBroker {
         });
     }
 
-    /// Partitions that hold a subscription matching `topic`.
+    /// Partitions that hold, or were sent, a subscription matching `topic`.
     fn route(&self, topic: &str) -> Vec<u32> {
         let mut out = Vec::new();
         let routes = self.inner.routes.read().unwrap_or_else(|e| e.into_inner());
         routes.for_each_match(topic, |_, p, _| {
             if !out.contains(p) {
                 out.push(*p);
+            }
+        });
+        drop(routes);
+        self.inner.pending_routes.for_each_match(topic, |p| {
+            if !out.contains(&p) {
+                out.push(p);
             }
         });
         out
@@ -609,16 +619,23 @@ impl SessionService for LocalBroker {
     ) -> ServiceResult<Vec<ReasonCode>> {
         let home = self.partition_of(&session.client_id);
         let filters: Vec<String> = subs.iter().map(|s| s.filter.clone()).collect();
-        let reply = self
-            .call(
-                home,
-                Command::Subscribe {
-                    client_id: session.client_id.clone(),
-                    epoch: session.epoch,
-                    subscriptions: subs,
-                },
-            )
-            .await?;
+        let wait = self.submit(
+            home,
+            Command::Subscribe {
+                client_id: session.client_id.clone(),
+                epoch: session.epoch,
+                subscriptions: subs,
+            },
+        );
+        // From here a publish matching these filters goes to `home` too, behind the SUBSCRIBE
+        // in its log; the partition's own route (`RouteAdded`) is in place when it answers.
+        let pending = self
+            .inner
+            .pending_routes
+            .add(filters.iter().map(String::as_str), home);
+        let reply = wait.await;
+        drop(pending);
+        let reply = reply?;
         let Reply::Subscribed {
             reason_codes,
             want_retained,

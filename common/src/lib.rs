@@ -9,6 +9,7 @@ pub mod latency;
 pub mod log_limit;
 pub mod message;
 pub mod partition_api;
+pub mod pending_routes;
 pub mod released_ids;
 pub mod retained_index;
 pub mod session_api;

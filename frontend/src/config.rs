@@ -52,6 +52,9 @@ pub struct FrontendConfig {
     /// Connection counts and rates, publish throttling, topic size (`[limits]`), shared by
     /// every listener and connection of the node.
     pub limits: crate::limits::Limits,
+    /// The node's connections by client id: a takeover lets the connection it replaces read
+    /// what its client already sent first ([`crate::takeover`]).
+    pub takeovers: crate::takeover::LiveConnections,
 }
 
 impl Default for FrontendConfig {
@@ -76,6 +79,7 @@ impl Default for FrontendConfig {
             acl: Default::default(),
             drain: Drain::default(),
             limits: Default::default(),
+            takeovers: Default::default(),
         }
     }
 }

@@ -47,6 +47,7 @@ use crate::limits::{Limit, PublishThrottle, SLOW_READER_FACTOR};
 use crate::listener::ConnectionInfo;
 use crate::metrics::{ConnectionMetrics, DropReason};
 use crate::sys_topics::is_sys_topic;
+use crate::takeover::LiveEntry;
 
 type PendingAck = Pin<Box<dyn Future<Output = Outgoing> + Send>>;
 /// A subscriber's PUBREC on its way to being durable; PUBREL (the packet id) follows it.
@@ -86,34 +87,65 @@ enum Close {
 /// does not read them before closing anyway.
 const CLOSE_FLUSH_WAIT: Duration = Duration::from_secs(5);
 
+/// How [`next_packet`] reads.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Reading {
+    /// Waits for the next packet.
+    Wait,
+    /// Does not read: the publish limits paused the connection.
+    Paused,
+    /// Takes only what the client already sent, without waiting: after a write error (a
+    /// client that sent DISCONNECT and closed makes our next write fail, and that DISCONNECT
+    /// still counts), or when a newer connection of the same client takes over
+    /// ([`crate::takeover`]).
+    Available,
+}
+
+/// What [`next_packet`] found.
+enum Next {
+    Packet(Packet),
+    /// Bytes that do not decode, or a read error.
+    Failed(DecodeError),
+    /// The client closed the connection.
+    Closed,
+    /// Writing failed; what the client sent before may still be read.
+    WriteFailed(std::io::Error),
+    /// [`Reading::Available`]: nothing more has arrived.
+    Drained,
+}
+
 /// The next packet from the client, while writing out what is buffered as fast as the socket
-/// takes it. One future does both because both need the socket: a client that does not read
-/// its deliveries must not stop us reading its packets, nor the other way round. With `read`
-/// false (reads paused by the publish limits) it only writes. A write error ends it like a
-/// read error.
+/// takes it (unless `write` is false: writing failed before). One future does both because
+/// both need the socket: a client that does not read its deliveries must not stop us reading
+/// its packets, nor the other way round.
 fn next_packet<IO>(
     framed: &mut Framed<IO, MqttCodec>,
-    read: bool,
-) -> impl Future<Output = Option<Result<Packet, DecodeError>>> + '_
+    reading: Reading,
+    write: bool,
+) -> impl Future<Output = Next> + '_
 where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
     std::future::poll_fn(move |cx| {
-        if !framed.write_buffer().is_empty() {
+        if write && !framed.write_buffer().is_empty() {
             if let Poll::Ready(Err(e)) =
                 futures::Sink::<&Packet>::poll_flush(Pin::new(&mut *framed), cx)
             {
-                let e = match e {
+                return Poll::Ready(Next::WriteFailed(match e {
                     EncodeError::Io(io) => io,
                     other => std::io::Error::other(other.to_string()),
-                };
-                return Poll::Ready(Some(Err(DecodeError::Io(e))));
+                }));
             }
         }
-        if read {
-            futures::Stream::poll_next(Pin::new(&mut *framed), cx)
-        } else {
-            Poll::Pending
+        if reading == Reading::Paused {
+            return Poll::Pending;
+        }
+        match futures::Stream::poll_next(Pin::new(&mut *framed), cx) {
+            Poll::Ready(Some(Ok(p))) => Poll::Ready(Next::Packet(p)),
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Next::Failed(e)),
+            Poll::Ready(None) => Poll::Ready(Next::Closed),
+            Poll::Pending if reading == Reading::Available => Poll::Ready(Next::Drained),
+            Poll::Pending => Poll::Pending,
         }
     })
 }
@@ -273,6 +305,12 @@ pub struct Handler<S: SessionService, IO> {
     metrics: ConnectionMetrics,
     /// `limits.publish_rate` / `publish_bandwidth` of this connection.
     throttle: PublishThrottle,
+    /// Writing to the socket failed: nothing more is written, and the connection ends once it
+    /// has read what the client had sent ([`Reading::Available`]).
+    write_failed: bool,
+    /// This connection's place among the frontend's connections by client id, through which
+    /// a newer connection of the same client asks it to read what it has first.
+    live: LiveEntry,
 }
 
 impl<S, IO> Handler<S, IO>
@@ -459,6 +497,9 @@ where
                 .await;
             return None;
         }
+        // A connection of this client still open here reads what its client sent before this
+        // CONNECT (a DISCONNECT, say) and records it first (see `crate::takeover`).
+        let live = config.takeovers.enter(&client_id).await;
         let req = ConnectRequest {
             client_id: client_id.clone(),
             protocol: version,
@@ -548,6 +589,8 @@ where
             releases: FuturesOrdered::new(),
             released: ReleasedIds::new(),
             throttle,
+            write_failed: false,
+            live,
         })
     }
 
@@ -565,10 +608,19 @@ where
         let throttle_timer = sleep_until(Instant::now() + far);
         tokio::pin!(throttle_timer);
         let mut throttled = false;
+        // A newer connection of this client asked us to read what we have (`crate::takeover`).
+        let mut wrapping_up = false;
         loop {
+            let reading = if self.write_failed || wrapping_up {
+                Reading::Available
+            } else if throttled {
+                Reading::Paused
+            } else {
+                Reading::Wait
+            };
             let step = tokio::select! {
-                packet = next_packet(&mut self.framed, !throttled) => match packet {
-                    Some(Ok(p)) => {
+                packet = next_packet(&mut self.framed, reading, !self.write_failed) => match packet {
+                    Next::Packet(p) => {
                         self.last_packet = Instant::now();
                         match self.throttle_pause(&p) {
                             Some((_, Limit::PublishRate)) if self.config.limits.settings().publish_rate_disconnect => {
@@ -584,15 +636,30 @@ where
                             None => self.on_packet(p).await,
                         }
                     }
-                    Some(Err(e)) => {
+                    Next::Failed(e) => {
                         debug!(peer = %self.peer, error = %e, "closing on decode error");
                         if !matches!(e, DecodeError::Io(_)) {
                             self.send_disconnect(e.reason_code()).await;
                         }
                         Err(Close::Abnormal)
                     }
-                    None => Err(Close::Abnormal),
+                    Next::Closed => Err(Close::Abnormal),
+                    Next::WriteFailed(e) => {
+                        self.on_write_failed(&e);
+                        Ok(())
+                    }
+                    // Everything the client sent before the write failed is handled.
+                    Next::Drained if self.write_failed => Err(Close::Abnormal),
+                    Next::Drained => {
+                        wrapping_up = false;
+                        self.live.settled();
+                        Ok(())
+                    }
                 },
+                _ = self.live.wrap_up_requested(), if !wrapping_up => {
+                    wrapping_up = true;
+                    Ok(())
+                }
                 event = self.events.recv() => match event {
                     Some(e) => self.on_event(e),
                     None => Err(Close::Fenced),
@@ -639,8 +706,8 @@ where
                 }
                 _ = &mut drain_timer, if drain_turn => Err(Close::Drain),
             };
+            // The last packets are written by `finish`, once the end is recorded.
             if let Err(close) = step {
-                let _ = self.flush().await;
                 return close;
             }
             // Batch whatever else is ready before paying for a flush.
@@ -648,31 +715,45 @@ where
                 match self.events.try_recv() {
                     Ok(e) => {
                         if let Err(close) = self.on_event(e) {
-                            let _ = self.flush().await;
                             return close;
                         }
                     }
                     Err(_) => break,
                 }
             }
-            if self.flush_now().await.is_err() {
-                return Close::Abnormal;
-            }
+            self.flush_now().await;
         }
     }
 
-    /// Tells the partitions how the connection ended.
+    /// Writing to the client failed (most likely it closed the connection after its last
+    /// packets: our write meets its reset). The connection does not end yet: what the client
+    /// sent before is still read, so a DISCONNECT among it is honoured (no will, §3.14.4).
+    fn on_write_failed(&mut self, e: &std::io::Error) {
+        debug!(peer = %self.peer, error = %e, "write failed; reading what the client sent");
+        self.write_failed = true;
+        self.framed.write_buffer_mut().clear();
+    }
+
+    /// Tells the partitions how the connection ended, then writes the last packets.
     async fn finish(&mut self, close: Close) {
         let req = match close {
-            Close::Client(req) => req,
-            Close::Abnormal | Close::Shutdown => DisconnectRequest::ABNORMAL,
-            Close::Fenced => return,
+            Close::Client(req) => Some(req),
+            Close::Abnormal | Close::Shutdown => Some(DisconnectRequest::ABNORMAL),
+            Close::Fenced => None,
             Close::Drain => return self.drained().await,
         };
         // Publishes already submitted stay durable; their acks are simply not sent.
-        if let Err(e) = self.service.disconnect(&self.session, req).await {
-            debug!(peer = %self.peer, error = %e, "disconnect not recorded");
+        if let Some(req) = req {
+            if let Err(e) = self.service.disconnect(&self.session, req).await {
+                debug!(peer = %self.peer, error = %e, "disconnect not recorded");
+            }
         }
+        // Recorded before the last flush, which may wait for a socket that does not drain
+        // (up to `CLOSE_FLUSH_WAIT`): a client that reconnects at once must find its session
+        // detached as its DISCONNECT said, and a newer connection waiting for this one's end
+        // (`crate::takeover`) may go on now.
+        self.live.settled();
+        let _ = self.flush().await;
         debug!(peer = %self.peer, client_id = %self.session.client_id, listener = %self.conn.listener, "closed");
     }
 
@@ -689,6 +770,7 @@ where
     /// tell will subscribers that devices died when they did not. 3.1.1 (§3.1.2.5) lists only
     /// network errors, keep alive, a client close without DISCONNECT and protocol errors.
     async fn drained(&mut self) {
+        self.flush_now().await;
         let deadline = Instant::now() + DRAIN_ACK_WAIT;
         while !self.pending.is_empty() {
             match tokio::time::timeout_at(deadline, self.pending.next()).await {
@@ -723,6 +805,9 @@ where
     /// is for the last words before a close), then gives back a large write buffer a burst
     /// left behind.
     async fn flush(&mut self) -> Result<(), EncodeError> {
+        if self.write_failed {
+            return Err(std::io::Error::from(std::io::ErrorKind::BrokenPipe).into());
+        }
         let flush = SinkExt::<&Packet>::flush(&mut self.framed);
         match tokio::time::timeout(CLOSE_FLUSH_WAIT, flush).await {
             Ok(r) => r?,
@@ -736,18 +821,26 @@ where
     /// (see [`next_packet`]). Never waiting here is what keeps a client that does not read
     /// from stalling its own connection: its deliveries keep being taken off the session
     /// channel (QoS0 dropped once the buffer passes `max_write_buffer`), its keep alive and
-    /// its packets are still handled.
-    async fn flush_now(&mut self) -> Result<(), EncodeError> {
+    /// its packets are still handled. A write error is not the end: see
+    /// [`Self::on_write_failed`].
+    async fn flush_now(&mut self) {
+        if self.write_failed {
+            self.framed.write_buffer_mut().clear();
+            return;
+        }
         let framed = &mut self.framed;
-        std::future::poll_fn(|cx| {
+        let written = std::future::poll_fn(|cx| {
             match futures::Sink::<&Packet>::poll_flush(Pin::new(&mut *framed), cx) {
                 Poll::Ready(r) => Poll::Ready(r),
                 Poll::Pending => Poll::Ready(Ok(())),
             }
         })
-        .await?;
-        self.release_write_buffer();
-        Ok(())
+        .await;
+        match written {
+            Ok(()) => self.release_write_buffer(),
+            Err(EncodeError::Io(e)) => self.on_write_failed(&e),
+            Err(e) => self.on_write_failed(&std::io::Error::other(e.to_string())),
+        }
     }
 
     fn release_write_buffer(&mut self) {
@@ -1189,7 +1282,8 @@ where
             properties: Default::default(),
         }))?;
         // Deliveries the subscription triggers (retained) are queued behind it in the buffer.
-        self.flush_now().await.map_err(|_| Close::Abnormal)
+        self.flush_now().await;
+        Ok(())
     }
 
     async fn on_unsubscribe(&mut self, u: Unsubscribe) -> Result<(), Close> {

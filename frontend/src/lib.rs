@@ -11,6 +11,8 @@
 //! - [`handler`]: the MQTT protocol for one connection, from CONNECT to close.
 //! - [`limits`]: connection counts and rates, publish throttling, topic size (`[limits]`).
 //! - [`drain`]: the drain signal (stop accepting, move clients to another frontend).
+//! - [`takeover`]: the connections by client id, so a takeover keeps the order the client
+//!   sent in (a DISCONNECT on the old connection before the new CONNECT).
 //! - [`convert`]: PUBLISH packets to application messages and back.
 //! - [`metrics`]: the node's counters (Prometheus and `$SYS`), [`metered_io`]: bytes on the wire.
 //! - [`sys_topics`]: the task that publishes `$SYS/broker/...`.
@@ -35,6 +37,7 @@ pub mod probe;
 pub mod reload;
 pub mod scram;
 pub mod sys_topics;
+pub mod takeover;
 pub mod tls;
 pub mod ws;
 

@@ -33,6 +33,7 @@ use prometheus_client::registry::Unit;
 use tiermq_common::hashing::partition_of;
 use tiermq_common::latency::latency_histogram;
 use tiermq_common::log_limit::LogLimiter;
+use tiermq_common::pending_routes::PendingRoutes;
 use tiermq_common::partition_api::{
     AckCmd, Command, InboundQos2, Query, Reply, RetainedForSubscription,
 };
@@ -148,6 +149,9 @@ struct Inner {
     nodes: RwLock<BTreeMap<u64, membership::NodeLink>>,
     membership: membership::MapState,
     routes: RwLock<Routes>,
+    /// Subscriptions submitted through this client and not yet answered: publishes go there
+    /// too, so a subscription counts from when this frontend read it (issue 20, item 9).
+    pending_routes: PendingRoutes,
     sessions: Mutex<Sessions>,
     /// Per publisher: the phases of its latest multi-partition QoS2 publish.
     qos2_chains: Mutex<HashMap<Arc<str>, Qos2Chain>>,
@@ -363,6 +367,7 @@ impl ClusterClient {
                 filters: vec![HashSet::new(); partitions as usize],
                 known_from: vec![None; partitions as usize],
             }),
+            pending_routes: PendingRoutes::default(),
             sessions: Mutex::new(Sessions::default()),
             qos2_chains: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
@@ -739,6 +744,12 @@ impl ClusterClient {
                 out.push(p as u32);
             }
         }
+        drop(routes);
+        self.inner.pending_routes.for_each_match(topic, |p| {
+            if !out.contains(&p) {
+                out.push(p);
+            }
+        });
         out
     }
 
@@ -1058,16 +1069,21 @@ impl SessionService for ClusterClient {
     ) -> ServiceResult<Vec<ReasonCode>> {
         let home = self.partition_of(&session.client_id);
         let filters: Vec<String> = subs.iter().map(|s| s.filter.clone()).collect();
-        let reply = self
-            .command(
-                home,
-                &Command::Subscribe {
-                    client_id: session.client_id.clone(),
-                    epoch: session.epoch,
-                    subscriptions: subs,
-                },
-            )
-            .await?;
+        let wait = self.command(
+            home,
+            &Command::Subscribe {
+                client_id: session.client_id.clone(),
+                epoch: session.epoch,
+                subscriptions: subs,
+            },
+        );
+        // From here a publish through this frontend matching these filters goes to `home`
+        // too, behind the SUBSCRIBE in its pipe (and log), until the route below is in place.
+        let _pending = self
+            .inner
+            .pending_routes
+            .add(filters.iter().map(String::as_str), home);
+        let reply = wait.await?;
         let Reply::Subscribed {
             reason_codes,
             want_retained,

@@ -3,11 +3,15 @@
 //! and whether the connection stays open.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
-use tiermq_common::codec::{encode, LastWill, Packet, PubComp, PubRel, Subscribe, Unsubscribe};
+use tiermq_common::codec::{
+    encode, Disconnect, LastWill, Packet, PubComp, PubRel, Subscribe, Unsubscribe,
+};
 use tiermq_common::{ProtocolVersion, QoS, ReasonCode};
 
+use crate::support::cluster::Target;
 use crate::support::*;
 
 const V5: ProtocolVersion = ProtocolVersion::V5;
@@ -290,4 +294,176 @@ async fn refused_publishes_are_acknowledged_in_order() {
             assert_eq!(acks, vec![base, base + 1, base + 2], "{version:?}");
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// No will after a normal DISCONNECT, however quick the reconnect
+// ---------------------------------------------------------------------------------------------
+
+fn will_to(topic: &str) -> LastWill {
+    LastWill {
+        topic: topic.to_string(),
+        payload: bytes::Bytes::from_static(b"gone"),
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        properties: Default::default(),
+    }
+}
+
+/// Connects `id` with a persistent session and a will on `will_topic`; returns the CONNACK's
+/// Session Present.
+async fn persistent_with_will(
+    addr: SocketAddr,
+    version: ProtocolVersion,
+    id: &str,
+    will_topic: &str,
+) -> (Raw, bool) {
+    let (c, ack) = Raw::connect(addr, version, id, |c| {
+        c.clean_start = false;
+        c.properties.session_expiry_interval = Some(300);
+        c.will = Some(will_to(will_topic));
+    })
+    .await;
+    assert_eq!(ack.reason_code, ReasonCode::SUCCESS, "{ack:?}");
+    (c, ack.session_present)
+}
+
+/// Item 1 (3.1.2-10 / 3.14.4): a persistent client with a will publishes QoS1, sends
+/// DISCONNECT 0x00, closes without reading (its PUBACK may still be on the way: the server's
+/// write meets a reset), and reconnects at once with the same client id, a few hundred times.
+/// Its will is never published. And a v5 client that ends its session in DISCONNECT (Session
+/// Expiry Interval 0) and comes back at once through the same frontend gets Session Present 0.
+async fn no_will_after_normal_disconnect(t: Target, x: &str) {
+    let cycles = if t.is_cluster() { 100 } else { 150 };
+    let addr = t.addr(0);
+    let will_topic = format!("{x}/will");
+    let (mut watcher, _) = Raw::connect(t.addr(1), V5, &format!("{x}-watch"), |_| {}).await;
+    watcher.subscribe(&will_topic, sub_opts(QoS::AtLeastOnce)).await;
+    for version in [V5, V3] {
+        let id = format!("{x}-{version:?}");
+        let (mut c, _) = persistent_with_will(addr, version, &id, &will_topic).await;
+        for i in 0..cycles {
+            let pid = (i % 60_000 + 1) as u16;
+            c.send(&Packet::Publish(publish_packet(
+                &format!("{x}/data"),
+                QoS::AtLeastOnce,
+                Some(pid),
+                b"x",
+            )))
+            .await;
+            c.send(&Packet::Disconnect(Disconnect::with_reason(
+                ReasonCode::NORMAL_DISCONNECTION,
+            )))
+            .await;
+            drop(c);
+            c = persistent_with_will(addr, version, &id, &will_topic).await.0;
+        }
+        c.disconnect(ReasonCode::NORMAL_DISCONNECTION).await;
+    }
+    // Session Expiry Interval 0 in DISCONNECT ends the session at once (v5).
+    let id = format!("{x}-ends");
+    let mut present = 0;
+    let (mut c, _) = persistent_with_will(addr, V5, &id, &will_topic).await;
+    for i in 0..cycles {
+        c.send(&Packet::Publish(publish_packet(
+            &format!("{x}/data"),
+            QoS::AtLeastOnce,
+            Some(i as u16 + 1),
+            b"x",
+        )))
+        .await;
+        let mut end = Disconnect::with_reason(ReasonCode::NORMAL_DISCONNECTION);
+        end.properties.session_expiry_interval = Some(0);
+        c.send(&Packet::Disconnect(end)).await;
+        drop(c);
+        let (next, session_present) = persistent_with_will(addr, V5, &id, &will_topic).await;
+        present += u32::from(session_present);
+        c = next;
+    }
+    c.disconnect(ReasonCode::NORMAL_DISCONNECTION).await;
+    let mut wills = 0;
+    loop {
+        match watcher.recv_within(Duration::from_secs(1)).await {
+            Recv::Packet(Packet::Publish(p)) => {
+                wills += 1;
+                if let Some(pid) = p.packet_id {
+                    watcher.puback(pid).await;
+                }
+            }
+            Recv::Timeout => break,
+            other => panic!("watcher: {other:?}"),
+        }
+    }
+    assert_eq!(
+        (wills, present),
+        (0, 0),
+        "wills published after DISCONNECT 0x00, and Session Present 1 after a session \
+         ended by DISCONNECT, in {cycles} quick reconnects each"
+    );
+}
+crate::both!(no_will_after_normal_disconnect_quick_reconnect, no_will_after_normal_disconnect);
+
+// ---------------------------------------------------------------------------------------------
+// A subscription counts from when the broker reads it
+// ---------------------------------------------------------------------------------------------
+
+/// Item 9: B sends SUBSCRIBE; A, on another connection of the same frontend, publishes to that
+/// topic right after B's SUBSCRIBE bytes are written, before B's SUBACK. B receives it, and A's
+/// PUBACK says a subscriber matched — every round, a fresh topic each, on a fresh broker.
+async fn subscription_counts_from_when_it_is_read(t: Target, x: &str) {
+    let rounds = if t.is_cluster() { 150 } else { 300 };
+    let addr = t.addr(0);
+    let mut a = Raw::v5(addr, &format!("{x}-a")).await;
+    let mut b = Raw::v5(addr, &format!("{x}-b")).await;
+    let mut misses = Vec::new();
+    for i in 0..rounds {
+        let topic = format!("{x}/t{i}");
+        let pid = (i % 60_000 + 1) as u16;
+        b.send(&Packet::Subscribe(Subscribe {
+            packet_id: pid,
+            filters: vec![(topic.clone(), sub_opts(QoS::AtLeastOnce))],
+            properties: Default::default(),
+        }))
+        .await;
+        let gap: u64 = std::env::var("ITEM9_GAP_US").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+        if gap == 1 { tokio::task::yield_now().await; } else if gap > 1 { tokio::time::sleep(Duration::from_micros(gap)).await; }
+        a.send(&Packet::Publish(publish_packet(
+            &topic,
+            QoS::AtLeastOnce,
+            Some(pid),
+            b"x",
+        )))
+        .await;
+        let matched = match a.recv().await {
+            Packet::PubAck(ack) => ack.reason_code == ReasonCode::SUCCESS,
+            other => panic!("expected PUBACK, got {other:?}"),
+        };
+        let (mut suback, mut received) = (false, false);
+        while !suback || (matched && !received) {
+            match b.recv_within(Duration::from_secs(2)).await {
+                Recv::Packet(Packet::SubAck(_)) => suback = true,
+                Recv::Packet(Packet::Publish(p)) => {
+                    assert_eq!(p.topic, topic);
+                    b.puback(p.packet_id.unwrap()).await;
+                    received = true;
+                }
+                other => panic!("round {i}: {other:?}"),
+            }
+        }
+        if !(matched && received) {
+            misses.push(i);
+        }
+    }
+    assert!(
+        misses.is_empty(),
+        "{} of {rounds} publishes sent right after a SUBSCRIBE missed it: rounds {misses:?}",
+        misses.len()
+    );
+}
+crate::both!(subscription_counts_from_when_it_is_read_by_the_broker, subscription_counts_from_when_it_is_read);
+
+#[tokio::test(flavor = "current_thread")]
+async fn tmp_item9_current_thread() {
+    let t = Target::standalone().await;
+    subscription_counts_from_when_it_is_read(t, "tmpct").await;
 }
