@@ -116,7 +116,11 @@ mod tests {
         let c = r.add(["#"], 2);
         assert_eq!(matches(&r, "a/b"), vec![1, 2]);
         drop(a);
-        assert_eq!(matches(&r, "a/b"), vec![1, 2], "still pending for the second SUBSCRIBE");
+        assert_eq!(
+            matches(&r, "a/b"),
+            vec![1, 2],
+            "still pending for the second SUBSCRIBE"
+        );
         drop(b);
         drop(c);
         assert!(matches(&r, "a/b").is_empty());

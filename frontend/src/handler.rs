@@ -102,6 +102,9 @@ enum Reading {
 }
 
 /// What [`next_packet`] found.
+// Moved once per packet, as `Option<Result<Packet, _>>` was; boxing the packet would cost an
+// allocation per packet for nothing.
+#[allow(clippy::large_enum_variant)]
 enum Next {
     Packet(Packet),
     /// Bytes that do not decode, or a read error.

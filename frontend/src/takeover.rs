@@ -110,7 +110,10 @@ impl LiveEntry {
 impl Drop for LiveEntry {
     fn drop(&mut self) {
         let mut map = self.connections.lock();
-        if map.get(&self.client_id).is_some_and(|l| l.id == self.live.id) {
+        if map
+            .get(&self.client_id)
+            .is_some_and(|l| l.id == self.live.id)
+        {
             map.remove(&self.client_id);
         }
     }

@@ -33,10 +33,10 @@ use prometheus_client::registry::Unit;
 use tiermq_common::hashing::partition_of;
 use tiermq_common::latency::latency_histogram;
 use tiermq_common::log_limit::LogLimiter;
-use tiermq_common::pending_routes::PendingRoutes;
 use tiermq_common::partition_api::{
     AckCmd, Command, InboundQos2, Query, Reply, RetainedForSubscription,
 };
+use tiermq_common::pending_routes::PendingRoutes;
 use tiermq_common::session_api::{
     AckKind, ConnectRequest, Connected, DisconnectRequest, Published, ServiceError, ServiceResult,
     SessionEvent, SessionRef, SessionService, SubscribeRequest,

@@ -338,7 +338,9 @@ async fn no_will_after_normal_disconnect(t: Target, x: &str) {
     let addr = t.addr(0);
     let will_topic = format!("{x}/will");
     let (mut watcher, _) = Raw::connect(t.addr(1), V5, &format!("{x}-watch"), |_| {}).await;
-    watcher.subscribe(&will_topic, sub_opts(QoS::AtLeastOnce)).await;
+    watcher
+        .subscribe(&will_topic, sub_opts(QoS::AtLeastOnce))
+        .await;
     for version in [V5, V3] {
         let id = format!("{x}-{version:?}");
         let (mut c, _) = persistent_with_will(addr, version, &id, &will_topic).await;
@@ -356,7 +358,9 @@ async fn no_will_after_normal_disconnect(t: Target, x: &str) {
             )))
             .await;
             drop(c);
-            c = persistent_with_will(addr, version, &id, &will_topic).await.0;
+            c = persistent_with_will(addr, version, &id, &will_topic)
+                .await
+                .0;
         }
         c.disconnect(ReasonCode::NORMAL_DISCONNECTION).await;
     }
@@ -401,16 +405,19 @@ async fn no_will_after_normal_disconnect(t: Target, x: &str) {
          ended by DISCONNECT, in {cycles} quick reconnects each"
     );
 }
-crate::both!(no_will_after_normal_disconnect_quick_reconnect, no_will_after_normal_disconnect);
+crate::both!(
+    no_will_after_normal_disconnect_quick_reconnect,
+    no_will_after_normal_disconnect
+);
 
 // ---------------------------------------------------------------------------------------------
 // A subscription counts from when the broker reads it
 // ---------------------------------------------------------------------------------------------
 
 /// Item 9: B sends SUBSCRIBE; A, on another connection of the same frontend, publishes to that
-/// topic right after B's SUBSCRIBE bytes are written, before B's SUBACK. B receives it, and A's
+/// topic `gap` after B's SUBSCRIBE bytes are written, before B's SUBACK. B receives it, and A's
 /// PUBACK says a subscriber matched — every round, a fresh topic each, on a fresh broker.
-async fn subscription_counts_from_when_it_is_read(t: Target, x: &str) {
+async fn subscription_counts_from_when_it_is_read(t: Target, x: &str, gap: Duration) {
     let rounds = if t.is_cluster() { 150 } else { 300 };
     let addr = t.addr(0);
     let mut a = Raw::v5(addr, &format!("{x}-a")).await;
@@ -425,8 +432,9 @@ async fn subscription_counts_from_when_it_is_read(t: Target, x: &str) {
             properties: Default::default(),
         }))
         .await;
-        let gap: u64 = std::env::var("ITEM9_GAP_US").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
-        if gap == 1 { tokio::task::yield_now().await; } else if gap > 1 { tokio::time::sleep(Duration::from_micros(gap)).await; }
+        if !gap.is_zero() {
+            tokio::time::sleep(gap).await;
+        }
         a.send(&Packet::Publish(publish_packet(
             &topic,
             QoS::AtLeastOnce,
@@ -460,10 +468,25 @@ async fn subscription_counts_from_when_it_is_read(t: Target, x: &str) {
         misses.len()
     );
 }
-crate::both!(subscription_counts_from_when_it_is_read_by_the_broker, subscription_counts_from_when_it_is_read);
 
+/// Item 9, standalone: the two packets back to back, on a current-thread runtime (broker and
+/// clients in one thread), where the broker reads its sockets in the order their bytes
+/// arrived. On a multi-thread runtime it need not: tokio runs the task woken last first (its
+/// LIFO slot), so when both sockets turn readable in one poll A's PUBLISH is read, and
+/// routed, before B's SUBSCRIBE — a publish the broker read first, which may miss the
+/// subscription.
 #[tokio::test(flavor = "current_thread")]
-async fn tmp_item9_current_thread() {
+async fn subscription_counts_from_when_it_is_read_by_the_broker_standalone() {
     let t = Target::standalone().await;
-    subscription_counts_from_when_it_is_read(t, "tmpct").await;
+    subscription_counts_from_when_it_is_read(t, "item9-s", Duration::ZERO).await;
+}
+
+/// Item 9 through one frontend of the process cluster: the frontend's multi-thread runtime does
+/// not read the two sockets in arrival order when they turn readable together (see above), so
+/// A publishes "a moment later" (1 ms), as the issue's scenario says — still well inside the
+/// time the SUBSCRIBE takes to commit and come back as a route.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscription_counts_from_when_it_is_read_by_the_broker_cluster() {
+    let t = Target::cluster();
+    subscription_counts_from_when_it_is_read(t, "item9-c", Duration::from_millis(1)).await;
 }
