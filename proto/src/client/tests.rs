@@ -772,3 +772,42 @@ async fn an_older_epoch_does_not_replace_a_newer_registration() {
     );
     assert!(new_rx.try_recv().is_err());
 }
+
+/// Issue 20, item 9: while a SUBSCRIBE is in flight its filters are routes of the subscriber's
+/// partition, so a publish this frontend reads after the SUBSCRIBE goes there too (behind it
+/// in the pipe) instead of missing it until the SUBACK; a SUBSCRIBE that fails leaves no route.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_in_flight_routes_publishes_to_its_partition() {
+    let cluster = FakeCluster::new(4);
+    let n1 = FakeNode::start(&cluster, 1).await;
+    cluster.change(|r| {
+        r.replicas = vec![vec![1]; 4];
+        r.leaders = vec![1; 4];
+    });
+    let client = connect(&[&n1], Duration::from_secs(600)).await;
+    // Every partition's routes known (none): a publish on a new topic goes nowhere.
+    until(Duration::from_secs(5), "routes of every partition", || {
+        let routes = client.inner.routes.read().unwrap();
+        routes.known_from.iter().all(Option::is_some)
+    })
+    .await;
+    assert!(client.targets("t/x").is_empty());
+    let session = SessionRef {
+        client_id: Arc::from("subscriber"),
+        epoch: 9,
+    };
+    let home = client.partition_of("subscriber");
+    let request = SubscribeRequest {
+        filter: "t/+".into(),
+        options: Default::default(),
+        subscription_id: None,
+    };
+    let mut subscribing = Box::pin(client.subscribe(&session, vec![request]));
+    // The first poll submits the SUBSCRIBE; its answer has not come back yet.
+    assert!(futures::poll!(&mut subscribing).is_pending());
+    assert_eq!(client.targets("t/x"), vec![home]);
+    assert!(client.targets("u/x").is_empty());
+    // The fake answers with something that is not a `Subscribed`: the SUBSCRIBE failed.
+    assert!(subscribing.await.is_err());
+    assert!(client.targets("t/x").is_empty());
+}
