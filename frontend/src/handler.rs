@@ -614,10 +614,15 @@ where
         // A newer connection of this client asked us to read what we have (`crate::takeover`).
         let mut wrapping_up = false;
         loop {
-            let reading = if self.write_failed || wrapping_up {
+            // A takeover's request waits for a throttle pause to end (a flooding client does
+            // not get its reads unpaused by opening a second connection); the newer connection
+            // waits at most `TAKEOVER_WAIT` for it.
+            let reading = if self.write_failed {
                 Reading::Available
             } else if throttled {
                 Reading::Paused
+            } else if wrapping_up {
+                Reading::Available
             } else {
                 Reading::Wait
             };
