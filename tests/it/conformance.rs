@@ -328,6 +328,18 @@ async fn persistent_with_will(
     (c, ack.session_present)
 }
 
+/// A QoS1 PUBLISH, then `end`, sent without waiting for an answer.
+async fn publish_and_leave(c: &mut Raw, topic: &str, packet_id: u16, end: Disconnect) {
+    c.send(&Packet::Publish(publish_packet(
+        topic,
+        QoS::AtLeastOnce,
+        Some(packet_id),
+        b"x",
+    )))
+    .await;
+    c.send(&Packet::Disconnect(end)).await;
+}
+
 /// Item 1 (3.1.2-10 / 3.14.4): a persistent client with a will publishes QoS1, sends
 /// DISCONNECT 0x00, closes without reading (its PUBACK may still be on the way: the server's
 /// write meets a reset), and reconnects at once with the same client id, a few hundred times.
@@ -346,17 +358,8 @@ async fn no_will_after_normal_disconnect(t: Target, x: &str) {
         let (mut c, _) = persistent_with_will(addr, version, &id, &will_topic).await;
         for i in 0..cycles {
             let pid = (i % 60_000 + 1) as u16;
-            c.send(&Packet::Publish(publish_packet(
-                &format!("{x}/data"),
-                QoS::AtLeastOnce,
-                Some(pid),
-                b"x",
-            )))
-            .await;
-            c.send(&Packet::Disconnect(Disconnect::with_reason(
-                ReasonCode::NORMAL_DISCONNECTION,
-            )))
-            .await;
+            let end = Disconnect::with_reason(ReasonCode::NORMAL_DISCONNECTION);
+            publish_and_leave(&mut c, &format!("{x}/data"), pid, end).await;
             drop(c);
             c = persistent_with_will(addr, version, &id, &will_topic)
                 .await
@@ -369,16 +372,9 @@ async fn no_will_after_normal_disconnect(t: Target, x: &str) {
     let mut present = 0;
     let (mut c, _) = persistent_with_will(addr, V5, &id, &will_topic).await;
     for i in 0..cycles {
-        c.send(&Packet::Publish(publish_packet(
-            &format!("{x}/data"),
-            QoS::AtLeastOnce,
-            Some(i as u16 + 1),
-            b"x",
-        )))
-        .await;
         let mut end = Disconnect::with_reason(ReasonCode::NORMAL_DISCONNECTION);
         end.properties.session_expiry_interval = Some(0);
-        c.send(&Packet::Disconnect(end)).await;
+        publish_and_leave(&mut c, &format!("{x}/data"), i as u16 + 1, end).await;
         drop(c);
         let (next, session_present) = persistent_with_will(addr, V5, &id, &will_topic).await;
         present += u32::from(session_present);
@@ -409,6 +405,50 @@ crate::both!(
     no_will_after_normal_disconnect_quick_reconnect,
     no_will_after_normal_disconnect
 );
+
+/// Item 1 whatever the takeover path: in the cluster the client comes back through the *other*
+/// frontend, whose CONNECT can reach the session's partition before the first frontend's report
+/// of the DISCONNECT. The partition holds the will for that report (`HeldWill`); none fires.
+/// Before the hold: wills fired at the takeover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_will_after_normal_disconnect_reconnecting_through_another_frontend() {
+    let t = crate::support::cluster::Target::cluster();
+    let x = "will-across";
+    let will_topic = format!("{x}/will");
+    let (mut watcher, _) = Raw::connect(t.addr(1), V5, &format!("{x}-watch"), |_| {}).await;
+    watcher
+        .subscribe(&will_topic, sub_opts(QoS::AtLeastOnce))
+        .await;
+    let id = format!("{x}-c");
+    let (mut c, _) = persistent_with_will(t.addr(0), V5, &id, &will_topic).await;
+    for i in 0..100u16 {
+        let end = Disconnect::with_reason(ReasonCode::NORMAL_DISCONNECTION);
+        publish_and_leave(&mut c, &format!("{x}/data"), i + 1, end).await;
+        drop(c);
+        let addr = t.addr(usize::from(i % 2 == 0));
+        c = persistent_with_will(addr, V5, &id, &will_topic).await.0;
+    }
+    c.disconnect(ReasonCode::NORMAL_DISCONNECTION).await;
+    // Past the hold's grace, so a will held and never discarded would have fired.
+    let mut wills = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(4);
+    while tokio::time::Instant::now() < deadline {
+        match watcher.recv_within(Duration::from_millis(500)).await {
+            Recv::Packet(Packet::Publish(p)) => {
+                wills += 1;
+                if let Some(pid) = p.packet_id {
+                    watcher.puback(pid).await;
+                }
+            }
+            Recv::Timeout => {}
+            other => panic!("watcher: {other:?}"),
+        }
+    }
+    assert_eq!(
+        wills, 0,
+        "wills published after DISCONNECT 0x00 across frontends"
+    );
+}
 
 // ---------------------------------------------------------------------------------------------
 // A subscription counts from when the broker reads it

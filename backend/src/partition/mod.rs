@@ -151,6 +151,9 @@ impl Partition {
         if let Some(at) = s.will_at_ms {
             self.will_timers.insert((at, s.client_id.clone()));
         }
+        if let Some(h) = &s.held_will {
+            self.will_timers.insert((h.at_ms, s.client_id.clone()));
+        }
         if let Some(at) = s.expires_at_ms {
             self.expiry_timers.insert((at, s.client_id.clone()));
         }
@@ -656,6 +659,32 @@ impl Partition {
         }
     }
 
+    /// A connection taken over from another frontend reports its end late: a normal
+    /// DISCONNECT discards its held will, any other end publishes it now (`HeldWill`).
+    fn report_taken_over(
+        &mut self,
+        client_id: &Arc<str>,
+        epoch: u64,
+        discard: bool,
+        now: u64,
+        effects: &mut Vec<Effect>,
+    ) {
+        let Some(s) = self.sessions.get_mut(client_id) else {
+            return;
+        };
+        if s.held_will.as_ref().is_none_or(|h| h.epoch != epoch) {
+            return;
+        }
+        let Some(h) = s.held_will.take() else { return };
+        self.will_timers.remove(&(h.at_ms, client_id.clone()));
+        self.dirty.sessions.insert(client_id.clone());
+        if !discard {
+            effects.push(Effect::PublishWill {
+                message: will_message(&h.will, now),
+            });
+        }
+    }
+
     fn attached_mut(&mut self, client_id: &str, epoch: u64) -> Result<&mut Session, Reply> {
         match self.sessions.get_mut(client_id) {
             None => Err(Reply::NoSession),
@@ -673,6 +702,7 @@ impl Partition {
     ) -> Reply {
         let client_id = args.client_id;
         let mut session_present = false;
+        let mut held = None;
         if let Some(old) = self.sessions.get_mut(&client_id) {
             // Whether the existing session ends here instead of being resumed.
             let mut session_ends = args.clean_start;
@@ -691,12 +721,22 @@ impl Partition {
                     session_ends = true;
                 }
                 // The old connection's will is published unless the session continues and
-                // the will has a delay, which the reconnect then cancels (§3.1.3.2.2).
+                // the will has a delay, which the reconnect then cancels (§3.1.3.2.2). From
+                // another frontend, it waits a moment for the old connection's report first
+                // (`HeldWill`).
                 if let Some(will) = old.will.take() {
                     if session_ends || will.delay_secs == 0 {
-                        effects.push(Effect::PublishWill {
-                            message: will_message(&will, now),
-                        });
+                        if att.frontend_id != args.frontend_id {
+                            held = Some(session::HeldWill {
+                                epoch: att.epoch,
+                                at_ms: now + TAKEOVER_WILL_GRACE_MS,
+                                will,
+                            });
+                        } else {
+                            effects.push(Effect::PublishWill {
+                                message: will_message(&will, now),
+                            });
+                        }
                     }
                 }
             } else if old.expires_at_ms.is_some_and(|at| at <= now) {
@@ -718,6 +758,13 @@ impl Partition {
             if let Some(at) = old.expires_at_ms.take() {
                 self.expiry_timers.remove(&(at, client_id.clone()));
             }
+            // A will still held from an earlier takeover is fired now: one is held at a time.
+            if let Some(h) = old.held_will.take() {
+                self.will_timers.remove(&(h.at_ms, client_id.clone()));
+                effects.push(Effect::PublishWill {
+                    message: will_message(&h.will, now),
+                });
+            }
             if session_ends {
                 self.remove_session(&client_id, effects);
             } else {
@@ -736,6 +783,10 @@ impl Partition {
         session.expiry_secs = args.session_expiry_secs;
         session.receive_maximum = args.receive_maximum.max(1);
         session.will = args.will;
+        if let Some(h) = held {
+            self.will_timers.insert((h.at_ms, client_id.clone()));
+            session.held_will = Some(h);
+        }
         session.resend_inflight(now, effects);
         session.pump(now, effects);
         self.dirty.sessions.insert(client_id);
@@ -758,7 +809,10 @@ impl Partition {
     ) -> Reply {
         let session = match self.attached_mut(client_id, epoch) {
             Ok(s) => s,
-            Err(r) => return r,
+            Err(r) => {
+                self.report_taken_over(client_id, epoch, normal && !with_will, now, effects);
+                return r;
+            }
         };
         session.attachment = None;
         if let Some(e) = expiry_override {
@@ -823,6 +877,12 @@ impl Partition {
         }
         if let Some(at) = s.will_at_ms {
             self.will_timers.remove(&(at, client_id.clone()));
+        }
+        if let Some(h) = s.held_will {
+            self.will_timers.remove(&(h.at_ms, client_id.clone()));
+            effects.push(Effect::PublishWill {
+                message: will_message(&h.will, now_of(&h)),
+            });
         }
         if let Some(at) = s.expires_at_ms {
             self.expiry_timers.remove(&(at, client_id.clone()));
@@ -1083,11 +1143,20 @@ impl Partition {
             }
             self.will_timers.pop_first();
             if let Some(s) = self.sessions.get_mut(&client_id) {
-                s.will_at_ms = None;
-                if let Some(will) = s.will.take() {
-                    effects.push(Effect::PublishWill {
-                        message: will_message(&will, now),
-                    });
+                if s.held_will.as_ref().is_some_and(|h| h.at_ms == at) {
+                    if let Some(h) = s.held_will.take() {
+                        effects.push(Effect::PublishWill {
+                            message: will_message(&h.will, now),
+                        });
+                    }
+                }
+                if s.will_at_ms == Some(at) {
+                    s.will_at_ms = None;
+                    if let Some(will) = s.will.take() {
+                        effects.push(Effect::PublishWill {
+                            message: will_message(&will, now),
+                        });
+                    }
                 }
                 self.dirty.sessions.insert(client_id);
             }
@@ -1187,6 +1256,15 @@ fn retained_for_filter(
 }
 
 /// The message a will publishes, with its expiry stamped at firing time.
+/// How long a will taken over from another frontend waits for the old connection's report
+/// (`session::HeldWill`): the old frontend reports a DISCONNECT it read within milliseconds.
+pub const TAKEOVER_WILL_GRACE_MS: u64 = 2_000;
+
+/// When a held will was taken over (its grace counted back), for one fired early.
+fn now_of(h: &session::HeldWill) -> u64 {
+    h.at_ms.saturating_sub(TAKEOVER_WILL_GRACE_MS)
+}
+
 fn will_message(will: &Will, now: u64) -> Message {
     let mut m = will.message.clone();
     m.stamp_expiry(now);

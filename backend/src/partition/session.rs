@@ -108,6 +108,21 @@ pub struct Session {
     pub inbound_qos2: BTreeMap<u16, u64>,
     /// Messages dropped because the queue was full (reported in metrics).
     pub dropped: u64,
+    /// The will of a connection taken over from another frontend, held until that
+    /// connection's end is reported or `at_ms` passes (see `HeldWill`).
+    pub held_will: Option<HeldWill>,
+}
+
+/// A will held at a takeover across frontends. The client may have sent DISCONNECT 0x00 on
+/// its old connection (which discards the will) and reconnected at once through another
+/// frontend, whose CONNECT can reach the partition before the old frontend's report of the
+/// DISCONNECT: firing the will at the takeover would publish a will the client cancelled. So
+/// it waits for that report (a late `Disconnect` of `epoch`) for a short grace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldWill {
+    pub epoch: u64,
+    pub at_ms: u64,
+    pub will: Will,
 }
 
 impl Session {
@@ -127,6 +142,7 @@ impl Session {
             queue: VecDeque::new(),
             inbound_qos2: BTreeMap::new(),
             dropped: 0,
+            held_will: None,
         }
     }
 

@@ -463,6 +463,50 @@ fn takeover_publishes_will_without_delay() {
     assert_eq!(wills(&effects)[0].topic, "w/a");
 }
 
+/// Issue 20 item 1 across frontends: the client sends DISCONNECT 0x00 through frontend 1 and
+/// reconnects at once through frontend 2, whose CONNECT reaches the partition first. The will
+/// is held; frontend 1's late report of the normal DISCONNECT discards it.
+#[test]
+fn takeover_from_another_frontend_holds_the_will_for_the_old_connections_report() {
+    let mut h = H::new();
+    let e1 = h.connect("a", conn().will("w/a", 0).frontend(1)).0;
+    let (_, _, fx) = h.connect("a", conn().frontend(2));
+    assert!(wills(&fx).is_empty(), "will fired at the takeover");
+    let (r, fx) = h.disconnect("a", e1, true, false, None);
+    assert_eq!(r, Reply::Fenced);
+    assert!(wills(&fx).is_empty());
+    h.advance_secs(10);
+    assert!(wills(&h.tick()).is_empty(), "a discarded will fired later");
+}
+
+/// Without the old connection's report (its frontend died, or the connection broke), the held
+/// will fires after the grace; an abnormal late report fires it at once.
+#[test]
+fn a_held_will_fires_after_the_grace_or_on_an_abnormal_report() {
+    let mut h = H::new();
+    h.connect("a", conn().will("w/a", 0).frontend(1));
+    h.connect("a", conn().frontend(2));
+    assert!(wills(&h.tick()).is_empty());
+    // Restored from an image, the timer is still there.
+    let image = h.p.image();
+    h.p = Partition::restore(SessionLimits::default(), roundtrip(image));
+    h.now += super::TAKEOVER_WILL_GRACE_MS;
+    assert_eq!(wills(&h.tick()).len(), 1);
+    assert!(wills(&h.tick()).is_empty());
+
+    let e1 = h.connect("b", conn().will("w/b", 0).frontend(1)).0;
+    h.connect("b", conn().frontend(2));
+    let (_, fx) = h.disconnect("b", e1, false, false, None);
+    assert_eq!(wills(&fx).len(), 1);
+    h.now += super::TAKEOVER_WILL_GRACE_MS;
+    assert!(wills(&h.tick()).is_empty(), "fired twice");
+
+    // On the same frontend the handler orders the two already: the will goes at once.
+    h.connect("c", conn().will("w/c", 0).frontend(1));
+    let (_, _, fx) = h.connect("c", conn().frontend(1));
+    assert_eq!(wills(&fx).len(), 1);
+}
+
 #[test]
 fn takeover_with_clean_start_publishes_delayed_will() {
     let mut h = H::new();
