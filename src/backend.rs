@@ -365,15 +365,6 @@ async fn carry_out_leader_work(
     let mut next = Some(first);
     while let Some(item) = next {
         match item {
-            LeaderWork::Will(will) => {
-                let topic = will.topic.clone();
-                let publish = client.publish_message(will);
-                tokio::spawn(async move {
-                    if let Err(e) = publish.await {
-                        tracing::warn!(%topic, error = %e, "will not published");
-                    }
-                });
-            }
             LeaderWork::Shared { origin, work } => {
                 tokio::spawn(carry_out(work, origin, &client));
             }

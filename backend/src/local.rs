@@ -27,7 +27,7 @@ use tiermq_common::session_api::{
 use tiermq_common::trie::TopicTrie;
 use tiermq_common::{Message, QoS, ReasonCode};
 use tokio::sync::{mpsc, oneshot};
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::partition::command::{
     AckCmd, Command, Effect, Entry, InboundQos2, Reply, RetainedForSubscription, SharedWork,
@@ -1031,19 +1031,8 @@ impl PartitionTask {
                         let _ = tx.send(event);
                     }
                 }
-                Effect::PublishWill { message } => {
-                    let Some(inner) = self.broker.upgrade() else {
-                        continue;
-                    };
-                    debug!(topic = %message.topic, "publishing will");
-                    let broker = LocalBroker { inner };
-                    let publish = broker.submit_publish(message, None, None);
-                    tokio::spawn(async move {
-                        if let Err(e) = publish.await {
-                            warn!(error = %e, "will publish failed");
-                        }
-                    });
-                }
+                // Recorded as shared work by `Partition::apply`; never leaves the partition.
+                Effect::PublishWill { .. } => {}
                 Effect::RouteAdded { filter } => {
                     if let Some(inner) = self.broker.upgrade() {
                         let mut routes = inner.routes.write().unwrap_or_else(|e| e.into_inner());

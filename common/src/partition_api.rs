@@ -81,9 +81,11 @@ pub enum HandoffOutcome {
     Gone,
 }
 
-/// A cross-partition step of a shared subscription that a partition asks its runtime to
-/// carry out (see `tiermq_backend::partition::shared` for the protocol, and
-/// [`crate::shared_dispatch`] for the runtime side).
+/// A cross-partition step that a partition asks its runtime to carry out: the steps of shared
+/// subscriptions (see `tiermq_backend::partition::shared` for the protocol) and the
+/// publishing of fired wills; [`crate::shared_dispatch`] is the runtime side. Steps with a
+/// `seq` stay recorded in the partition until confirmed, and a runtime that starts or a
+/// replica that becomes leader carries them out again.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SharedWork {
     /// Offer `message` to `member` (`SharedDeliver` on its partition); with `seq`, report the
@@ -105,6 +107,27 @@ pub enum SharedWork {
     },
     /// A member's session ended: leave the group (`SharedLeave` on the group's partition).
     Leave { group: String, client_id: Arc<str> },
+    /// A will fired by `client_id`'s session: publish `message` to every partition (each
+    /// deduplicates on [`will_key`]), then confirm to the session's partition
+    /// (`WillPublished`). The will was recorded in the entry that fired it, so a crash before
+    /// the confirmation publishes it again — once per subscriber all the same.
+    Will {
+        seq: u64,
+        client_id: Arc<str>,
+        message: Arc<Message>,
+    },
+}
+
+/// The idempotency key under which the other partitions take will `seq` of `client_id`
+/// (the same mechanism as an inbound QoS2 message's token, [`InboundQos2`]): one key per will,
+/// so the wills of one client never stand in for one another.
+pub fn will_key(client_id: &str, seq: u64) -> InboundQos2 {
+    InboundQos2 {
+        client_id: Arc::from(format!("{client_id}\u{0}will\u{0}{seq}")),
+        epoch: 0,
+        packet_id: 0,
+        token: Some(seq),
+    }
 }
 
 /// The publisher of an inbound QoS2 message: its session, the packet id it used and, outside
@@ -271,6 +294,8 @@ pub enum Command {
         message: Arc<Message>,
         expected: Option<bytes::Bytes>,
     },
+    /// On the session's partition: will `seq` reached every partition ([`SharedWork::Will`]).
+    WillPublished { seq: u64 },
 }
 
 impl Command {
@@ -285,7 +310,8 @@ impl Command {
             // Losing one of these in a crash re-runs a handoff: a duplicate, never a loss.
             Command::Tick
             | Command::SharedHandoffDone { .. }
-            | Command::SharedReturnDone { .. } => false,
+            | Command::SharedReturnDone { .. }
+            | Command::WillPublished { .. } => false,
             Command::SharedDeliver { message, .. } => message.qos != crate::QoS::AtMostOnce,
             // QoS0 is logged only to queue it for offline sessions; it is never acknowledged.
             Command::Publish { message, .. } => message.qos != crate::QoS::AtMostOnce,

@@ -9,7 +9,7 @@
 use std::future::Future;
 
 use crate::hashing::partition_of;
-use crate::partition_api::{Command, HandoffOutcome, Reply, SharedWork};
+use crate::partition_api::{will_key, Command, HandoffOutcome, Reply, SharedWork};
 use crate::session_api::ServiceResult;
 
 /// Something that can submit a command to a partition and wait for its reply.
@@ -95,6 +95,49 @@ pub fn carry_out<C: PartitionCaller>(
                     // Kept in the member's partition: carried out again by the next leader
                     // or start-up.
                     other => tracing::warn!(?other, "shared messages not returned to the group"),
+                }
+            })
+        }
+        SharedWork::Will {
+            seq,
+            client_id,
+            message,
+        } => {
+            // Every partition: a will is rare, and routing it by the route table would need a
+            // router here. A partition without a matching subscription queues nothing.
+            let key = will_key(&client_id, seq);
+            let retained_home = message
+                .retain
+                .then(|| partition_of(&message.topic, partitions));
+            let waits: Vec<_> = (0..partitions)
+                .map(|p| {
+                    caller.call_partition(
+                        p,
+                        Command::Publish {
+                            message: message.clone(),
+                            publisher: None,
+                            store_retained: Some(p) == retained_home,
+                            inbound_qos2: Some(key.clone()),
+                        },
+                    )
+                })
+                .collect();
+            let topic = message.topic.clone();
+            Box::pin(async move {
+                for wait in waits {
+                    match wait.await {
+                        Ok(Reply::Published { .. }) => {}
+                        // Kept in the session's partition: published again by the next leader
+                        // or start-up, once per subscriber all the same.
+                        other => {
+                            tracing::warn!(%topic, ?other, "will not published yet");
+                            return;
+                        }
+                    }
+                }
+                let done = Command::WillPublished { seq };
+                if let Err(e) = caller.call_partition(origin, done).await {
+                    tracing::debug!(error = %e, "will publication not recorded");
                 }
             })
         }

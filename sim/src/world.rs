@@ -385,7 +385,10 @@ impl Transport for SimTransport {
 /// Ignores leader work other than wills (the plans use no shared subscriptions yet).
 pub fn is_will(work: &LeaderWork) -> Option<&tiermq_common::Message> {
     match work {
-        LeaderWork::Will(m) => Some(m),
+        LeaderWork::Shared {
+            work: tiermq_common::partition_api::SharedWork::Will { message, .. },
+            ..
+        } => Some(message),
         LeaderWork::Shared { .. } => None,
     }
 }

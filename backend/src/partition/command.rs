@@ -17,8 +17,12 @@ pub enum Effect {
         epoch: u64,
         event: tiermq_common::session_api::SessionEvent,
     },
-    /// A will fired: publish it through the normal publish path.
-    PublishWill { message: Message },
+    /// A will fired (inside `Partition::apply` only: `apply` turns it into a recorded
+    /// `SharedWork::Will` before it leaves the partition).
+    PublishWill {
+        client_id: Arc<str>,
+        message: Message,
+    },
     /// This partition now has at least one subscription on `filter` (route table).
     RouteAdded { filter: String },
     /// This partition has no subscription left on `filter`.

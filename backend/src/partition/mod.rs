@@ -395,7 +395,39 @@ impl Partition {
     pub fn apply(&mut self, index: u64, entry: Entry) -> (Reply, Vec<Effect>) {
         let (reply, mut effects) = self.apply_entry(index, entry);
         stamp_deliveries(&mut effects, index);
+        self.record_wills(&mut effects);
         (reply, effects)
+    }
+
+    /// Wills exactly once: a will that fires is recorded in the entry that fires it (an outbox
+    /// in the shared state, with a sequence number) and handed to the runtime as
+    /// [`SharedWork::Will`], which publishes it to every partition under its own idempotency
+    /// key and confirms with `WillPublished`. A crash or a leader change before the
+    /// confirmation carries it out again ([`Partition::shared_work`]); the key makes the
+    /// second time a no-op where the first one arrived.
+    fn record_wills(&mut self, effects: &mut [Effect]) {
+        for effect in effects.iter_mut() {
+            if let Effect::PublishWill { client_id, message } = effect {
+                let seq = self.shared.next_seq();
+                let message = Arc::new(std::mem::replace(
+                    message,
+                    Message::new("", "", QoS::AtMostOnce, false),
+                ));
+                self.shared.wills.insert(
+                    seq,
+                    shared::PendingWill {
+                        client_id: client_id.clone(),
+                        message: message.clone(),
+                    },
+                );
+                self.dirty.shared = true;
+                *effect = Effect::Shared(SharedWork::Will {
+                    seq,
+                    client_id: client_id.clone(),
+                    message,
+                });
+            }
+        }
     }
 
     fn apply_entry(&mut self, index: u64, entry: Entry) -> (Reply, Vec<Effect>) {
@@ -608,6 +640,12 @@ impl Partition {
             Command::ReplaceRetained { message, expected } => {
                 self.replace_retained(message, expected)
             }
+            Command::WillPublished { seq } => {
+                if self.shared.wills.remove(&seq).is_some() {
+                    self.dirty.shared = true;
+                }
+                Reply::Done
+            }
         };
         (reply, effects)
     }
@@ -680,6 +718,7 @@ impl Partition {
         self.dirty.sessions.insert(client_id.clone());
         if !discard {
             effects.push(Effect::PublishWill {
+                client_id: client_id.clone(),
                 message: will_message(&h.will, now),
             });
         }
@@ -734,6 +773,7 @@ impl Partition {
                             });
                         } else {
                             effects.push(Effect::PublishWill {
+                                client_id: client_id.clone(),
                                 message: will_message(&will, now),
                             });
                         }
@@ -750,6 +790,7 @@ impl Partition {
                 if let Some(will) = old.will.take() {
                     if session_ends || at <= now {
                         effects.push(Effect::PublishWill {
+                            client_id: client_id.clone(),
                             message: will_message(&will, now),
                         });
                     }
@@ -762,6 +803,7 @@ impl Partition {
             if let Some(h) = old.held_will.take() {
                 self.will_timers.remove(&(h.at_ms, client_id.clone()));
                 effects.push(Effect::PublishWill {
+                    client_id: client_id.clone(),
                     message: will_message(&h.will, now),
                 });
             }
@@ -835,6 +877,7 @@ impl Partition {
         }
         if let Some(will) = fire_now {
             effects.push(Effect::PublishWill {
+                client_id: client_id.clone(),
                 message: will_message(&will, now),
             });
         }
@@ -881,6 +924,7 @@ impl Partition {
         if let Some(h) = s.held_will {
             self.will_timers.remove(&(h.at_ms, client_id.clone()));
             effects.push(Effect::PublishWill {
+                client_id: client_id.clone(),
                 message: will_message(&h.will, now_of(&h)),
             });
         }
@@ -1146,6 +1190,7 @@ impl Partition {
                 if s.held_will.as_ref().is_some_and(|h| h.at_ms == at) {
                     if let Some(h) = s.held_will.take() {
                         effects.push(Effect::PublishWill {
+                            client_id: client_id.clone(),
                             message: will_message(&h.will, now),
                         });
                     }
@@ -1154,6 +1199,7 @@ impl Partition {
                     s.will_at_ms = None;
                     if let Some(will) = s.will.take() {
                         effects.push(Effect::PublishWill {
+                            client_id: client_id.clone(),
                             message: will_message(&will, now),
                         });
                     }
@@ -1174,6 +1220,7 @@ impl Partition {
                 }
                 if let Some(will) = s.will.take() {
                     effects.push(Effect::PublishWill {
+                        client_id: client_id.clone(),
                         message: will_message(&will, now),
                     });
                 }

@@ -98,6 +98,8 @@ pub struct SharedState {
     pub groups: BTreeMap<String, SharedGroup>,
     pub handoffs: BTreeMap<u64, Handoff>,
     pub returns: BTreeMap<u64, ReturnBatch>,
+    /// Fired wills not yet confirmed published (`SharedWork::Will`), by sequence number.
+    pub wills: BTreeMap<u64, PendingWill>,
     pub next_seq: u64,
     /// Messages no member could take (every candidate gone).
     pub dropped: u64,
@@ -112,6 +114,7 @@ impl PartialEq for SharedState {
         self.groups == other.groups
             && self.handoffs == other.handoffs
             && self.returns == other.returns
+            && self.wills == other.wills
             && self.next_seq == other.next_seq
             && self.dropped == other.dropped
     }
@@ -123,6 +126,7 @@ impl Clone for SharedState {
             groups: self.groups.clone(),
             handoffs: self.handoffs.clone(),
             returns: self.returns.clone(),
+            wills: self.wills.clone(),
             next_seq: self.next_seq,
             dropped: self.dropped,
             qos0_cursor: AtomicU64::new(self.qos0_cursor.load(Ordering::Relaxed)),
@@ -130,8 +134,15 @@ impl Clone for SharedState {
     }
 }
 
+/// A fired will waiting to be confirmed published.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingWill {
+    pub client_id: Arc<str>,
+    pub message: Arc<Message>,
+}
+
 impl SharedState {
-    fn next_seq(&mut self) -> u64 {
+    pub(super) fn next_seq(&mut self) -> u64 {
         self.next_seq += 1;
         self.next_seq
     }
@@ -173,6 +184,11 @@ impl Partition {
                     messages: r.messages.clone(),
                 }),
         );
+        out.extend(self.shared.wills.iter().map(|(seq, w)| SharedWork::Will {
+            seq: *seq,
+            client_id: w.client_id.clone(),
+            message: w.message.clone(),
+        }));
         out
     }
 

@@ -9,7 +9,7 @@ use tiermq_common::session_api::{
 };
 use tiermq_common::{Message, ProtocolVersion, QoS, ReasonCode};
 
-use super::command::{AckCmd, Command, Effect, Entry, Reply, RetainedForSubscription};
+use super::command::{AckCmd, Command, Effect, Entry, Reply, RetainedForSubscription, SharedWork};
 use super::session::{InflightState, SessionLimits};
 use super::{Partition, PartitionImage};
 
@@ -304,7 +304,7 @@ fn wills(effects: &[Effect]) -> Vec<Message> {
     effects
         .iter()
         .filter_map(|e| match e {
-            Effect::PublishWill { message } => Some(message.clone()),
+            Effect::Shared(SharedWork::Will { message, .. }) => Some((**message).clone()),
             _ => None,
         })
         .collect()
@@ -505,6 +505,61 @@ fn a_held_will_fires_after_the_grace_or_on_an_abnormal_report() {
     h.connect("c", conn().will("w/c", 0).frontend(1));
     let (_, _, fx) = h.connect("c", conn().frontend(1));
     assert_eq!(wills(&fx).len(), 1);
+}
+
+/// Issue 19 §2, wills exactly once: a will that fires is recorded in the entry that fires it
+/// (an outbox), stays in the state — snapshots and checkpoints included — until the runtime
+/// confirms it published it, and is handed out again to a runtime that starts or a new leader.
+/// Its publication carries one idempotency key, so doing it twice delivers it once.
+#[test]
+fn a_fired_will_stays_recorded_until_confirmed_and_is_delivered_once() {
+    let mut h = H::new();
+    let w = h.online("w");
+    h.subscribe("w", w, "w/a", QoS::AtLeastOnce);
+    h.connect("a", conn().will("w/a", 0));
+    let a = h.p.session("a").unwrap().epoch().unwrap();
+    let (_, fx) = h.disconnect("a", a, false, false, None);
+    let Some(Effect::Shared(SharedWork::Will {
+        seq,
+        client_id,
+        message,
+    })) = fx
+        .iter()
+        .find(|e| matches!(e, Effect::Shared(SharedWork::Will { .. })))
+        .cloned()
+    else {
+        panic!("no will work: {fx:?}");
+    };
+    assert_eq!(&*client_id, "a");
+    // Still owed after a restore (a crash before the confirmation).
+    h.p = Partition::restore(SessionLimits::default(), roundtrip(h.p.image()));
+    assert!(h
+        .p
+        .shared_work()
+        .iter()
+        .any(|w| matches!(w, SharedWork::Will { seq: s, .. } if *s == seq)));
+    // Published twice (before and after the crash): delivered once.
+    let publish = || Command::Publish {
+        message: message.clone(),
+        publisher: None,
+        store_retained: false,
+        inbound_qos2: Some(tiermq_common::partition_api::will_key("a", seq)),
+    };
+    h.apply(publish());
+    let (r, _) = h.apply(publish());
+    assert!(
+        matches!(
+            r,
+            Reply::Published {
+                duplicate: true,
+                ..
+            }
+        ),
+        "{r:?}"
+    );
+    assert_eq!(h.queued("w") + h.p.session("w").unwrap().inflight.len(), 1);
+    h.apply(Command::WillPublished { seq });
+    assert!(h.p.shared_work().is_empty());
 }
 
 #[test]
@@ -2400,6 +2455,8 @@ mod shared {
                         let (_, fx) = self.apply(Command::SharedLeave { group, client_id });
                         work.extend(fx);
                     }
+                    // Wills go to the caller, as other effects do.
+                    w @ SharedWork::Will { .. } => out.push(Effect::Shared(w)),
                 }
             }
             out

@@ -280,9 +280,8 @@ impl Watcher {
 /// Work a leader hands to the node's cluster client: it involves other partitions.
 #[derive(Debug)]
 pub enum LeaderWork {
-    /// A fired will, to publish.
-    Will(tiermq_common::Message),
-    /// A shared-subscription step emitted by partition `origin`.
+    /// A cross-partition step emitted by partition `origin`: a shared-subscription step or a
+    /// fired will.
     Shared {
         origin: u32,
         work: tiermq_common::partition_api::SharedWork,
@@ -430,10 +429,6 @@ impl ClusterHub {
                 return false;
             }
         }
-    }
-
-    fn publish_will(&self, message: tiermq_common::Message) {
-        self.hand_over(LeaderWork::Will(message));
     }
 
     fn hand_over(&self, work: LeaderWork) {
@@ -955,7 +950,8 @@ impl Group {
                         );
                     }
                 }
-                Effect::PublishWill { message } => hub.publish_will(message),
+                // Recorded as shared work by `Partition::apply`; never leaves the partition.
+                Effect::PublishWill { .. } => {}
                 Effect::Shared(work) => hub.hand_over(LeaderWork::Shared {
                     origin: self.partition,
                     work,
