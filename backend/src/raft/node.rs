@@ -5,14 +5,15 @@
 //! 1. **collect**: take every message waiting in the mailbox — proposals, Raft messages from
 //!    peers, queries — and tick every group when the tick interval has passed;
 //! 2. **propose**: per group, all commands collected this round become **one** log entry
-//!    (a batch), stamped with the leader's clock;
+//!    (a batch), stamped with the leader's clock; all queries collected this round are covered
+//!    by **one** ReadIndex request (`reads.rs`);
 //! 3. **ready**, for every group that has one: send the messages a leader may send before
 //!    persisting, install a snapshot, apply committed entries, append new entries and the hard
 //!    state to sled (not yet flushed);
 //! 4. **persist**: one `flush` of the shared sled database for all groups — many proposals of
 //!    many partitions per fsync;
 //! 5. **send** the messages that had to wait for persistence, **advance** every group, apply
-//!    what the light ready commits.
+//!    what the light ready commits, answer the queries whose read index is applied.
 //!
 //! A proposer's reply is sent when its command is *applied*, i.e. committed by a quorum — the
 //! promise a PUBACK stands on. Commands keep their position in the batch: the state machine's
@@ -42,6 +43,7 @@ use crate::placement::{NodeId, PartitionMap};
 use crate::storage::PartitionStore;
 
 mod membership;
+mod reads;
 pub use membership::{MembershipConfig, MoveProgress};
 
 /// Storage failures (a full or broken disk) repeat every round of the loop while they last:
@@ -195,10 +197,11 @@ enum NodeMsg {
         message: Arc<tiermq_common::Message>,
         publisher: Option<Arc<str>>,
     },
+    /// A leader read, answered once a ReadIndex round confirmed the leadership (`reads.rs`).
     Query {
         partition: u32,
         query: Query,
-        reply: oneshot::Sender<Result<Vec<u8>, ProposeError>>,
+        reply: reads::QueryReply,
     },
     /// A frontend opened its event stream to this node: replay in-flight messages.
     FrontendAttached { frontend_id: u64 },
@@ -543,7 +546,9 @@ impl RaftHandle {
         });
     }
 
-    /// A leader read; the answer is postcard-encoded (see [`Query`]).
+    /// A linearizable leader read (ReadIndex: answered once this node has confirmed with a
+    /// quorum that it still leads, `NotLeader` if it does not); the answer is postcard-encoded
+    /// (see [`Query`]).
     pub fn query(
         &self,
         partition: u32,
@@ -716,6 +721,8 @@ struct Group {
     /// Stream → the highest pipe generation of which this group refused an operation: later
     /// operations of that stream and generation are refused too ([`Origin`]).
     fences: HashMap<u64, u64>,
+    /// Queries waiting for a ReadIndex round (`reads.rs`).
+    reads: reads::Reads,
 }
 
 impl Group {
@@ -1162,6 +1169,7 @@ fn open_group(
         taken_over: 0,
         removed: false,
         fences: HashMap::new(),
+        reads: reads::Reads::default(),
     })
 }
 
@@ -1298,8 +1306,11 @@ impl Driver {
                     }
                 }
             }
-            // 2. propose
+            // 2. propose, and ask for one read index per group
             self.propose_batches();
+            for g in self.groups.values_mut() {
+                g.reads.ask(&mut g.raw);
+            }
             // 3-5. ready, persist, send, advance
             if let Err(reason) = self.process_ready().await {
                 self.fail_stop(&reason);
@@ -1399,35 +1410,15 @@ impl Driver {
                 partition,
                 query,
                 reply,
-            } => {
-                let now = self.now();
-                let answer = match self.groups.get(&partition) {
-                    None => Err(ProposeError::UnknownPartition(partition)),
-                    Some(g) if !g.is_leader() => {
-                        Err(ProposeError::NotLeader { leader: g.leader() })
-                    }
-                    // A leader that has not yet applied its own term's entries may serve a
-                    // stale read; raft-rs's ReadIndex would close that gap (see the docs).
-                    Some(g) => Ok(match query {
-                        Query::Retained { filter } => {
-                            postcard::to_stdvec(&g.sm.retained_matching(&filter, now))
-                        }
-                        Query::Qos2Check {
-                            client_id,
-                            epoch,
-                            packet_id,
-                        } => postcard::to_stdvec(&match g.sm.session(&client_id) {
-                            None => Reply::NoSession,
-                            Some(s) if s.epoch() != Some(epoch) => Reply::Fenced,
-                            Some(s) => Reply::Qos2Received {
-                                duplicate: s.inbound_qos2.contains_key(&packet_id),
-                            },
-                        }),
-                    }
-                    .unwrap_or_default()),
-                };
-                let _ = reply.send(answer);
-            }
+            } => match self.groups.get_mut(&partition) {
+                None => {
+                    let _ = reply.send(Err(ProposeError::UnknownPartition(partition)));
+                }
+                Some(g) if !g.is_leader() => {
+                    let _ = reply.send(Err(ProposeError::NotLeader { leader: g.leader() }));
+                }
+                Some(g) => g.reads.push(query, reply),
+            },
             NodeMsg::FrontendAttached { frontend_id } => {
                 let now = self.now();
                 self.missing_frontends.remove(&frontend_id);
@@ -1565,6 +1556,7 @@ impl Driver {
         tracing::error!(node = self.config.node_id, reason, "raft node stopped");
         for g in self.groups.values_mut() {
             g.fail_pending(ProposeError::Stopped);
+            g.reads.fail(ProposeError::Stopped);
             for (_, reply, _, _) in g.proposals.drain(..) {
                 let _ = reply.send(Err(ProposeError::Stopped));
             }
@@ -1588,6 +1580,7 @@ impl Driver {
             }
             let mut rd = g.raw.ready();
             outbox.add(p, rd.take_messages());
+            g.reads.confirm(rd.take_read_states());
             if !rd.snapshot().is_empty() {
                 g.install_snapshot(rd.snapshot().clone(), self.config.limits)?;
                 wrote = true;
@@ -1646,6 +1639,12 @@ impl Driver {
         outbox.send(&*self.transport);
         for g in self.groups.values_mut() {
             let leading = g.is_leader();
+            if leading {
+                let (applied, term) = (g.raw.raft.raft_log.applied, g.raw.raft.term);
+                g.reads.settle(&g.sm, applied, term, now);
+            } else {
+                g.reads.fail(ProposeError::NotLeader { leader: g.leader() });
+            }
             if g.was_leader && !leading {
                 // Entries of ours may still commit under the new leader, but we cannot tell
                 // our proposers; they retry (a duplicate at worst, never a false ack).

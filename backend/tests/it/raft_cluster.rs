@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use raft::prelude::Message as RaftMessage;
-use tiermq_backend::partition::command::{Command, Reply};
+use tiermq_backend::partition::command::{Command, Query, Reply};
 use tiermq_backend::placement::{NodeId, PartitionMap, DEFAULT_VNODES};
 use tiermq_backend::raft::node::{
     decode_message, encode_message, start, ClusterHub, GroupStatus, Origin, ProposeError,
@@ -884,4 +884,73 @@ async fn a_node_that_refused_an_operation_refuses_the_rest_of_its_generation() {
         )
         .await;
     assert!(matches!(other, Ok(Reply::Published { .. })), "{other:?}");
+}
+
+/// Issue 19 §2: a leader cut off from both followers still believes it leads until its
+/// quorum check; meanwhile the majority elects a new leader and commits. A read on the old
+/// leader must not answer from its stale state (ReadIndex: it cannot confirm its leadership),
+/// while the new leader's answer has the new message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deposed_leader_does_not_answer_a_read_from_stale_state() {
+    // Node 1 checks its quorum only every 500 ticks (10 s) and never stands for election on
+    // its own: it leads only when handed the leadership, and stays unaware of its deposition
+    // for the whole test.
+    let c = Cluster::with_config(&[1, 2, 3], PARTITIONS, |c| {
+        if c.node_id == 1 {
+            c.election_tick = 500;
+        }
+    });
+    c.wait_leaders(T).await;
+    let p = 0;
+    let old = 1;
+    let deadline = Instant::now() + T;
+    while c.leader(p).await != Some(old) {
+        assert!(Instant::now() < deadline, "node {old} never led {p}");
+        if let Some(l) = c.leader(p).await {
+            // Caught-up followers tie; the lowest id (1) is picked.
+            c.handle(l)
+                .unwrap()
+                .transfer_leadership(Duration::from_millis(300))
+                .await;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let h_old = c.handle(old).unwrap();
+    h_old.propose(p, retained("r/old", "1")).await.unwrap();
+    let filter = Query::Retained {
+        filter: "r/#".into(),
+    };
+    let topics = |bytes: Vec<u8>| -> Vec<String> {
+        let messages: Vec<Message> = postcard::from_bytes(&bytes).unwrap();
+        let mut topics: Vec<String> = messages.into_iter().map(|m| m.topic).collect();
+        topics.sort();
+        topics
+    };
+    c.isolate(old, &[1, 2, 3]);
+    let new = loop {
+        let mut found = None;
+        for id in [2, 3] {
+            if c.status(id, p).await.is_some_and(|s| s.is_leader) {
+                found = Some(id);
+            }
+        }
+        if let Some(l) = found {
+            break l;
+        }
+        assert!(Instant::now() < deadline, "the majority elected no leader");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let h_new = c.handle(new).unwrap();
+    h_new.propose(p, retained("r/new", "2")).await.unwrap();
+    assert!(
+        c.status(old, p).await.unwrap().is_leader,
+        "the old leader noticed its deposition: the test proves nothing"
+    );
+    let stale = tokio::time::timeout(Duration::from_secs(1), h_old.query(p, filter.clone())).await;
+    match stale {
+        Err(_) | Ok(Err(ProposeError::NotLeader { .. })) => {}
+        Ok(answer) => panic!("the deposed leader answered: {:?}", answer.map(topics)),
+    }
+    let fresh = h_new.query(p, filter).await.unwrap();
+    assert_eq!(topics(fresh), ["r/new", "r/old"]);
 }
