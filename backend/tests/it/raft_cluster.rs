@@ -889,7 +889,8 @@ async fn a_node_that_refused_an_operation_refuses_the_rest_of_its_generation() {
 /// Issue 19 §2: a leader cut off from both followers still believes it leads until its
 /// quorum check; meanwhile the majority elects a new leader and commits. A read on the old
 /// leader must not answer from its stale state (ReadIndex: it cannot confirm its leadership),
-/// while the new leader's answer has the new message.
+/// while the new leader's answer has the new message; once the old leader learns of the new
+/// term, the waiting read is refused `NotLeader`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deposed_leader_does_not_answer_a_read_from_stale_state() {
     // Node 1 checks its quorum only every 500 ticks (10 s) and never stands for election on
@@ -946,11 +947,20 @@ async fn a_deposed_leader_does_not_answer_a_read_from_stale_state() {
         c.status(old, p).await.unwrap().is_leader,
         "the old leader noticed its deposition: the test proves nothing"
     );
-    let stale = tokio::time::timeout(Duration::from_secs(1), h_old.query(p, filter.clone())).await;
-    match stale {
-        Err(_) | Ok(Err(ProposeError::NotLeader { .. })) => {}
-        Ok(answer) => panic!("the deposed leader answered: {:?}", answer.map(topics)),
+    let stale = tokio::spawn(h_old.query(p, filter.clone()));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    if stale.is_finished() {
+        let answer = stale.await.unwrap();
+        panic!("the deposed leader answered: {:?}", answer.map(topics));
     }
     let fresh = h_new.query(p, filter).await.unwrap();
     assert_eq!(topics(fresh), ["r/new", "r/old"]);
+    // Back in touch, the old leader learns of the new term: its waiting read is refused (the
+    // client retries on the new leader).
+    c.heal();
+    let refused = tokio::time::timeout(T, stale).await.unwrap().unwrap();
+    assert!(
+        matches!(refused, Err(ProposeError::NotLeader { .. })),
+        "{refused:?}"
+    );
 }
