@@ -215,6 +215,7 @@ impl Broker for BrokerService {
                     added: c.added,
                     removed: c.removed,
                     seq: c.seq,
+                    term: c.term,
                 };
                 if tx.send(Ok(update)).is_err() {
                     return;
@@ -230,8 +231,8 @@ impl Broker for BrokerService {
     ) -> Result<Response<RoutesAckReply>, Status> {
         let ack = request.into_inner();
         check_version(ack.version)?;
-        self.handle.hub().ack_routes(ack.watcher_id, ack.seq);
-        Ok(Response::new(RoutesAckReply {}))
+        let granted = self.handle.hub().ack_routes(ack.watcher_id, ack.seq);
+        Ok(Response::new(RoutesAckReply { granted }))
     }
 
     async fn transfer_leadership(
@@ -376,14 +377,10 @@ fn submit(handle: &RaftHandle, op: Op, stream: u64) -> Option<ReplyFuture> {
                 let r = wait.await;
                 if is_subscribe && r.is_ok() {
                     // Read your subscription across frontends: answer only once every
-                    // route watcher has the new filter (bounded: a silent watcher is gone).
-                    let seq = hub.route_seq();
-                    if !hub
-                        .wait_routes_acked(seq, std::time::Duration::from_secs(2))
-                        .await
-                    {
-                        debug!(partition, "route acknowledgements timed out");
-                    }
+                    // route watcher has the new filter or no longer trusts its table without
+                    // it (bounded by the route lease: common/src/route_lease.rs).
+                    hub.wait_routes_acked(hub.route_seq()).await;
+                    hub.wait_takeover_settled(partition).await;
                 }
                 (id != 0).then(|| match r {
                     Ok(reply) => OpReply {

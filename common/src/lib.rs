@@ -12,6 +12,7 @@ pub mod partition_api;
 pub mod pending_routes;
 pub mod released_ids;
 pub mod retained_index;
+pub mod route_lease;
 pub mod session_api;
 pub mod shared_dispatch;
 pub mod topic;

@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
+use futures::FutureExt as _;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -37,6 +38,7 @@ use tiermq_common::partition_api::{
     AckCmd, Command, InboundQos2, Query, Reply, RetainedForSubscription,
 };
 use tiermq_common::pending_routes::PendingRoutes;
+use tiermq_common::route_lease;
 use tiermq_common::session_api::{
     AckKind, ConnectRequest, Connected, DisconnectRequest, Published, ServiceError, ServiceResult,
     SessionEvent, SessionRef, SessionService, SubscribeRequest,
@@ -130,6 +132,69 @@ struct Routes {
     filters: Vec<HashSet<String>>,
     /// Which node's stream the partition's routes come from; `None`: unknown.
     known_from: Vec<Option<u64>>,
+    /// The latest leader term heard of per partition: updates of an earlier term (a deposed
+    /// leader that does not know it yet) are ignored.
+    terms: Vec<u64>,
+    /// Per node: until when its route table may be trusted (the route lease,
+    /// `tiermq_common::route_lease`). A partition whose node has no running lease is treated
+    /// as unknown: publishes go to it whatever their topic.
+    leases: HashMap<u64, Instant>,
+    /// The earliest lease end among the nodes routes come from (`None`: one of them has no
+    /// lease): before it every known partition is trusted, the publish path's quick check.
+    all_trusted_until: Option<Instant>,
+}
+
+impl Routes {
+    fn new(partitions: u32) -> Routes {
+        Routes {
+            trie: TopicTrie::new(),
+            filters: vec![HashSet::new(); partitions as usize],
+            known_from: vec![None; partitions as usize],
+            terms: vec![0; partitions as usize],
+            leases: HashMap::new(),
+            all_trusted_until: None,
+        }
+    }
+
+    /// Whether publishes may be sent to partition `p` by its route table alone.
+    fn trusted(&self, p: usize, now: Instant) -> bool {
+        let Some(node) = self.known_from[p] else {
+            return false;
+        };
+        self.all_trusted_until.is_some_and(|t| now < t)
+            || self.leases.get(&node).is_some_and(|&end| now < end)
+    }
+
+    /// Extends `node`'s lease to `until` (a renewal the node granted).
+    fn renew(&mut self, node: u64, until: Instant) {
+        let end = self.leases.entry(node).or_insert(until);
+        *end = (*end).max(until);
+        self.recompute_trust();
+    }
+
+    /// Drops what `node` said: its stream broke, so its table and its lease are gone.
+    fn forget(&mut self, node: u64) {
+        for k in self.known_from.iter_mut() {
+            if *k == Some(node) {
+                *k = None;
+            }
+        }
+        self.leases.remove(&node);
+    }
+
+    /// Called whenever a partition gains a source or a lease changes. (Losing a source needs
+    /// no call: the earlier minimum stays a safe underestimate.)
+    fn recompute_trust(&mut self) {
+        let mut until: Option<Instant> = None;
+        for node in self.known_from.iter().flatten() {
+            let Some(&end) = self.leases.get(node) else {
+                self.all_trusted_until = None;
+                return;
+            };
+            until = Some(until.map_or(end, |u| u.min(end)));
+        }
+        self.all_trusted_until = until;
+    }
 }
 
 /// Lock order, where more than one is taken: a pipe → `nodes` → `routes` → `leaders` →
@@ -184,6 +249,7 @@ pub struct ClientMetrics {
     map_epoch: Gauge,
     map_members: Gauge,
     map_refreshes: Family<OutcomeLabel, Counter>,
+    route_renewals: Family<OutcomeLabel, Counter>,
 }
 
 impl Default for ClientMetrics {
@@ -193,6 +259,7 @@ impl Default for ClientMetrics {
             map_epoch: Gauge::default(),
             map_members: Gauge::default(),
             map_refreshes: Family::default(),
+            route_renewals: Family::default(),
         }
     }
 }
@@ -234,7 +301,17 @@ impl ClientMetrics {
             None,
             self.map_refreshes.metric_type(),
         )?;
-        self.map_refreshes.encode(metric)
+        self.map_refreshes.encode(metric)?;
+        let metric = encoder.encode_descriptor(
+            "cluster_route_renewals",
+            "Renewals of the route lease this node's cluster client asked of backends (route \
+             acknowledgements), by outcome: granted, refused (behind, or the backend closed the \
+             stream) or failed (no answer within the lease). Past a lease the backend's \
+             partitions get every publish",
+            None,
+            self.route_renewals.metric_type(),
+        )?;
+        self.route_renewals.encode(metric)
     }
 
     fn method(&self, method: &'static str) -> Histogram {
@@ -362,11 +439,7 @@ impl ClusterClient {
             leaders: RwLock::new(leaders),
             nodes: RwLock::new(BTreeMap::new()),
             membership,
-            routes: RwLock::new(Routes {
-                trie: TopicTrie::new(),
-                filters: vec![HashSet::new(); partitions as usize],
-                known_from: vec![None; partitions as usize],
-            }),
+            routes: RwLock::new(Routes::new(partitions)),
             pending_routes: PendingRoutes::default(),
             sessions: Mutex::new(Sessions::default()),
             qos2_chains: Mutex::new(HashMap::new()),
@@ -739,8 +812,9 @@ impl ClusterClient {
                 out.push(*p);
             }
         });
-        for (p, known) in routes.known_from.iter().enumerate() {
-            if known.is_none() && !out.contains(&(p as u32)) {
+        let now = Instant::now();
+        for p in 0..routes.known_from.len() {
+            if !routes.trusted(p, now) && !out.contains(&(p as u32)) {
                 out.push(p as u32);
             }
         }
@@ -1386,6 +1460,16 @@ fn apply_route_update(inner: &Inner, node: u64, u: crate::broker::RouteUpdate) {
         }
         return;
     }
+    if u.term < routes.terms[p] {
+        tracing::debug!(
+            node,
+            partition = p,
+            term = u.term,
+            "routes of a deposed leader ignored"
+        );
+        return;
+    }
+    routes.terms[p] = u.term;
     inner.leaders.write().unwrap_or_else(|e| e.into_inner())[p] = node;
     if u.reset {
         for f in routes.filters[p].drain() {
@@ -1400,7 +1484,10 @@ fn apply_route_update(inner: &Inner, node: u64, u: crate::broker::RouteUpdate) {
         routes.trie.remove(&f, &(p as u32));
         routes.filters[p].remove(&f);
     }
-    routes.known_from[p] = Some(node);
+    if routes.known_from[p] != Some(node) {
+        routes.known_from[p] = Some(node);
+        routes.recompute_trust();
+    }
 }
 
 /// Follows one node's route changes into the shared table, acknowledging each.
@@ -1447,35 +1534,77 @@ async fn route_watch(
             _ = membership::closed(&mut control) => return,
         };
         if let Ok(mut stream) = stream {
+            // Renewals of the route lease (`route_lease`): with every acknowledgement of new
+            // updates, and every `RENEW_EVERY` without one.
+            let mut renew = tokio::time::interval(route_lease::RENEW_EVERY);
+            renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut applied = 0;
             loop {
-                let u = tokio::select! {
+                let mut next = tokio::select! {
                     m = stream.message() => match m {
-                        Ok(Some(u)) => u,
+                        Ok(Some(u)) => Some(u),
                         _ => break,
                     },
+                    _ = renew.tick() => None,
                     _ = membership::closed(&mut control) => return,
                 };
-                let seq = u.seq;
-                tracing::trace!(node, seq, partition = u.partition, "route update");
-                let Some(alive) = inner.upgrade() else { return };
-                {
+                // Apply every update that is already here, then acknowledge the last one.
+                while let Some(u) = next.take() {
+                    applied = u.seq;
+                    tracing::trace!(node, seq = u.seq, partition = u.partition, "route update");
+                    let Some(alive) = inner.upgrade() else { return };
+                    {
+                        let nodes = alive.nodes.read().unwrap_or_else(|e| e.into_inner());
+                        if nodes.get(&node).map(|l| l.generation) != Some(generation) {
+                            return;
+                        }
+                        apply_route_update(&alive, node, u);
+                    }
+                    if let Some(Ok(Some(u))) = stream.message().now_or_never() {
+                        next = Some(u);
+                    }
+                }
+                let Some(acker) = acker.as_mut() else {
+                    continue;
+                };
+                let sent_at = Instant::now();
+                // An answer later than the lease is worth nothing: do not stall the stream.
+                let r = tokio::time::timeout(
+                    route_lease::LEASE,
+                    acker.ack_routes(RoutesAck {
+                        version: API_VERSION,
+                        watcher_id,
+                        seq: applied,
+                    }),
+                )
+                .await;
+                let granted = matches!(&r, Ok(Ok(reply)) if reply.get_ref().granted);
+                let outcome = match &r {
+                    Ok(Ok(_)) if granted => "granted",
+                    Ok(Ok(_)) => "refused",
+                    _ => "failed",
+                };
+                if let Some(alive) = inner.upgrade() {
+                    alive
+                        .metrics
+                        .route_renewals
+                        .get_or_create(&OutcomeLabel { outcome })
+                        .inc();
+                }
+                tracing::trace!(node, seq = applied, granted, "route updates acknowledged");
+                if granted {
+                    let Some(alive) = inner.upgrade() else { return };
                     let nodes = alive.nodes.read().unwrap_or_else(|e| e.into_inner());
                     if nodes.get(&node).map(|l| l.generation) != Some(generation) {
                         return;
                     }
-                    apply_route_update(&alive, node, u);
+                    alive
+                        .routes
+                        .write()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .renew(node, sent_at + route_lease::LEASE);
                 }
-                drop(alive);
-                if let Some(acker) = acker.as_mut() {
-                    let r = acker
-                        .ack_routes(RoutesAck {
-                            version: API_VERSION,
-                            watcher_id,
-                            seq,
-                        })
-                        .await;
-                    tracing::trace!(node, seq, ok = r.is_ok(), "route update acknowledged");
-                }
+                renew.reset();
             }
         }
         // The stream broke: whatever this node told us is no longer known.
@@ -1485,11 +1614,7 @@ async fn route_watch(
                 return;
             }
             let mut routes = inner.routes.write().unwrap_or_else(|e| e.into_inner());
-            for k in routes.known_from.iter_mut() {
-                if *k == Some(node) {
-                    *k = None;
-                }
-            }
+            routes.forget(node);
         }
         if *control.borrow() {
             // Retired: it led nothing we can still hear about; the refresher closes the link.

@@ -42,8 +42,11 @@ use crate::partition::{Partition, PartitionImage, PartitionLoad};
 use crate::placement::{NodeId, PartitionMap};
 use crate::storage::PartitionStore;
 
+mod hub;
 mod membership;
 mod reads;
+
+pub use hub::{ClusterHub, FrontendEvent, LeaderWork, RouteChange};
 pub use membership::{MembershipConfig, MoveProgress};
 
 /// Storage failures (a full or broken disk) repeat every round of the loop while they last:
@@ -225,220 +228,6 @@ pub struct RaftStats {
     pub flushes: AtomicU64,
     /// Commit and flush latency, proposals per partition.
     pub timings: super::timings::RaftTimings,
-}
-
-/// An event for a session attached to a frontend.
-#[derive(Debug, Clone)]
-pub struct FrontendEvent {
-    pub client_id: Arc<str>,
-    pub epoch: u64,
-    pub event: SessionEvent,
-}
-
-/// A change of one partition's route set (filters with at least one subscription).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RouteChange {
-    pub partition: u32,
-    /// False: this node stopped leading the partition.
-    pub leader: bool,
-    /// `added` is the whole set.
-    pub reset: bool,
-    pub added: Vec<String>,
-    pub removed: Vec<String>,
-    /// Order of this update among everything the node broadcast (set by the hub).
-    pub seq: u64,
-}
-
-impl RouteChange {
-    /// This node stopped leading `partition`: its routes are no longer announced from here.
-    fn not_leader(partition: u32) -> RouteChange {
-        RouteChange {
-            partition,
-            leader: false,
-            reset: true,
-            added: Vec::new(),
-            removed: Vec::new(),
-            seq: 0,
-        }
-    }
-}
-
-/// A route watcher: where its updates go and what it has acknowledged.
-struct Watcher {
-    id: u64,
-    tx: mpsc::UnboundedSender<RouteChange>,
-    acked: u64,
-    /// The last update sent to this watcher. Sequence numbers are global, but a snapshot
-    /// goes only to the watcher that joined: the others never see (nor ack) its numbers.
-    sent: u64,
-}
-
-impl Watcher {
-    /// Whether it has applied every update up to `seq` that was sent to it.
-    fn has_acked(&self, seq: u64) -> bool {
-        self.acked >= seq.min(self.sent)
-    }
-}
-
-/// Work a leader hands to the node's cluster client: it involves other partitions.
-#[derive(Debug)]
-pub enum LeaderWork {
-    /// A cross-partition step emitted by partition `origin`: a shared-subscription step or a
-    /// fired will.
-    Shared {
-        origin: u32,
-        work: tiermq_common::partition_api::SharedWork,
-    },
-}
-
-/// What a node's driver shares with the services that serve frontends: event streams per
-/// frontend, route watchers, and where fired wills go.
-#[derive(Default)]
-pub struct ClusterHub {
-    frontends: std::sync::Mutex<HashMap<u64, mpsc::UnboundedSender<FrontendEvent>>>,
-    routes: std::sync::Mutex<RouteWatchers>,
-    route_acks: tokio::sync::Notify,
-    wills: std::sync::Mutex<Option<mpsc::UnboundedSender<LeaderWork>>>,
-}
-
-#[derive(Default)]
-struct RouteWatchers {
-    seq: u64,
-    watchers: Vec<Watcher>,
-}
-
-impl ClusterHub {
-    pub fn new() -> Arc<ClusterHub> {
-        Arc::new(ClusterHub::default())
-    }
-
-    /// Where work for other partitions goes — wills fired and shared-subscription steps of the
-    /// partitions this node leads — to be carried out through a cluster client.
-    pub fn set_will_sink(&self, tx: mpsc::UnboundedSender<LeaderWork>) {
-        *self.wills.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
-    }
-
-    fn register_frontend(&self, frontend_id: u64) -> mpsc::UnboundedReceiver<FrontendEvent> {
-        let (tx, rx) = mpsc::unbounded_channel();
-        self.frontends
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(frontend_id, tx);
-        rx
-    }
-
-    /// Frontends with an open event stream to this node.
-    pub fn connected_frontends(&self) -> Vec<u64> {
-        let map = self.frontends.lock().unwrap_or_else(|e| e.into_inner());
-        let mut ids: Vec<u64> = map
-            .iter()
-            .filter(|(_, tx)| !tx.is_closed())
-            .map(|(id, _)| *id)
-            .collect();
-        ids.sort_unstable();
-        ids
-    }
-
-    fn has_frontend(&self, frontend_id: u64) -> bool {
-        self.frontends
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&frontend_id)
-            .is_some_and(|tx| !tx.is_closed())
-    }
-
-    fn send_to_frontend(&self, frontend_id: u64, event: FrontendEvent) {
-        let map = self.frontends.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(tx) = map.get(&frontend_id) {
-            let _ = tx.send(event);
-        }
-    }
-
-    fn broadcast_route(&self, mut change: RouteChange) {
-        let mut r = self.routes.lock().unwrap_or_else(|e| e.into_inner());
-        r.seq += 1;
-        change.seq = r.seq;
-        let seq = r.seq;
-        r.watchers.retain_mut(|w| {
-            w.sent = seq;
-            w.tx.send(change.clone()).is_ok()
-        });
-        drop(r);
-        self.route_acks.notify_waiters();
-    }
-
-    fn add_watcher(
-        &self,
-        id: u64,
-        tx: mpsc::UnboundedSender<RouteChange>,
-        snapshot: Vec<RouteChange>,
-    ) {
-        let mut r = self.routes.lock().unwrap_or_else(|e| e.into_inner());
-        for mut c in snapshot {
-            r.seq += 1;
-            c.seq = r.seq;
-            let _ = tx.send(c);
-        }
-        // Its snapshot covers everything so far; nothing to wait for from it yet.
-        let acked = r.seq;
-        r.watchers.retain(|w| w.id != id);
-        r.watchers.push(Watcher {
-            id,
-            tx,
-            acked,
-            sent: acked,
-        });
-    }
-
-    /// A watcher applied every update up to `seq`.
-    pub fn ack_routes(&self, watcher_id: u64, seq: u64) {
-        let mut r = self.routes.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(w) = r.watchers.iter_mut().find(|w| w.id == watcher_id) {
-            w.acked = w.acked.max(seq);
-        }
-        drop(r);
-        self.route_acks.notify_waiters();
-    }
-
-    /// The number of the latest route update broadcast.
-    pub fn route_seq(&self) -> u64 {
-        self.routes.lock().unwrap_or_else(|e| e.into_inner()).seq
-    }
-
-    /// Waits until every live watcher has acknowledged `seq` (or `timeout` passes: a watcher
-    /// that does not answer is cut off or gone, and its stream will end).
-    pub async fn wait_routes_acked(&self, seq: u64, timeout: Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let notified = self.route_acks.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            {
-                let mut r = self.routes.lock().unwrap_or_else(|e| e.into_inner());
-                r.watchers.retain(|w| !w.tx.is_closed());
-                if r.watchers.iter().all(|w| w.has_acked(seq)) {
-                    return true;
-                }
-            }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                let r = self.routes.lock().unwrap_or_else(|e| e.into_inner());
-                let behind: Vec<(u64, u64)> = r
-                    .watchers
-                    .iter()
-                    .filter(|w| !w.has_acked(seq))
-                    .map(|w| (w.id, w.acked))
-                    .collect();
-                debug!(seq, ?behind, "route watchers behind");
-                return false;
-            }
-        }
-    }
-
-    fn hand_over(&self, work: LeaderWork) {
-        if let Some(tx) = &*self.wills.lock().unwrap_or_else(|e| e.into_inner()) {
-            let _ = tx.send(work);
-        }
-    }
 }
 
 /// The handle through which everything talks to a node's driver.
@@ -900,6 +689,7 @@ impl Group {
             term = self.raw.raft.term,
             "leading: taking over the old leader's work"
         );
+        hub.took_over(self.partition);
         hub.broadcast_route(self.route_snapshot());
         for f in self.sm.attached_frontends() {
             let fx = self.sm.replay_for_frontend(f, now);
@@ -969,6 +759,7 @@ impl Group {
                     reset: false,
                     added: vec![filter],
                     removed: Vec::new(),
+                    term: self.raw.raft.term,
                     seq: 0,
                 }),
                 Effect::RouteRemoved { filter } => hub.broadcast_route(RouteChange {
@@ -977,6 +768,7 @@ impl Group {
                     reset: false,
                     added: Vec::new(),
                     removed: vec![filter],
+                    term: self.raw.raft.term,
                     seq: 0,
                 }),
             }
@@ -990,6 +782,7 @@ impl Group {
             reset: true,
             added: self.sm.filters(),
             removed: Vec::new(),
+            term: self.raw.raft.term,
             seq: 0,
         }
     }
@@ -1093,6 +886,7 @@ pub fn start(
     let stats = Arc::new(RaftStats::default());
     let node_id = config.node_id;
     let disk_faults = config.disk_faults.clone();
+    hub.set_takeover_hold(config.tick_interval * config.election_tick as u32);
     let driver = Driver {
         stats: stats.clone(),
         missing_frontends: HashMap::new(),

@@ -123,6 +123,9 @@ struct Seen {
     routes_open: AtomicI64,
     events_open: AtomicI64,
     events_opened: AtomicU64,
+    /// true: route acknowledgements are answered without a lease (as a backend answers a
+    /// watcher that is behind, or whose stream it has closed).
+    refuse_leases: AtomicBool,
 }
 
 #[derive(Clone)]
@@ -319,6 +322,7 @@ impl Broker for FakeService {
                         added: Vec::new(),
                         removed: Vec::new(),
                         seq,
+                        term: 1,
                     }));
                 }
                 leading = now;
@@ -340,7 +344,8 @@ impl Broker for FakeService {
         &self,
         _request: Request<RoutesAck>,
     ) -> Result<Response<RoutesAckReply>, Status> {
-        Ok(Response::new(RoutesAckReply {}))
+        let granted = !self.seen.refuse_leases.load(Ordering::Relaxed);
+        Ok(Response::new(RoutesAckReply { granted }))
     }
 
     async fn cluster(
@@ -773,11 +778,9 @@ async fn an_older_epoch_does_not_replace_a_newer_registration() {
     assert!(new_rx.try_recv().is_err());
 }
 
-/// Issue 20, item 9: while a SUBSCRIBE is in flight its filters are routes of the subscriber's
-/// partition, so a publish this frontend reads after the SUBSCRIBE goes there too (behind it
-/// in the pipe) instead of missing it until the SUBACK; a SUBSCRIBE that fails leaves no route.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_subscription_in_flight_routes_publishes_to_its_partition() {
+/// A client of one node that leads each of 4 partitions, once it knows and trusts their
+/// (empty) route tables: a publish on a new topic goes nowhere.
+async fn one_node_leading_four_partitions() -> (Arc<FakeCluster>, FakeNode, ClusterClient) {
     let cluster = FakeCluster::new(4);
     let n1 = FakeNode::start(&cluster, 1).await;
     cluster.change(|r| {
@@ -785,13 +788,21 @@ async fn a_subscription_in_flight_routes_publishes_to_its_partition() {
         r.leaders = vec![1; 4];
     });
     let client = connect(&[&n1], Duration::from_secs(600)).await;
-    // Every partition's routes known (none): a publish on a new topic goes nowhere.
-    until(Duration::from_secs(5), "routes of every partition", || {
-        let routes = client.inner.routes.read().unwrap();
-        routes.known_from.iter().all(Option::is_some)
-    })
+    until(
+        Duration::from_secs(5),
+        "routes of every partition trusted",
+        || client.targets("t/x").is_empty(),
+    )
     .await;
-    assert!(client.targets("t/x").is_empty());
+    (cluster, n1, client)
+}
+
+/// Issue 20, item 9: while a SUBSCRIBE is in flight its filters are routes of the subscriber's
+/// partition, so a publish this frontend reads after the SUBSCRIBE goes there too (behind it
+/// in the pipe) instead of missing it until the SUBACK; a SUBSCRIBE that fails leaves no route.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_in_flight_routes_publishes_to_its_partition() {
+    let (_cluster, n1, client) = one_node_leading_four_partitions().await;
     let session = SessionRef {
         client_id: Arc::from("subscriber"),
         epoch: 9,
@@ -810,4 +821,75 @@ async fn a_subscription_in_flight_routes_publishes_to_its_partition() {
     // The fake answers with something that is not a `Subscribed`: the SUBSCRIBE failed.
     assert!(subscribing.await.is_err());
     assert!(client.targets("t/x").is_empty());
+}
+
+/// Read your subscription without a window: a backend answers a SUBSCRIBE once every frontend
+/// has acknowledged the new route or its route lease has run out. So a frontend whose renewals
+/// are no longer granted (cut off from the acknowledgements, behind, or its stream closed on
+/// the backend's side) must stop trusting that backend's table within the lease and send
+/// publishes to its partitions whatever their topic — and trust it again once renewed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_of_a_backend_that_grants_no_lease_are_not_trusted() {
+    let (_cluster, n1, client) = one_node_leading_four_partitions().await;
+    n1.seen.refuse_leases.store(true, Ordering::Relaxed);
+    // The stream stays open and says nothing new; the lease alone runs out.
+    until(
+        route_lease::LEASE + Duration::from_secs(2),
+        "routes no longer trusted",
+        || client.targets("t/x").len() == 4,
+    )
+    .await;
+    {
+        let routes = client.inner.routes.read().unwrap();
+        assert!(
+            routes.known_from.iter().all(Option::is_some),
+            "the stream is still open"
+        );
+    }
+    n1.seen.refuse_leases.store(false, Ordering::Relaxed);
+    until(Duration::from_secs(5), "routes trusted again", || {
+        client.targets("t/x").is_empty()
+    })
+    .await;
+}
+
+/// A leader cut off from its group does not know it was deposed and may still send its
+/// (stale) route table — e.g. a snapshot when a frontend's stream to it is re-opened. A
+/// frontend that has taken routes from a leader of a later term ignores it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_of_a_deposed_leader_are_ignored() {
+    let cluster = FakeCluster::new(2);
+    let n1 = FakeNode::start(&cluster, 1).await;
+    cluster.change(|r| {
+        r.replicas = vec![vec![1, 2, 3]; 2];
+        r.leaders = vec![0, 1];
+    });
+    let client = connect(&[&n1], Duration::from_secs(600)).await;
+    let snapshot = |term: u64, filters: &[&str]| RouteUpdate {
+        partition: 0,
+        leader: true,
+        reset: true,
+        added: filters.iter().map(|f| f.to_string()).collect(),
+        removed: Vec::new(),
+        seq: 1,
+        term,
+    };
+    let known = |client: &ClusterClient| {
+        let routes = client.inner.routes.read().unwrap();
+        let mut filters: Vec<String> = routes.filters[0].iter().cloned().collect();
+        filters.sort();
+        (routes.known_from[0], filters)
+    };
+    apply_route_update(&client.inner, 2, snapshot(5, &["t/#"]));
+    assert_eq!(known(&client), (Some(2), vec!["t/#".to_string()]));
+    // Node 3 led the partition in term 4 and still thinks so.
+    apply_route_update(&client.inner, 3, snapshot(4, &[]));
+    assert_eq!(known(&client), (Some(2), vec!["t/#".to_string()]));
+    // Node 2's stream breaks: the partition is unknown, and node 3's old table stays ignored.
+    client.inner.routes.write().unwrap().forget(2);
+    apply_route_update(&client.inner, 3, snapshot(4, &[]));
+    assert_eq!(known(&client), (None, vec!["t/#".to_string()]));
+    // Node 3 wins a later election: its table is taken.
+    apply_route_update(&client.inner, 3, snapshot(6, &["u/#"]));
+    assert_eq!(known(&client), (Some(3), vec!["u/#".to_string()]));
 }
