@@ -13,13 +13,15 @@ use futures::future::join_all;
 use tiermq_common::hashing::partition_of;
 use tiermq_common::partition_api::{AckCmd, Command, InboundQos2, Reply};
 use tiermq_common::released_ids::ReleasedIds;
-use tiermq_common::session_api::{SessionEvent, SubscribeRequest, SubscriptionOptions};
+use tiermq_common::session_api::{SessionEvent, SubscribeRequest, SubscriptionOptions, Will};
 use tiermq_common::{Message, ProtocolVersion, QoS};
 use tokio::sync::{mpsc, Notify};
 use tokio::time::sleep;
 
 use crate::frontend::{CallError, Frontend};
-use crate::plan::{Planted, Publisher, TRAFFIC_START_MS};
+use crate::history::{MessageId, WillId};
+use crate::leader_work::parse_will_payload;
+use crate::plan::{Planted, Publisher, Subscriber, TRAFFIC_START_MS};
 use crate::world::World;
 
 /// What every client shares: the world, the frontends, and a way to drop its connection.
@@ -30,20 +32,53 @@ pub struct Ctx {
 }
 
 /// A live connection of a client.
-struct Conn {
-    frontend: Arc<Frontend>,
-    epoch: u64,
-    events: mpsc::UnboundedReceiver<SessionEvent>,
+pub(crate) struct Conn {
+    pub frontend: Arc<Frontend>,
+    pub epoch: u64,
+    pub events: mpsc::UnboundedReceiver<SessionEvent>,
+    /// Virtual time at which the CONNECT that made it was first sent: the session was
+    /// attached to it at some moment after this.
+    pub sent_ms: u64,
+    /// The CONNECT reached a node more than once: it may have been applied twice, the second
+    /// taking over the first as another connection.
+    pub resent: bool,
+}
+
+/// What a CONNECT asks for besides the client id (all sessions are persistent).
+#[derive(Clone)]
+pub(crate) struct ConnectArgs {
+    pub session_expiry_secs: u32,
+    pub will: Option<Will>,
+}
+
+impl Default for ConnectArgs {
+    fn default() -> Self {
+        ConnectArgs {
+            session_expiry_secs: u32::MAX,
+            will: None,
+        }
+    }
 }
 
 impl Ctx {
-    fn partitions(&self) -> u32 {
+    pub(crate) fn partitions(&self) -> u32 {
         self.world.plan.partitions
     }
 
     /// Connects `client_id` (persistent session) through its preferred frontend, or any
     /// other that is up. `had_session`: a session must be present (promise 9).
     async fn connect(&self, client_id: &Arc<str>, preferred: usize, had_session: bool) -> Conn {
+        self.connect_with(client_id, preferred, had_session, ConnectArgs::default())
+            .await
+    }
+
+    pub(crate) async fn connect_with(
+        &self,
+        client_id: &Arc<str>,
+        preferred: usize,
+        had_session: bool,
+        args: ConnectArgs,
+    ) -> Conn {
         let mut attempt = 0usize;
         loop {
             let n = self.frontends.len();
@@ -57,16 +92,17 @@ impl Ctx {
                 continue;
             };
             let home = partition_of(client_id, self.partitions());
-            let reply = frontend
-                .call(
+            let sent_ms = self.world.elapsed_ms();
+            let (reply, submitted) = frontend
+                .call_counting(
                     home,
                     Command::Connect {
                         client_id: client_id.clone(),
                         protocol: ProtocolVersion::V5,
                         clean_start: false,
-                        session_expiry_secs: u32::MAX,
+                        session_expiry_secs: args.session_expiry_secs,
                         receive_maximum: 16,
-                        will: None,
+                        will: args.will.clone(),
                         frontend_id: frontend.id(),
                     },
                 )
@@ -92,6 +128,8 @@ impl Ctx {
                         frontend,
                         epoch,
                         events,
+                        sent_ms,
+                        resent: submitted > 1,
                     };
                 }
                 other => {
@@ -104,7 +142,7 @@ impl Ctx {
     }
 
     /// The connection ended without DISCONNECT (the frontend tells the session, if it lives).
-    fn drop_conn(&self, client_id: &Arc<str>, conn: Conn) {
+    pub(crate) fn drop_conn(&self, client_id: &Arc<str>, conn: Conn) {
         self.world.set_connection(client_id, None);
         conn.frontend.forget(client_id, conn.epoch);
         if !conn.frontend.is_up() {
@@ -155,7 +193,7 @@ pub async fn run_publisher(ctx: Ctx, spec: Publisher, preferred: usize, kill: Ar
                         if resend {
                             history.resending(&id);
                         }
-                        history.sending(ctx.world.elapsed_ms(), &id, spec.qos);
+                        history.sending(ctx.world.elapsed_ms(), &id, &spec.topic, spec.qos);
                     }
                     publish(&ctx, &conn, &client_id, home, &spec, seq, packet_id).await?;
                     ctx.world.history().acked(&id);
@@ -291,10 +329,11 @@ async fn publish(
     check_all(sends(&others, Some(keyed)).await)
 }
 
-/// Subscribes once to `t/#` at QoS2, then receives until the run ends.
-pub async fn run_subscriber(ctx: Ctx, client_id: String, preferred: usize, kill: Arc<Notify>) {
-    let client_id: Arc<str> = Arc::from(client_id.as_str());
+/// Subscribes once to `spec.filter` at QoS2 at `spec.at_ms`, then receives until the run ends.
+pub async fn run_subscriber(ctx: Ctx, spec: Subscriber, preferred: usize, kill: Arc<Notify>) {
+    let client_id: Arc<str> = Arc::from(spec.client_id.as_str());
     let home = partition_of(&client_id, ctx.partitions());
+    sleep(Duration::from_millis(spec.at_ms)).await;
     let mut had_session = false;
     let mut subscribed = false;
     // QoS2 packet ids handed to the application and not yet released (PUBREL).
@@ -303,36 +342,10 @@ pub async fn run_subscriber(ctx: Ctx, client_id: String, preferred: usize, kill:
         let mut conn = ctx.connect(&client_id, preferred, had_session).await;
         had_session = true;
         if !subscribed {
-            let reply = conn
-                .frontend
-                .call(
-                    home,
-                    Command::Subscribe {
-                        client_id: client_id.clone(),
-                        epoch: conn.epoch,
-                        subscriptions: vec![SubscribeRequest {
-                            filter: "t/#".into(),
-                            options: SubscriptionOptions {
-                                qos: QoS::ExactlyOnce,
-                                ..Default::default()
-                            },
-                            subscription_id: None,
-                        }],
-                    },
-                )
-                .await;
-            match reply {
-                Ok(Reply::Subscribed { .. }) => {
-                    subscribed = true;
-                    ctx.world
-                        .history()
-                        .subscribed(ctx.world.elapsed_ms(), &client_id);
-                    ctx.world.trace(format!("{client_id} subscribed"));
-                }
-                _ => {
-                    ctx.drop_conn(&client_id, conn);
-                    continue;
-                }
+            subscribed = subscribe(&ctx, &conn, &client_id, home, &spec.filter).await;
+            if !subscribed {
+                ctx.drop_conn(&client_id, conn);
+                continue;
             }
         }
         // Acks go out in order on the connection, as on the real ordered pipe.
@@ -372,28 +385,20 @@ pub async fn run_subscriber(ctx: Ctx, client_id: String, preferred: usize, kill:
             match event {
                 SessionEvent::Deliver(d) => {
                     let text = String::from_utf8_lossy(&d.message.payload).to_string();
-                    let Some((publisher, seq)) = text
-                        .rsplit_once(':')
-                        .and_then(|(p, s)| Some((p.to_string(), s.parse::<u32>().ok()?)))
-                    else {
+                    let Some(payload) = Payload::parse(&text) else {
                         ctx.world
                             .history()
                             .violation(format!("{client_id} got a foreign payload {text:?}"));
                         continue;
                     };
                     ctx.world.trace(format!(
-                        "{client_id} <- {publisher}:{seq} {:?} id {:?}{}",
+                        "{client_id} <- {text} {:?} id {:?}{}",
                         d.qos,
                         d.packet_id,
                         if d.dup { " dup" } else { "" }
                     ));
                     let Some(packet_id) = d.packet_id else {
-                        ctx.world.history().delivered(
-                            &client_id,
-                            (publisher, seq),
-                            d.qos,
-                            d.packet_id,
-                        );
+                        payload.record(&ctx.world, &client_id, d.qos, d.packet_id);
                         continue;
                     };
                     // The handler drops a QoS2 re-send for an id whose PUBREC was applied after
@@ -408,12 +413,7 @@ pub async fn run_subscriber(ctx: Ctx, client_id: String, preferred: usize, kill:
                     match d.qos {
                         QoS::ExactlyOnce => {
                             if awaiting_rel.insert(packet_id) {
-                                ctx.world.history().delivered(
-                                    &client_id,
-                                    (publisher, seq),
-                                    d.qos,
-                                    d.packet_id,
-                                );
+                                payload.record(&ctx.world, &client_id, d.qos, d.packet_id);
                             }
                             // PUBREC: the frontend sends PUBREL once the PUBREC is durable
                             // (issue 19, bug 3), and the client answers PUBCOMP.
@@ -424,12 +424,7 @@ pub async fn run_subscriber(ctx: Ctx, client_id: String, preferred: usize, kill:
                             }
                         }
                         _ => {
-                            ctx.world.history().delivered(
-                                &client_id,
-                                (publisher, seq),
-                                d.qos,
-                                d.packet_id,
-                            );
+                            payload.record(&ctx.world, &client_id, d.qos, d.packet_id);
                             let _ = acks.send(AckJob::Plain(AckCmd::PubAck, packet_id));
                         }
                     }
@@ -463,6 +458,64 @@ pub async fn run_subscriber(ctx: Ctx, client_id: String, preferred: usize, kill:
             conn.frontend.forget(&client_id, conn.epoch);
         }
         sleep(Duration::from_millis(50 + ctx.world.range(0..300))).await;
+    }
+}
+
+/// SUBSCRIBE `filter` at QoS2; whether the SUBACK came (recorded in the history).
+async fn subscribe(ctx: &Ctx, conn: &Conn, client_id: &Arc<str>, home: u32, filter: &str) -> bool {
+    let command = Command::Subscribe {
+        client_id: client_id.clone(),
+        epoch: conn.epoch,
+        subscriptions: vec![SubscribeRequest {
+            filter: filter.into(),
+            options: SubscriptionOptions {
+                qos: QoS::ExactlyOnce,
+                ..Default::default()
+            },
+            subscription_id: None,
+        }],
+    };
+    if ctx.world.plan.planted == Some(Planted::LateSubscribeRoute) {
+        // The planted bug: SUBACK before the partition applied the subscription.
+        let frontend = conn.frontend.clone();
+        tokio::spawn(async move {
+            let _ = frontend.call(home, command).await;
+        });
+    } else {
+        match conn.frontend.call(home, command).await {
+            Ok(Reply::Subscribed { .. }) => {}
+            _ => return false,
+        }
+    }
+    ctx.world
+        .history()
+        .subscribed(ctx.world.elapsed_ms(), client_id, filter);
+    ctx.world.trace(format!("{client_id} subscribed {filter}"));
+    true
+}
+
+/// What a delivered payload names: a publisher's message or a will client's will.
+enum Payload {
+    Message(MessageId),
+    Will(WillId),
+}
+
+impl Payload {
+    fn parse(text: &str) -> Option<Payload> {
+        if let Some(will) = parse_will_payload(text) {
+            return Some(Payload::Will(will));
+        }
+        let (publisher, seq) = text.rsplit_once(':')?;
+        Some(Payload::Message((publisher.to_string(), seq.parse().ok()?)))
+    }
+
+    /// Handed to the subscriber's application.
+    fn record(&self, world: &World, subscriber: &str, qos: QoS, packet_id: Option<u16>) {
+        let mut history = world.history();
+        match self {
+            Payload::Message(id) => history.delivered(subscriber, id.clone(), qos, packet_id),
+            Payload::Will(id) => history.will_delivered(subscriber, id.clone(), qos, packet_id),
+        }
     }
 }
 

@@ -7,7 +7,8 @@
 //!
 //! It models the real client's rules, not its code: until the router is written once over a
 //! transport trait (issue 21), the simulation drives the real backends (driver, Raft,
-//! partition state machine, sled) and this model of the frontend.
+//! partition state machine, sled) and this model of the frontend. The retry rules live in
+//! `path.rs`, shared with the backends' leader-work runners.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -15,34 +16,16 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tiermq_backend::placement::NodeId;
-use tiermq_backend::raft::node::{LeaderWork, ProposeError};
 use tiermq_common::hashing::partition_of;
 use tiermq_common::partition_api::{Command, Query, Reply};
 use tiermq_common::session_api::SessionEvent;
 use tiermq_common::ReasonCode;
 use tokio::sync::mpsc;
-use tokio::time::{sleep, timeout, Instant};
+use tokio::time::sleep;
 
+pub use crate::path::CallError;
+use crate::path::PartitionPath;
 use crate::world::{Endpoint, World};
-
-/// How long one attempt waits for its answer (as `ClusterClient`'s `ATTEMPT_TIMEOUT`).
-const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long an operation keeps trying before it fails (`OP_DEADLINE`).
-const OP_DEADLINE: Duration = Duration::from_secs(15);
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CallError {
-    /// This frontend process is down (its connections are gone).
-    FrontendDown,
-    /// No replica answered within the deadline.
-    Deadline,
-}
-
-enum Attempt {
-    Reply(Reply),
-    NotLeader(Option<NodeId>),
-    Unavailable,
-}
 
 type EventTx = mpsc::UnboundedSender<SessionEvent>;
 
@@ -57,10 +40,9 @@ pub struct Frontend {
     world: Arc<World>,
     /// The frontend id of the running process (changes at every restart).
     id: AtomicU64,
-    up: AtomicBool,
+    up: Arc<AtomicBool>,
     sessions: Mutex<Sessions>,
-    /// Per partition: the node operations go to first.
-    leader_guess: Mutex<Vec<NodeId>>,
+    path: PartitionPath,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -69,17 +51,20 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Frontend {
     pub fn new(world: Arc<World>, slot: u64) -> Arc<Frontend> {
-        let map = world.map();
-        let guesses = (0..world.plan.partitions)
-            .map(|p| map.replicas_of(p)[0])
-            .collect();
+        let up = Arc::new(AtomicBool::new(false));
+        let alive = up.clone();
+        let path = PartitionPath::new(
+            world.clone(),
+            Endpoint::Frontend(slot),
+            Box::new(move || alive.load(Ordering::Relaxed)),
+        );
         let f = Arc::new(Frontend {
             slot,
             world,
             id: AtomicU64::new(0),
-            up: AtomicBool::new(false),
+            up,
             sessions: Mutex::new(Sessions::default()),
-            leader_guess: Mutex::new(guesses),
+            path,
         });
         f.start();
         f
@@ -154,99 +139,21 @@ impl Frontend {
 
     /// A partition command, retried on other replicas until one leader applies it.
     pub async fn call(&self, partition: u32, command: Command) -> Result<Reply, CallError> {
-        self.with_retries(partition, |h| {
-            let fut = h.submit(partition, command.clone());
-            Box::pin(async move { fut.await.map(Some) })
-        })
-        .await
+        self.path.call(partition, command).await
+    }
+
+    /// [`Self::call`], and how many times the command reached a node (`PartitionPath`).
+    pub async fn call_counting(
+        &self,
+        partition: u32,
+        command: Command,
+    ) -> (Result<Reply, CallError>, u32) {
+        self.path.call_counting(partition, command).await
     }
 
     /// A leader read (QoS2 duplicate check), retried like a command.
     pub async fn query(&self, partition: u32, query: Query) -> Result<Reply, CallError> {
-        self.with_retries(partition, |h| {
-            let fut = h.query(partition, query.clone());
-            Box::pin(async move {
-                fut.await
-                    .map(|bytes| postcard::from_bytes::<Reply>(&bytes).ok())
-            })
-        })
-        .await
-    }
-
-    async fn with_retries(
-        &self,
-        partition: u32,
-        send: impl Fn(
-            &tiermq_backend::raft::node::RaftHandle,
-        ) -> std::pin::Pin<
-            Box<dyn std::future::Future<Output = Result<Option<Reply>, ProposeError>> + Send>,
-        >,
-    ) -> Result<Reply, CallError> {
-        let deadline = Instant::now() + OP_DEADLINE;
-        loop {
-            let replicas = self.world.map().replicas_of(partition).to_vec();
-            if !self.is_up() {
-                return Err(CallError::FrontendDown);
-            }
-            if Instant::now() >= deadline {
-                return Err(CallError::Deadline);
-            }
-            let node = lock(&self.leader_guess)[partition as usize];
-            match self.attempt(node, &send).await {
-                Attempt::Reply(r) => return Ok(r),
-                Attempt::NotLeader(Some(hint)) if hint != node => {
-                    lock(&self.leader_guess)[partition as usize] = hint;
-                }
-                Attempt::NotLeader(_) | Attempt::Unavailable => {
-                    let pos = replicas.iter().position(|r| *r == node).unwrap_or(0);
-                    lock(&self.leader_guess)[partition as usize] =
-                        replicas[(pos + 1) % replicas.len()];
-                    sleep(Duration::from_millis(50)).await;
-                }
-            }
-        }
-    }
-
-    /// One try at one node: request and answer each cross the network.
-    async fn attempt(
-        &self,
-        node: NodeId,
-        send: &impl Fn(
-            &tiermq_backend::raft::node::RaftHandle,
-        ) -> std::pin::Pin<
-            Box<dyn std::future::Future<Output = Result<Option<Reply>, ProposeError>> + Send>,
-        >,
-    ) -> Attempt {
-        let world = &self.world;
-        let link = (self.endpoint(), Endpoint::Node(node));
-        let started = Instant::now();
-        let unreachable = || async move {
-            // A cut-off or dead node never answers: the attempt times out.
-            tokio::time::sleep_until(started + ATTEMPT_TIMEOUT).await;
-            Attempt::Unavailable
-        };
-        if !world.link_ok(link.0, link.1) || world.lost() {
-            return unreachable().await;
-        }
-        sleep(world.delay()).await;
-        let Some(handle) = world.handle(node).filter(|_| world.link_ok(link.0, link.1)) else {
-            return unreachable().await;
-        };
-        let answer = match timeout(ATTEMPT_TIMEOUT, send(&handle)).await {
-            Err(_) => return Attempt::Unavailable,
-            Ok(a) => a,
-        };
-        sleep(world.delay()).await;
-        if !world.link_ok(link.0, link.1) || !self.is_up() {
-            return unreachable().await; // the answer is lost on the way back
-        }
-        match answer {
-            Ok(Some(reply)) => Attempt::Reply(reply),
-            Ok(None) => Attempt::Unavailable,
-            Err(ProposeError::NotLeader { leader }) => Attempt::NotLeader(leader),
-            Err(ProposeError::UnknownPartition(_)) => Attempt::NotLeader(None),
-            Err(ProposeError::Dropped | ProposeError::Stopped) => Attempt::Unavailable,
-        }
+        self.path.query(partition, query).await
     }
 }
 
@@ -356,23 +263,5 @@ async fn pump_events(
             frontend.slot, event.client_id, event.epoch
         ));
         frontend.deliver(event.client_id, event.epoch, event.event);
-    }
-}
-
-/// Fired wills and shared-subscription steps of one node incarnation (the plans use neither
-/// yet; a will that fires is recorded).
-pub async fn run_leader_work(
-    world: Arc<World>,
-    node: NodeId,
-    incarnation: u64,
-    mut work: mpsc::UnboundedReceiver<LeaderWork>,
-) {
-    while let Some(w) = work.recv().await {
-        if world.incarnation(node) != incarnation {
-            return;
-        }
-        if let Some(m) = crate::world::is_will(&w) {
-            world.trace(format!("node {node}: will fired on {}", m.topic));
-        }
     }
 }

@@ -1,32 +1,76 @@
 //! What happened in a run, as the clients saw it, and the promises checked against it
 //! (BRIEF §4): no acknowledged message lost, QoS2 exactly once, order per publisher, nothing
-//! unexpected, sessions kept. The replica check lives in `main.rs` (it asks the nodes).
+//! unexpected, sessions kept, every message sent after a SUBACK delivered to that
+//! subscription, wills exactly once. The replica check lives in `main.rs` (it asks the nodes).
+//!
+//! "After" is the history's own order: every event that a check compares (a send, a SUBACK,
+//! a will handed over) takes the next number of one counter, on the simulation's one thread.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
+use tiermq_common::topic::filter_matches;
 use tiermq_common::QoS;
 
 /// A message is named by its publisher and its sequence number (also its payload).
 pub type MessageId = (String, u32);
 
+/// A will is named by its client and the number of the connection that set it.
+pub type WillId = (String, u32);
+
+/// The topic of a will client's will.
+pub fn will_topic(client: &str) -> String {
+    format!("t/w/{client}")
+}
+
 #[derive(Debug, Default)]
 struct Published {
     qos: Option<QoS>,
-    /// Virtual time of the first attempt to send it.
-    first_sent_ms: u64,
+    topic: String,
+    /// History order and virtual time of the first attempt to send it.
+    first_sent: (u64, u64),
     acked: bool,
 }
+
+/// Marks a will finding whose CONNECT reached a node more than once: the cluster client
+/// re-sends a command whose answer was lost, and a partition that applies a CONNECT twice
+/// takes the second for a new connection taking over the first — with will delay 0 it
+/// publishes the will of a client that never lost its connection (then again when the
+/// connection really ends). A broker bug (`--known-gap connect-retry` reports it apart).
+pub const CONNECT_RESENT: &str = "(its CONNECT was re-sent after an unanswered attempt)";
+
+/// A subscription's SUBACK: history order, virtual time, filter.
+#[derive(Debug)]
+struct Suback {
+    order: u64,
+    ms: u64,
+    filter: String,
+}
+
+/// One message or will handed to a subscriber's application.
+type Delivery<Id> = (Id, QoS, Option<u16>);
 
 #[derive(Debug, Default)]
 pub struct History {
     /// Human-readable lines, `(virtual ms, text)`: printed for a failing seed, hashed always.
     lines: Vec<(u64, String)>,
+    /// The order counter (see the module doc).
+    order: u64,
     published: BTreeMap<MessageId, Published>,
-    /// Subscriber → when its SUBACK arrived.
-    subscribed_ms: BTreeMap<String, u64>,
+    /// Subscriber → its SUBACKs.
+    subscribed: BTreeMap<String, Vec<Suback>>,
     /// Subscriber → messages handed to its application, in order, with their packet ids.
-    delivered: BTreeMap<String, Vec<(MessageId, QoS, Option<u16>)>>,
+    delivered: BTreeMap<String, Vec<Delivery<MessageId>>>,
+    /// Subscriber → wills handed to its application.
+    wills_delivered: BTreeMap<String, Vec<Delivery<WillId>>>,
+    /// Wills set by a CONNECT that succeeded → whether that CONNECT reached a node more than
+    /// once (see [`CONNECT_RESENT`]).
+    wills_set: BTreeMap<WillId, bool>,
+    /// Wills handed over by a leader (their firing is committed) → order of the first time,
+    /// and each firing's (origin partition, outbox sequence number).
+    wills_fired: BTreeMap<WillId, (u64, BTreeSet<(u32, u64)>)>,
+    /// Wills that must never fire, and why (a normal DISCONNECT, a reconnect in the delay).
+    wills_discarded: BTreeMap<WillId, String>,
     /// QoS2 messages their publisher sent again after a connection ended unacknowledged.
     resent: BTreeSet<MessageId>,
     violations: Vec<String>,
@@ -41,11 +85,18 @@ impl History {
         self.violations.push(what);
     }
 
-    pub fn sending(&mut self, t: u64, id: &MessageId, qos: QoS) {
+    fn next_order(&mut self) -> u64 {
+        self.order += 1;
+        self.order
+    }
+
+    pub fn sending(&mut self, t: u64, id: &MessageId, topic: &str, qos: QoS) {
+        let order = self.next_order();
         let p = self.published.entry(id.clone()).or_default();
         if p.qos.is_none() {
             p.qos = Some(qos);
-            p.first_sent_ms = t;
+            p.topic = topic.to_string();
+            p.first_sent = (order, t);
         }
     }
 
@@ -60,10 +111,17 @@ impl History {
         }
     }
 
-    pub fn subscribed(&mut self, t: u64, subscriber: &str) {
-        self.subscribed_ms
-            .entry(subscriber.to_string())
-            .or_insert(t);
+    /// The SUBACK of `filter` reached `subscriber` (the first one per filter counts).
+    pub fn subscribed(&mut self, t: u64, subscriber: &str, filter: &str) {
+        let order = self.next_order();
+        let subs = self.subscribed.entry(subscriber.to_string()).or_default();
+        if !subs.iter().any(|s| s.filter == filter) {
+            subs.push(Suback {
+                order,
+                ms: t,
+                filter: filter.to_string(),
+            });
+        }
     }
 
     pub fn delivered(&mut self, subscriber: &str, id: MessageId, qos: QoS, packet_id: Option<u16>) {
@@ -71,6 +129,45 @@ impl History {
             .entry(subscriber.to_string())
             .or_default()
             .push((id, qos, packet_id));
+    }
+
+    pub fn will_delivered(
+        &mut self,
+        subscriber: &str,
+        id: WillId,
+        qos: QoS,
+        packet_id: Option<u16>,
+    ) {
+        self.wills_delivered
+            .entry(subscriber.to_string())
+            .or_default()
+            .push((id, qos, packet_id));
+    }
+
+    /// A CONNECT with this will was answered: the session holds it. `resent`: the CONNECT
+    /// reached a node more than once.
+    pub fn will_set(&mut self, id: WillId, resent: bool) {
+        self.wills_set.insert(id, resent);
+    }
+
+    /// A leader of partition `origin` handed this will over to be published as its outbox's
+    /// `seq`: its firing is committed.
+    pub fn will_fired(&mut self, id: WillId, origin: u32, seq: u64) {
+        let order = self.next_order();
+        self.wills_fired
+            .entry(id)
+            .or_insert((order, BTreeSet::new()))
+            .1
+            .insert((origin, seq));
+    }
+
+    /// This will must never fire (`why`).
+    pub fn will_discarded(&mut self, id: WillId, why: String) {
+        self.wills_discarded.insert(id, why);
+    }
+
+    pub fn wills_fired_count(&self) -> usize {
+        self.wills_fired.len()
     }
 
     pub fn acked_count(&self) -> usize {
@@ -154,22 +251,130 @@ impl History {
                 *last = (*last).max(id.1);
             }
         }
-        for (subscriber, since) in &self.subscribed_ms {
+        for (subscriber, subs) in &self.subscribed {
             let got: BTreeSet<&MessageId> = self
                 .delivered
                 .get(subscriber)
                 .map(|d| d.iter().map(|(id, _, _)| id).collect())
                 .unwrap_or_default();
             for (id, p) in &self.published {
-                if p.acked && p.first_sent_ms > *since && !got.contains(id) {
+                if !p.acked || got.contains(id) {
+                    continue;
+                }
+                // The first SUBACK of a matching filter that came before the first send.
+                let before = subs
+                    .iter()
+                    .filter(|s| s.order < p.first_sent.0 && filter_matches(&s.filter, &p.topic))
+                    .min_by_key(|s| s.order);
+                if let Some(s) = before {
                     out.push(format!(
-                        "lost: {}:{} acknowledged, never reached {subscriber}",
-                        id.0, id.1
+                        "lost: {}:{} acknowledged, never reached {subscriber} (sent at {} ms, after its SUBACK to {} at {} ms)",
+                        id.0, id.1, p.first_sent.1, s.filter, s.ms
                     ));
                 }
             }
         }
+        out.extend(self.check_wills());
+
         out
+    }
+
+    /// Wills exactly once: never delivered twice from one firing, never for a connection
+    /// that ended normally or whose delayed will a reconnect cancelled, and delivered to
+    /// every subscriber that had subscribed before the will was handed over.
+    ///
+    /// What it can know: a will is *fired* once a leader hands it over (the entry that fired
+    /// it is applied, so committed); a firing that no leader ever handed over is not seen —
+    /// a drained run hands every recorded firing over (the outbox is re-done at take-over).
+    /// A second delivery under another packet id means the will was queued twice (a re-send
+    /// of the same queued copy keeps its id, QoS1 as QoS2).
+    ///
+    /// One connection's will fired twice (two outbox entries) is reported as such, and that
+    /// will's other checks are skipped (each firing may rightly be delivered once).
+    fn check_wills(&self) -> Vec<String> {
+        let mut out: Vec<(&WillId, String)> = Vec::new();
+        let mut twice = BTreeSet::new();
+        for (id, (_, firings)) in &self.wills_fired {
+            if firings.len() > 1 {
+                twice.insert(id);
+                out.push((id, format!(
+                    "will-fired-twice: the will of {} connection {} fired {} times (partition, seq: {firings:?})",
+                    id.0,
+                    id.1,
+                    firings.len()
+                )));
+            }
+        }
+        for (id, why) in &self.wills_discarded {
+            if self.wills_fired.contains_key(id) && !twice.contains(id) {
+                out.push((
+                    id,
+                    format!(
+                        "will-unexpected: the will of {} connection {} fired, though {why}",
+                        id.0, id.1
+                    ),
+                ));
+            }
+        }
+        for (subscriber, deliveries) in &self.wills_delivered {
+            let mut ids: BTreeMap<&WillId, BTreeSet<Option<u16>>> = BTreeMap::new();
+            for (id, _, packet_id) in deliveries {
+                ids.entry(id).or_default().insert(*packet_id);
+            }
+            for (id, packet_ids) in ids {
+                if twice.contains(id) {
+                    continue;
+                }
+                let name = format!("the will of {} connection {}", id.0, id.1);
+                if !self.wills_set.contains_key(id) {
+                    out.push((
+                        id,
+                        format!("will-unexpected: {subscriber} got {name}, never set"),
+                    ));
+                } else if !self.wills_fired.contains_key(id) {
+                    out.push((
+                        id,
+                        format!("will-unexpected: {subscriber} got {name}, never handed over"),
+                    ));
+                } else if let Some(why) = self.wills_discarded.get(id) {
+                    out.push((
+                        id,
+                        format!("will-unexpected: {subscriber} got {name}, though {why}"),
+                    ));
+                }
+                if packet_ids.len() > 1 {
+                    out.push((id, format!(
+                        "will-duplicated: {subscriber} got {name} queued {} times (packet ids {packet_ids:?})",
+                        packet_ids.len()
+                    )));
+                }
+            }
+        }
+        for (subscriber, subs) in &self.subscribed {
+            let got: BTreeSet<&WillId> = self
+                .wills_delivered
+                .get(subscriber)
+                .map(|d| d.iter().map(|(id, _, _)| id).collect())
+                .unwrap_or_default();
+            for (id, (fired, _)) in &self.wills_fired {
+                let topic = will_topic(&id.0);
+                let before = subs
+                    .iter()
+                    .any(|s| s.order < *fired && filter_matches(&s.filter, &topic));
+                if before && !got.contains(id) {
+                    out.push((id, format!(
+                        "will-lost: the will of {} connection {} fired after {subscriber}'s SUBACK, never reached it",
+                        id.0, id.1
+                    )));
+                }
+            }
+        }
+        out.into_iter()
+            .map(|(id, line)| match self.wills_set.get(id) {
+                Some(true) => format!("{line} {CONNECT_RESENT}"),
+                _ => line,
+            })
+            .collect()
     }
 }
 
@@ -185,9 +390,9 @@ mod tests {
     #[test]
     fn the_checker_finds_each_broken_promise() {
         let mut h = History::default();
-        h.subscribed(10, "sub");
+        h.subscribed(10, "sub", "t/#");
         for s in 1..=4 {
-            h.sending(20, &id("pub", s), QoS::ExactlyOnce);
+            h.sending(20, &id("pub", s), "t/0", QoS::ExactlyOnce);
             h.acked(&id("pub", s));
         }
         h.delivered("sub", id("pub", 2), QoS::ExactlyOnce, Some(2));
@@ -212,12 +417,103 @@ mod tests {
     #[test]
     fn a_clean_history_passes_and_qos1_duplicates_are_allowed() {
         let mut h = History::default();
-        h.subscribed(10, "sub");
-        h.sending(20, &id("pub", 1), QoS::AtLeastOnce);
+        h.subscribed(10, "sub", "t/#");
+        h.sending(20, &id("pub", 1), "t/0", QoS::AtLeastOnce);
         h.acked(&id("pub", 1));
-        h.sending(30, &id("pub", 2), QoS::AtLeastOnce); // never acked, never delivered: fine
+        h.sending(30, &id("pub", 2), "t/0", QoS::AtLeastOnce); // never acked, never delivered: fine
         h.delivered("sub", id("pub", 1), QoS::AtLeastOnce, Some(1));
         h.delivered("sub", id("pub", 1), QoS::AtLeastOnce, Some(1));
         assert!(h.check().is_empty(), "{:?}", h.check());
+    }
+
+    /// A subscription made mid-run: what its publisher sent after the SUBACK must arrive,
+    /// what it sent before may not; a filter that does not match asks for nothing.
+    #[test]
+    fn a_late_subscription_is_owed_what_was_sent_after_its_suback() {
+        let mut h = History::default();
+        h.sending(10, &id("pub", 1), "t/0", QoS::AtLeastOnce);
+        h.acked(&id("pub", 1));
+        h.subscribed(20, "late", "t/0");
+        h.subscribed(20, "other", "t/1");
+        h.sending(20, &id("pub", 2), "t/0", QoS::AtLeastOnce); // same ms, after in order
+        h.acked(&id("pub", 2));
+        h.sending(30, &id("pub", 3), "t/0", QoS::AtLeastOnce);
+        h.acked(&id("pub", 3));
+        h.delivered("late", id("pub", 3), QoS::AtLeastOnce, Some(1));
+        let found = h.check();
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(
+            found[0].starts_with("lost: pub:2 acknowledged, never reached late"),
+            "{found:?}"
+        );
+    }
+
+    #[test]
+    fn the_will_checks_find_each_broken_promise() {
+        let w = |n: u32| ("will-0".to_string(), n);
+        let mut h = History::default();
+        h.subscribed(10, "sub", "t/#");
+        h.subscribed(10, "narrow", "t/0");
+        for n in 1..=5 {
+            h.will_set(w(n), false);
+        }
+        // 1: fired, delivered twice under one packet id (a re-send): fine.
+        h.will_fired(w(1), 0, 1);
+        h.will_delivered("sub", w(1), QoS::AtLeastOnce, Some(7));
+        h.will_delivered("sub", w(1), QoS::AtLeastOnce, Some(7));
+        // 2: fired, queued twice.
+        h.will_fired(w(2), 0, 2);
+        h.will_delivered("sub", w(2), QoS::ExactlyOnce, Some(8));
+        h.will_delivered("sub", w(2), QoS::ExactlyOnce, Some(9));
+        // 3: fired after the SUBACK, never delivered.
+        h.will_fired(w(3), 0, 3);
+        // 4: ended by a normal DISCONNECT, fired and delivered anyway.
+        h.will_discarded(w(4), "its connection ended by a normal DISCONNECT".into());
+        h.will_fired(w(4), 0, 4);
+        // 6: fired twice (two outbox entries): reported once as such.
+        h.will_set(w(6), true);
+        h.will_fired(w(6), 0, 6);
+        h.will_fired(w(6), 0, 7);
+        h.will_delivered("sub", w(6), QoS::AtLeastOnce, Some(11));
+        h.will_delivered("sub", w(6), QoS::AtLeastOnce, Some(12));
+        h.will_delivered("sub", w(4), QoS::AtLeastOnce, Some(10));
+        // 5: discarded and never fired: fine.
+        h.will_discarded(w(5), "a reconnect cancelled it".into());
+        // A will that fired before a subscription is not owed to it.
+        h.will_fired(("will-1".to_string(), 1), 1, 1);
+        h.will_set(("will-1".to_string(), 1), false);
+        h.subscribed(30, "after", "t/#");
+        let found = h.check().join("\n");
+        assert!(
+            found.contains(
+                "will-duplicated: sub got the will of will-0 connection 2 queued 2 times"
+            ),
+            "{found}"
+        );
+        assert!(
+            found.contains("will-lost: the will of will-0 connection 3 fired after sub's SUBACK"),
+            "{found}"
+        );
+        assert!(
+            found.contains("will-unexpected: the will of will-0 connection 4 fired, though"),
+            "{found}"
+        );
+        assert!(
+            found.contains("will-unexpected: sub got the will of will-0 connection 4, though"),
+            "{found}"
+        );
+        assert!(
+            found.contains("will-lost: the will of will-1 connection 1 fired after sub's SUBACK"),
+            "{found}"
+        );
+        assert!(
+            found.contains("will-fired-twice: the will of will-0 connection 6 fired 2 times"),
+            "{found}"
+        );
+        assert!(
+            found.contains(&format!("{{(0, 6), (0, 7)}}) {CONNECT_RESENT}")),
+            "{found}"
+        );
+        assert_eq!(h.check().len(), 6, "{found}");
     }
 }

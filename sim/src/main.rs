@@ -13,7 +13,10 @@
 mod client;
 mod frontend;
 mod history;
+mod leader_work;
+mod path;
 mod plan;
+mod will;
 mod world;
 
 use std::process::ExitCode;
@@ -28,7 +31,8 @@ use tokio::time::{sleep, sleep_until, Instant};
 
 use crate::client::{run_publisher, run_subscriber, Ctx};
 use crate::frontend::Frontend;
-use crate::plan::{Fault, Plan, Planted};
+use crate::plan::{Fault, Plan, Planted, Subscriber};
+use crate::will::run_will_client;
 use crate::world::{Endpoint, World};
 
 #[derive(Parser, Debug)]
@@ -61,12 +65,19 @@ enum KnownGap {
     /// Inbound QoS2 queued twice by a partition other than the publisher's (a publish
     /// retried after a lost answer or re-sent after a reconnect): no idempotency key there.
     InboundQos2,
+    /// A CONNECT re-sent after an unanswered attempt and applied twice: the partition takes
+    /// the second for a new connection taking over the first and publishes the will of a
+    /// client that never lost its connection (`history::CONNECT_RESENT`). Open.
+    ConnectRetry,
 }
 
 impl KnownGap {
     fn covers(self, violation: &str) -> bool {
         match self {
             KnownGap::InboundQos2 => violation.starts_with("qos2-duplicated (queued twice"),
+            KnownGap::ConnectRetry => {
+                violation.starts_with("will-") && violation.ends_with(history::CONNECT_RESENT)
+            }
         }
     }
 }
@@ -77,6 +88,7 @@ struct Outcome {
     violations: Vec<String>,
     acked: usize,
     delivered: usize,
+    wills_fired: usize,
     history: String,
 }
 
@@ -116,8 +128,8 @@ fn main() -> ExitCode {
         }
         if outcome.violations.is_empty() {
             println!(
-                "seed {seed}: ok — {} acknowledged, {} delivered, {faults} faults, history {:016x}",
-                outcome.acked, outcome.delivered, outcome.digest
+                "seed {seed}: ok — {} acknowledged, {} delivered, {} wills fired, {faults} faults, history {:016x}",
+                outcome.acked, outcome.delivered, outcome.wills_fired, outcome.digest
             );
         } else {
             failed += 1;
@@ -182,17 +194,30 @@ async fn simulate(plan: Plan) -> Outcome {
         world: world.clone(),
         frontends: frontends.clone(),
     };
-    // Client #i: subscribers first, then publishers (the plan's DropClient names them so).
+    // Client #i: subscribers first, then publishers, late subscribers, will clients (the
+    // plan's DropClient names them so: `Plan::client_names`).
     let mut kills = Vec::new();
-    for (i, s) in plan.subscribers.iter().enumerate() {
+    let mut kill = || {
         let kill = Arc::new(Notify::new());
         kills.push(kill.clone());
-        tokio::spawn(run_subscriber(ctx.clone(), s.clone(), i, kill));
+        kill
+    };
+    for (i, s) in plan.subscribers.iter().enumerate() {
+        let spec = Subscriber {
+            client_id: s.clone(),
+            filter: "t/#".to_string(),
+            at_ms: 0,
+        };
+        tokio::spawn(run_subscriber(ctx.clone(), spec, i, kill()));
     }
     for (i, p) in plan.publishers.iter().enumerate() {
-        let kill = Arc::new(Notify::new());
-        kills.push(kill.clone());
-        tokio::spawn(run_publisher(ctx.clone(), p.clone(), i, kill));
+        tokio::spawn(run_publisher(ctx.clone(), p.clone(), i, kill()));
+    }
+    for (i, s) in plan.late_subscribers.iter().enumerate() {
+        tokio::spawn(run_subscriber(ctx.clone(), s.clone(), i, kill()));
+    }
+    for (i, w) in plan.will_clients.iter().enumerate() {
+        tokio::spawn(run_will_client(ctx.clone(), w.clone(), i, kill()));
     }
     for (t, fault) in &plan.faults {
         sleep_until(start + Duration::from_millis(*t)).await;
@@ -222,6 +247,7 @@ async fn simulate(plan: Plan) -> Outcome {
         violations: history.check(),
         acked: history.acked_count(),
         delivered: history.delivered_count(),
+        wills_fired: history.wills_fired_count(),
         history: history.lines(),
     }
 }
@@ -313,7 +339,8 @@ fn inject(world: &Arc<World>, frontends: &[Arc<Frontend>], kills: &[Arc<Notify>]
 /// a session detached behind the client's back (e.g. its frontend declared lost while the
 /// client stayed connected) receives nothing and tells nobody (issue 19 §2, "deaf sessions").
 async fn check_no_deaf_sessions(world: &Arc<World>, frontends: &[Arc<Frontend>]) {
-    for client in &world.plan.subscribers {
+    let late = world.plan.late_subscribers.iter().map(|s| &s.client_id);
+    for client in world.plan.subscribers.iter().chain(late) {
         let Some((slot, epoch)) = world.connection(client) else {
             continue;
         };

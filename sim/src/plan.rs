@@ -21,6 +21,32 @@ pub struct Publisher {
     pub gap_ms: u64,
 }
 
+/// A client that connects with a will on `t/w/<client id>` (which the `t/#` subscribers
+/// match) and does nothing else: each connection lives a while, then ends by a normal
+/// DISCONNECT (no will) or by dropping (the will fires, at once or after its delay unless the
+/// reconnect comes first), and the client reconnects after a pause. Faults end its
+/// connections too.
+#[derive(Debug, Clone)]
+pub struct WillClient {
+    pub client_id: String,
+    pub qos: QoS,
+    /// Will Delay Interval: 0 fires when the connection ends.
+    pub delay_secs: u32,
+    /// Greater than the delay, so a reconnect within the delay cancels the will.
+    pub session_expiry_secs: u32,
+    /// Whether its connections sometimes end with a normal DISCONNECT.
+    pub normal_disconnects: bool,
+}
+
+/// A subscriber that connects and subscribes `filter` (QoS2) only at `at_ms`, during the
+/// traffic and the faults: every message its publisher sends after the SUBACK must reach it.
+#[derive(Debug, Clone)]
+pub struct Subscriber {
+    pub client_id: String,
+    pub filter: String,
+    pub at_ms: u64,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
     /// kill -9 of a backend, restarted after `down_ms`.
@@ -80,6 +106,12 @@ pub enum Planted {
     /// Inbound QoS2 without the idempotency token outside the publisher's partition (the
     /// gap issue 19 §2 closed): a retried or re-sent publish is queued twice there.
     NoQos2Key,
+    /// The will dispatch publishes without the will's idempotency key and never confirms
+    /// `WillPublished`: every leader change of the will's partition publishes it again.
+    WillTwice,
+    /// A SUBSCRIBE is answered (SUBACK) as soon as it is sent, before its partition applied
+    /// it: messages published right after the SUBACK can miss the subscription.
+    LateSubscribeRoute,
 }
 
 #[derive(Debug, Clone)]
@@ -97,6 +129,10 @@ pub struct Plan {
     pub joins: Vec<NodeId>,
     pub publishers: Vec<Publisher>,
     pub subscribers: Vec<String>,
+    /// Subscribers that subscribe during the traffic (client numbers after the publishers').
+    pub late_subscribers: Vec<Subscriber>,
+    /// Clients with wills (client numbers after the late subscribers').
+    pub will_clients: Vec<WillClient>,
     /// (virtual time in ms, fault), in time order.
     pub faults: Vec<(u64, Fault)>,
     /// Faults stop and everything heals at this time; the run ends `settle_ms` later.
@@ -194,7 +230,7 @@ impl Plan {
             ));
             faults.sort_by_key(|(t, _)| *t);
         }
-        Plan {
+        let mut plan = Plan {
             seed,
             planted: None,
             nodes,
@@ -214,7 +250,66 @@ impl Plan {
             faults,
             heal_ms,
             settle_ms: 30_000,
+            late_subscribers: Vec::new(),
+            will_clients: Vec::new(),
+        };
+        plan.draw_late_clients();
+        plan
+    }
+
+    /// Late subscribers, will clients and faults aimed at them, from a stream of their own:
+    /// the rest of a seed's plan stays what it was before they existed.
+    fn draw_late_clients(&mut self) {
+        let mut rng = StdRng::seed_from_u64(self.seed ^ 0x5157_11a5_0019_0019);
+        let (traffic, heal) = (TRAFFIC_START_MS, self.heal_ms);
+        self.late_subscribers = (0..rng.random_range(1..3))
+            .map(|k| Subscriber {
+                client_id: format!("late-{k}"),
+                filter: if rng.random_bool(0.5) {
+                    "t/#".to_string()
+                } else {
+                    format!("t/{}", rng.random_range(0..self.publishers.len()))
+                },
+                at_ms: rng.random_range(traffic + 300..heal - 3_000),
+            })
+            .collect();
+        self.will_clients = (0..rng.random_range(1..4))
+            .map(|k| WillClient {
+                client_id: format!("will-{k}"),
+                qos: if rng.random_bool(0.5) {
+                    QoS::AtLeastOnce
+                } else {
+                    QoS::ExactlyOnce
+                },
+                delay_secs: if rng.random_bool(0.5) {
+                    0
+                } else {
+                    rng.random_range(1..5)
+                },
+                session_expiry_secs: if rng.random_bool(0.5) { 600 } else { u32::MAX },
+                normal_disconnects: rng.random_bool(0.5),
+            })
+            .collect();
+        // Their own dropped connections (the main draw's DropClient may name them too).
+        let first = self.subscribers.len() + self.publishers.len();
+        let late = self.late_subscribers.len() + self.will_clients.len();
+        for _ in 0..rng.random_range(0..4) {
+            let t = rng.random_range(traffic..heal - 1_000);
+            let client = first + rng.random_range(0..late);
+            self.faults.push((t, Fault::DropClient { client }));
         }
+        self.faults.sort_by_key(|(t, _)| *t);
+    }
+
+    /// The names of the clients in their numbering (`Fault::DropClient`).
+    pub fn client_names(&self) -> Vec<&str> {
+        self.subscribers
+            .iter()
+            .map(String::as_str)
+            .chain(self.publishers.iter().map(|p| p.client_id.as_str()))
+            .chain(self.late_subscribers.iter().map(|s| s.client_id.as_str()))
+            .chain(self.will_clients.iter().map(|w| w.client_id.as_str()))
+            .collect()
     }
 }
 
@@ -244,6 +339,30 @@ impl fmt::Display for Plan {
             "  subscribers (t/#, QoS2): {}",
             self.subscribers.join(", ")
         )?;
+        for s in &self.late_subscribers {
+            writeln!(
+                f,
+                "  {} subscribes {} (QoS2) at {} ms",
+                s.client_id, s.filter, s.at_ms
+            )?;
+        }
+        for w in &self.will_clients {
+            writeln!(
+                f,
+                "  {} connects with a {:?} will on t/w/{}, delay {} s, session expiry {} s{}",
+                w.client_id,
+                w.qos,
+                w.client_id,
+                w.delay_secs,
+                w.session_expiry_secs,
+                if w.normal_disconnects {
+                    ", sometimes disconnects normally"
+                } else {
+                    ""
+                }
+            )?;
+        }
+        writeln!(f, "  clients by number: {:?}", self.client_names())?;
         for (t, fault) in &self.faults {
             writeln!(f, "  at {t} ms: {fault}")?;
         }

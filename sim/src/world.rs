@@ -16,9 +16,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tiermq_backend::placement::{NodeId, PartitionMap, DEFAULT_VNODES};
 use tiermq_backend::raft::clock::WallClock;
-use tiermq_backend::raft::node::{
-    start, ClusterHub, LeaderWork, RaftConfig, RaftHandle, Transport,
-};
+use tiermq_backend::raft::node::{start, ClusterHub, RaftConfig, RaftHandle, Transport};
 use tokio::time::Instant;
 
 use crate::history::History;
@@ -324,7 +322,7 @@ impl World {
         }
         lock(&self.nodes).get_mut(&id).expect("known node").handle = Some(handle);
         self.trace(format!("node {id} started (incarnation {incarnation})"));
-        tokio::spawn(crate::frontend::run_leader_work(
+        tokio::spawn(crate::leader_work::run_leader_work(
             self.clone(),
             id,
             incarnation,
@@ -379,16 +377,5 @@ impl Transport for SimTransport {
                 }
             });
         }
-    }
-}
-
-/// Ignores leader work other than wills (the plans use no shared subscriptions yet).
-pub fn is_will(work: &LeaderWork) -> Option<&tiermq_common::Message> {
-    match work {
-        LeaderWork::Shared {
-            work: tiermq_common::partition_api::SharedWork::Will { message, .. },
-            ..
-        } => Some(message),
-        LeaderWork::Shared { .. } => None,
     }
 }
