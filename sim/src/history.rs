@@ -39,6 +39,9 @@ struct Published {
 /// connection really ends). A broker bug (`--known-gap connect-retry` reports it apart).
 pub const CONNECT_RESENT: &str = "(its CONNECT was re-sent after an unanswered attempt)";
 
+/// Why a will must not fire: its connection ended by an answered normal DISCONNECT.
+pub const ENDED_NORMALLY: &str = "its connection ended by a normal DISCONNECT";
+
 /// A subscription's SUBACK: history order, virtual time, filter.
 #[derive(Debug)]
 struct Suback {
@@ -369,9 +372,13 @@ impl History {
                 }
             }
         }
+        // What a CONNECT applied twice explains: a second firing, or a firing (of the ghost
+        // connection the second CONNECT took over) though the real one ended normally.
+        let explained =
+            |line: &str| line.starts_with("will-fired-twice") || line.ends_with(ENDED_NORMALLY);
         out.into_iter()
             .map(|(id, line)| match self.wills_set.get(id) {
-                Some(true) => format!("{line} {CONNECT_RESENT}"),
+                Some(true) if explained(&line) => format!("{line} {CONNECT_RESENT}"),
                 _ => line,
             })
             .collect()
@@ -468,7 +475,7 @@ mod tests {
         // 3: fired after the SUBACK, never delivered.
         h.will_fired(w(3), 0, 3);
         // 4: ended by a normal DISCONNECT, fired and delivered anyway.
-        h.will_discarded(w(4), "its connection ended by a normal DISCONNECT".into());
+        h.will_discarded(w(4), ENDED_NORMALLY.into());
         h.will_fired(w(4), 0, 4);
         // 6: fired twice (two outbox entries): reported once as such.
         h.will_set(w(6), true);

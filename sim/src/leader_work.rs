@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use tiermq_backend::placement::NodeId;
 use tiermq_backend::raft::node::LeaderWork;
+use tiermq_common::hashing::partition_of;
 use tiermq_common::partition_api::{Command, Reply, SharedWork};
 use tiermq_common::session_api::{ServiceError, ServiceResult};
 use tiermq_common::shared_dispatch::{carry_out, PartitionCaller};
@@ -32,8 +33,22 @@ struct NodeCaller {
 impl NodeCaller {
     /// `--plant will-twice`: the dispatch publishes a will without its idempotency key and
     /// never confirms it, so every leader change publishes every will again, and a publish
-    /// retried after a lost answer is queued again.
-    fn planted(&self, command: Command) -> Option<Command> {
+    /// retried after a lost answer is queued again. `--plant will-home-only`: a will goes to
+    /// its session's partition only. `None`: the command is not sent (answered as done).
+    fn planted(&self, partition: u32, command: Command) -> Option<Command> {
+        if self.planted == Some(Planted::WillHomeOnly) {
+            if let Command::Publish {
+                inbound_qos2: Some(key),
+                publisher: None,
+                ..
+            } = &command
+            {
+                let client = key.client_id.split('\u{0}').next().unwrap_or_default();
+                if partition_of(client, self.partitions) != partition {
+                    return None;
+                }
+            }
+        }
         if self.planted != Some(Planted::WillTwice) {
             return Some(command);
         }
@@ -67,13 +82,19 @@ impl PartitionCaller for NodeCaller {
         partition: u32,
         command: Command,
     ) -> impl Future<Output = ServiceResult<Reply>> + Send + 'static {
-        let task = self.planted(command).map(|command| {
+        let task = self.planted(partition, command).map(|command| {
             let path = self.path.clone();
             tokio::spawn(async move { path.call(partition, command).await })
         });
         async move {
             let Some(task) = task else {
-                return Ok(Reply::Done); // the planted bug swallowed it
+                // The planted bug swallowed it: answered as if it had been done.
+                return Ok(Reply::Published {
+                    matched: false,
+                    duplicate: false,
+                    refused: false,
+                    qos2_token: None,
+                });
             };
             match task.await {
                 Ok(Ok(reply)) => Ok(reply),

@@ -109,6 +109,9 @@ pub enum Planted {
     /// The will dispatch publishes without the will's idempotency key and never confirms
     /// `WillPublished`: every leader change of the will's partition publishes it again.
     WillTwice,
+    /// The will dispatch publishes a will only to its own session's partition and confirms
+    /// it: subscribers whose sessions live elsewhere never get it.
+    WillHomeOnly,
     /// A SUBSCRIBE is answered (SUBACK) as soon as it is sent, before its partition applied
     /// it: messages published right after the SUBACK can miss the subscription.
     LateSubscribeRoute,

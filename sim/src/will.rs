@@ -27,7 +27,7 @@ use tokio::time::sleep;
 
 use crate::client::{Conn, ConnectArgs, Ctx};
 use crate::frontend::Frontend;
-use crate::history::will_topic;
+use crate::history::{will_topic, ENDED_NORMALLY};
 use crate::leader_work::will_payload;
 use crate::plan::{WillClient, TRAFFIC_START_MS};
 
@@ -124,10 +124,9 @@ pub async fn run_will_client(ctx: Ctx, spec: WillClient, preferred: usize, kill:
                 world.set_connection(&client_id, None);
                 conn.frontend.forget(&client_id, conn.epoch);
                 debug_assert!(done);
-                world.history().will_discarded(
-                    (spec.client_id.clone(), n),
-                    "its connection ended by a normal DISCONNECT".to_string(),
-                );
+                world
+                    .history()
+                    .will_discarded((spec.client_id.clone(), n), ENDED_NORMALLY.to_string());
                 world.trace(format!(
                     "{client_id} connection {n} ended by a normal DISCONNECT (epoch {})",
                     conn.epoch
