@@ -75,6 +75,9 @@ pub async fn run_will_client(ctx: Ctx, spec: WillClient, preferred: usize, kill:
         let answered = world.elapsed_ms();
         if let Some((prev, alive)) = pending.take() {
             if answered < alive + delay_ms {
+                world.trace(format!(
+                    "{client_id}: the delayed will of connection {prev} is cancelled (attached at {alive} ms, reconnected at {answered} ms)"
+                ));
                 world.history().will_discarded(
                     (spec.client_id.clone(), prev),
                     format!(
