@@ -145,7 +145,13 @@ pub async fn run_will_client(ctx: Ctx, spec: WillClient, preferred: usize, kill:
                 }
             }
         }
-        sleep(Duration::from_millis(world.range(0..delay_ms * 2 + 1_500))).await;
+        // Half the pauses are well within a delayed will's delay (the reconnect cancels it).
+        let pause = if delay_ms > 0 && world.chance(0.5) {
+            world.range(0..delay_ms / 2)
+        } else {
+            world.range(0..delay_ms * 2 + 1_500)
+        };
+        sleep(Duration::from_millis(pause)).await;
     }
 }
 
