@@ -1,7 +1,8 @@
 //! `tiermq-sim`: a deterministic simulation of a tiermq cluster.
 //!
 //! Each seed draws a plan (`plan.rs`): a cluster shape, publishers and subscribers with
-//! persistent sessions, and faults — backend crashes (kill -9) and restarts, cut links,
+//! persistent sessions (some subscribing only mid-run), clients with wills (`will.rs`; fired
+//! wills are carried out by the production dispatch, `leader_work.rs`), and faults — backend crashes (kill -9) and restarts, cut links,
 //! isolated nodes, frontends cut off or crashed, dropped client connections, message loss,
 //! delay and reordering. The run drives the real backend (Raft driver, partition state
 //! machine, sled storage) on one thread in virtual time (`world.rs`) with a model of the
