@@ -594,6 +594,8 @@ impl SessionService for LocalBroker {
                     receive_maximum: req.receive_maximum,
                     will: req.will,
                     frontend_id: req.frontend_id,
+                    // In process: a CONNECT is never re-sent.
+                    connection: 0,
                 },
                 reply: Some(tx),
                 events: Some(events_tx),

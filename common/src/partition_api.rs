@@ -198,6 +198,12 @@ pub enum Command {
         receive_maximum: u16,
         will: Option<Will>,
         frontend_id: u64,
+        /// The frontend's number for this connection attempt (unique per frontend process;
+        /// 0: none). A CONNECT whose answer was lost is re-sent with the same number, and a
+        /// partition that applied it already answers the re-sent copy as the first instead of
+        /// taking it for a new connection taking over (which would publish the will of a
+        /// client that never lost its connection).
+        connection: u64,
     },
     Disconnect {
         client_id: Arc<str>,

@@ -1116,6 +1116,8 @@ impl SessionService for ClusterClient {
                     receive_maximum: req.receive_maximum,
                     will: req.will,
                     frontend_id: self.inner.frontend_id,
+                    // Unique in this client; the pipe re-sends the same bytes on a retry.
+                    connection: self.inner.next_id.fetch_add(1, Ordering::Relaxed),
                 },
             )
             .await?;

@@ -104,6 +104,7 @@ impl Ctx {
                         receive_maximum: 16,
                         will: args.will.clone(),
                         frontend_id: frontend.id(),
+                        connection: frontend.next_connection(),
                     },
                 )
                 .await;

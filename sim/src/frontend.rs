@@ -40,6 +40,8 @@ pub struct Frontend {
     world: Arc<World>,
     /// The frontend id of the running process (changes at every restart).
     id: AtomicU64,
+    /// Numbers the CONNECTs it sends, as the real cluster client does (`Command::Connect`).
+    connections: AtomicU64,
     up: Arc<AtomicBool>,
     sessions: Mutex<Sessions>,
     path: PartitionPath,
@@ -62,6 +64,7 @@ impl Frontend {
             slot,
             world,
             id: AtomicU64::new(0),
+            connections: AtomicU64::new(1),
             up,
             sessions: Mutex::new(Sessions::default()),
             path,
@@ -76,6 +79,11 @@ impl Frontend {
 
     pub fn id(&self) -> u64 {
         self.id.load(Ordering::Relaxed)
+    }
+
+    /// A fresh number for a CONNECT (a re-sent copy carries the same one).
+    pub fn next_connection(&self) -> u64 {
+        self.connections.fetch_add(1, Ordering::Relaxed)
     }
 
     /// Starts the frontend process with a fresh id and its event streams.

@@ -36,7 +36,8 @@ struct Published {
 /// re-sends a command whose answer was lost, and a partition that applies a CONNECT twice
 /// takes the second for a new connection taking over the first — with will delay 0 it
 /// publishes the will of a client that never lost its connection (then again when the
-/// connection really ends). A broker bug (`--known-gap connect-retry` reports it apart).
+/// connection really ends). A broker bug, fixed (`Command::Connect::connection`); the label stays
+/// so that a regression says where to look.
 pub const CONNECT_RESENT: &str = "(its CONNECT was re-sent after an unanswered attempt)";
 
 /// Why a will must not fire: its connection ended by an answered normal DISCONNECT.

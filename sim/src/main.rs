@@ -68,7 +68,8 @@ enum KnownGap {
     InboundQos2,
     /// A CONNECT re-sent after an unanswered attempt and applied twice: the partition takes
     /// the second for a new connection taking over the first and publishes the will of a
-    /// client that never lost its connection (`history::CONNECT_RESENT`). Open.
+    /// client that never lost its connection (`history::CONNECT_RESENT`). Closed: the
+    /// CONNECT names its connection, and a re-applied copy gets the first answer.
     ConnectRetry,
 }
 

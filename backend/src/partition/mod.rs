@@ -444,6 +444,7 @@ impl Partition {
                 receive_maximum,
                 will,
                 frontend_id,
+                connection,
             } => self.connect(
                 index,
                 now,
@@ -455,6 +456,7 @@ impl Partition {
                     receive_maximum,
                     will,
                     frontend_id,
+                    connection,
                 },
                 &mut effects,
             ),
@@ -740,6 +742,23 @@ impl Partition {
         effects: &mut Vec<Effect>,
     ) -> Reply {
         let client_id = args.client_id;
+        if let Some(att) = self
+            .sessions
+            .get(&client_id)
+            .and_then(|s| s.attachment.as_ref())
+        {
+            if args.connection != 0
+                && att.connection == args.connection
+                && att.frontend_id == args.frontend_id
+            {
+                // A re-sent copy of the CONNECT that attached this connection (its answer was
+                // lost): the same answer, nothing else.
+                return Reply::Connected {
+                    epoch: att.epoch,
+                    session_present: att.session_present,
+                };
+            }
+        }
         let mut session_present = false;
         let mut held = None;
         if let Some(old) = self.sessions.get_mut(&client_id) {
@@ -821,6 +840,8 @@ impl Partition {
         session.attachment = Some(Attachment {
             epoch,
             frontend_id: args.frontend_id,
+            connection: args.connection,
+            session_present,
         });
         session.expiry_secs = args.session_expiry_secs;
         session.receive_maximum = args.receive_maximum.max(1);
@@ -1238,6 +1259,7 @@ struct ConnectArgs {
     receive_maximum: u16,
     will: Option<Will>,
     frontend_id: u64,
+    connection: u64,
 }
 
 struct Target {

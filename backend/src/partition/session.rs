@@ -19,6 +19,11 @@ use super::command::Effect;
 pub struct Attachment {
     pub epoch: u64,
     pub frontend_id: u64,
+    /// The frontend's number for the CONNECT that attached it (`Command::Connect`): a
+    /// re-sent copy of that CONNECT is answered with this attachment (0: none).
+    pub connection: u64,
+    /// What that CONNECT was answered, to answer a re-sent copy the same.
+    pub session_present: bool,
 }
 
 /// A subscription as stored with its session (the filter is the key of the map holding it).

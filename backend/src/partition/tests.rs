@@ -33,6 +33,7 @@ struct Conn {
     will: Option<Will>,
     frontend_id: u64,
     protocol: ProtocolVersion,
+    connection: u64,
 }
 
 impl Default for Conn {
@@ -44,6 +45,7 @@ impl Default for Conn {
             will: None,
             frontend_id: 0,
             protocol: ProtocolVersion::V5,
+            connection: 0,
         }
     }
 }
@@ -74,6 +76,10 @@ impl Conn {
     }
     fn frontend(mut self, f: u64) -> Self {
         self.frontend_id = f;
+        self
+    }
+    fn connection(mut self, n: u64) -> Self {
+        self.connection = n;
         self
     }
     fn v311(mut self) -> Self {
@@ -119,6 +125,7 @@ impl H {
             receive_maximum: c.receive_maximum,
             will: c.will,
             frontend_id: c.frontend_id,
+            connection: c.connection,
         });
         match r {
             Reply::Connected {
@@ -461,6 +468,35 @@ fn takeover_publishes_will_without_delay() {
     let (_, _, effects) = h.connect("a", conn());
     assert_eq!(wills(&effects).len(), 1);
     assert_eq!(wills(&effects)[0].topic, "w/a");
+}
+
+/// Found by the simulation (seeds 2, 60, 76, 132): the cluster client re-sends a CONNECT whose
+/// answer was lost, and the partition applied both copies. It took the second for a new
+/// connection taking over the first and published the will of a client that never lost its
+/// connection (and again when that connection really ended). A re-sent copy — same frontend,
+/// same connection number — is answered as the first, with no effect.
+#[test]
+fn a_resent_connect_is_answered_as_the_first_and_fires_no_will() {
+    let mut h = H::new();
+    h.online("b");
+    let first = conn().will("w/a", 0).frontend(4).connection(17);
+    let (epoch, present, _) = h.connect("a", first.clone());
+    assert!(!present);
+    let (again, present, effects) = h.connect("a", first);
+    assert_eq!((again, present), (epoch, false));
+    assert!(effects.is_empty(), "{effects:?}");
+    // The connection is still the attached one: its PUBACKs and DISCONNECT are taken.
+    let effects = h.drop_conn("a", epoch);
+    assert_eq!(
+        wills(&effects).len(),
+        1,
+        "the will fires once, at the real end"
+    );
+    // Another connection number of the same frontend is a new connection: a takeover.
+    let (e1, _, _) = h.connect("c", conn().will("w/c", 0).frontend(4).connection(18));
+    let (e2, present, effects) = h.connect("c", conn().frontend(4).connection(19));
+    assert!(e2 > e1 && present);
+    assert_eq!(wills(&effects).len(), 1);
 }
 
 /// Issue 20 item 1 across frontends: the client sends DISCONNECT 0x00 through frontend 1 and
@@ -2153,6 +2189,7 @@ impl Driver {
                     delay_secs,
                 }),
                 frontend_id: frontend,
+                connection: 0,
             },
             Op::Disconnect {
                 c,

@@ -276,6 +276,7 @@ async fn a_new_leader_does_not_repeat_the_old_leaders_deliveries() {
                 receive_maximum: 10,
                 will: None,
                 frontend_id: FRONTEND,
+                connection: 0,
             },
             T,
         )

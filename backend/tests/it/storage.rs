@@ -44,6 +44,7 @@ fn connect(id: &str, expiry: u32, will: bool) -> Command {
             delay_secs: 30,
         }),
         frontend_id: 0,
+        connection: 0,
     }
 }
 
