@@ -7,10 +7,11 @@
 //! publisher's messages in order); only the follow-up waits inside the returned future.
 
 use std::future::Future;
+use std::time::Duration;
 
 use crate::hashing::partition_of;
 use crate::partition_api::{will_key, Command, HandoffOutcome, Reply, SharedWork};
-use crate::session_api::ServiceResult;
+use crate::session_api::{ServiceError, ServiceResult};
 
 /// Something that can submit a command to a partition and wait for its reply.
 pub trait PartitionCaller: Clone + Send + Sync + 'static {
@@ -24,6 +25,11 @@ pub trait PartitionCaller: Clone + Send + Sync + 'static {
         command: Command,
     ) -> impl Future<Output = ServiceResult<Reply>> + Send + 'static;
 }
+
+/// The first pause before a will's publication is tried again on partitions that failed; it
+/// doubles up to [`WILL_RETRY_MAX`].
+pub const WILL_RETRY_FIRST: Duration = Duration::from_millis(500);
+pub const WILL_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// Starts `work`, emitted by partition `origin`, and returns the rest of it.
 pub fn carry_out<C: PartitionCaller>(
@@ -109,31 +115,46 @@ pub fn carry_out<C: PartitionCaller>(
             let retained_home = message
                 .retain
                 .then(|| partition_of(&message.topic, partitions));
-            let waits: Vec<_> = (0..partitions)
-                .map(|p| {
-                    caller.call_partition(
-                        p,
-                        Command::Publish {
-                            message: message.clone(),
-                            publisher: None,
-                            store_retained: Some(p) == retained_home,
-                            inbound_qos2: Some(key.clone()),
-                        },
-                    )
-                })
+            let publish = move |p: u32| Command::Publish {
+                message: message.clone(),
+                publisher: None,
+                store_retained: Some(p) == retained_home,
+                inbound_qos2: Some(key.clone()),
+            };
+            // Submitted now, in order; retried below (the key makes a retry a no-op where the
+            // first attempt arrived).
+            type Call = std::pin::Pin<Box<dyn Future<Output = ServiceResult<Reply>> + Send>>;
+            let first: Vec<(u32, Call)> = (0..partitions)
+                .map(|p| (p, Box::pin(caller.call_partition(p, publish(p))) as Call))
                 .collect();
-            let topic = message.topic.clone();
             Box::pin(async move {
-                for wait in waits {
-                    match wait.await {
-                        Ok(Reply::Published { .. }) => {}
-                        // Kept in the session's partition: published again by the next leader
-                        // or start-up, once per subscriber all the same.
-                        other => {
-                            tracing::warn!(%topic, ?other, "will not published yet");
-                            return;
+                let mut round = first;
+                let mut pause = WILL_RETRY_FIRST;
+                loop {
+                    let mut failed = Vec::new();
+                    for (p, wait) in round {
+                        match wait.await {
+                            Ok(Reply::Published { .. }) => {}
+                            // This runtime is going away; the will stays in the outbox of its
+                            // session's partition, and the next leader or start-up publishes it.
+                            Err(ServiceError::ShuttingDown) => return,
+                            other => {
+                                tracing::warn!(partition = p, ?other, "will not published yet");
+                                failed.push(p);
+                            }
                         }
                     }
+                    if failed.is_empty() {
+                        break;
+                    }
+                    // A partition unavailable past the call's deadline: try again rather than
+                    // wait for a change of leader or a restart to re-do it.
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(WILL_RETRY_MAX);
+                    round = failed
+                        .into_iter()
+                        .map(|p| (p, Box::pin(caller.call_partition(p, publish(p))) as Call))
+                        .collect();
                 }
                 let done = Command::WillPublished { seq };
                 if let Err(e) = caller.call_partition(origin, done).await {
@@ -196,4 +217,90 @@ pub async fn update_memberships<C: PartitionCaller>(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::{Message, QoS};
+
+    /// Partition 1 fails its first `failures` calls; every call is recorded.
+    #[derive(Clone)]
+    struct Flaky {
+        failures: Arc<Mutex<u32>>,
+        calls: Arc<Mutex<Vec<(u32, &'static str)>>>,
+    }
+
+    impl PartitionCaller for Flaky {
+        fn partition_count(&self) -> u32 {
+            3
+        }
+
+        fn call_partition(
+            &self,
+            partition: u32,
+            command: Command,
+        ) -> impl Future<Output = ServiceResult<Reply>> + Send + 'static {
+            let kind = match command {
+                Command::Publish { .. } => "publish",
+                Command::WillPublished { .. } => "will-published",
+                _ => "other",
+            };
+            self.calls.lock().unwrap().push((partition, kind));
+            let fail = partition == 1 && {
+                let mut f = self.failures.lock().unwrap();
+                let fail = *f > 0;
+                *f = f.saturating_sub(1);
+                fail
+            };
+            std::future::ready(if fail {
+                Err(ServiceError::Unavailable("deadline".into()))
+            } else if kind == "publish" {
+                Ok(Reply::Published {
+                    matched: true,
+                    duplicate: false,
+                    refused: false,
+                    qos2_token: None,
+                })
+            } else {
+                Ok(Reply::Done)
+            })
+        }
+    }
+
+    /// A will whose publication fails on one partition (unavailable past the call's deadline)
+    /// is tried again there until it is published, then confirmed. Before, it waited in the
+    /// outbox for a change of leader or a restart, which may never come (noticed by the
+    /// simulation's author, not seen in a seed).
+    #[tokio::test(start_paused = true)]
+    async fn a_will_is_published_again_where_it_failed_until_it_is_published() {
+        let caller = Flaky {
+            failures: Arc::new(Mutex::new(3)),
+            calls: Arc::default(),
+        };
+        let work = SharedWork::Will {
+            seq: 7,
+            client_id: Arc::from("gone"),
+            message: Arc::new(Message::new("w/gone", "bye", QoS::AtLeastOnce, false)),
+        };
+        let started = tokio::time::Instant::now();
+        carry_out(work, 2, &caller).await;
+        let calls = caller.calls.lock().unwrap().clone();
+        assert_eq!(
+            calls,
+            vec![
+                (0, "publish"),
+                (1, "publish"),
+                (2, "publish"),
+                (1, "publish"),
+                (1, "publish"),
+                (1, "publish"),
+                (2, "will-published"),
+            ]
+        );
+        // 0.5 s, 1 s, 2 s between the attempts.
+        assert_eq!(started.elapsed(), Duration::from_millis(3_500));
+    }
 }

@@ -18,7 +18,7 @@ use tiermq_common::session_api::{ServiceError, ServiceResult};
 use tiermq_common::shared_dispatch::{carry_out, PartitionCaller};
 use tokio::sync::mpsc;
 
-use crate::path::PartitionPath;
+use crate::path::{CallError, PartitionPath};
 use crate::plan::Planted;
 use crate::world::{Endpoint, World};
 
@@ -98,6 +98,8 @@ impl PartitionCaller for NodeCaller {
             };
             match task.await {
                 Ok(Ok(reply)) => Ok(reply),
+                // The incarnation died: its work ends with it (the next leader re-does it).
+                Ok(Err(CallError::FrontendDown)) => Err(ServiceError::ShuttingDown),
                 Ok(Err(e)) => Err(ServiceError::Unavailable(format!("{e:?}"))),
                 Err(e) => Err(ServiceError::Unavailable(e.to_string())),
             }

@@ -802,7 +802,7 @@ async fn one_node_leading_four_partitions() -> (Arc<FakeCluster>, FakeNode, Clus
 /// in the pipe) instead of missing it until the SUBACK; a SUBSCRIBE that fails leaves no route.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscription_in_flight_routes_publishes_to_its_partition() {
-    let (_cluster, n1, client) = one_node_leading_four_partitions().await;
+    let (_cluster, _n1, client) = one_node_leading_four_partitions().await;
     let session = SessionRef {
         client_id: Arc::from("subscriber"),
         epoch: 9,
