@@ -237,10 +237,10 @@ impl Inner {
             if !closed.is_empty() {
                 let renewed: HashSet<u64> = moved.iter().chain(&added).copied().collect();
                 let mut routes = self.routes.write().unwrap_or_else(|e| e.into_inner());
-                for k in routes.known_from.iter_mut() {
-                    if k.is_some_and(|n| renewed.contains(&n)) {
-                        *k = None;
-                    }
+                // Its table and its route lease were the old address's: the new one's
+                // table is trusted once the new process grants a renewal.
+                for n in renewed {
+                    routes.forget(n);
                 }
             }
             known = nodes.keys().copied().collect();
