@@ -151,7 +151,7 @@ async fn run(kind: Removal, a: &RemoveArgs) -> Result<String, (u8, String)> {
         // node may still hold a replica it was removed from without seeing that commit (the
         // leader stops sending to a removed replica at once): that replica is in no
         // configuration, and the node deletes it once no leader has spoken to it for a
-        // while (the orphan rule, `raft/node/membership.rs`).
+        // while and a leader confirmed the removal (`raft/node/membership.rs`).
         let pending = unsettled_partitions(&others, reply.epoch, tls).await;
         if pending.is_empty() {
             return Ok(format!(

@@ -25,6 +25,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
+use tiermq_backend::placement::NodeId;
+use tiermq_backend::raft::node::RaftHandle;
 use tiermq_common::hashing::partition_of;
 use tiermq_common::partition_api::{AckCmd, Command, Reply};
 use tokio::sync::Notify;
@@ -411,6 +413,47 @@ async fn check_replicas(world: &Arc<World>) {
             world.trace(format!(
                 "partition {partition}: no two replicas at the same index to compare"
             ));
+        }
+    }
+    check_no_replicas_left_behind(world).await;
+}
+
+/// 30 s after every fault healed, no running node holds a replica that its map does not
+/// place on it and that the partition's leader no longer counts (voter or learner): a removed
+/// replica that missed its removal's commit must have asked and been told (docs/architecture.md
+/// §6), not be kept forever. A replica the leader still counts belongs to a move not finished:
+/// traced, not a broken promise of removal.
+async fn check_no_replicas_left_behind(world: &Arc<World>) {
+    let map = world.map();
+    let nodes: Vec<(NodeId, RaftHandle)> = world
+        .node_ids()
+        .into_iter()
+        .filter_map(|n| world.handle(n).map(|h| (n, h)))
+        .collect();
+    for (node, h) in &nodes {
+        let Some(progress) = h.move_progress().await else {
+            continue;
+        };
+        let placed = map.partitions_of(*node);
+        for p in progress.held.into_iter().filter(|p| !placed.contains(p)) {
+            let mut counted = None;
+            for (_, other) in &nodes {
+                if let Some(s) = other.status(p).await.filter(|s| s.is_leader) {
+                    counted = Some(s.voters.contains(node) || s.learners.contains(node));
+                }
+            }
+            match counted {
+                Some(false) => world.history().violation(format!(
+                    "replica left behind: node {node} still holds partition {p}, which the map (epoch {}) does not place on it and its leader no longer counts",
+                    map.epoch
+                )),
+                Some(true) => world.trace(format!(
+                    "node {node} holds partition {p} outside the map: its leader still counts it (a move not finished)"
+                )),
+                None => world.trace(format!(
+                    "node {node} holds partition {p} outside the map; the partition has no leader"
+                )),
+            }
         }
     }
 }

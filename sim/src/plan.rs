@@ -115,6 +115,12 @@ pub enum Planted {
     /// A SUBSCRIBE is answered (SUBACK) as soon as it is sent, before its partition applied
     /// it: messages published right after the SUBACK can miss the subscription.
     LateSubscribeRoute,
+    /// A replica the target map no longer places on its node is deleted after `orphan_ticks`
+    /// without a leader, unasked (the rule issue 19 §6 replaced): a replica that a committed
+    /// configuration still counts can go, leaving fewer copies than the quorum assumes. The
+    /// simulation does not find it (its crashes keep what was flushed, so the copies left
+    /// suffice): `backend/tests/it/orphans.rs` tests it.
+    OrphanBySilence,
 }
 
 #[derive(Debug, Clone)]

@@ -11,16 +11,17 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use raft::prelude::Message as RaftMessage;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tiermq_backend::placement::{NodeId, PartitionMap, DEFAULT_VNODES};
 use tiermq_backend::raft::clock::WallClock;
-use tiermq_backend::raft::node::{start, ClusterHub, RaftConfig, RaftHandle, Transport};
+use tiermq_backend::raft::node::{
+    start, ClusterHub, PeerMessage, RaftConfig, RaftHandle, Transport,
+};
 use tokio::time::Instant;
 
 use crate::history::History;
-use crate::plan::Plan;
+use crate::plan::{Plan, Planted};
 
 /// Wall-clock milliseconds at virtual time zero (any fixed value: entries carry it).
 const EPOCH_MS: u64 = 1_800_000_000_000;
@@ -293,6 +294,7 @@ impl World {
         config.sm_tick_interval = Duration::from_millis(500);
         config.frontend_lease = Duration::from_secs(3);
         config.sync_flush = true;
+        config.membership.delete_on_silence = self.plan.planted == Some(Planted::OrphanBySilence);
         let start_instant = self.start;
         config.clock =
             WallClock::from_fn(move || EPOCH_MS + start_instant.elapsed().as_millis() as u64);
@@ -356,7 +358,7 @@ struct SimTransport {
 }
 
 impl Transport for SimTransport {
-    fn send(&self, to: NodeId, messages: Vec<(u32, RaftMessage)>) {
+    fn send(&self, to: NodeId, messages: Vec<(u32, PeerMessage)>) {
         let world = &self.world;
         if world.incarnation(self.from) != self.incarnation {
             return; // a crashed incarnation's last words
@@ -372,7 +374,7 @@ impl Transport for SimTransport {
                 tokio::time::sleep(delay).await;
                 if world.link_ok(a, b) {
                     if let Some(h) = world.handle(to) {
-                        h.step(partition, message);
+                        h.deliver(partition, message);
                     }
                 }
             });

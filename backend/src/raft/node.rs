@@ -26,7 +26,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use protobuf::Message as _;
-use raft::prelude::{ConfState, Entry as RaftEntry, EntryType, Message as RaftMessage, Snapshot};
+use raft::prelude::{
+    ConfState, Entry as RaftEntry, EntryType, Message as RaftMessage, MessageType, Snapshot,
+};
 use raft::{RawNode, StateRole};
 use tiermq_common::session_api::SessionEvent;
 use tokio::sync::{mpsc, oneshot};
@@ -58,10 +60,27 @@ static STORAGE_WARNINGS: tiermq_common::log_limit::LogLimiter =
 const BATCH_BITS: u32 = 20;
 const MAX_BATCH: usize = 1 << 12;
 
-/// Delivers Raft messages to other nodes. Implementations: gRPC (`transport.rs`) and an
-/// in-memory network for tests. Sending is fire-and-forget: Raft tolerates lost messages.
+/// Delivers messages to other nodes' drivers. Implementations: gRPC (`transport.rs`), an
+/// in-memory network for tests and the simulation's network. Sending is fire-and-forget: Raft
+/// tolerates lost messages, and so does the removal query (it is asked again).
 pub trait Transport: Send + Sync + 'static {
-    fn send(&self, to: NodeId, messages: Vec<(u32, RaftMessage)>);
+    fn send(&self, to: NodeId, messages: Vec<(u32, PeerMessage)>);
+}
+
+/// What one node's driver sends another about one partition: raft-rs's messages, and ours
+/// about removed replicas (`membership.rs`), which travel the same way so that the network's
+/// faults (and the simulation's) hit both alike.
+#[derive(Debug, Clone)]
+pub enum PeerMessage {
+    /// A message of the partition's Raft group.
+    Raft(RaftMessage),
+    /// From a replica that the target map no longer places on node `from` and that has heard
+    /// from no leader for long: "is `from` still in the partition's configuration?"
+    RemovalQuery { from: NodeId },
+    /// A leader's answer to a [`PeerMessage::RemovalQuery`], sent only when its configuration
+    /// — committed as of its applied index `applied` — names `from`'s asker in no role.
+    /// Nobody answers "still in": silence never deletes a replica.
+    Removed { from: NodeId, applied: u64 },
 }
 
 /// Settings of a node's Raft driver.
@@ -174,9 +193,9 @@ enum NodeMsg {
     },
     /// A frontend's ordered stream ended: its fences go.
     StreamClosed { stream: u64 },
-    Raft {
+    Peer {
         partition: u32,
-        message: RaftMessage,
+        message: PeerMessage,
     },
     Status {
         partition: u32,
@@ -391,7 +410,12 @@ impl RaftHandle {
 
     /// Hands a Raft message from a peer to its group. False once the driver has stopped.
     pub fn step(&self, partition: u32, message: RaftMessage) -> bool {
-        self.tx.send(NodeMsg::Raft { partition, message }).is_ok()
+        self.deliver(partition, PeerMessage::Raft(message))
+    }
+
+    /// Hands a message from a peer's driver to this one. False once the driver has stopped.
+    pub fn deliver(&self, partition: u32, message: PeerMessage) -> bool {
+        self.tx.send(NodeMsg::Peer { partition, message }).is_ok()
     }
 
     pub async fn status(&self, partition: u32) -> Option<GroupStatus> {
@@ -507,6 +531,10 @@ struct Group {
     taken_over: u64,
     /// A conf change removed this node from the group: the driver destroys it after the round.
     removed: bool,
+    /// A leader's append, heartbeat or snapshot of the current term (or a later one) arrived
+    /// since the last tick (`membership.rs` counts the ticks without one). Not `leader_id`: a
+    /// learner never campaigns, so it keeps the id of a leader that stopped talking to it.
+    heard_leader: bool,
     /// Stream → the highest pipe generation of which this group refused an operation: later
     /// operations of that stream and generation are refused too ([`Origin`]).
     fences: HashMap<u64, u64>,
@@ -962,6 +990,7 @@ fn open_group(
         was_leader: false,
         taken_over: 0,
         removed: false,
+        heard_leader: false,
         fences: HashMap::new(),
         reads: reads::Reads::default(),
     })
@@ -1029,15 +1058,22 @@ struct Driver {
     membership: membership::Membership,
 }
 
-/// Raft messages gathered during one round, per destination node.
+/// Messages gathered during one round, per destination node.
 #[derive(Default)]
-struct Outbox(BTreeMap<NodeId, Vec<(u32, RaftMessage)>>);
+struct Outbox(BTreeMap<NodeId, Vec<(u32, PeerMessage)>>);
 
 impl Outbox {
     fn add(&mut self, partition: u32, messages: Vec<RaftMessage>) {
         for m in messages {
-            self.0.entry(m.to).or_default().push((partition, m));
+            self.0
+                .entry(m.to)
+                .or_default()
+                .push((partition, PeerMessage::Raft(m)));
         }
+    }
+
+    fn push(&mut self, to: NodeId, partition: u32, message: PeerMessage) {
+        self.0.entry(to).or_default().push((partition, message));
     }
 
     fn send(&mut self, transport: &dyn Transport) {
@@ -1149,17 +1185,37 @@ impl Driver {
                     g.fences.remove(&stream);
                 }
             }
-            NodeMsg::Raft { partition, message } => {
+            NodeMsg::Peer {
+                partition,
+                message: PeerMessage::Raft(message),
+            } => {
                 if let Some(g) = self
                     .groups
                     .get_mut(&partition)
                     .filter(|g| g.accepts(&message))
                 {
+                    if matches!(
+                        message.get_msg_type(),
+                        MessageType::MsgAppend
+                            | MessageType::MsgHeartbeat
+                            | MessageType::MsgSnapshot
+                    ) && message.term >= g.raw.raft.term
+                    {
+                        g.heard_leader = true;
+                    }
                     if let Err(e) = g.raw.step(message) {
                         debug!(partition, error = %e, "raft message refused");
                     }
                 }
             }
+            NodeMsg::Peer {
+                partition,
+                message: PeerMessage::RemovalQuery { from },
+            } => self.answer_removal_query(partition, from),
+            NodeMsg::Peer {
+                partition,
+                message: PeerMessage::Removed { from, applied },
+            } => self.removal_confirmed(partition, from, applied),
             NodeMsg::Status { partition, reply } => {
                 let _ = reply.send(self.groups.get(&partition).map(Group::status));
             }

@@ -16,17 +16,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use raft::prelude::Message as RaftMessage;
+use tiermq_proto::raft::raft_envelope::Body;
 use tiermq_proto::raft::raft_transport_client::RaftTransportClient;
 use tiermq_proto::raft::raft_transport_server::{RaftTransport, RaftTransportServer};
-use tiermq_proto::raft::{RaftBatch, RaftEnvelope, StreamAck};
+use tiermq_proto::raft::{RaftBatch, RaftEnvelope, RemovalQuery, Removed, StreamAck};
 use tiermq_proto::tls::{self, GrpcTls};
 use tiermq_proto::API_VERSION;
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info};
 
-use super::node::{decode_message, encode_message, RaftHandle, Transport};
+use super::node::{decode_message, encode_message, PeerMessage, RaftHandle, Transport};
 use crate::placement::NodeId;
 
 /// Batches queued per peer before new ones are dropped.
@@ -97,7 +97,7 @@ impl GrpcTransport {
 }
 
 impl Transport for GrpcTransport {
-    fn send(&self, to: NodeId, messages: Vec<(u32, RaftMessage)>) {
+    fn send(&self, to: NodeId, messages: Vec<(u32, PeerMessage)>) {
         let queue = {
             let peers = self.peers.read().unwrap_or_else(|e| e.into_inner());
             match peers.get(&to) {
@@ -113,7 +113,7 @@ impl Transport for GrpcTransport {
                 .iter()
                 .map(|(p, m)| RaftEnvelope {
                     partition: *p,
-                    message: encode_message(m),
+                    body: Some(encode_body(m)),
                 })
                 .collect(),
         };
@@ -213,9 +213,9 @@ impl RaftTransport for RaftService {
                 )));
             }
             for env in batch.messages {
-                match decode_message(&env.message) {
+                match decode_body(batch.from_node, env.body) {
                     Some(m) => {
-                        if !self.handle.step(env.partition, m) {
+                        if !self.handle.deliver(env.partition, m) {
                             // This node's driver stopped: end the stream so the peer
                             // reconnects to whatever serves this address next.
                             return Err(Status::unavailable("raft driver stopped"));
@@ -226,5 +226,51 @@ impl RaftTransport for RaftService {
             }
         }
         Ok(Response::new(StreamAck {}))
+    }
+}
+
+/// The wire form of a driver's message.
+fn encode_body(m: &PeerMessage) -> Body {
+    match m {
+        PeerMessage::Raft(m) => Body::Message(encode_message(m)),
+        PeerMessage::RemovalQuery { .. } => Body::RemovalQuery(RemovalQuery {}),
+        PeerMessage::Removed { applied, .. } => Body::Removed(Removed { applied: *applied }),
+    }
+}
+
+/// A driver's message from its wire form; the sender of our own messages is the batch's.
+/// `None` for an envelope without a body or with bytes that are no Raft message.
+fn decode_body(from: NodeId, body: Option<Body>) -> Option<PeerMessage> {
+    match body? {
+        Body::Message(bytes) => decode_message(&bytes).map(PeerMessage::Raft),
+        Body::RemovalQuery(RemovalQuery {}) => Some(PeerMessage::RemovalQuery { from }),
+        Body::Removed(Removed { applied }) => Some(PeerMessage::Removed { from, applied }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Our membership messages survive the wire, the sender taken from the batch; an envelope
+    /// without a body (or from a sender that set none) is dropped, not stepped as an empty
+    /// Raft message.
+    #[test]
+    fn removal_messages_round_trip_and_an_empty_envelope_is_dropped() {
+        let query = decode_body(7, Some(encode_body(&PeerMessage::RemovalQuery { from: 7 })));
+        assert!(matches!(query, Some(PeerMessage::RemovalQuery { from: 7 })));
+        let removed = PeerMessage::Removed {
+            from: 2,
+            applied: 41,
+        };
+        let back = decode_body(2, Some(encode_body(&removed)));
+        assert!(matches!(
+            back,
+            Some(PeerMessage::Removed {
+                from: 2,
+                applied: 41
+            })
+        ));
+        assert!(decode_body(2, None).is_none());
     }
 }

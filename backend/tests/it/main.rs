@@ -3,6 +3,7 @@
 //! `cargo test -p tiermq-backend --test it <name>::` (e.g. `--test it raft_cluster::`).
 
 mod local_broker;
+mod orphans;
 mod placement;
 mod raft_cluster;
 mod raft_grpc;

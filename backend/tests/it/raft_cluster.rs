@@ -11,8 +11,8 @@ use raft::prelude::Message as RaftMessage;
 use tiermq_backend::partition::command::{Command, Query, Reply};
 use tiermq_backend::placement::{NodeId, PartitionMap, DEFAULT_VNODES};
 use tiermq_backend::raft::node::{
-    decode_message, encode_message, start, ClusterHub, GroupStatus, Origin, ProposeError,
-    RaftConfig, RaftHandle, Transport,
+    decode_message, encode_message, start, ClusterHub, GroupStatus, Origin, PeerMessage,
+    ProposeError, RaftConfig, RaftHandle, Transport,
 };
 use tiermq_common::{Message, QoS};
 
@@ -35,7 +35,7 @@ struct Port {
 }
 
 impl Transport for Port {
-    fn send(&self, to: NodeId, messages: Vec<(u32, RaftMessage)>) {
+    fn send(&self, to: NodeId, messages: Vec<(u32, PeerMessage)>) {
         if self.net.cut.lock().unwrap().contains(&(self.from, to)) {
             return;
         }
@@ -43,14 +43,19 @@ impl Transport for Port {
             return;
         };
         for (p, m) in messages {
-            if let Some(drop) = &*self.net.filter.lock().unwrap() {
-                if drop(self.from, to, &m) {
-                    continue;
+            let m = match m {
+                PeerMessage::Raft(m) => {
+                    if let Some(drop) = &*self.net.filter.lock().unwrap() {
+                        if drop(self.from, to, &m) {
+                            continue;
+                        }
+                    }
+                    // Through the wire encoding, as the gRPC transport does.
+                    PeerMessage::Raft(decode_message(&encode_message(&m)).expect("round trip"))
                 }
-            }
-            // Through the wire encoding, as the gRPC transport does.
-            let m = decode_message(&encode_message(&m)).expect("round trip");
-            let _ = h.step(p, m);
+                other => other,
+            };
+            let _ = h.deliver(p, m);
         }
     }
 }

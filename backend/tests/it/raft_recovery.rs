@@ -13,7 +13,7 @@ use tiermq_backend::partition::session::SessionLimits;
 use tiermq_backend::partition::Partition;
 use tiermq_backend::placement::{NodeId, PartitionMap, DEFAULT_VNODES};
 use tiermq_backend::raft::node::{
-    start, ClusterHub, FrontendEvent, ProposeError, RaftConfig, Transport,
+    start, ClusterHub, FrontendEvent, PeerMessage, ProposeError, RaftConfig, Transport,
 };
 use tiermq_backend::raft::storage::SledRaftStorage;
 use tiermq_backend::raft::transport::GrpcTransport;
@@ -190,7 +190,7 @@ async fn an_undecodable_snapshot_newer_than_the_checkpoint_stops_the_start() {
 struct Nowhere;
 
 impl Transport for Nowhere {
-    fn send(&self, _: NodeId, _: Vec<(u32, raft::prelude::Message)>) {}
+    fn send(&self, _: NodeId, _: Vec<(u32, PeerMessage)>) {}
 }
 
 /// Issue 19, bug 2: a follower whose disk fails must not acknowledge entries it could not

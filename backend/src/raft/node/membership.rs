@@ -28,10 +28,31 @@
 //!   for the start-up map, so a static cluster keeps Raft's choice): its leader hands over to
 //!   the partition's entry of [`PartitionMap::balanced_leaders`], for at most
 //!   `rebalance_window` after the group settled (a later drain is not undone).
-//! - **Removed replicas.** A replica that applies a configuration without itself stops and
-//!   deletes its data. A removal can commit without the removed node seeing the commit (the
-//!   leader stops replicating to it at once); such a replica, which the target does not place
-//!   here and which hears from no leader for `orphan_ticks` ticks, is deleted too.
+//! - **Removed replicas** are deleted only when a *committed* configuration excludes them:
+//!   1. a replica that applies a configuration without itself stops and deletes its data;
+//!   2. a replica opened empty that never got its snapshot (no configuration, no data) is
+//!      deleted as soon as the target no longer places it here;
+//!   3. a removal can commit without the removed node seeing the commit (the leader stops
+//!      replicating to it at once). A replica that the target does not place here and that
+//!      has heard from no leader for `orphan_ticks` ticks (no append, heartbeat or snapshot;
+//!      not raft's leader id, which a removed *learner* keeps forever: learners never
+//!      campaign) therefore *asks*, every tenth of that, the nodes its configuration names
+//!      and those the target places the partition on ([`PeerMessage::RemovalQuery`], over
+//!      the Raft transport, so the network's faults and the simulation's hit it like any
+//!      Raft message). Only a **leader** whose configuration names the asker in no role
+//!      answers ([`PeerMessage::Removed`]): a leader's configuration is the one it applied,
+//!      hence committed. Everyone else stays silent, and silence deletes nothing — a cut, a
+//!      group without quorum or a removal not yet committed look alike from the replica, and
+//!      in the last two it is still counted.
+//!
+//!   The answer carries the leader's applied index, and the asker deletes only if it is still
+//!   an orphan (silent, not placed here) and has applied nothing past that index. This makes
+//!   a stale answer harmless: a leader deposed without knowing it (for at most an election
+//!   timeout: check quorum) still holds a configuration that was committed, but a later one
+//!   may have added this node back — and a replica added back entered by the leader's
+//!   snapshot (the leader compacts its log before adding a learner), past the configuration
+//!   that had removed it, so its position is past the answer's. Its own configuration may be
+//!   stale in either direction; it only chooses whom to ask, never decides.
 
 use std::collections::BTreeSet;
 
@@ -48,9 +69,13 @@ pub struct MembershipConfig {
     pub max_moves: usize,
     /// A learner is promoted once its log is within this many entries of the commit index.
     pub catch_up_lag: u64,
-    /// Ticks without a leader after which a replica the target does not place here is
-    /// considered removed and deleted.
+    /// Ticks without a message from a leader after which a replica the target does not place
+    /// here asks whether it was removed (again every tenth of this).
     pub orphan_ticks: usize,
+    /// The rule the removal query replaced, for the simulation's `--plant orphan-by-silence`
+    /// only: such a replica is deleted after `orphan_ticks` ticks of silence, unasked (the
+    /// silence counted as now, from leader messages).
+    pub delete_on_silence: bool,
     /// How long after a group settled under a new map its leader may still be moved to the
     /// balanced leader.
     pub rebalance_window: Duration,
@@ -62,6 +87,7 @@ impl Default for MembershipConfig {
             max_moves: 2,
             catch_up_lag: 64,
             orphan_ticks: 300,
+            delete_on_silence: false,
             rebalance_window: Duration::from_secs(10),
         }
     }
@@ -88,7 +114,8 @@ pub struct MoveProgress {
 pub(super) struct Membership {
     target: PartitionMap,
     logger: slog::Logger,
-    /// Ticks without a known leader, per held partition the target does not place here.
+    /// Ticks without a message from a leader, per held partition the target does not place
+    /// here.
     leaderless: HashMap<u32, usize>,
     /// The target's balanced leaders; empty until a map arrives at run time.
     leaders: Vec<Option<NodeId>>,
@@ -183,7 +210,7 @@ impl Driver {
             return;
         }
         self.open_target_replicas();
-        self.delete_orphans();
+        self.handle_orphans();
         let cfg = self.config.membership.clone();
         let target = &self.membership.target;
         let mut moving = self
@@ -245,15 +272,19 @@ impl Driver {
         }
     }
 
-    /// Replicas the target does not place here that have heard from no leader for long: the
-    /// removal committed without them.
-    fn delete_orphans(&mut self) {
+    /// Replicas the target does not place here. One opened empty and never filled is deleted
+    /// at once; one that has heard from no leader for `orphan_ticks` ticks asks, every
+    /// `orphan_ticks / 10` ticks, whether it is still in the partition's configuration (see
+    /// the module docs): only a leader's "removed" deletes it ([`Driver::removal_confirmed`]).
+    fn handle_orphans(&mut self) {
         let me = self.config.node_id;
         let limit = self.config.membership.orphan_ticks;
+        let every = (limit / 10).max(1);
         let target = &self.membership.target;
-        let mut orphans = Vec::new();
+        let mut asking = Vec::new();
         let mut unfilled = Vec::new();
-        for (&p, g) in &self.groups {
+        for (&p, g) in self.groups.iter_mut() {
+            let heard = std::mem::take(&mut g.heard_leader) || g.is_leader();
             let placed = target.replicas_of(p);
             let conf = g.raw.raft.prs().conf();
             if !placed.is_empty()
@@ -267,14 +298,14 @@ impl Driver {
                 unfilled.push(p);
                 continue;
             }
-            if placed.is_empty() || placed.contains(&me) || g.leader().is_some() {
+            if placed.is_empty() || placed.contains(&me) || heard {
                 self.membership.leaderless.remove(&p);
                 continue;
             }
             let ticks = self.membership.leaderless.entry(p).or_insert(0);
             *ticks += 1;
-            if *ticks > limit {
-                orphans.push(p);
+            if *ticks > limit && (*ticks - limit - 1).is_multiple_of(every) {
+                asking.push(p);
             }
         }
         for p in unfilled {
@@ -285,13 +316,91 @@ impl Driver {
             );
             self.destroy_group(p);
         }
-        for p in orphans {
-            info!(
+        let mut outbox = Outbox::default();
+        for p in asking {
+            if self.config.membership.delete_on_silence {
+                warn!(partition = p, "planted bug: deleting a replica on silence");
+                self.destroy_group(p);
+                continue;
+            }
+            let g = &self.groups[&p];
+            let asked = g.removal_witnesses(self.membership.target.replicas_of(p));
+            debug!(
                 partition = p,
-                "replica without a leader and not in the map: deleting"
+                ?asked,
+                "no leader and not in the map: asking whether a committed configuration excludes this replica"
             );
-            self.destroy_group(p);
+            for to in asked {
+                outbox.push(to, p, PeerMessage::RemovalQuery { from: me });
+            }
         }
+        outbox.send(&*self.transport);
+    }
+
+    /// A removal query from node `from` about partition `p`: answered "removed" only by a
+    /// leader whose configuration — the one it applied, hence committed — names `from` in no
+    /// role. Everyone else stays silent: a silence is no evidence either way.
+    pub(super) fn answer_removal_query(&mut self, p: u32, from: NodeId) {
+        let Some(g) = self.groups.get(&p) else {
+            return;
+        };
+        if !g.is_leader() || names(&g.raw.raft.prs().conf().to_conf_state(), from) {
+            return;
+        }
+        let applied = g.raw.raft.raft_log.applied;
+        debug!(
+            partition = p,
+            to = from,
+            applied,
+            "removal query: the asker is in no role of this configuration"
+        );
+        let me = self.config.node_id;
+        self.transport
+            .send(from, vec![(p, PeerMessage::Removed { from: me, applied })]);
+    }
+
+    /// Leader `from` answered this node's removal query about `p`: its configuration,
+    /// committed as of its applied index `applied`, excludes this replica. Deleted if it is
+    /// still an orphan that asked (no leader, not placed here) and has applied nothing past
+    /// `applied`: a replica added back after that configuration got a snapshot beyond it, and
+    /// the answer is not about it (an old leader, deposed without knowing, can answer late).
+    pub(super) fn removal_confirmed(&mut self, p: u32, from: NodeId, applied: u64) {
+        let me = self.config.node_id;
+        let Some(g) = self.groups.get(&p) else {
+            return;
+        };
+        let placed = self.membership.target.replicas_of(p);
+        let asked = self
+            .membership
+            .leaderless
+            .get(&p)
+            .is_some_and(|t| *t > self.config.membership.orphan_ticks);
+        let position = g.raw.raft.raft_log.applied.max(g.storage.conf_index());
+        if !asked || placed.is_empty() || placed.contains(&me) {
+            debug!(
+                partition = p,
+                leader = from,
+                "removal answer for a replica no longer orphaned"
+            );
+            return;
+        }
+        if applied < position {
+            debug!(
+                partition = p,
+                leader = from,
+                applied,
+                position,
+                "removal answer older than this replica's configuration: ignored"
+            );
+            return;
+        }
+        info!(
+            partition = p,
+            leader = from,
+            applied,
+            "a leader's committed configuration excludes this replica: deleting"
+        );
+        self.destroy_group(p);
     }
 
     /// Stops the replica of `p` on this node and deletes its data.
@@ -327,6 +436,24 @@ fn names(cs: &ConfState, id: NodeId) -> bool {
 }
 
 impl Group {
+    /// The nodes an orphaned replica asks whether it was removed: every node its own
+    /// configuration names (it may be stale) and every node the target places the partition
+    /// on (where a later leader likely is), not this one. Asking more nodes than needed costs
+    /// nothing: only a leader whose configuration excludes the asker answers.
+    fn removal_witnesses(&self, placed: &[NodeId]) -> BTreeSet<NodeId> {
+        let me = self.raw.raft.id;
+        let cs = self.raw.raft.prs().conf().to_conf_state();
+        cs.voters
+            .iter()
+            .chain(&cs.voters_outgoing)
+            .chain(&cs.learners)
+            .chain(&cs.learners_next)
+            .chain(placed)
+            .copied()
+            .filter(|&n| n != me)
+            .collect()
+    }
+
     /// Whether a Raft message may be stepped. An empty replica (opened by a move) refuses an
     /// append that starts at the log's beginning: it must start from a snapshot.
     pub(super) fn accepts(&self, m: &RaftMessage) -> bool {
