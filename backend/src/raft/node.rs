@@ -540,6 +540,9 @@ struct Group {
     fences: HashMap<u64, u64>,
     /// Queries waiting for a ReadIndex round (`reads.rs`).
     reads: reads::Reads,
+    /// Ticks each peer has spent in raft's snapshot state while this node leads
+    /// (`membership.rs`, `Driver::unstall_snapshots`).
+    snapshot_ticks: HashMap<u64, usize>,
 }
 
 impl Group {
@@ -991,6 +994,7 @@ fn open_group(
         taken_over: 0,
         removed: false,
         heard_leader: false,
+        snapshot_ticks: HashMap::new(),
         fences: HashMap::new(),
         reads: reads::Reads::default(),
     })
@@ -1125,6 +1129,7 @@ impl Driver {
                 for g in self.groups.values_mut() {
                     g.raw.tick();
                 }
+                self.unstall_snapshots();
                 if last_sm_tick.elapsed() >= self.config.sm_tick_interval {
                     last_sm_tick = Instant::now();
                     self.check_frontend_leases();

@@ -4,10 +4,11 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use raft::prelude::Message as RaftMessage;
+use raft::prelude::{Message as RaftMessage, MessageType};
 use tiermq_backend::partition::command::{Command, Query, Reply};
 use tiermq_backend::placement::{NodeId, PartitionMap, DEFAULT_VNODES};
 use tiermq_backend::raft::node::{
@@ -107,6 +108,7 @@ fn config(id: NodeId) -> RaftConfig {
     c.checkpoint_entries = 50;
     c.log_keep_entries = 10;
     c.membership.orphan_ticks = 100;
+    c.membership.snapshot_stall_ticks = 100;
     c
 }
 
@@ -617,6 +619,54 @@ impl Lcg {
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
         self.0 >> 33
+    }
+}
+
+/// raft-rs pauses a peer it sent a snapshot until the peer answers or the snapshot is
+/// reported; when the snapshot is lost on the way, the learner was never promoted and the move
+/// never ended (until the leader changed). The driver now reports a snapshot without an answer
+/// as failed after `snapshot_stall_ticks` (2 s here), and raft sends it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_whose_snapshot_is_lost_sends_it_again() {
+    let mut c = Cluster::new(&[1, 2, 3]);
+    c.wait_leaders(T).await;
+    for p in 0..PARTITIONS {
+        c.propose(p, retained(&format!("p{p}/k0"), "before"), T)
+            .await
+            .unwrap();
+    }
+    // Every snapshot to node 4 in the first 3 s is lost.
+    let lost = Arc::new(AtomicU64::new(0));
+    let counted = lost.clone();
+    let until = Instant::now() + Duration::from_secs(3);
+    *c.net.filter.lock().unwrap() = Some(Box::new(move |_, to, m| {
+        let drop =
+            to == 4 && m.get_msg_type() == MessageType::MsgSnapshot && Instant::now() < until;
+        if drop {
+            counted.fetch_add(1, Ordering::Relaxed);
+        }
+        drop
+    }));
+    c.set_map(PartitionMap::compute(
+        2,
+        &[1, 2, 3, 4],
+        PARTITIONS,
+        3,
+        DEFAULT_VNODES,
+    ));
+    c.join(4);
+    let took = c.wait_moved(T).await;
+    assert!(
+        lost.load(Ordering::Relaxed) > 0,
+        "no snapshot was sent to node 4 in 3 s"
+    );
+    eprintln!(
+        "{} snapshots lost; moved in {took:?}",
+        lost.load(Ordering::Relaxed)
+    );
+    for p in c.map.partitions_of(4) {
+        let kept = retained_in(&c.converged(p, T).await);
+        assert_eq!(kept.len(), 1, "partition {p} after the move");
     }
 }
 

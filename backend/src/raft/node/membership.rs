@@ -76,6 +76,9 @@ pub struct MembershipConfig {
     /// only: such a replica is deleted after `orphan_ticks` ticks of silence, unasked (the
     /// silence counted as now, from leader messages).
     pub delete_on_silence: bool,
+    /// Ticks a peer may stay in raft's snapshot state (a snapshot sent, no answer yet) before
+    /// the snapshot is reported failed and sent again.
+    pub snapshot_stall_ticks: usize,
     /// How long after a group settled under a new map its leader may still be moved to the
     /// balanced leader.
     pub rebalance_window: Duration,
@@ -88,6 +91,7 @@ impl Default for MembershipConfig {
             catch_up_lag: 64,
             orphan_ticks: 300,
             delete_on_silence: false,
+            snapshot_stall_ticks: 300,
             rebalance_window: Duration::from_secs(10),
         }
     }
@@ -335,6 +339,44 @@ impl Driver {
             }
         }
         outbox.send(&*self.transport);
+    }
+
+    /// raft-rs keeps a peer that was sent a snapshot paused until it answers or the driver
+    /// reports the snapshot's fate; a snapshot (or its answer) lost on the way would leave that
+    /// peer paused — a learner never promoted, a move that never ends — until the leader
+    /// changes. So a peer in snapshot state for `snapshot_stall_ticks` ticks is reported
+    /// failed: raft probes it again and sends a fresh snapshot. (Generous: a large snapshot
+    /// still in transfer is sent again at worst, never lost.)
+    pub(super) fn unstall_snapshots(&mut self) {
+        let limit = self.config.membership.snapshot_stall_ticks;
+        for g in self.groups.values_mut() {
+            if !g.is_leader() {
+                g.snapshot_ticks.clear();
+                continue;
+            }
+            let mut stalled = Vec::new();
+            let ticks = &mut g.snapshot_ticks;
+            for (&id, pr) in g.raw.raft.prs().iter() {
+                if pr.state == raft::ProgressState::Snapshot {
+                    let t = ticks.entry(id).or_insert(0);
+                    *t += 1;
+                    if *t > limit {
+                        stalled.push(id);
+                    }
+                } else {
+                    ticks.remove(&id);
+                }
+            }
+            for id in stalled {
+                warn!(
+                    partition = g.partition,
+                    peer = id,
+                    "no answer to a snapshot: sending it again"
+                );
+                g.snapshot_ticks.remove(&id);
+                g.raw.report_snapshot(id, raft::SnapshotStatus::Failure);
+            }
+        }
     }
 
     /// A removal query from node `from` about partition `p`: answered "removed" only by a
