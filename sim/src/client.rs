@@ -1,5 +1,5 @@
 //! Simulated MQTT clients with persistent sessions, and the frontend's per-connection rules
-//! (as `frontend/src/handler.rs` applies them): publishers that re-send an unacknowledged
+//! (as `frontend/src/handler/` applies them): publishers that re-send an unacknowledged
 //! message with the same packet id after a reconnect, and subscribers that hand a message to
 //! their application the way an MQTT client library does (QoS2: once per packet id until
 //! PUBREL).
