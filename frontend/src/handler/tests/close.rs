@@ -184,3 +184,25 @@ async fn packets_a_client_may_not_send_are_protocol_errors() {
         assert_eq!(service.disconnects(), [DisconnectRequest::ABNORMAL]);
     }
 }
+
+/// A client that sends DISCONNECT 0x00 and closes at once: our next write meets its reset,
+/// yet what it sent before is still read, so its DISCONNECT counts (no will, §3.14.4).
+#[tokio::test(start_paused = true)]
+async fn a_disconnect_read_after_a_failed_write_still_discards_the_will() {
+    let service = FakeSessions::new();
+    let mut client = connected(&service, ProtocolVersion::V5).await;
+    // More than the pipe holds: the connection has bytes waiting to be written.
+    let payload: &'static str = "x".repeat(10_000).leak();
+    for _ in 0..10 {
+        service.send(super::delivery(QoS::AtMostOnce, None, payload));
+    }
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    client.send(Packet::Disconnect(Disconnect::normal())).await;
+    client.hang_up().await.unwrap();
+    let normal = DisconnectRequest {
+        normal: true,
+        with_will: false,
+        session_expiry_secs: None,
+    };
+    assert_eq!(service.disconnects(), [normal]);
+}
