@@ -13,15 +13,15 @@
 //! This file holds the connection's life (wait for CONNECT, the loop, packet dispatch); each
 //! packet family has its own file:
 //!
-//! - [`connect`]: CONNECT checks, the session's opening, CONNACK;
-//!   [`authenticate`]: AUTH exchanges, before CONNACK and re-authentication after it.
-//! - [`publish`]: PUBLISH from the client (QoS1/QoS2 acks in order once durable) and PUBREL.
-//! - [`subscribe`]: SUBSCRIBE / UNSUBSCRIBE and the ACL's say on subscriptions.
-//! - [`delivery`]: session events to the client (PUBLISH, PUBREL, DISCONNECT) and the
+//! - `connect.rs`: CONNECT checks, the session's opening, CONNACK;
+//!   `authenticate.rs`: AUTH exchanges, before CONNACK and re-authentication after it.
+//! - `publish.rs`: PUBLISH from the client (QoS1/QoS2 acks in order once durable) and PUBREL.
+//! - `subscribe.rs`: SUBSCRIBE / UNSUBSCRIBE and the ACL's say on subscriptions.
+//! - `delivery.rs`: session events to the client (PUBLISH, PUBREL, DISCONNECT) and the
 //!   client's PUBACK / PUBREC / PUBCOMP for them.
-//! - [`close`]: how the connection ends: DISCONNECT, protocol errors, failed partition calls,
+//! - `close.rs`: how the connection ends: DISCONNECT, protocol errors, failed partition calls,
 //!   what the session is told, drain.
-//! - [`socket`]: reading packets and writing the buffer without waiting on a slow reader.
+//! - `socket.rs`: reading packets and writing the buffer without waiting on a slow reader.
 
 mod authenticate;
 mod close;
