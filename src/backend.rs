@@ -366,7 +366,7 @@ async fn carry_out_leader_work(
     while let Some(item) = next {
         match item {
             LeaderWork::Shared { origin, work } => {
-                tokio::spawn(carry_out(work, origin, &client));
+                tokio::spawn(carry_out(work, origin, client.transport()));
             }
         }
         next = tokio::select! {

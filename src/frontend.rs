@@ -76,7 +76,10 @@ impl FrontendNode {
             ClusterClient::connect(&cluster.backends, frontend_id, Duration::from_secs(60), tls)
                 .await
                 .map_err(|e| anyhow::anyhow!(e))
-                .context("cannot reach the backends")?;
+                .context("cannot reach the backends")?
+                .configured(tiermq_common::router::RouterConfig {
+                    queue_qos0_offline: settings.session.queue_qos0_offline,
+                });
         let _ = known_client.set(client.clone());
         let (bound, listeners, local_addr) = bind_listeners(settings).await?;
         let mut config = frontend_config(settings);
@@ -86,7 +89,7 @@ impl FrontendNode {
         config.metrics = node_metrics.clone();
         config.drain = drain.clone();
         let shutdown = CancellationToken::new();
-        let client = Arc::new(client);
+        let client = Arc::new(client.router().clone());
         let probe = crate::probe_task::spawn(
             settings,
             probe_metrics,

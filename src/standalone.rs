@@ -182,7 +182,7 @@ impl Standalone {
         frontend(&mut config);
         let listener = tokio::spawn(tiermq_frontend::serve_listeners(
             bound,
-            Arc::new(broker.clone()),
+            Arc::new(broker.router().clone()),
             Arc::new(config),
             tls_poll(settings),
             shutdown.clone(),
@@ -192,7 +192,7 @@ impl Standalone {
         let probe = crate::probe_task::spawn(
             settings,
             probe_metrics,
-            Arc::new(broker.clone()),
+            Arc::new(broker.router().clone()),
             0,
             shutdown.clone(),
         );

@@ -7,6 +7,7 @@
 //!   group commit, and the [`tiermq_common::session_api::SessionService`] implementation.
 
 pub mod cluster;
+pub mod effects;
 pub mod local;
 pub mod members;
 pub mod partition;

@@ -13,18 +13,7 @@ use crate::hashing::partition_of;
 use crate::partition_api::{will_key, Command, HandoffOutcome, Reply, SharedWork};
 use crate::session_api::{ServiceError, ServiceResult};
 
-/// Something that can submit a command to a partition and wait for its reply.
-pub trait PartitionCaller: Clone + Send + Sync + 'static {
-    fn partition_count(&self) -> u32;
-
-    /// Submits `command` to `partition` now (in call order per partition) and returns the
-    /// wait for its reply.
-    fn call_partition(
-        &self,
-        partition: u32,
-        command: Command,
-    ) -> impl Future<Output = ServiceResult<Reply>> + Send + 'static;
-}
+pub use crate::router::transport::PartitionCaller;
 
 /// The first pause before a will's publication is tried again on partitions that failed; it
 /// doubles up to [`WILL_RETRY_MAX`].

@@ -258,7 +258,7 @@ impl Inner {
                     continue;
                 }
                 replicas[i] = p.replicas.clone();
-                if p.leader != 0 && routes.known_from[i].is_none() && known.contains(&p.leader) {
+                if p.leader != 0 && routes.source(i as u32).is_none() && known.contains(&p.leader) {
                     leaders[i] = p.leader;
                 }
             }
@@ -286,7 +286,7 @@ impl Inner {
             return;
         }
         let routes = self.routes.read().unwrap_or_else(|e| e.into_inner());
-        let leading: HashSet<u64> = routes.known_from.iter().flatten().copied().collect();
+        let leading: HashSet<u64> = routes.sources().collect();
         let gone: Vec<u64> = nodes
             .iter()
             .filter(|(id, link)| link.retired() && !leading.contains(id))

@@ -20,6 +20,8 @@ use crate::broker::{
     ChangeMembersReply, ChangeMembersRequest, EventBatch, Member, NotLeader, PartitionInfo,
     RouteUpdate, RoutesAckReply, TransferLeadershipReply, TransferLeadershipRequest,
 };
+use prometheus_client::encoding::DescriptorEncoder;
+use tiermq_common::session_api::{ConnectRequest, SessionService, SubscribeRequest};
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -388,7 +390,8 @@ async fn connect(nodes: &[&FakeNode], every: Duration) -> ClusterClient {
 /// One operation on `partition`; the answer names the node that served it.
 async fn served(client: &ClusterClient, partition: u32) -> String {
     let bytes = client
-        .call(partition, op::Kind::Command(Vec::new()))
+        .transport()
+        .call_op(partition, op::Kind::Command(Vec::new()))
         .await
         .expect("operation answered");
     String::from_utf8(bytes).unwrap()
@@ -405,6 +408,7 @@ async fn until(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
 
 fn linked(client: &ClusterClient) -> BTreeMap<u64, String> {
     client
+        .transport()
         .inner
         .nodes
         .read()
@@ -448,7 +452,10 @@ async fn a_joined_leader_named_in_a_hint_is_learned_at_once() {
         n3.streams() == (1, 1)
     })
     .await;
-    assert_eq!(client.inner.replicas.read().unwrap()[1], vec![3, 2]);
+    assert_eq!(
+        client.transport().inner.replicas.read().unwrap()[1],
+        vec![3, 2]
+    );
     // Partition 0 never moved.
     assert_eq!(served(&client, 0).await, "node 1");
 }
@@ -634,21 +641,21 @@ async fn an_older_or_foreign_record_is_not_taken() {
         addr: "127.0.0.1:1".into(),
     });
     assert_eq!(
-        client.inner.apply_info(&older),
+        client.transport().inner.apply_info(&older),
         membership::Taken::Unchanged
     );
     let mut foreign = cluster.info(1);
     foreign.epoch = 6;
     foreign.partitions = 3;
     assert_eq!(
-        client.inner.apply_info(&foreign),
+        client.transport().inner.apply_info(&foreign),
         membership::Taken::Refused
     );
     let mut partial = cluster.info(1);
     partial.epoch = 6;
     partial.partition_info.pop();
     assert_eq!(
-        client.inner.apply_info(&partial),
+        client.transport().inner.apply_info(&partial),
         membership::Taken::Refused
     );
     assert_eq!(client.metrics().map_epoch(), 5);
@@ -704,6 +711,7 @@ async fn a_session_detached_while_cut_off_gets_its_connection_closed() {
     });
     let client = connect(&[&n1], Duration::from_secs(600)).await;
     let mut connected = client
+        .router()
         .connect(ConnectRequest {
             client_id: Arc::from("deaf"),
             protocol: tiermq_common::ProtocolVersion::V5,
@@ -758,9 +766,10 @@ async fn an_older_epoch_does_not_replace_a_newer_registration() {
     let id: Arc<str> = "c".into();
     let (new_tx, mut new_rx) = mpsc::unbounded_channel();
     let (old_tx, mut old_rx) = mpsc::unbounded_channel();
-    client.register(&id, 9, new_tx);
-    client.register(&id, 4, old_tx);
+    client.transport().register(&id, 9, new_tx);
+    client.transport().register(&id, 4, old_tx);
     let live = client
+        .transport()
         .inner
         .sessions
         .lock()
@@ -807,7 +816,7 @@ async fn a_subscription_in_flight_routes_publishes_to_its_partition() {
         client_id: Arc::from("subscriber"),
         epoch: 9,
     };
-    let home = client.partition_of("subscriber");
+    let home = partition_of("subscriber", client.partitions());
     let request = SubscribeRequest {
         filter: "t/+".into(),
         options: Default::default(),
@@ -840,9 +849,9 @@ async fn routes_of_a_backend_that_grants_no_lease_are_not_trusted() {
     )
     .await;
     {
-        let routes = client.inner.routes.read().unwrap();
+        let routes = client.transport().inner.routes.read().unwrap();
         assert!(
-            routes.known_from.iter().all(Option::is_some),
+            (0..4).all(|p| routes.source(p).is_some()),
             "the stream is still open"
         );
     }
@@ -875,21 +884,19 @@ async fn routes_of_a_deposed_leader_are_ignored() {
         term,
     };
     let known = |client: &ClusterClient| {
-        let routes = client.inner.routes.read().unwrap();
-        let mut filters: Vec<String> = routes.filters[0].iter().cloned().collect();
-        filters.sort();
-        (routes.known_from[0], filters)
+        let routes = client.transport().inner.routes.read().unwrap();
+        (routes.source(0), routes.filters_of(0))
     };
-    apply_route_update(&client.inner, 2, snapshot(5, &["t/#"]));
+    apply_route_update(&client.transport().inner, 2, snapshot(5, &["t/#"]));
     assert_eq!(known(&client), (Some(2), vec!["t/#".to_string()]));
     // Node 3 led the partition in term 4 and still thinks so.
-    apply_route_update(&client.inner, 3, snapshot(4, &[]));
+    apply_route_update(&client.transport().inner, 3, snapshot(4, &[]));
     assert_eq!(known(&client), (Some(2), vec!["t/#".to_string()]));
     // Node 2's stream breaks: the partition is unknown, and node 3's old table stays ignored.
-    client.inner.routes.write().unwrap().forget(2);
-    apply_route_update(&client.inner, 3, snapshot(4, &[]));
+    client.transport().inner.routes.write().unwrap().forget(2);
+    apply_route_update(&client.transport().inner, 3, snapshot(4, &[]));
     assert_eq!(known(&client), (None, vec!["t/#".to_string()]));
     // Node 3 wins a later election: its table is taken.
-    apply_route_update(&client.inner, 3, snapshot(6, &["u/#"]));
+    apply_route_update(&client.transport().inner, 3, snapshot(6, &["u/#"]));
     assert_eq!(known(&client), (Some(3), vec!["u/#".to_string()]));
 }

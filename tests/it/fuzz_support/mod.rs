@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use tiermq_backend::local::LocalBroker;
+use tiermq_backend::local::{LocalBroker, LocalPartitions};
 use tiermq_common::codec::{
     decode, encode, encoded_len, AckProperties, Auth, AuthProperties, ConnAck, Connect,
     ConnectProperties, Disconnect, DisconnectProperties, LastWill, Packet, PubAck, PubComp, PubRec,
@@ -36,6 +36,7 @@ use tiermq_common::codec::{
     Unsubscribe, UnsubscribeProperties, WillProperties,
 };
 use tiermq_common::config::Settings;
+use tiermq_common::router::Router;
 use tiermq_common::session_api::SubscriptionOptions;
 use tiermq_common::{ProtocolVersion, QoS, ReasonCode};
 use tiermq_frontend::handler::serve_connection;
@@ -643,7 +644,7 @@ pub fn connection_input(rng: &mut Rng) -> (Vec<u8>, Vec<usize>) {
 
 /// The broker and the handler's settings a run shares between its connections.
 pub struct Target {
-    broker: Arc<LocalBroker>,
+    broker: Arc<Router<LocalPartitions>>,
     config: Arc<tiermq_frontend::FrontendConfig>,
     shutdown: CancellationToken,
 }
@@ -659,7 +660,7 @@ impl Target {
         let broker = LocalBroker::open(dir, tiermq::standalone::local_config(&settings))
             .expect("broker opens");
         Target {
-            broker: Arc::new(broker),
+            broker: Arc::new(broker.router().clone()),
             config: Arc::new(tiermq::standalone::frontend_config(&settings)),
             shutdown: CancellationToken::new(),
         }
