@@ -9,23 +9,55 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::Args;
-use tiermq_common::config::{ClusterSettings, Overrides, Settings};
+use clap::{ArgMatches, Args, Command, FromArgMatches};
+use tiermq_common::config::{ClusterSettings, Settings};
 use tiermq_proto::tls::GrpcTls;
 
-/// The three files; all or none.
-#[derive(Args, Debug, Clone, Default)]
-pub struct ClusterTlsFlags {
-    /// Internal gRPC over mutual TLS: the cluster CA (PEM) that signs every node's
-    /// certificate (needs --cluster-tls-cert and --cluster-tls-key too).
-    #[arg(long = "cluster-tls-ca", env = "TIERMQ_CLUSTER_TLS_CA")]
-    pub ca: Option<PathBuf>,
-    /// This node's (or tool's) certificate chain, PEM, signed by the cluster CA.
-    #[arg(long = "cluster-tls-cert", env = "TIERMQ_CLUSTER_TLS_CERT")]
-    pub cert: Option<PathBuf>,
-    /// The private key of --cluster-tls-cert, PEM.
-    #[arg(long = "cluster-tls-key", env = "TIERMQ_CLUSTER_TLS_KEY")]
-    pub key: Option<PathBuf>,
+/// The three files (all or none), as the nodes' `cluster.tls_*` settings declare their flags
+/// and variables: the same `Arg`s, taken from [`ClusterSettings`], so that names and help are
+/// written once.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterTlsFlags(ArgMatches);
+
+/// The ids (field names) of the flags taken.
+const FILES: [&str; 3] = ["tls_ca", "tls_cert", "tls_key"];
+
+impl ClusterTlsFlags {
+    /// Sets the files given by flag or variable.
+    fn apply(&self, cluster: &mut ClusterSettings) {
+        let fields = [
+            &mut cluster.tls_ca,
+            &mut cluster.tls_cert,
+            &mut cluster.tls_key,
+        ];
+        for (id, field) in FILES.into_iter().zip(fields) {
+            if let Some(path) = self.0.get_one::<PathBuf>(id) {
+                *field = Some(path.clone());
+            }
+        }
+    }
+}
+
+impl Args for ClusterTlsFlags {
+    fn augment_args(cmd: Command) -> Command {
+        let node = ClusterSettings::augment_args_for_update(Command::new("node"));
+        node.get_arguments()
+            .filter(|a| FILES.contains(&a.get_id().as_str()))
+            .fold(cmd, |cmd, a| cmd.arg(a.clone()))
+    }
+    fn augment_args_for_update(cmd: Command) -> Command {
+        Self::augment_args(cmd)
+    }
+}
+
+impl FromArgMatches for ClusterTlsFlags {
+    fn from_arg_matches(matches: &ArgMatches) -> Result<Self, clap::Error> {
+        Ok(ClusterTlsFlags(matches.clone()))
+    }
+    fn update_from_arg_matches(&mut self, matches: &ArgMatches) -> Result<(), clap::Error> {
+        self.0 = matches.clone();
+        Ok(())
+    }
 }
 
 /// What a CLI tool takes: the flags, and a node's config file to read them from.
@@ -41,13 +73,9 @@ pub struct ClusterTlsArgs {
 impl ClusterTlsArgs {
     /// The client TLS to use, `None` for plain gRPC.
     pub fn load(&self) -> anyhow::Result<Option<GrpcTls>> {
-        let overrides = Overrides {
-            cluster_tls_ca: self.files.ca.clone(),
-            cluster_tls_cert: self.files.cert.clone(),
-            cluster_tls_key: self.files.key.clone(),
-            ..Overrides::default()
-        };
-        let settings = Settings::load(self.config.as_deref(), &overrides)?;
+        let mut settings = Settings::from_file(self.config.as_deref())?;
+        self.files.apply(&mut settings.cluster);
+        settings.validate()?;
         load(&settings.cluster)
     }
 }

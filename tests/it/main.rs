@@ -16,6 +16,7 @@ mod cluster;
 mod cluster_membership;
 mod cluster_parity;
 mod cluster_tls;
+mod config;
 mod conformance;
 mod connect;
 mod drain;
