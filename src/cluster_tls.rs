@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{ArgMatches, Args, Command, FromArgMatches};
-use tiermq_common::config::{ClusterSettings, Settings};
+use tiermq_common::config::{ClusterSettings, ConfigError, Settings};
 use tiermq_proto::tls::GrpcTls;
 
 /// The three files (all or none), as the nodes' `cluster.tls_*` settings declare their flags
@@ -43,7 +43,7 @@ impl Args for ClusterTlsFlags {
         let node = ClusterSettings::augment_args_for_update(Command::new("node"));
         node.get_arguments()
             .filter(|a| FILES.contains(&a.get_id().as_str()))
-            .fold(cmd, |cmd, a| cmd.arg(a.clone()))
+            .fold(cmd, |cmd, a| cmd.arg(a.clone().display_order(None)))
     }
     fn augment_args_for_update(cmd: Command) -> Command {
         Self::augment_args(cmd)
@@ -73,10 +73,15 @@ pub struct ClusterTlsArgs {
 impl ClusterTlsArgs {
     /// The client TLS to use, `None` for plain gRPC.
     pub fn load(&self) -> anyhow::Result<Option<GrpcTls>> {
+        load(&self.settings()?.cluster)
+    }
+
+    /// The node's file (if given) with the flags and variables over it.
+    fn settings(&self) -> Result<Settings, ConfigError> {
         let mut settings = Settings::from_file(self.config.as_deref())?;
         self.files.apply(&mut settings.cluster);
         settings.validate()?;
-        load(&settings.cluster)
+        Ok(settings)
     }
 }
 
@@ -87,5 +92,45 @@ pub fn load(cluster: &ClusterSettings) -> anyhow::Result<Option<GrpcTls>> {
         Some((ca, cert, key)) => GrpcTls::load(ca, cert, key)
             .map(Some)
             .context("cannot set up TLS for the internal gRPC"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tool takes the nodes' three flags (same names, variables and help) and nothing else
+    /// of theirs; a flag wins over the node's file.
+    #[test]
+    fn the_nodes_flags_over_the_nodes_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("node.toml");
+        let toml = "[cluster]\ntls_ca = \"ca.pem\"\ntls_cert = \"b1.pem\"\ntls_key = \"b1.key\"\n";
+        std::fs::write(&file, toml).unwrap();
+        let mut cmd = ClusterTlsArgs::augment_args(Command::new("tool"));
+        let help = cmd.render_help().to_string();
+        for shown in [
+            "--cluster-tls-ca",
+            "--cluster-tls-key",
+            "TIERMQ_CLUSTER_TLS_CERT",
+        ] {
+            assert!(help.contains(shown), "{help}");
+        }
+        assert!(!help.contains("--peers"), "{help}");
+        let args = [
+            "tool",
+            "-c",
+            file.to_str().unwrap(),
+            "--cluster-tls-cert",
+            "admin.pem",
+        ];
+        let matches = cmd.try_get_matches_from(args).unwrap();
+        let s = ClusterTlsArgs::from_arg_matches(&matches)
+            .unwrap()
+            .settings()
+            .unwrap();
+        assert_eq!(s.cluster.tls_cert, Some(PathBuf::from("admin.pem")));
+        assert_eq!(s.cluster.tls_ca, Some(PathBuf::from("ca.pem")));
+        assert_eq!(s.cluster.tls_key, Some(PathBuf::from("b1.key")));
     }
 }
