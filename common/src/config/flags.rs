@@ -89,6 +89,8 @@ impl FromArgMatches for SettingsFlags {
 /// that each default is written once and `--help` shows it.
 pub(super) fn defaults<T: Args + FromArgMatches>() -> T {
     let cmd = T::augment_args(Command::new("defaults")).mut_args(|a| a.env(None));
-    let matches = cmd.get_matches_from(["defaults"]);
-    T::from_arg_matches(&matches).expect("the declared defaults parse")
+    let matches = cmd
+        .try_get_matches_from(["defaults"])
+        .expect("the declared defaults parse");
+    T::from_arg_matches(&matches).expect("the declared defaults convert")
 }

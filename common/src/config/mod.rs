@@ -12,7 +12,7 @@
 //!   variable, and the default (`--help` prints both);
 //! - `#[arg(skip = 5_u64)]`: file only, with that default.
 //!
-//! Each section's `Default` is computed from those attributes ([`flags::defaults`]), so there is
+//! Each section's `Default` is computed from those attributes (`flags::defaults`), so there is
 //! no second list of defaults. Adding a setting is adding a field, plus a line in
 //! `validate.rs` when not every value of its type is valid.
 //!
