@@ -11,8 +11,7 @@ use clap::Args;
 use tiermq_proto::broker::broker_client::BrokerClient;
 use tiermq_proto::broker::TransferLeadershipRequest;
 use tiermq_proto::API_VERSION;
-
-use crate::bench::parse_duration;
+use tiermq_tools::parse_duration;
 
 #[derive(Args, Debug, Clone)]
 pub struct BackendDrainArgs {

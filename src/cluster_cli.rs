@@ -32,9 +32,8 @@ use tiermq_proto::broker::broker_client::BrokerClient;
 use tiermq_proto::broker::{ClusterInfo, ClusterRequest};
 use tiermq_proto::tls::GrpcTls;
 use tiermq_proto::API_VERSION;
-
-use crate::bench::client::{Conn, ConnectOptions};
-use crate::bench::parse_duration;
+use tiermq_tools::bench::client::{Conn, ConnectOptions};
+use tiermq_tools::parse_duration;
 
 #[derive(Args, Debug)]
 pub struct ClusterArgs {

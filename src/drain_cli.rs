@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use anyhow::bail;
 use clap::Args;
+use tiermq_tools::parse_duration;
 
-use crate::bench::parse_duration;
 use crate::metrics_http::call;
 
 #[derive(Args, Debug, Clone)]

@@ -21,9 +21,8 @@ use tiermq_common::codec::{Disconnect, Packet};
 use tiermq_common::{ProtocolVersion, ReasonCode};
 use tiermq_proto::broker::broker_client::BrokerClient;
 use tiermq_proto::broker::{ClusterInfo, ClusterRequest};
-
-use crate::bench::client::{Conn, ConnectOptions};
-use crate::bench::parse_duration;
+use tiermq_tools::bench::client::{Conn, ConnectOptions};
+use tiermq_tools::parse_duration;
 
 #[derive(Args, Debug, Clone)]
 pub struct HealthArgs {

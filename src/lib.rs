@@ -3,8 +3,6 @@
 
 pub mod backend;
 pub mod backend_drain;
-pub mod bench;
-pub mod check;
 pub mod cluster_cli;
 pub mod cluster_tls;
 pub mod drain_cli;

@@ -28,11 +28,11 @@ enum Command {
     /// `backend drain` moves a running one's partition leadership elsewhere (before a restart).
     Backend(BackendArgs),
     /// Load generator and broker benchmarks (pairs, fan-in, fan-out, conn-storm, retained, idle).
-    Bench(tiermq::bench::BenchArgs),
+    Bench(tiermq_tools::bench::BenchArgs),
     /// Cluster tools: `status` (members, partitions, leaders, lag), `probe` (MQTT round trip).
     Cluster(tiermq::cluster_cli::ClusterArgs),
     /// Durability checker: numbered QoS1/2 messages in, every loss / duplicate / reorder out.
-    Check(tiermq::check::CheckArgs),
+    Check(tiermq_tools::check::CheckArgs),
     /// Health probe for containers: MQTT CONNECT round trip (--mqtt), backend Cluster call
     /// (--grpc), or a node's /healthz or /readyz (--http [--ready]).
     Health(tiermq::health::HealthArgs),
@@ -111,9 +111,9 @@ fn main() -> ExitCode {
                 Ok(())
             },
         ),
-        Command::Bench(args) => tiermq::bench::main(args),
+        Command::Bench(args) => tiermq_tools::bench::main(args),
         Command::Cluster(args) => tiermq::cluster_cli::main(args),
-        Command::Check(args) => tiermq::check::main(args),
+        Command::Check(args) => tiermq_tools::check::main(args),
         Command::Health(args) => tiermq::health::main(args),
         Command::Passwd(args) => tiermq::passwd_cli::main(args),
         Command::Frontend(FrontendArgs {

@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use tiermq_proto::broker::{ClusterInfo, PartitionInfo};
 use tiermq_proto::tls::GrpcTls;
+use tiermq_tools::parse_duration;
 
-use crate::bench::parse_duration;
 use crate::cluster_cli::cluster_info;
 
 #[derive(Args, Debug)]

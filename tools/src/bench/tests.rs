@@ -2,11 +2,10 @@
 
 use std::time::Duration;
 
-use tiermq_common::config::Settings;
 use tiermq_common::ProtocolVersion;
 
 use super::{scenarios, LoadArgs, Scenario};
-use crate::standalone::Standalone;
+use crate::test_broker::TestBroker;
 
 fn load_args(port: u16, mqtt: ProtocolVersion, qos: u8) -> LoadArgs {
     LoadArgs {
@@ -37,11 +36,7 @@ fn load_args(port: u16, mqtt: ProtocolVersion, qos: u8) -> LoadArgs {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pairs_against_in_process_standalone() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut settings = Settings::default();
-    settings.storage.data_dir = dir.path().to_path_buf();
-    settings.mqtt.listen = "127.0.0.1:0".parse().unwrap();
-    let broker = Standalone::start(&settings).await.unwrap();
+    let broker = TestBroker::start().await;
     let port = broker.local_addr().port();
 
     for (mqtt, qos) in [(ProtocolVersion::V5, 0), (ProtocolVersion::V311, 1)] {

@@ -43,7 +43,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use clap::Args;
 use tiermq_common::{ProtocolVersion, QoS};
 
-use crate::bench::parse_duration;
+use crate::parse_duration;
 
 pub use analysis::Summary;
 pub use wills::{WillEnd, WillLog};

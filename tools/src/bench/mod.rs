@@ -29,6 +29,8 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use tiermq_common::{ProtocolVersion, QoS};
 
+use crate::parse_duration;
+
 pub use report::BenchResult;
 
 /// `tiermq bench <scenario> [options]`.
@@ -162,30 +164,6 @@ impl LoadArgs {
     }
 }
 
-/// Parses `10s`, `250ms`, `2m`, `1h` or a plain number of seconds (fractions allowed).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = match s.find(|c: char| c.is_ascii_alphabetic()) {
-        Some(i) => (&s[..i], &s[i..]),
-        None => (s, "s"),
-    };
-    let n: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("not a duration: {s:?}"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" | "min" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return Err(format!("unknown duration unit {unit:?} (ms, s, m, h)")),
-    };
-    if !secs.is_finite() || secs < 0.0 {
-        return Err(format!("not a duration: {s:?}"));
-    }
-    Ok(Duration::from_secs_f64(secs))
-}
-
 fn parse_mqtt_version(s: &str) -> Result<ProtocolVersion, String> {
     match s {
         "3" | "4" | "311" | "3.1.1" => Ok(ProtocolVersion::V311),
@@ -249,16 +227,6 @@ pub fn main(args: BenchArgs) -> ExitCode {
 #[cfg(test)]
 mod arg_tests {
     use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
-        assert!(parse_duration("ten").is_err());
-        assert!(parse_duration("5d").is_err());
-    }
 
     #[test]
     fn versions() {

@@ -2,8 +2,6 @@
 
 use std::time::Duration;
 
-use tiermq_common::config::Settings;
-
 use super::analysis::analyse;
 use bytes::Bytes;
 use tiermq_common::codec::{Packet, Publish};
@@ -14,7 +12,7 @@ use super::{
     WillLog,
 };
 use crate::bench::client::Conn;
-use crate::standalone::Standalone;
+use crate::test_broker::TestBroker;
 
 fn sent(topic: u32, acked: bool) -> Sent {
     Sent {
@@ -115,19 +113,9 @@ fn failover_is_the_end_of_the_pause_around_the_fault() {
     assert_eq!(s.max_ack_gap_ms, 2_000);
 }
 
-/// A standalone broker on a free port, with its data folder.
-async fn standalone() -> (tempfile::TempDir, Standalone) {
-    let dir = tempfile::tempdir().unwrap();
-    let mut settings = Settings::default();
-    settings.storage.data_dir = dir.path().to_path_buf();
-    settings.mqtt.listen = "127.0.0.1:0".parse().unwrap();
-    let broker = Standalone::start(&settings).await.unwrap();
-    (dir, broker)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clean_run_against_in_process_standalone() {
-    let (_dir, broker) = standalone().await;
+    let broker = TestBroker::start().await;
     let addr = broker.local_addr().to_string();
     let args = CheckArgs {
         frontends: vec![addr.clone(), addr],
@@ -349,7 +337,7 @@ async fn relay(to: std::net::SocketAddr) -> (String, tokio::sync::oneshot::Sende
 /// once; the publishers move to the broker's own address and lose nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wills_of_a_dead_frontend_arrive_once() {
-    let (_dir, broker) = standalone().await;
+    let broker = TestBroker::start().await;
     let (front, cut) = relay(broker.local_addr()).await;
     let args = CheckArgs {
         frontends: vec![front, broker.local_addr().to_string()],
