@@ -9,7 +9,8 @@
 //! - `POST /drain` (frontend): starts draining (`202`; `200` when already draining); the
 //!   process exits once its clients are gone. `tiermq frontend drain --admin ADDR` calls it.
 //!
-//! [`call`] is the matching client (`tiermq health --http`, `tiermq frontend drain`).
+//! [`call`] is the matching client (`tiermq health --http`, `tiermq frontend drain`), on
+//! hyper's HTTP/1 client (`metrics_http/client.rs`).
 //!
 //! It is deliberately small — plain hyper 1 (already in the tree through tonic), one request
 //! per connection, a deadline per connection — because it must never be what takes a broker
@@ -34,6 +35,9 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
+
+mod client;
+pub use client::call;
 
 /// An async probe run per request.
 pub type Hook<T> = Arc<dyn Fn() -> BoxFuture<'static, T> + Send + Sync>;
@@ -251,46 +255,4 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
         hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     response
-}
-
-/// One HTTP/1.1 request to a node's endpoint (`addr` = `host:port`): returns the status code
-/// and the body. Small on purpose — it speaks only to [`MetricsServer`], which answers with a
-/// `Content-Length` body and closes — so that `tiermq health --http` works in images
-/// without curl.
-pub async fn call(
-    addr: &str,
-    method: &str,
-    path: &str,
-    timeout: Duration,
-) -> anyhow::Result<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(addr)
-            .await
-            .with_context(|| format!("cannot connect to {addr}"))?;
-        let request = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-        );
-        stream.write_all(request.as_bytes()).await?;
-        let mut raw = Vec::new();
-        stream
-            .take(4 * 1024 * 1024)
-            .read_to_end(&mut raw)
-            .await
-            .context("reading the answer")?;
-        let text = String::from_utf8_lossy(&raw);
-        let (head, body) = text
-            .split_once("\r\n\r\n")
-            .context("incomplete HTTP answer")?;
-        let code = head
-            .lines()
-            .next()
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|c| c.parse::<u16>().ok())
-            .with_context(|| format!("not an HTTP answer: {:?}", head.lines().next()))?;
-        Ok::<_, anyhow::Error>((code, body.to_string()))
-    };
-    tokio::time::timeout(timeout, exchange)
-        .await
-        .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer from {addr} within {timeout:?}")))
 }
