@@ -1,8 +1,9 @@
 //! Limits against greedy or hostile clients: how many sockets, how fast they arrive, how fast a
 //! connection may publish, how long and deep its topics may be (`[limits]` in the settings).
 //!
-//! Everything here is plain bookkeeping with the time passed in, so the token bucket and the
-//! admission rules are unit-tested without sleeping; the listener and the handler only call
+//! Everything here is plain bookkeeping with the time passed in, so the rate limiters
+//! (`rates.rs`: governor for the connection and publish rates, a token bucket for bandwidth)
+//! and the admission rules are unit-tested without sleeping; the listener and the handler only call
 //! in at three points (a socket accepted, a packet read, a topic seen) and count what comes back
 //! in `tiermq_limit_hits_total{limit=...}`.
 //!
@@ -18,19 +19,20 @@
 //!   (and so does not come back as a reconnect storm). Deliveries to the throttled client and
 //!   every other connection carry on.
 
-use std::collections::HashMap;
+mod rates;
+
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tiermq_common::config::LimitsSettings;
 use tiermq_common::ReasonCode;
 
+use rates::{Admit, AdmitPerIp, PublishRate, TokenBucket};
+
 /// Sockets over a connection limit that may wait for their CONNECT (to be told why) at once.
 pub const MAX_REFUSING: usize = 1024;
-/// Source addresses tracked by the per-IP connection rate; beyond it idle ones are forgotten.
-const MAX_TRACKED_IPS: usize = 65_536;
 
 /// Which limit was hit: the `limit` label of `tiermq_limit_hits_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -105,61 +107,6 @@ impl Limit {
     }
 }
 
-/// A token bucket: `rate` tokens per second, at most `burst` saved up. Time is passed in.
-#[derive(Debug, Clone)]
-pub struct TokenBucket {
-    rate: f64,
-    burst: f64,
-    tokens: f64,
-    last: Instant,
-}
-
-impl TokenBucket {
-    /// A full bucket; a `burst` of 0 means one second's worth of `rate`.
-    pub fn new(rate: u64, burst: u64, now: Instant) -> TokenBucket {
-        let rate = rate.max(1) as f64;
-        let burst = if burst == 0 { rate } else { burst as f64 };
-        TokenBucket {
-            rate,
-            burst,
-            tokens: burst,
-            last: now,
-        }
-    }
-
-    fn refill(&mut self, now: Instant) {
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
-        self.last = self.last.max(now);
-    }
-
-    /// Takes one token if there is one (admission: all or nothing).
-    pub fn try_take(&mut self, now: Instant) -> bool {
-        self.refill(now);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-
-    /// Takes `cost` tokens even when that leaves a debt (one packet larger than the burst must
-    /// still pass eventually) and says how long until the balance is back at zero, which is
-    /// how long the caller should wait before the next packet. `None`: no wait.
-    pub fn take(&mut self, cost: f64, now: Instant) -> Option<Duration> {
-        self.refill(now);
-        self.tokens -= cost;
-        (self.tokens < 0.0).then(|| Duration::from_secs_f64(-self.tokens / self.rate))
-    }
-
-    /// Whether the bucket has refilled completely (an idle source that can be forgotten).
-    pub fn is_full(&mut self, now: Instant) -> bool {
-        self.refill(now);
-        self.tokens >= self.burst
-    }
-}
-
 /// The open sockets of one listener, against its own `max_connections`.
 #[derive(Debug, Default)]
 pub struct ListenerGauge {
@@ -191,8 +138,8 @@ struct Inner {
     settings: LimitsSettings,
     open: AtomicUsize,
     refusing: AtomicUsize,
-    rate: Option<Mutex<TokenBucket>>,
-    per_ip: Option<Mutex<HashMap<IpAddr, TokenBucket>>>,
+    rate: Option<Admit>,
+    per_ip: Option<AdmitPerIp>,
 }
 
 /// What a newly accepted socket may do. Holding it keeps the socket counted.
@@ -237,14 +184,10 @@ fn take_slot(counter: &AtomicUsize, max: Option<usize>) -> bool {
 impl Limits {
     pub fn new(settings: LimitsSettings) -> Limits {
         let now = Instant::now();
-        let rate = (settings.connection_rate > 0).then(|| {
-            Mutex::new(TokenBucket::new(
-                settings.connection_rate.into(),
-                settings.connection_burst.into(),
-                now,
-            ))
-        });
-        let per_ip = (settings.connection_rate_per_ip > 0).then(|| Mutex::new(HashMap::new()));
+        let rate = (settings.connection_rate > 0)
+            .then(|| Admit::new(settings.connection_rate, settings.connection_burst, now));
+        let per_ip = (settings.connection_rate_per_ip > 0)
+            .then(|| AdmitPerIp::new(settings.connection_rate_per_ip, now));
         Limits {
             inner: Arc::new(Inner {
                 settings,
@@ -297,24 +240,12 @@ impl Limits {
     fn check(&self, listener: &ListenerGauge, ip: IpAddr, now: Instant) -> Result<(), Limit> {
         let s = &self.inner.settings;
         if let Some(per_ip) = &self.inner.per_ip {
-            let mut map = per_ip.lock().unwrap_or_else(|e| e.into_inner());
-            if map.len() >= MAX_TRACKED_IPS && !map.contains_key(&ip) {
-                map.retain(|_, b| !b.is_full(now));
-                if map.len() >= MAX_TRACKED_IPS {
-                    // Every tracked source is busy: forget them rather than grow.
-                    map.clear();
-                }
-            }
-            let rate = u64::from(s.connection_rate_per_ip);
-            let bucket = map
-                .entry(ip)
-                .or_insert_with(|| TokenBucket::new(rate, 0, now));
-            if !bucket.try_take(now) {
+            if !per_ip.try_take(ip, now) {
                 return Err(Limit::ConnectionRatePerIp);
             }
         }
         if let Some(rate) = &self.inner.rate {
-            if !rate.lock().unwrap_or_else(|e| e.into_inner()).try_take(now) {
+            if !rate.try_take(now) {
                 return Err(Limit::ConnectionRate);
             }
         }
@@ -353,16 +284,16 @@ impl Limits {
         let s = &self.inner.settings;
         PublishThrottle {
             messages: (s.publish_rate > 0)
-                .then(|| TokenBucket::new(s.publish_rate.into(), s.publish_burst.into(), now)),
+                .then(|| PublishRate::new(s.publish_rate, s.publish_burst, now)),
             bytes: (s.publish_bandwidth > 0).then(|| TokenBucket::new(s.publish_bandwidth, 0, now)),
         }
     }
 }
 
 /// One connection's publish rate and inbound bandwidth.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct PublishThrottle {
-    messages: Option<TokenBucket>,
+    messages: Option<PublishRate>,
     bytes: Option<TokenBucket>,
 }
 
@@ -381,7 +312,7 @@ impl PublishThrottle {
         now: Instant,
     ) -> Option<(Duration, Limit)> {
         let by_rate = match (&mut self.messages, publish) {
-            (Some(b), true) => b.take(1.0, now),
+            (Some(r), true) => r.on_publish(now),
             _ => None,
         };
         let by_bytes = self.bytes.as_mut().and_then(|b| b.take(size as f64, now));
@@ -399,35 +330,6 @@ mod tests {
     use super::*;
 
     const MS: Duration = Duration::from_millis(1);
-
-    #[test]
-    fn bucket_bursts_then_refills_at_its_rate() {
-        let t0 = Instant::now();
-        let mut b = TokenBucket::new(10, 3, t0);
-        assert!((0..3).all(|_| b.try_take(t0)));
-        assert!(!b.try_take(t0));
-        // 10/s: one token every 100 ms.
-        assert!(!b.try_take(t0 + 99 * MS));
-        assert!(b.try_take(t0 + 100 * MS));
-        assert!(!b.try_take(t0 + 150 * MS));
-        // Never more than the burst saved up, however long it was idle.
-        let later = t0 + Duration::from_secs(60);
-        assert!(b.is_full(later));
-        assert!((0..3).all(|_| b.try_take(later)));
-        assert!(!b.try_take(later));
-    }
-
-    #[test]
-    fn bucket_debt_says_how_long_to_wait() {
-        let t0 = Instant::now();
-        // 1000 bytes/s, burst 1000: a 3000-byte packet passes and costs 2 s of silence.
-        let mut b = TokenBucket::new(1000, 0, t0);
-        assert_eq!(b.take(500.0, t0), None);
-        assert_eq!(b.take(2500.0, t0), Some(2000 * MS));
-        // Time running backwards (another thread's `now`) changes nothing.
-        assert_eq!(b.take(0.0, t0 - 10 * MS), Some(2000 * MS));
-        assert_eq!(b.take(0.0, t0 + 2000 * MS), None);
-    }
 
     fn limits(f: impl FnOnce(&mut LimitsSettings)) -> Limits {
         let mut s = LimitsSettings::default();
