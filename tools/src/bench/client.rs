@@ -93,17 +93,7 @@ impl Conn {
         let stream = tcp_connect(o.broker, o.source)
             .await
             .with_context(|| format!("cannot connect to {}", o.broker))?;
-        let mut conn = Conn {
-            stream,
-            version: o.version,
-            rbuf: BytesMut::with_capacity(4096),
-            wbuf: BytesMut::with_capacity(1024),
-            connack: ConnAck {
-                session_present: false,
-                reason_code: ReasonCode::SUCCESS,
-                properties: Default::default(),
-            },
-        };
+        let conn = Conn::new(stream, o.version, 4096, 1024);
         let properties = if o.version.is_v5() {
             ConnectProperties {
                 receive_maximum: Some(o.receive_maximum.max(1)),
@@ -112,7 +102,7 @@ impl Conn {
         } else {
             ConnectProperties::default()
         };
-        conn.push(&Packet::Connect(Connect {
+        conn.handshake(Connect {
             protocol: o.version,
             clean_start: o.clean_start,
             keep_alive: o.keep_alive,
@@ -121,12 +111,33 @@ impl Conn {
             username: None,
             password: None,
             properties,
-        }))?;
-        conn.flush().await?;
-        match conn.next().await? {
+        })
+        .await
+    }
+
+    /// A connection on `stream` before CONNECT, with buffers of `rbuf` and `wbuf` bytes.
+    pub fn new(stream: TcpStream, version: ProtocolVersion, rbuf: usize, wbuf: usize) -> Conn {
+        Conn {
+            stream,
+            version,
+            rbuf: BytesMut::with_capacity(rbuf),
+            wbuf: BytesMut::with_capacity(wbuf),
+            connack: ConnAck {
+                session_present: false,
+                reason_code: ReasonCode::SUCCESS,
+                properties: Default::default(),
+            },
+        }
+    }
+
+    /// Sends `connect` and waits for a CONNACK that accepts it (kept in `connack`).
+    pub async fn handshake(mut self, connect: Connect) -> anyhow::Result<Conn> {
+        self.push(&Packet::Connect(connect))?;
+        self.flush().await?;
+        match self.next().await? {
             Some(Packet::ConnAck(ack)) if !ack.reason_code.is_error() => {
-                conn.connack = ack;
-                Ok(conn)
+                self.connack = ack;
+                Ok(self)
             }
             Some(Packet::ConnAck(ack)) => bail!("CONNACK refused: {:?}", ack.reason_code),
             Some(p) => bail!("expected CONNACK, got {}", p.name()),

@@ -5,11 +5,11 @@ use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
-use bytes::{Bytes, BytesMut};
+use anyhow::Context;
+use bytes::Bytes;
 use tiermq_common::codec::{
-    ConnAck, Connect, ConnectProperties, Disconnect, LastWill, Packet, PubAck, PubComp, PubRec,
-    PubRel, Publish,
+    Connect, ConnectProperties, Disconnect, LastWill, Packet, PubAck, PubComp, PubRec, PubRel,
+    Publish,
 };
 use tiermq_common::{ProtocolVersion, QoS, ReasonCode};
 use tokio::time::{Instant, MissedTickBehavior};
@@ -41,17 +41,7 @@ pub async fn connect(
         let stream = tcp_connect(broker, None)
             .await
             .with_context(|| format!("cannot connect to {broker}"))?;
-        let mut conn = Conn {
-            stream,
-            version,
-            rbuf: BytesMut::with_capacity(8192),
-            wbuf: BytesMut::with_capacity(8192),
-            connack: ConnAck {
-                session_present: false,
-                reason_code: ReasonCode::SUCCESS,
-                properties: Default::default(),
-            },
-        };
+        let conn = Conn::new(stream, version, 8192, 8192);
         let properties = if version.is_v5() {
             ConnectProperties {
                 session_expiry_interval: Some(session_expiry),
@@ -61,7 +51,7 @@ pub async fn connect(
         } else {
             ConnectProperties::default()
         };
-        conn.push(&Packet::Connect(Connect {
+        conn.handshake(Connect {
             protocol: version,
             clean_start,
             keep_alive: KEEP_ALIVE,
@@ -70,17 +60,8 @@ pub async fn connect(
             username: None,
             password: None,
             properties,
-        }))?;
-        conn.flush().await?;
-        match conn.next().await? {
-            Some(Packet::ConnAck(ack)) if !ack.reason_code.is_error() => {
-                conn.connack = ack;
-                Ok(conn)
-            }
-            Some(Packet::ConnAck(ack)) => bail!("CONNACK refused: {:?}", ack.reason_code),
-            Some(p) => bail!("expected CONNACK, got {}", p.name()),
-            None => bail!("connection closed before CONNACK"),
-        }
+        })
+        .await
     })
     .await
     .map_err(|_| anyhow::anyhow!("no CONNACK from {broker} within {CONNECT_TIMEOUT:?}"))?
