@@ -31,7 +31,7 @@ impl TestBroker {
         let shutdown = CancellationToken::new();
         let listener = tokio::spawn(tiermq_frontend::listener::serve(
             tcp,
-            Arc::new(broker.clone()),
+            Arc::new(broker.router().clone()),
             Arc::new(FrontendConfig::default()),
             shutdown.clone(),
         ));
