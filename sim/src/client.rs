@@ -20,7 +20,6 @@ use tokio::time::sleep;
 
 use crate::frontend::{CallError, Frontend};
 use crate::history::{MessageId, WillId};
-use crate::leader_work::parse_will_payload;
 use crate::plan::{Planted, Publisher, Subscriber, TRAFFIC_START_MS};
 use crate::world::World;
 
@@ -60,6 +59,15 @@ impl Default for ConnectArgs {
     }
 }
 
+/// What one CONNECT attempt came to ([`Ctx::try_connect`]).
+pub(crate) enum Tried {
+    Connected(Conn),
+    /// No frontend was up: nothing was sent.
+    NoFrontend,
+    /// Sent, not answered `Connected`: it may still have attached a connection.
+    Failed,
+}
+
 impl Ctx {
     pub(crate) fn partitions(&self) -> u32 {
         self.world.plan.partitions
@@ -79,65 +87,85 @@ impl Ctx {
         had_session: bool,
         args: ConnectArgs,
     ) -> Conn {
-        let mut attempt = 0usize;
+        let mut turn = 0;
         loop {
-            let n = self.frontends.len();
-            let frontend = (0..n)
-                .map(|i| &self.frontends[(preferred + attempt + i) % n])
-                .find(|f| f.is_up())
-                .cloned();
-            attempt += 1;
-            let Some(frontend) = frontend else {
-                sleep(Duration::from_millis(200)).await;
-                continue;
-            };
-            let home = partition_of(client_id, self.partitions());
-            let sent_ms = self.world.elapsed_ms();
-            let (reply, submitted) = frontend
-                .call_counting(
-                    home,
-                    Command::Connect {
-                        client_id: client_id.clone(),
-                        protocol: ProtocolVersion::V5,
-                        clean_start: false,
-                        session_expiry_secs: args.session_expiry_secs,
-                        receive_maximum: 16,
-                        will: args.will.clone(),
-                        frontend_id: frontend.id(),
-                        connection: frontend.next_connection(),
-                    },
-                )
-                .await;
-            match reply {
-                Ok(Reply::Connected {
-                    epoch,
-                    session_present,
-                }) => {
-                    if had_session && !session_present {
-                        self.world.history().violation(format!(
-                            "session lost: {client_id} reconnected (epoch {epoch}) without its session"
-                        ));
-                    }
-                    let events = frontend.register(client_id, epoch);
-                    self.world
-                        .set_connection(client_id, Some((frontend.slot, epoch)));
-                    self.world.trace(format!(
-                        "{client_id} connected via frontend {} (epoch {epoch}, present {session_present})",
-                        frontend.slot
+            if let Tried::Connected(conn) = self
+                .try_connect(client_id, preferred, turn, had_session, &args)
+                .await
+            {
+                return conn;
+            }
+            turn += 1;
+        }
+    }
+
+    /// One CONNECT attempt, through the first frontend that is up counting from `preferred +
+    /// turn` (so each retry tries another one first). After a failure it pauses, as a client
+    /// does before it retries.
+    pub(crate) async fn try_connect(
+        &self,
+        client_id: &Arc<str>,
+        preferred: usize,
+        turn: usize,
+        had_session: bool,
+        args: &ConnectArgs,
+    ) -> Tried {
+        let n = self.frontends.len();
+        let frontend = (0..n)
+            .map(|i| &self.frontends[(preferred + turn + i) % n])
+            .find(|f| f.is_up())
+            .cloned();
+        let Some(frontend) = frontend else {
+            sleep(Duration::from_millis(200)).await;
+            return Tried::NoFrontend;
+        };
+        let home = partition_of(client_id, self.partitions());
+        let sent_ms = self.world.elapsed_ms();
+        let (reply, submitted) = frontend
+            .call_counting(
+                home,
+                Command::Connect {
+                    client_id: client_id.clone(),
+                    protocol: ProtocolVersion::V5,
+                    clean_start: false,
+                    session_expiry_secs: args.session_expiry_secs,
+                    receive_maximum: 16,
+                    will: args.will.clone(),
+                    frontend_id: frontend.id(),
+                    connection: frontend.next_connection(),
+                },
+            )
+            .await;
+        match reply {
+            Ok(Reply::Connected {
+                epoch,
+                session_present,
+            }) => {
+                if had_session && !session_present {
+                    self.world.history().violation(format!(
+                        "session lost: {client_id} reconnected (epoch {epoch}) without its session"
                     ));
-                    return Conn {
-                        frontend,
-                        epoch,
-                        events,
-                        sent_ms,
-                        resent: submitted > 1,
-                    };
                 }
-                other => {
-                    self.world
-                        .trace(format!("{client_id} connect failed: {other:?}"));
-                    sleep(Duration::from_millis(100 + self.world.range(0..400))).await;
-                }
+                let events = frontend.register(client_id, epoch);
+                self.world
+                    .set_connection(client_id, Some((frontend.slot, epoch)));
+                self.world.trace(format!(
+                    "{client_id} connected via frontend {} (epoch {epoch}, present {session_present})",
+                    frontend.slot
+                ));
+                Tried::Connected(Conn {
+                    frontend,
+                    epoch,
+                    events,
+                    sent_ms,
+                    resent: submitted > 1,
+                })
+            }
+            other => {
+                self.world
+                    .trace(format!("{client_id} connect failed: {other:?}"));
+                sleep(Duration::from_millis(100 + self.world.range(0..400))).await;
+                Tried::Failed
             }
         }
     }
@@ -503,7 +531,7 @@ enum Payload {
 
 impl Payload {
     fn parse(text: &str) -> Option<Payload> {
-        if let Some(will) = parse_will_payload(text) {
+        if let Some(will) = WillId::parse(text) {
             return Some(Payload::Will(will));
         }
         let (publisher, seq) = text.rsplit_once(':')?;

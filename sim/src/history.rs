@@ -15,8 +15,54 @@ use tiermq_common::QoS;
 /// A message is named by its publisher and its sequence number (also its payload).
 pub type MessageId = (String, u32);
 
-/// A will is named by its client and the number of the connection that set it.
-pub type WillId = (String, u32);
+/// A will is named by its client, the number of the connection that set it, and the CONNECT
+/// attempt that carried it: a client retries a failed CONNECT (its frontend crashed, no
+/// answer) through another frontend, and the failed attempt may still have reached the
+/// partition and attached a connection of its own, whose will fires rightly when the retry
+/// takes it over. Naming the attempt keeps that will apart from the retry's connection's.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct WillId {
+    pub client: String,
+    pub connection: u32,
+    pub attempt: u32,
+}
+
+impl WillId {
+    pub fn new(client: &str, connection: u32, attempt: u32) -> WillId {
+        WillId {
+            client: client.to_string(),
+            connection,
+            attempt,
+        }
+    }
+
+    /// The payload of this will (`will.rs` sets it, subscribers and leaders read it back).
+    pub fn payload(&self) -> String {
+        format!("will:{}:{}:{}", self.client, self.connection, self.attempt)
+    }
+
+    /// The will a payload names, if it is one.
+    pub fn parse(payload: &str) -> Option<WillId> {
+        let rest = payload.strip_prefix("will:")?;
+        let (rest, attempt) = rest.rsplit_once(':')?;
+        let (client, connection) = rest.rsplit_once(':')?;
+        Some(WillId {
+            client: client.to_string(),
+            connection: connection.parse().ok()?,
+            attempt: attempt.parse().ok()?,
+        })
+    }
+}
+
+impl std::fmt::Display for WillId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} connection {} (CONNECT attempt {})",
+            self.client, self.connection, self.attempt
+        )
+    }
+}
 
 /// The topic of a will client's will.
 pub fn will_topic(client: &str) -> String {
@@ -67,6 +113,9 @@ pub struct History {
     delivered: BTreeMap<String, Vec<Delivery<MessageId>>>,
     /// Subscriber → wills handed to its application.
     wills_delivered: BTreeMap<String, Vec<Delivery<WillId>>>,
+    /// Wills some CONNECT carried: each may fire (at most once) — one whose CONNECT failed
+    /// may still have attached a connection of its own — none is owed a firing.
+    wills_sent: BTreeSet<WillId>,
     /// Wills set by a CONNECT that succeeded → whether that CONNECT reached a node more than
     /// once (see [`CONNECT_RESENT`]).
     wills_set: BTreeMap<WillId, bool>,
@@ -148,9 +197,15 @@ impl History {
             .push((id, qos, packet_id));
     }
 
+    /// A CONNECT with this will is being sent: from now on the will may fire, once.
+    pub fn will_sent(&mut self, id: WillId) {
+        self.wills_sent.insert(id);
+    }
+
     /// A CONNECT with this will was answered: the session holds it. `resent`: the CONNECT
     /// reached a node more than once.
     pub fn will_set(&mut self, id: WillId, resent: bool) {
+        self.wills_sent.insert(id.clone());
         self.wills_set.insert(id, resent);
     }
 
@@ -284,16 +339,19 @@ impl History {
     }
 
     /// Wills exactly once: never delivered twice from one firing, never for a connection
-    /// that ended normally or whose delayed will a reconnect cancelled, and delivered to
-    /// every subscriber that had subscribed before the will was handed over.
+    /// that ended normally or whose delayed will a reconnect cancelled, never one no CONNECT
+    /// carried, and delivered to every subscriber that had subscribed before the will was
+    /// handed over.
     ///
     /// What it can know: a will is *fired* once a leader hands it over (the entry that fired
     /// it is applied, so committed); a firing that no leader ever handed over is not seen —
     /// a drained run hands every recorded firing over (the outbox is re-done at take-over).
     /// A second delivery under another packet id means the will was queued twice (a re-send
-    /// of the same queued copy keeps its id, QoS1 as QoS2).
+    /// of the same queued copy keeps its id, QoS1 as QoS2). Each CONNECT attempt carries a
+    /// will of its own ([`WillId`]), so the will of a failed attempt that attached a
+    /// connection anyway may fire once, is never owed, and is never taken for another's.
     ///
-    /// One connection's will fired twice (two outbox entries) is reported as such, and that
+    /// One attempt's will fired twice (two outbox entries) is reported as such, and that
     /// will's other checks are skipped (each firing may rightly be delivered once).
     fn check_wills(&self) -> Vec<String> {
         let mut out: Vec<(&WillId, String)> = Vec::new();
@@ -302,21 +360,22 @@ impl History {
             if firings.len() > 1 {
                 twice.insert(id);
                 out.push((id, format!(
-                    "will-fired-twice: the will of {} connection {} fired {} times (partition, seq: {firings:?})",
-                    id.0,
-                    id.1,
+                    "will-fired-twice: the will of {id} fired {} times (partition, seq: {firings:?})",
                     firings.len()
                 )));
+            }
+            if !self.wills_sent.contains(id) {
+                out.push((
+                    id,
+                    format!("will-unexpected: the will of {id} fired, no CONNECT carried it"),
+                ));
             }
         }
         for (id, why) in &self.wills_discarded {
             if self.wills_fired.contains_key(id) && !twice.contains(id) {
                 out.push((
                     id,
-                    format!(
-                        "will-unexpected: the will of {} connection {} fired, though {why}",
-                        id.0, id.1
-                    ),
+                    format!("will-unexpected: the will of {id} fired, though {why}"),
                 ));
             }
         }
@@ -329,11 +388,11 @@ impl History {
                 if twice.contains(id) {
                     continue;
                 }
-                let name = format!("the will of {} connection {}", id.0, id.1);
-                if !self.wills_set.contains_key(id) {
+                let name = format!("the will of {id}");
+                if !self.wills_sent.contains(id) {
                     out.push((
                         id,
-                        format!("will-unexpected: {subscriber} got {name}, never set"),
+                        format!("will-unexpected: {subscriber} got {name}, no CONNECT carried it"),
                     ));
                 } else if !self.wills_fired.contains_key(id) {
                     out.push((
@@ -361,15 +420,17 @@ impl History {
                 .map(|d| d.iter().map(|(id, _, _)| id).collect())
                 .unwrap_or_default();
             for (id, (fired, _)) in &self.wills_fired {
-                let topic = will_topic(&id.0);
+                let topic = will_topic(&id.client);
                 let before = subs
                     .iter()
                     .any(|s| s.order < *fired && filter_matches(&s.filter, &topic));
                 if before && !got.contains(id) {
-                    out.push((id, format!(
-                        "will-lost: the will of {} connection {} fired after {subscriber}'s SUBACK, never reached it",
-                        id.0, id.1
-                    )));
+                    out.push((
+                        id,
+                        format!(
+                            "will-lost: the will of {id} fired after {subscriber}'s SUBACK, never reached it"
+                        ),
+                    ));
                 }
             }
         }
@@ -458,7 +519,7 @@ mod tests {
 
     #[test]
     fn the_will_checks_find_each_broken_promise() {
-        let w = |n: u32| ("will-0".to_string(), n);
+        let w = |n: u32| WillId::new("will-0", n, 1);
         let mut h = History::default();
         h.subscribed(10, "sub", "t/#");
         h.subscribed(10, "narrow", "t/0");
@@ -488,40 +549,95 @@ mod tests {
         // 5: discarded and never fired: fine.
         h.will_discarded(w(5), "a reconnect cancelled it".into());
         // A will that fired before a subscription is not owed to it.
-        h.will_fired(("will-1".to_string(), 1), 1, 1);
-        h.will_set(("will-1".to_string(), 1), false);
+        h.will_fired(WillId::new("will-1", 1, 1), 1, 1);
+        h.will_set(WillId::new("will-1", 1, 1), false);
         h.subscribed(30, "after", "t/#");
         let found = h.check().join("\n");
         assert!(
             found.contains(
-                "will-duplicated: sub got the will of will-0 connection 2 queued 2 times"
+                "will-duplicated: sub got the will of will-0 connection 2 (CONNECT attempt 1) queued 2 times"
             ),
             "{found}"
         );
         assert!(
-            found.contains("will-lost: the will of will-0 connection 3 fired after sub's SUBACK"),
+            found.contains("will-lost: the will of will-0 connection 3 (CONNECT attempt 1) fired after sub's SUBACK"),
             "{found}"
         );
         assert!(
-            found.contains("will-unexpected: the will of will-0 connection 4 fired, though"),
+            found.contains("will-unexpected: the will of will-0 connection 4 (CONNECT attempt 1) fired, though"),
             "{found}"
         );
         assert!(
-            found.contains("will-unexpected: sub got the will of will-0 connection 4, though"),
+            found.contains("will-unexpected: sub got the will of will-0 connection 4 (CONNECT attempt 1), though"),
             "{found}"
         );
         assert!(
-            found.contains("will-lost: the will of will-1 connection 1 fired after sub's SUBACK"),
+            found.contains("will-lost: the will of will-1 connection 1 (CONNECT attempt 1) fired after sub's SUBACK"),
             "{found}"
         );
         assert!(
-            found.contains("will-fired-twice: the will of will-0 connection 6 fired 2 times"),
+            found.contains("will-fired-twice: the will of will-0 connection 6 (CONNECT attempt 1) fired 2 times"),
             "{found}"
         );
         assert!(
             found.contains(&format!("{{(0, 6), (0, 7)}}) {CONNECT_RESENT}")),
             "{found}"
         );
+        assert_eq!(h.check().len(), 6, "{found}");
+    }
+
+    /// A CONNECT attempt that failed (its frontend crashed) may still have attached a
+    /// connection of its own, which the retry takes over: its will may fire once and is
+    /// never owed, and is not taken for the will of the retry's connection (seeds 12154 and
+    /// 12166, where it was). What the checks find stays found, per attempt.
+    #[test]
+    fn a_failed_attempts_will_may_fire_once_and_is_never_owed() {
+        let w = |n: u32, attempt: u32| WillId::new("will-2", n, attempt);
+        let mut h = History::default();
+        h.subscribed(10, "sub", "t/#");
+        // 3: attempt 1 failed and fired (its connection was taken over), attempt 2 ended
+        // normally and never fired (seed 12154).
+        h.will_sent(w(3, 1));
+        h.will_set(w(3, 2), false);
+        h.will_fired(w(3, 1), 1, 2);
+        h.will_delivered("sub", w(3, 1), QoS::AtLeastOnce, Some(1));
+        h.will_discarded(w(3, 2), ENDED_NORMALLY.into());
+        // 4: attempt 1 failed and fired, attempt 2 dropped and fired its own (seed 12166).
+        h.will_sent(w(4, 1));
+        h.will_set(w(4, 2), false);
+        h.will_fired(w(4, 1), 2, 4);
+        h.will_fired(w(4, 2), 2, 5);
+        h.will_delivered("sub", w(4, 1), QoS::AtLeastOnce, Some(2));
+        h.will_delivered("sub", w(4, 2), QoS::AtLeastOnce, Some(3));
+        // 5: attempt 1 failed and never attached anything: its will is not owed.
+        h.will_sent(w(5, 1));
+        h.will_set(w(5, 2), false);
+        assert!(h.check().is_empty(), "{:?}", h.check());
+
+        // What stays found: a failed attempt's will fired twice, or fired and never
+        // delivered; the set attempt's will fired though it ended normally; a will no
+        // CONNECT carried.
+        h.will_sent(w(6, 1));
+        h.will_fired(w(6, 1), 0, 8);
+        h.will_fired(w(6, 1), 0, 9);
+        h.will_delivered("sub", w(6, 1), QoS::AtLeastOnce, Some(6));
+        h.will_sent(w(7, 1));
+        h.will_fired(w(7, 1), 0, 10);
+        h.will_fired(w(3, 2), 1, 3);
+        h.will_delivered("sub", w(3, 2), QoS::AtLeastOnce, Some(4));
+        h.will_fired(w(8, 1), 0, 11);
+        h.will_delivered("sub", w(8, 1), QoS::AtLeastOnce, Some(5));
+        let found = h.check().join("\n");
+        for line in [
+            "will-fired-twice: the will of will-2 connection 6 (CONNECT attempt 1) fired 2 times",
+            "will-lost: the will of will-2 connection 7 (CONNECT attempt 1) fired after sub's SUBACK",
+            "will-unexpected: the will of will-2 connection 3 (CONNECT attempt 2) fired, though its connection ended by a normal DISCONNECT",
+            "will-unexpected: sub got the will of will-2 connection 3 (CONNECT attempt 2), though",
+            "will-unexpected: the will of will-2 connection 8 (CONNECT attempt 1) fired, no CONNECT carried it",
+            "will-unexpected: sub got the will of will-2 connection 8 (CONNECT attempt 1), no CONNECT carried it",
+        ] {
+            assert!(found.contains(line), "{line} not in\n{found}");
+        }
         assert_eq!(h.check().len(), 6, "{found}");
     }
 }

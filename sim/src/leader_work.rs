@@ -18,6 +18,7 @@ use tiermq_common::session_api::{ServiceError, ServiceResult};
 use tiermq_common::shared_dispatch::{carry_out, PartitionCaller};
 use tokio::sync::mpsc;
 
+use crate::history::WillId;
 use crate::path::{CallError, PartitionPath};
 use crate::plan::Planted;
 use crate::world::{Endpoint, World};
@@ -107,18 +108,6 @@ impl PartitionCaller for NodeCaller {
     }
 }
 
-/// The will of connection `n` of `client` carries this payload (`will.rs` sets it).
-pub fn will_payload(client: &str, n: u32) -> String {
-    format!("will:{client}:{n}")
-}
-
-/// The (client, connection number) a will payload names.
-pub fn parse_will_payload(payload: &str) -> Option<(String, u32)> {
-    let rest = payload.strip_prefix("will:")?;
-    let (client, n) = rest.rsplit_once(':')?;
-    Some((client.to_string(), n.parse().ok()?))
-}
-
 /// Carries out the leader work of node `node`'s incarnation `incarnation` until it dies.
 pub async fn run_leader_work(
     world: Arc<World>,
@@ -150,7 +139,7 @@ pub async fn run_leader_work(
                 message.topic
             ));
             // The entry that fired it was applied by a leader: the firing is committed.
-            if let Some(will) = parse_will_payload(&payload) {
+            if let Some(will) = WillId::parse(&payload) {
                 world.history().will_fired(will, origin, *seq);
             }
         }

@@ -5,6 +5,9 @@
 //! (`History::check_wills`).
 //!
 //! What the client records is only what it can know for sure:
+//! - each CONNECT attempt carries a will of its own (`WillId`): once sent, it *may fire*, at
+//!   most once — a failed attempt may still have attached a connection, which the retry
+//!   takes over and whose will then rightly fires — and is never owed;
 //! - a will is *set* when the CONNECT carrying it is answered;
 //! - it is *discarded* by a normal DISCONNECT only when that DISCONNECT was answered `Done`
 //!   (the session was attached to this connection when it applied, so no will had fired);
@@ -25,10 +28,9 @@ use tiermq_common::Message;
 use tokio::sync::Notify;
 use tokio::time::sleep;
 
-use crate::client::{Conn, ConnectArgs, Ctx};
+use crate::client::{Conn, ConnectArgs, Ctx, Tried};
 use crate::frontend::Frontend;
-use crate::history::{will_topic, ENDED_NORMALLY};
-use crate::leader_work::will_payload;
+use crate::history::{will_topic, WillId, ENDED_NORMALLY};
 use crate::plan::{WillClient, TRAFFIC_START_MS};
 
 /// How often a will client checks that its session is still attached to its connection.
@@ -53,33 +55,19 @@ pub async fn run_will_client(ctx: Ctx, spec: WillClient, preferred: usize, kill:
     .await;
     let mut had_session = false;
     // The previous connection's delayed will and when it was last known attached.
-    let mut pending: Option<(u32, u64)> = None;
+    let mut pending: Option<(WillId, u64)> = None;
     for n in 1u32.. {
-        let will = Will {
-            message: Message::new(
-                will_topic(&spec.client_id),
-                will_payload(&spec.client_id, n),
-                spec.qos,
-                false,
-            ),
-            delay_secs: spec.delay_secs,
-        };
-        let args = ConnectArgs {
-            session_expiry_secs: spec.session_expiry_secs,
-            will: Some(will),
-        };
-        let mut conn = ctx
-            .connect_with(&client_id, preferred, had_session, args)
-            .await;
+        let (mut conn, will) = connect(&ctx, &spec, &client_id, n, preferred, had_session).await;
         had_session = true;
         let answered = world.elapsed_ms();
         if let Some((prev, alive)) = pending.take() {
             if answered < alive + delay_ms {
                 world.trace(format!(
-                    "{client_id}: the delayed will of connection {prev} is cancelled (attached at {alive} ms, reconnected at {answered} ms)"
+                    "{client_id}: the delayed will of connection {} is cancelled (attached at {alive} ms, reconnected at {answered} ms)",
+                    prev.connection
                 ));
                 world.history().will_discarded(
-                    (spec.client_id.clone(), prev),
+                    prev,
                     format!(
                         "a reconnect answered at {answered} ms cancelled it (attached at {alive} ms, delay {} s)",
                         spec.delay_secs
@@ -87,9 +75,7 @@ pub async fn run_will_client(ctx: Ctx, spec: WillClient, preferred: usize, kill:
                 );
             }
         }
-        world
-            .history()
-            .will_set((spec.client_id.clone(), n), conn.resent);
+        world.history().will_set(will.clone(), conn.resent);
         let mut alive = conn.sent_ms;
         let ends_at = answered + world.range(1_000..6_000);
         let end = loop {
@@ -129,7 +115,7 @@ pub async fn run_will_client(ctx: Ctx, spec: WillClient, preferred: usize, kill:
                 debug_assert!(done);
                 world
                     .history()
-                    .will_discarded((spec.client_id.clone(), n), ENDED_NORMALLY.to_string());
+                    .will_discarded(will, ENDED_NORMALLY.to_string());
                 world.trace(format!(
                     "{client_id} connection {n} ended by a normal DISCONNECT (epoch {})",
                     conn.epoch
@@ -141,7 +127,7 @@ pub async fn run_will_client(ctx: Ctx, spec: WillClient, preferred: usize, kill:
                 ));
                 ctx.drop_conn(&client_id, conn);
                 if delay_ms > 0 {
-                    pending = Some((n, alive));
+                    pending = Some((will, alive));
                 }
             }
         }
@@ -152,6 +138,49 @@ pub async fn run_will_client(ctx: Ctx, spec: WillClient, preferred: usize, kill:
             world.range(0..delay_ms * 2 + 1_500)
         };
         sleep(Duration::from_millis(pause)).await;
+    }
+}
+
+/// Connects (connection `n`), each CONNECT attempt with a will of its own, and returns the
+/// connection with the will it set. A failed attempt (its frontend crashed, no answer) may
+/// still have reached the partition and attached a connection, which the retry then takes
+/// over: that connection ended without DISCONNECT, so its will rightly fires. Under the
+/// retry's name it would pass for a will of a live connection; under its own it is recorded
+/// as sent, never set — it may fire, once, and is never owed.
+async fn connect(
+    ctx: &Ctx,
+    spec: &WillClient,
+    client_id: &Arc<str>,
+    n: u32,
+    preferred: usize,
+    had_session: bool,
+) -> (Conn, WillId) {
+    let mut attempt = 1;
+    let mut turn = 0;
+    loop {
+        let will = WillId::new(&spec.client_id, n, attempt);
+        let args = ConnectArgs {
+            session_expiry_secs: spec.session_expiry_secs,
+            will: Some(Will {
+                message: Message::new(will_topic(&spec.client_id), will.payload(), spec.qos, false),
+                delay_secs: spec.delay_secs,
+            }),
+        };
+        ctx.world.history().will_sent(will.clone());
+        match ctx
+            .try_connect(client_id, preferred, turn, had_session, &args)
+            .await
+        {
+            Tried::Connected(conn) => return (conn, will),
+            Tried::Failed => {
+                ctx.world.trace(format!(
+                    "{client_id}: CONNECT attempt {attempt} of connection {n} failed, its will may fire"
+                ));
+                attempt += 1;
+            }
+            Tried::NoFrontend => {}
+        }
+        turn += 1;
     }
 }
 
