@@ -46,7 +46,8 @@
 //! - `open.rs`: loading a group's state at start and checking it holds together.
 //! - `write.rs`: what the driver persists from a Ready (entries, hard state, conf state),
 //!   log compaction, and removing a group.
-//! - `snapshot.rs`: storing, installing and serving snapshots.
+//! - `snapshot.rs`: storing and installing snapshots, and the wish raft left for a newer one
+//!   (`reads.rs` serves them).
 //! - `reads.rs`: the [`raft::Storage`] trait, what raft reads.
 //! - `errors.rs`: the error type and the injected disk failures.
 
