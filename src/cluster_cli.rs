@@ -17,7 +17,6 @@
 //! * `tiermq cluster remove-node <ID>` / `evict <ID>`: scaling in (`membership_cli.rs`).
 //!
 //! [`collect`] and [`probe`] are public so tests and other tools reuse them.
-
 //!
 //! This file holds the subcommands and their exit codes; `cluster_cli/status.rs` the `--json`
 //! shape, `collect.rs` asking the members and frontends, `render.rs` the tables, `probe.rs`
